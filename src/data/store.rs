@@ -1,0 +1,378 @@
+//! The prepared dataset on disk: little-endian arrays, `tokenizer.json` and a JSON manifest.
+//!
+//! | file | type | shape |
+//! |---|---|---|
+//! | `items.tokens.u32` | token ids of all items, concatenated | `[tokens]` |
+//! | `items.offsets.u64` | item i's tokens are `tokens[off[i]..off[i+1]]` | `[items + 1]` |
+//! | `items.service.u8` | service index of each item | `[items]` |
+//! | `seqs.items.u32` | item indices, per user and service, oldest first | `[behaviours]` |
+//! | `seqs.offsets.u64` | user u, service s is `seqs[off[u·S+s]..off[u·S+s+1]]` | `[users·S + 1]` |
+//! | `users.split.u8` | 0 train, 1 valid, 2 test | `[users]` |
+//! | `users.json` | user ids, in row order | `[users]` |
+//!
+//! Arrays are memory-mapped when read, so opening a dataset costs almost nothing.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::data::prepare::{Dropped, PrepareOptions};
+use crate::data::tokenize::ItemTokenizer;
+use crate::error::{ClueError, Result};
+
+pub const FORMAT_VERSION: u32 = 1;
+pub const MANIFEST: &str = "manifest.json";
+pub const TOKENIZER: &str = "tokenizer.json";
+
+/// Which part of the user split a user belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    Train = 0,
+    Valid = 1,
+    Test = 2,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SplitInfo {
+    pub seed: u64,
+    pub valid_fraction: f64,
+    pub test_fraction: f64,
+    pub train: u64,
+    pub valid: u64,
+    pub test: u64,
+}
+
+/// Everything about a prepared dataset that is not a big array. Deterministic: no times, no paths.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub services: Vec<String>,
+    pub users: u64,
+    pub items: u64,
+    pub tokens: u64,
+    pub behaviors: u64,
+    pub behaviors_per_service: Vec<u64>,
+    pub items_per_service: Vec<u64>,
+    pub vocab_size: u64,
+    pub id_offset: u32,
+    pub service_token_ids: Vec<u32>,
+    /// `item_token_histogram[n]` = items with n tokens (prefix included).
+    pub item_token_histogram: Vec<u64>,
+    pub rows_read: u64,
+    pub bad_rows: u64,
+    pub rows_other_services: u64,
+    pub duplicates_removed: u64,
+    pub users_seen: u64,
+    pub users_dropped: Dropped,
+    pub split: SplitInfo,
+    pub options: PrepareOptions,
+    pub tokenizer_sha256: String,
+    /// SHA-256 of every data file.
+    pub files: BTreeMap<String, String>,
+}
+
+impl Manifest {
+    /// SHA-256 of the manifest itself: names this exact dataset (recorded in model bundles).
+    pub fn hash(&self) -> String {
+        hex(&Sha256::digest(
+            serde_json::to_vec(self).expect("manifest serialises"),
+        ))
+    }
+}
+
+/// The big arrays of a dataset, borrowed for writing.
+pub struct Arrays<'a> {
+    pub item_tokens: &'a [u32],
+    pub item_offsets: &'a [u64],
+    pub item_services: &'a [u8],
+    pub seq_items: &'a [u32],
+    pub seq_offsets: &'a [u64],
+    pub split: &'a [u8],
+    pub user_ids: &'a [&'a str],
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn write_file(
+    dir: &Path,
+    name: &str,
+    bytes: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<()> {
+    let path = dir.join(name);
+    let file = File::create(&path).map_err(|e| ClueError::io(&path, e))?;
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    bytes(&mut w)
+        .and_then(|_| w.flush())
+        .map_err(|e| ClueError::io(&path, e))
+}
+
+fn write_u32s(w: &mut dyn Write, xs: &[u32]) -> std::io::Result<()> {
+    xs.iter().try_for_each(|x| w.write_all(&x.to_le_bytes()))
+}
+
+fn write_u64s(w: &mut dyn Write, xs: &[u64]) -> std::io::Result<()> {
+    xs.iter().try_for_each(|x| w.write_all(&x.to_le_bytes()))
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| ClueError::io(path, e))?;
+    Ok(hex(&Sha256::digest(bytes)))
+}
+
+/// Make `tmp` the directory `out`, replacing an earlier prepared dataset there. Anything else
+/// already at `out` is left alone and refused.
+pub fn publish_dir(tmp: &Path, out: &Path, marker: &str) -> Result<()> {
+    if out.exists() {
+        let non_empty = std::fs::read_dir(out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true);
+        if non_empty && !out.join(marker).exists() {
+            let _ = std::fs::remove_dir_all(tmp);
+            return Err(ClueError::bad_file(
+                out,
+                "exists and is not an output of clue",
+                "choose another --out directory, or remove this one",
+            ));
+        }
+        let old = out.with_extension(format!("old-{}", std::process::id()));
+        std::fs::rename(out, &old).map_err(|e| ClueError::io(out, e))?;
+        std::fs::rename(tmp, out).map_err(|e| ClueError::io(out, e))?;
+        let _ = std::fs::remove_dir_all(&old);
+    } else {
+        std::fs::rename(tmp, out).map_err(|e| ClueError::io(out, e))?;
+    }
+    Ok(())
+}
+
+/// A fresh temporary directory beside `out` (same file system, so the final rename is atomic).
+pub fn temp_dir_beside(out: &Path) -> Result<PathBuf> {
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| ClueError::io(&parent, e))?;
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).map_err(|e| ClueError::io(&tmp, e))?;
+    Ok(tmp)
+}
+
+/// Write a dataset atomically: everything goes to a temporary directory that is renamed to `out`.
+pub fn write(
+    out: &Path,
+    mut manifest: Manifest,
+    a: &Arrays<'_>,
+    tokenizer: &ItemTokenizer,
+) -> Result<Manifest> {
+    let tmp = temp_dir_beside(out)?;
+    let result = (|| {
+        write_file(&tmp, "items.tokens.u32", |w| write_u32s(w, a.item_tokens))?;
+        write_file(&tmp, "items.offsets.u64", |w| write_u64s(w, a.item_offsets))?;
+        write_file(&tmp, "items.service.u8", |w| w.write_all(a.item_services))?;
+        write_file(&tmp, "seqs.items.u32", |w| write_u32s(w, a.seq_items))?;
+        write_file(&tmp, "seqs.offsets.u64", |w| write_u64s(w, a.seq_offsets))?;
+        write_file(&tmp, "users.split.u8", |w| w.write_all(a.split))?;
+        write_file(&tmp, "users.json", |w| {
+            serde_json::to_writer(w, a.user_ids).map_err(std::io::Error::other)
+        })?;
+        tokenizer.save(&tmp.join(TOKENIZER))?;
+        manifest.tokenizer_sha256 = sha256_file(&tmp.join(TOKENIZER))?;
+        for name in DATA_FILES {
+            manifest
+                .files
+                .insert(name.to_string(), sha256_file(&tmp.join(name))?);
+        }
+        write_file(&tmp, MANIFEST, |w| {
+            serde_json::to_writer_pretty(&mut *w, &manifest).map_err(std::io::Error::other)?;
+            w.write_all(b"\n")
+        })?;
+        publish_dir(&tmp, out, MANIFEST)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result.map(|_| manifest)
+}
+
+const DATA_FILES: [&str; 7] = [
+    "items.tokens.u32",
+    "items.offsets.u64",
+    "items.service.u8",
+    "seqs.items.u32",
+    "seqs.offsets.u64",
+    "users.split.u8",
+    "users.json",
+];
+
+/// A memory-mapped array of little-endian integers.
+struct Array {
+    map: Option<Mmap>,
+}
+
+impl Array {
+    fn open(dir: &Path, name: &str, width: usize, expect: u64) -> Result<Self> {
+        let path = dir.join(name);
+        let file = File::open(&path).map_err(|e| ClueError::io(&path, e))?;
+        let len = file.metadata().map_err(|e| ClueError::io(&path, e))?.len();
+        if len != expect * width as u64 {
+            return Err(ClueError::bad_file(
+                &path,
+                format!(
+                    "holds {len} bytes, the manifest implies {}",
+                    expect * width as u64
+                ),
+                "the dataset is damaged: run clue prepare again",
+            ));
+        }
+        // Empty files cannot be mapped on every platform.
+        let map = if len == 0 {
+            None
+        } else {
+            // SAFETY: the file is opened read-only and a prepared dataset is never modified in
+            // place (prepare writes a new directory and renames it).
+            Some(unsafe { Mmap::map(&file) }.map_err(|e| ClueError::io(&path, e))?)
+        };
+        Ok(Self { map })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+
+    fn u32(&self, i: usize) -> u32 {
+        u32::from_le_bytes(self.bytes()[4 * i..4 * i + 4].try_into().expect("4 bytes"))
+    }
+
+    fn u64(&self, i: usize) -> u64 {
+        u64::from_le_bytes(self.bytes()[8 * i..8 * i + 8].try_into().expect("8 bytes"))
+    }
+}
+
+/// A prepared dataset opened for reading.
+pub struct PreparedDataset {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub user_ids: Vec<String>,
+    item_tokens: Array,
+    item_offsets: Array,
+    seq_items: Array,
+    seq_offsets: Array,
+    split: Array,
+}
+
+impl PreparedDataset {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let manifest_path = dir.join(MANIFEST);
+        let text = std::fs::read_to_string(&manifest_path).map_err(|e| {
+            ClueError::bad_file(
+                &manifest_path,
+                format!("cannot read the manifest ({e})"),
+                "point --data at a directory written by `clue prepare`",
+            )
+        })?;
+        let manifest: Manifest = serde_json::from_str(&text).map_err(|e| {
+            ClueError::bad_file(
+                &manifest_path,
+                format!("not a clue manifest: {e}"),
+                "run clue prepare again",
+            )
+        })?;
+        if manifest.format_version != FORMAT_VERSION {
+            return Err(ClueError::bad_file(
+                &manifest_path,
+                format!(
+                    "format version {} (this clue reads {FORMAT_VERSION})",
+                    manifest.format_version
+                ),
+                "run clue prepare again with this version",
+            ));
+        }
+        let users_path = dir.join("users.json");
+        let user_ids: Vec<String> = serde_json::from_slice(
+            &std::fs::read(&users_path).map_err(|e| ClueError::io(&users_path, e))?,
+        )
+        .map_err(|e| ClueError::bad_file(&users_path, e.to_string(), "run clue prepare again"))?;
+        let s = manifest.services.len() as u64;
+        let m = &manifest;
+        let ds = Self {
+            item_tokens: Array::open(dir, "items.tokens.u32", 4, m.tokens)?,
+            item_offsets: Array::open(dir, "items.offsets.u64", 8, m.items + 1)?,
+            seq_items: Array::open(dir, "seqs.items.u32", 4, m.behaviors)?,
+            seq_offsets: Array::open(dir, "seqs.offsets.u64", 8, m.users * s + 1)?,
+            split: Array::open(dir, "users.split.u8", 1, m.users)?,
+            dir: dir.to_path_buf(),
+            user_ids,
+            manifest,
+        };
+        if ds.user_ids.len() as u64 != ds.manifest.users {
+            return Err(ClueError::bad_file(
+                &users_path,
+                "user count differs from the manifest",
+                "run clue prepare again",
+            ));
+        }
+        Ok(ds)
+    }
+
+    pub fn num_users(&self) -> usize {
+        self.manifest.users as usize
+    }
+
+    pub fn num_services(&self) -> usize {
+        self.manifest.services.len()
+    }
+
+    pub fn num_items(&self) -> usize {
+        self.manifest.items as usize
+    }
+
+    /// Item indices of one user in one service, oldest first.
+    pub fn sequence(&self, user: usize, service: usize) -> Vec<u32> {
+        let k = user * self.num_services() + service;
+        let (a, b) = (
+            self.seq_offsets.u64(k) as usize,
+            self.seq_offsets.u64(k + 1) as usize,
+        );
+        (a..b).map(|i| self.seq_items.u32(i)).collect()
+    }
+
+    /// Token ids of one item (service prefix first).
+    pub fn item_tokens(&self, item: u32) -> Vec<u32> {
+        let (a, b) = (
+            self.item_offsets.u64(item as usize) as usize,
+            self.item_offsets.u64(item as usize + 1) as usize,
+        );
+        (a..b).map(|i| self.item_tokens.u32(i)).collect()
+    }
+
+    pub fn split_of(&self, user: usize) -> Split {
+        match self.split.bytes()[user] {
+            0 => Split::Train,
+            1 => Split::Valid,
+            _ => Split::Test,
+        }
+    }
+
+    /// Users of one split, in row order.
+    pub fn users_in(&self, split: Split) -> Vec<u32> {
+        (0..self.num_users() as u32)
+            .filter(|&u| self.split_of(u as usize) == split)
+            .collect()
+    }
+
+    pub fn tokenizer_path(&self) -> PathBuf {
+        self.dir.join(TOKENIZER)
+    }
+}

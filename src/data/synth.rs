@@ -1,0 +1,573 @@
+//! `clue synth`: a seeded generator of realistic multi-service behaviour logs.
+//!
+//! The generative story (also in `datasets/README.md`):
+//! - `K` latent topics; each topic has its own vocabulary, drawn separately for every text style,
+//!   with only a part of the words shared between styles;
+//! - each user has a sparse mixture of 1–3 topics and an activity level (log-normal, 3 to 400
+//!   behaviours per service);
+//! - two pretraining services with different text styles for the same interests: `search`
+//!   (short queries, Unix-second timestamps) and `shop` (long product titles, RFC 3339);
+//! - noise: off-interest behaviours, trending items shared by many users, repeated behaviours,
+//!   typos in queries;
+//! - downstream tasks: `news` (a third, held-out service of the same company, after each user's
+//!   logs) and `market` (another company whose product titles use other templates and a partly
+//!   different vocabulary; its users have their own ids).
+//!
+//! Users are written in chunks whose rows are shuffled, so a user's rows are not contiguous.
+//! The same seed gives the same bytes.
+
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::Path;
+
+use rand::seq::{IndexedRandom, SliceRandom};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::data::store::{publish_dir, temp_dir_beside};
+use crate::error::{ClueError, Result};
+use crate::ui;
+
+/// What `clue synth` writes.
+#[derive(Debug, Clone)]
+pub struct SynthOptions {
+    pub users: usize,
+    pub seed: u64,
+}
+
+/// Counts of what was written.
+#[derive(Debug, Default, Clone)]
+pub struct SynthReport {
+    pub users: usize,
+    pub topics: usize,
+    pub rows_per_service: Vec<(String, u64)>,
+    pub task_interactions: Vec<(String, u64)>,
+}
+
+pub const MARKER: &str = "synth.json";
+pub const PRETRAIN_SERVICES: [&str; 2] = ["search", "shop"];
+
+/// Number of latent topics for a population.
+pub fn topic_count(users: usize) -> usize {
+    (24 + users / 200).min(512)
+}
+
+const SYLLABLES: [&str; 40] = [
+    "ka", "lo", "mi", "ta", "re", "su", "no", "vi", "ba", "de", "po", "lu", "zi", "fa", "ge", "ho",
+    "ri", "sa", "tu", "ne", "mo", "ki", "la", "pe", "do", "ra", "si", "ve", "nu", "ga", "bo", "li",
+    "te", "ma", "ju", "co", "xa", "wi", "ye", "qu",
+];
+const MODIFIERS: [&str; 14] = [
+    "best", "cheap", "near me", "review", "how to", "price", "vs", "new", "used", "2024", "guide",
+    "for kids", "sale", "top 10",
+];
+const ADJECTIVES: [&str; 16] = [
+    "Premium",
+    "Classic",
+    "Compact",
+    "Deluxe",
+    "Essential",
+    "Portable",
+    "Lightweight",
+    "Pro",
+    "Original",
+    "Eco",
+    "Ultra",
+    "Mini",
+    "Smart",
+    "Soft",
+    "Heavy Duty",
+    "Vintage",
+];
+const SPECS: [&str; 12] = [
+    "Set of 2",
+    "500ml",
+    "XL",
+    "Black",
+    "White",
+    "1kg",
+    "Pack of 10",
+    "Large",
+    "Size M",
+    "Blue",
+    "30cm",
+    "Gift Box",
+];
+const MARKET_SPECS: [&str; 8] = [
+    "50ml",
+    "Travel Size",
+    "Refill",
+    "2-pack",
+    "Limited",
+    "Trial Kit",
+    "No.3",
+    "Matte",
+];
+const NEWS_VERBS: [&str; 10] = [
+    "surges",
+    "faces",
+    "meets",
+    "unveils",
+    "boosts",
+    "questions",
+    "wins",
+    "delays",
+    "joins",
+    "tops",
+];
+
+/// The latent world: per-topic vocabularies and item catalogues for every text style.
+struct World {
+    topics: usize,
+    search: Vec<Vec<String>>,
+    shop: Vec<Vec<String>>,
+    news: Vec<Vec<String>>,
+    market: Vec<Vec<String>>,
+    /// Trending items per style: `(topic, index in that topic's catalogue)`.
+    trending: Vec<(usize, usize)>,
+}
+
+fn word(rng: &mut ChaCha8Rng) -> String {
+    let n = rng.random_range(2..=3);
+    (0..n)
+        .map(|_| *SYLLABLES.choose(rng).expect("non-empty"))
+        .collect()
+}
+
+fn capitalise(w: &str) -> String {
+    let mut c = w.chars();
+    c.next()
+        .map(|f| f.to_uppercase().chain(c).collect())
+        .unwrap_or_default()
+}
+
+fn pick<'a>(rng: &mut ChaCha8Rng, words: &'a [String]) -> &'a str {
+    words.choose(rng).expect("non-empty")
+}
+
+impl World {
+    fn new(seed: u64, topics: usize) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(u64::MAX);
+        let brands: Vec<String> = (0..40).map(|_| capitalise(&word(&mut rng))).collect();
+        let market_brands: Vec<String> = (0..20).map(|_| word(&mut rng).to_uppercase()).collect();
+        let (mut search, mut shop, mut news, mut market) = (vec![], vec![], vec![], vec![]);
+        for _ in 0..topics {
+            // Each style sees 12 words of the topic; styles share only some of them, so a model
+            // must learn which query words go with which product words.
+            let core: Vec<String> = (0..6).map(|_| word(&mut rng)).collect();
+            let style = |rng: &mut ChaCha8Rng, shared: usize| -> Vec<String> {
+                let mut w: Vec<String> = core.choose_multiple(rng, shared).cloned().collect();
+                w.extend((0..12 - shared).map(|_| word(rng)));
+                w
+            };
+            let (q, p, n, m) = (
+                style(&mut rng, 4),
+                style(&mut rng, 4),
+                style(&mut rng, 4),
+                style(&mut rng, 3),
+            );
+            search.push(
+                (0..60)
+                    .map(|_| {
+                        let k = rng.random_range(1..=3);
+                        let mut words: Vec<&str> = (0..k).map(|_| pick(&mut rng, &q)).collect();
+                        if rng.random_bool(0.4) {
+                            words.push(MODIFIERS.choose(&mut rng).expect("non-empty"));
+                        }
+                        words.join(" ")
+                    })
+                    .collect(),
+            );
+            shop.push(
+                (0..100)
+                    .map(|_| {
+                        format!(
+                            "{} {} {} {} for {} - {}",
+                            pick(&mut rng, &brands),
+                            ADJECTIVES.choose(&mut rng).expect("non-empty"),
+                            capitalise(pick(&mut rng, &p)),
+                            capitalise(pick(&mut rng, &p)),
+                            pick(&mut rng, &p),
+                            SPECS.choose(&mut rng).expect("non-empty"),
+                        )
+                    })
+                    .collect(),
+            );
+            news.push(
+                (0..40)
+                    .map(|_| {
+                        format!(
+                            "{} {} {} as {} {}",
+                            capitalise(pick(&mut rng, &n)),
+                            NEWS_VERBS.choose(&mut rng).expect("non-empty"),
+                            pick(&mut rng, &n),
+                            pick(&mut rng, &n),
+                            pick(&mut rng, &n),
+                        )
+                    })
+                    .collect(),
+            );
+            market.push(
+                (0..60)
+                    .map(|_| {
+                        format!(
+                            "[{}] {} {} {} ({})",
+                            pick(&mut rng, &market_brands),
+                            pick(&mut rng, &m),
+                            pick(&mut rng, &m),
+                            pick(&mut rng, &m),
+                            MARKET_SPECS.choose(&mut rng).expect("non-empty"),
+                        )
+                    })
+                    .collect(),
+            );
+        }
+        let trending = (0..20)
+            .map(|_| (rng.random_range(0..topics), rng.random_range(0..10)))
+            .collect();
+        Self {
+            topics,
+            search,
+            shop,
+            news,
+            market,
+            trending,
+        }
+    }
+}
+
+/// One user's latent profile.
+pub struct Profile {
+    /// `(topic, weight)`, weights summing to 1.
+    pub topics: Vec<(usize, f64)>,
+    /// Median behaviours per service for this user.
+    pub activity: f64,
+    pub start: i64,
+}
+
+fn user_rng(seed: u64, user: usize) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(user as u64);
+    rng
+}
+
+fn profile(rng: &mut ChaCha8Rng, topics: usize) -> Profile {
+    let k = match rng.random_range(0..100) {
+        0..30 => 1,
+        30..75 => 2,
+        _ => 3,
+    };
+    let chosen: Vec<usize> = rand::seq::index::sample(rng, topics, k).into_vec();
+    let raw: Vec<f64> = chosen.iter().map(|_| rng.random_range(0.2..1.0)).collect();
+    let total: f64 = raw.iter().sum();
+    // Log-normal activity: median 16 behaviours per service, heavy tail.
+    let normal: f64 = (0..12).map(|_| rng.random::<f64>()).sum::<f64>() - 6.0;
+    Profile {
+        topics: chosen
+            .into_iter()
+            .zip(raw.into_iter().map(|w| w / total))
+            .collect(),
+        activity: (16f64.ln() + 0.8 * normal).exp().clamp(3.0, 400.0),
+        start: 1_600_000_000 + rng.random_range(0..31_536_000),
+    }
+}
+
+/// Draw one item of a catalogue family for a user: mostly from the user's own topics (skewed
+/// to each catalogue's head), sometimes off-interest, sometimes trending.
+fn draw<'w>(
+    rng: &mut ChaCha8Rng,
+    profile: &Profile,
+    world: &World,
+    catalogue: &'w [Vec<String>],
+) -> (usize, &'w str) {
+    let r: f64 = rng.random();
+    let topic = if r < 0.08 {
+        let (t, i) = *world.trending.choose(rng).expect("non-empty");
+        return (t, &catalogue[t][i % catalogue[t].len()]);
+    } else if r < 0.18 {
+        rng.random_range(0..world.topics)
+    } else {
+        let mut x: f64 = rng.random();
+        let mut t = profile.topics[0].0;
+        for &(topic, w) in &profile.topics {
+            t = topic;
+            if x < w {
+                break;
+            }
+            x -= w;
+        }
+        t
+    };
+    let items = &catalogue[topic];
+    let u: f64 = rng.random();
+    (topic, &items[((u * u) * items.len() as f64) as usize])
+}
+
+fn typo(rng: &mut ChaCha8Rng, text: &str) -> String {
+    let mut chars: Vec<char> = text.chars().collect();
+    if chars.len() > 3 {
+        let i = rng.random_range(0..chars.len() - 1);
+        chars.swap(i, i + 1);
+    }
+    chars.into_iter().collect()
+}
+
+fn rfc3339(secs: i64) -> String {
+    chrono::DateTime::from_timestamp(secs, 0)
+        .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .unwrap_or_default()
+}
+
+struct Writers {
+    search: csv::Writer<BufWriter<File>>,
+    shop: csv::Writer<BufWriter<File>>,
+    news: csv::Writer<BufWriter<File>>,
+    market: csv::Writer<BufWriter<File>>,
+    truth: csv::Writer<BufWriter<File>>,
+}
+
+fn writer(path: &Path, header: &[&str]) -> Result<csv::Writer<BufWriter<File>>> {
+    let file = File::create(path).map_err(|e| ClueError::io(path, e))?;
+    let mut w = csv::Writer::from_writer(BufWriter::with_capacity(1 << 20, file));
+    w.write_record(header)
+        .map_err(|e| ClueError::io(path, e.into()))?;
+    Ok(w)
+}
+
+/// Write `clue synth` output into `out` (atomically: a temporary directory renamed at the end).
+pub fn synth(out: &Path, options: &SynthOptions) -> Result<SynthReport> {
+    if options.users < 10 {
+        return Err(ClueError::config(
+            "--users must be at least 10",
+            "e.g. --users 2000",
+        ));
+    }
+    let tmp = temp_dir_beside(out)?;
+    let result = write_all(&tmp, options).and_then(|report| {
+        publish_dir(&tmp, out, MARKER)?;
+        Ok(report)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+fn write_all(dir: &Path, options: &SynthOptions) -> Result<SynthReport> {
+    for sub in ["logs", "tasks/news", "tasks/market", "truth"] {
+        std::fs::create_dir_all(dir.join(sub)).map_err(|e| ClueError::io(dir.join(sub), e))?;
+    }
+    let topics = topic_count(options.users);
+    let world = World::new(options.seed, topics);
+    let log_header = ["user_id", "service", "timestamp", "text"];
+    let task_header = ["user_id", "item_id", "timestamp"];
+    let mut w = Writers {
+        search: writer(&dir.join("logs/search.csv"), &log_header)?,
+        shop: writer(&dir.join("logs/shop.csv"), &log_header)?,
+        news: writer(&dir.join("tasks/news/interactions.csv"), &task_header)?,
+        market: writer(&dir.join("tasks/market/interactions.csv"), &task_header)?,
+        truth: writer(&dir.join("truth/users.csv"), &["user_id", "topics"])?,
+    };
+    let mut counts = [0u64; 4];
+    let chunk = 1_000;
+    let bar = ui::bar(options.users as u64, "synth", false);
+    let mut rows: Vec<(u8, [String; 4])> = Vec::new();
+    for start in (0..options.users).step_by(chunk) {
+        rows.clear();
+        for u in start..(start + chunk).min(options.users) {
+            user_rows(u, options.seed, &world, &mut rows);
+        }
+        let mut shuffle = user_rng(options.seed, usize::MAX - start);
+        rows.shuffle(&mut shuffle);
+        for (kind, row) in &rows {
+            let target = match kind {
+                0 => &mut w.search,
+                1 => &mut w.shop,
+                2 => &mut w.news,
+                3 => &mut w.market,
+                _ => &mut w.truth,
+            };
+            let columns = match kind {
+                0 | 1 => 4,
+                2 | 3 => 3,
+                _ => 2,
+            };
+            target
+                .write_record(&row[..columns])
+                .map_err(|e| ClueError::io(dir, e.into()))?;
+            if (*kind as usize) < 4 {
+                counts[*kind as usize] += 1;
+            }
+        }
+        bar.set_position((start + chunk).min(options.users) as u64);
+    }
+    bar.finish_and_clear();
+    for mut x in [w.search, w.shop, w.news, w.market, w.truth] {
+        x.flush().map_err(|e| ClueError::io(dir, e))?;
+    }
+    write_items(&dir.join("tasks/news/items.csv"), &world.news)?;
+    write_items(&dir.join("tasks/market/items.csv"), &world.market)?;
+    write_truth_items(&dir.join("truth/items.csv"), &world)?;
+    let report = SynthReport {
+        users: options.users,
+        topics,
+        rows_per_service: vec![("search".into(), counts[0]), ("shop".into(), counts[1])],
+        task_interactions: vec![("news".into(), counts[2]), ("market".into(), counts[3])],
+    };
+    let marker = serde_json::json!({
+        "generator": "clue synth",
+        "version": env!("CARGO_PKG_VERSION"),
+        "users": options.users,
+        "seed": options.seed,
+        "topics": topics,
+        "rows": {"search": counts[0], "shop": counts[1]},
+        "task_interactions": {"news": counts[2], "market": counts[3]},
+    });
+    std::fs::write(
+        dir.join(MARKER),
+        serde_json::to_string_pretty(&marker).expect("json") + "\n",
+    )
+    .map_err(|e| ClueError::io(dir.join(MARKER), e))?;
+    Ok(report)
+}
+
+/// Item ids of a task catalogue: `n<topic>_<index>`.
+fn item_id(prefix: char, topic: usize, index: usize) -> String {
+    format!("{prefix}{topic}_{index}")
+}
+
+fn write_items(path: &Path, catalogue: &[Vec<String>]) -> Result<()> {
+    let mut w = writer(path, &["item_id", "text"])?;
+    let prefix = if path.to_string_lossy().contains("news") {
+        'n'
+    } else {
+        'm'
+    };
+    for (t, items) in catalogue.iter().enumerate() {
+        for (i, text) in items.iter().enumerate() {
+            w.write_record([item_id(prefix, t, i).as_str(), text.as_str()])
+                .map_err(|e| ClueError::io(path, e.into()))?;
+        }
+    }
+    w.flush().map_err(|e| ClueError::io(path, e))
+}
+
+/// `truth/items.csv`: the latent topic of every pretraining item text.
+fn write_truth_items(path: &Path, world: &World) -> Result<()> {
+    let mut w = writer(path, &["service", "topic", "text"])?;
+    for (service, catalogue) in [("search", &world.search), ("shop", &world.shop)] {
+        for (t, items) in catalogue.iter().enumerate() {
+            for text in items {
+                w.write_record([service, &t.to_string(), text])
+                    .map_err(|e| ClueError::io(path, e.into()))?;
+            }
+        }
+    }
+    w.flush().map_err(|e| ClueError::io(path, e))
+}
+
+/// Rows of one user: kind 0 search, 1 shop, 2 news task, 3 market task, 4 ground truth.
+fn user_rows(u: usize, seed: u64, world: &World, rows: &mut Vec<(u8, [String; 4])>) {
+    let mut rng = user_rng(seed, u);
+    let p = profile(&mut rng, world.topics);
+    let user = format!("u{u:07}");
+    let mut last = 0i64;
+    for (kind, catalogue) in [(0u8, &world.search), (1u8, &world.shop)] {
+        let n = (p.activity * rng.random_range(0.6..1.6)).round().max(3.0) as usize;
+        let mut history: Vec<String> = Vec::with_capacity(n);
+        let mut time = p.start;
+        for _ in 0..n {
+            time += rng.random_range(60..86_400 * 3);
+            let text = if !history.is_empty() && rng.random_bool(0.12) {
+                history.choose(&mut rng).expect("non-empty").clone()
+            } else {
+                let (_, t) = draw(&mut rng, &p, world, catalogue);
+                if kind == 0 && rng.random_bool(0.05) {
+                    typo(&mut rng, t)
+                } else {
+                    t.to_string()
+                }
+            };
+            let stamp = if kind == 0 {
+                time.to_string()
+            } else {
+                rfc3339(time)
+            };
+            history.push(text.clone());
+            rows.push((
+                kind,
+                [
+                    user.clone(),
+                    PRETRAIN_SERVICES[kind as usize].to_string(),
+                    stamp,
+                    text,
+                ],
+            ));
+        }
+        last = last.max(time);
+    }
+    // News happens after the pretraining logs, so features never see a target.
+    let mut t = last;
+    for _ in 0..rng.random_range(3..=10) {
+        t += rng.random_range(600..86_400);
+        let (topic, text) = draw(&mut rng, &p, world, &world.news);
+        let index = world.news[topic]
+            .iter()
+            .position(|x| x == text)
+            .expect("from the catalogue");
+        rows.push((
+            2,
+            [
+                user.clone(),
+                item_id('n', topic, index),
+                t.to_string(),
+                String::new(),
+            ],
+        ));
+    }
+    // Half of the users also shop at another company, under another id.
+    if rng.random_bool(0.5) {
+        let mut t = p.start;
+        for _ in 0..rng.random_range(5..=15) {
+            t += rng.random_range(3_600..86_400 * 7);
+            let (topic, text) = draw(&mut rng, &p, world, &world.market);
+            let index = world.market[topic]
+                .iter()
+                .position(|x| x == text)
+                .expect("from the catalogue");
+            rows.push((
+                3,
+                [
+                    format!("m{u:07}"),
+                    item_id('m', topic, index),
+                    t.to_string(),
+                    String::new(),
+                ],
+            ));
+        }
+    }
+    let topics: Vec<String> = p
+        .topics
+        .iter()
+        .map(|(t, w)| format!("{t}:{w:.3}"))
+        .collect();
+    rows.push((4, [user, topics.join(" "), String::new(), String::new()]));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profiles_are_sparse_mixtures() {
+        let mut rng = user_rng(1, 3);
+        for _ in 0..100 {
+            let p = profile(&mut rng, 40);
+            assert!((1..=3).contains(&p.topics.len()));
+            let total: f64 = p.topics.iter().map(|(_, w)| w).sum();
+            assert!((total - 1.0).abs() < 1e-9);
+            assert!((3.0..=400.0).contains(&p.activity));
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! clue — the Contrastive Learning User Encoder (CLUE) on Burn.
+//!
+//! The pipeline follows the paper: `data` (read logs, synthesise, tokenise, prepare, batch) →
+//! `model` (Item Transformer, Service Transformer, projection head) → `train` (contrastive loss,
+//! schedule, clipping, learner, `fit`) → `bench`.
+
+pub mod bench;
+pub mod data;
+pub mod error;
+pub mod model;
+pub mod train;
+pub mod ui;
+
+pub use error::{ClueError, Result};

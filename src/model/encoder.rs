@@ -1,0 +1,151 @@
+//! The CLUE encoder (paper §2.1): tokens → Item Transformer → item vectors → Service
+//! Transformer → user embedding z, one encoder for every service.
+
+use burn::nn::transformer::{
+    TransformerEncoder, TransformerEncoderConfig, TransformerEncoderInput,
+};
+use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::prelude::*;
+
+use crate::data::batcher::UserBatch;
+use crate::model::config::ModelConfig;
+
+/// Mean of `x` over the positions that are not padding.
+///
+/// `x`: `[n, len, d]`, `pad`: `[n, len]` (true = padding) → `[n, d]`. Written with `mask_fill`
+/// so it keeps `x`'s dtype (bf16 stays bf16). A row of padding only gives zeros.
+pub fn masked_mean<B: Backend>(x: Tensor<B, 3>, pad: Tensor<B, 2, Bool>) -> Tensor<B, 2> {
+    let [n, len, d] = x.dims();
+    let pad3 = pad.unsqueeze_dim::<3>(2);
+    let count = x
+        .clone()
+        .slice([0..n, 0..len, 0..1])
+        .ones_like()
+        .mask_fill(pad3.clone(), 0.0)
+        .sum_dim(1)
+        .clamp_min(1.0);
+    let sum = x.mask_fill(pad3.expand([n, len, d]), 0.0).sum_dim(1);
+    (sum / count).squeeze_dim::<2>(1)
+}
+
+fn transformer<B: Backend>(
+    c: &ModelConfig,
+    layers: usize,
+    device: &B::Device,
+) -> TransformerEncoder<B> {
+    TransformerEncoderConfig::new(c.d_model, c.d_ff, c.heads, layers)
+        .with_dropout(c.dropout)
+        .with_norm_first(true)
+        .init(device)
+}
+
+/// T_item: a pre-norm Transformer over one item's tokens, mean-pooled (paper eq. 1).
+#[derive(Module, Debug)]
+pub struct ItemTransformer<B: Backend> {
+    pub encoder: TransformerEncoder<B>,
+    pub norm: LayerNorm<B>,
+}
+
+impl<B: Backend> ItemTransformer<B> {
+    /// `tokens`: `[items, len, d]` embedded tokens, `pad`: `[items, len]` → item vectors `[items, d]`.
+    pub fn forward(&self, tokens: Tensor<B, 3>, pad: Tensor<B, 2, Bool>) -> Tensor<B, 2> {
+        let h = self
+            .encoder
+            .forward(TransformerEncoderInput::new(tokens).mask_pad(pad.clone()));
+        masked_mean(self.norm.forward(h), pad)
+    }
+}
+
+/// T_service: a learned position per item slot, then a pre-norm Transformer over the sequence of
+/// item vectors, mean-pooled into the user's embedding for that service (paper eqs. 2–3).
+#[derive(Module, Debug)]
+pub struct ServiceTransformer<B: Backend> {
+    pub position: Embedding<B>,
+    pub encoder: TransformerEncoder<B>,
+    pub norm: LayerNorm<B>,
+}
+
+impl<B: Backend> ServiceTransformer<B> {
+    /// `items`: `[users, slots, d]`, `pad`: `[users, slots]` → `[users, d]`.
+    pub fn forward(&self, items: Tensor<B, 3>, pad: Tensor<B, 2, Bool>) -> Tensor<B, 2> {
+        let [users, slots, _] = items.dims();
+        let positions = Tensor::<B, 1, Int>::arange(0..slots as i64, &items.device())
+            .unsqueeze::<2>()
+            .expand([users, slots]);
+        let x = items + self.position.forward(positions);
+        let h = self
+            .encoder
+            .forward(TransformerEncoderInput::new(x).mask_pad(pad.clone()));
+        masked_mean(self.norm.forward(h), pad)
+    }
+}
+
+/// The user encoder: token embedding, Item Transformer, Service Transformer and the optional
+/// output-dimension reduction (paper Table 6).
+#[derive(Module, Debug)]
+pub struct ClueEncoder<B: Backend> {
+    pub token_embedding: Embedding<B>,
+    pub item: ItemTransformer<B>,
+    pub service: ServiceTransformer<B>,
+    pub output: Option<Linear<B>>,
+}
+
+impl<B: Backend> ClueEncoder<B> {
+    pub fn new(c: &ModelConfig, device: &B::Device) -> Self {
+        Self {
+            token_embedding: EmbeddingConfig::new(c.vocab_size, c.d_model).init(device),
+            item: ItemTransformer {
+                encoder: transformer(c, c.item_layers, device),
+                norm: LayerNormConfig::new(c.d_model).init(device),
+            },
+            service: ServiceTransformer {
+                position: EmbeddingConfig::new(c.max_items, c.d_model).init(device),
+                encoder: transformer(c, c.service_layers, device),
+                norm: LayerNormConfig::new(c.d_model).init(device),
+            },
+            output: (c.output_dim > 0)
+                .then(|| LinearConfig::new(c.d_model, c.output_dim).init(device)),
+        }
+    }
+
+    /// Item vectors of item token ids: `[items, len]` (0 = padding) → `[items, d_model]`.
+    pub fn encode_items(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+        let pad = tokens.clone().equal_elem(0);
+        self.item.forward(self.token_embedding.forward(tokens), pad)
+    }
+
+    /// User embeddings from already-encoded item vectors.
+    ///
+    /// `item_vectors`: `[distinct items, d_model]`; `slot_item`: `[rows·slots]` (0 = padding,
+    /// else 1 + row of `item_vectors`); `pad`: `[rows, slots]` → `[rows, embedding_dim]`.
+    pub fn encode_users(
+        &self,
+        item_vectors: Tensor<B, 2>,
+        slot_item: Tensor<B, 1, Int>,
+        pad: Tensor<B, 2, Bool>,
+    ) -> Tensor<B, 2> {
+        let [rows, slots] = pad.dims();
+        let d = item_vectors.dims()[1];
+        let zero = item_vectors.clone().slice([0..1, 0..d]).zeros_like();
+        let table = Tensor::cat(vec![zero, item_vectors], 0);
+        let items = table.select(0, slot_item).reshape([rows, slots, d]);
+        let z = self.service.forward(items, pad);
+        match &self.output {
+            Some(linear) => linear.forward(z),
+            None => z,
+        }
+    }
+
+    /// One embedding per row of the batch: `[services·batch, embedding_dim]`. Each distinct item
+    /// of the batch goes through the Item Transformer once.
+    pub fn forward(&self, batch: &UserBatch<B>) -> Tensor<B, 2> {
+        let [rows, slots, len] = batch.tokens.dims();
+        let items = batch
+            .tokens
+            .clone()
+            .reshape([rows * slots, len])
+            .select(0, batch.unique_slots.clone());
+        let vectors = self.encode_items(items);
+        self.encode_users(vectors, batch.slot_item.clone(), batch.item_pad.clone())
+    }
+}

@@ -1,0 +1,94 @@
+//! The CLUE model: encoder, projection head f(z) = W2·σ(W1·z), and the learnable logit scale.
+
+pub mod config;
+pub mod encoder;
+
+use burn::module::Param;
+use burn::nn::{Linear, LinearConfig, Relu};
+use burn::prelude::*;
+
+pub use config::ModelConfig;
+pub use encoder::{ClueEncoder, ItemTransformer, ServiceTransformer};
+
+use crate::data::batcher::UserBatch;
+
+/// Initial logit scale (paper §2.2: "initialized to 14.27").
+pub const LOGIT_SCALE_INIT: f64 = 14.27;
+/// The logit scale never exceeds this.
+pub const LOGIT_SCALE_MAX: f64 = 100.0;
+
+/// Projection head used by the loss only: f(z) = W2·ReLU(W1·z).
+#[derive(Module, Debug)]
+pub struct ProjectionHead<B: Backend> {
+    pub w1: Linear<B>,
+    pub activation: Relu,
+    pub w2: Linear<B>,
+}
+
+impl<B: Backend> ProjectionHead<B> {
+    pub fn new(dim: usize, device: &B::Device) -> Self {
+        Self {
+            w1: LinearConfig::new(dim, dim).with_bias(false).init(device),
+            activation: Relu::new(),
+            w2: LinearConfig::new(dim, dim).with_bias(false).init(device),
+        }
+    }
+
+    /// `[n, dim]` → `[n, dim]`.
+    pub fn forward(&self, z: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.w2.forward(self.activation.forward(self.w1.forward(z)))
+    }
+}
+
+/// Everything pretraining learns.
+#[derive(Module, Debug)]
+pub struct ClueModel<B: Backend> {
+    pub encoder: ClueEncoder<B>,
+    pub head: ProjectionHead<B>,
+    /// ln of the logit scale; `logit_scale()` clamps it to ln 100.
+    pub log_logit_scale: Param<Tensor<B, 1>>,
+}
+
+/// Total and non-embedding parameter counts (non-embedding excludes token and position tables,
+/// as in scaling-law studies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ParamCounts {
+    pub total: usize,
+    pub non_embedding: usize,
+}
+
+impl<B: Backend> ClueModel<B> {
+    pub fn new(c: &ModelConfig, device: &B::Device) -> Self {
+        Self {
+            encoder: ClueEncoder::new(c, device),
+            head: ProjectionHead::new(c.embedding_dim(), device),
+            log_logit_scale: Param::from_tensor(Tensor::from_floats(
+                [LOGIT_SCALE_INIT.ln() as f32],
+                device,
+            )),
+        }
+    }
+
+    /// The logit scale s = exp(t), never above [`LOGIT_SCALE_MAX`]: `[1]`.
+    pub fn logit_scale(&self) -> Tensor<B, 1> {
+        self.log_logit_scale
+            .val()
+            .clamp_max(LOGIT_SCALE_MAX.ln())
+            .exp()
+    }
+
+    /// Projected embeddings f(z) of a batch: `[services·batch, embedding_dim]`.
+    pub fn forward(&self, batch: &UserBatch<B>) -> Tensor<B, 2> {
+        self.head.forward(self.encoder.forward(batch))
+    }
+
+    pub fn param_counts(&self) -> ParamCounts {
+        let total = self.num_params();
+        let embedding =
+            self.encoder.token_embedding.num_params() + self.encoder.service.position.num_params();
+        ParamCounts {
+            total,
+            non_embedding: total - embedding,
+        }
+    }
+}

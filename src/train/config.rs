@@ -1,0 +1,180 @@
+//! A run's configuration: `[model]` and `[train]` tables of a TOML file in `config/`, with
+//! `--set key=value` overrides. The resolved config is saved in every run directory.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ClueError, Result};
+use crate::model::ModelConfig;
+
+/// Optimisation settings (paper §2.2 defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub batch_size: usize,
+    pub epochs: usize,
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub epsilon: f64,
+    pub weight_decay: f64,
+    /// Fraction of all steps spent warming up linearly.
+    pub warmup_fraction: f64,
+    /// Final learning rate as a fraction of `lr` (cosine decay).
+    pub final_lr_fraction: f64,
+    /// Global gradient-norm clipping.
+    pub grad_clip_norm: f64,
+    pub seed: u64,
+    /// Data-loading threads.
+    pub workers: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 256,
+            epochs: 8,
+            lr: 5e-4,
+            beta1: 0.9,
+            beta2: 0.98,
+            epsilon: 1e-6,
+            weight_decay: 0.1,
+            warmup_fraction: 0.01,
+            final_lr_fraction: 0.1,
+            grad_clip_norm: 0.01,
+            seed: 42,
+            workers: 2,
+        }
+    }
+}
+
+/// Everything `clue fit` needs besides the data.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    pub model: ModelConfig,
+    pub train: TrainConfig,
+}
+
+impl RunConfig {
+    pub fn from_toml(text: &str, origin: &Path) -> Result<Self> {
+        toml::from_str(text).map_err(|e| {
+            ClueError::bad_file(
+                origin,
+                e.to_string(),
+                "see config/tiny.toml for the keys a config takes",
+            )
+        })
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| ClueError::io(path, e))?;
+        Self::from_toml(&text, path)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serialises")
+    }
+
+    /// Apply `key=value` overrides such as `train.lr=1e-3` or `model.d_model=128`.
+    pub fn with_overrides(&self, sets: &[String]) -> Result<Self> {
+        let mut doc: toml::Table = toml::from_str(&self.to_toml()).expect("round trip");
+        for set in sets {
+            let (key, value) = set.split_once('=').ok_or_else(|| {
+                ClueError::config(
+                    format!("--set `{set}` is not key=value"),
+                    "e.g. --set train.lr=1e-3",
+                )
+            })?;
+            let (table, field) = key.trim().split_once('.').ok_or_else(|| {
+                ClueError::config(
+                    format!("--set key `{key}` needs a table"),
+                    "e.g. model.d_model or train.epochs",
+                )
+            })?;
+            let parsed: toml::Value =
+                toml::from_str::<toml::Table>(&format!("v = {}", value.trim()))
+                    .map(|mut t| t.remove("v").expect("v"))
+                    .unwrap_or_else(|_| toml::Value::String(value.trim().to_string()));
+            let t = doc
+                .get_mut(table)
+                .and_then(|t| t.as_table_mut())
+                .ok_or_else(|| {
+                    ClueError::config(
+                        format!("no config table `{table}`"),
+                        "tables are model and train",
+                    )
+                })?;
+            if !t.contains_key(field) {
+                return Err(ClueError::config(
+                    format!("no config key `{key}`"),
+                    "see config/tiny.toml for the keys",
+                ));
+            }
+            t.insert(field.to_string(), parsed);
+        }
+        toml::from_str(&toml::to_string(&doc).expect("table serialises")).map_err(|e| {
+            ClueError::config(
+                format!("--set gives an invalid config: {e}"),
+                "check the value's type",
+            )
+        })
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        let t = &self.train;
+        if t.batch_size < 2 {
+            return Err(ClueError::config(
+                "train.batch_size must be at least 2",
+                "in-batch negatives need other users",
+            ));
+        }
+        if t.epochs == 0 || !(t.lr > 0.0 && t.lr <= 1.0) || t.grad_clip_norm <= 0.0 {
+            return Err(ClueError::config(
+                "train.epochs, train.lr (in (0, 1]) and train.grad_clip_norm must be positive",
+                "see config/tiny.toml",
+            ));
+        }
+        if !(0.0..1.0).contains(&t.warmup_fraction) || !(0.0..=1.0).contains(&t.final_lr_fraction) {
+            return Err(ClueError::config(
+                "train.warmup_fraction must be in [0, 1) and final_lr_fraction in [0, 1]",
+                "paper: 0.01 and 0.1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_change_only_the_named_keys_and_reject_unknown_ones() {
+        let c = RunConfig::default();
+        let d = c
+            .with_overrides(&["train.lr=0.001".into(), "model.d_model=128".into()])
+            .unwrap();
+        assert_eq!(d.train.lr, 0.001);
+        assert_eq!(d.model.d_model, 128);
+        assert_eq!(d.train.batch_size, c.train.batch_size);
+        assert!(c.with_overrides(&["train.lrr=1".into()]).is_err());
+        assert!(c.with_overrides(&["lr=1".into()]).is_err());
+    }
+
+    #[test]
+    fn invalid_shapes_are_refused_before_any_work() {
+        let mut c = RunConfig::default();
+        c.model.heads = 5;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("does not divide"), "{e}");
+        let mut c = RunConfig::default();
+        c.model.item_layers = 0;
+        assert!(c.validate().is_err());
+        let mut c = RunConfig::default();
+        c.train.batch_size = 1;
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,567 @@
+//! `clue fit`: wires data, model, optimizer, schedule and Burn's learner together, then writes
+//! the model bundle and `summary.json`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use burn::data::dataloader::DataLoaderBuilder;
+use burn::optim::AdamWConfig;
+use burn::prelude::*;
+use burn::record::{DefaultRecorder, FullPrecisionSettings, NamedMpkFileRecorder};
+use burn::tensor::backend::AutodiffBackend;
+use burn::train::checkpoint::KeepLastNCheckpoints;
+use burn::train::metric::LearningRateMetric;
+use burn::train::{InferenceStep, ItemLazy, Learner, SupervisedTraining};
+use burn_store::{ModuleSnapshot, SafetensorsStore};
+use serde::{Deserialize, Serialize};
+
+use crate::data::batcher::{UserBatcher, UserDataset};
+use crate::data::store::{self, PreparedDataset, Split, publish_dir, temp_dir_beside};
+use crate::error::{ClueError, Result};
+use crate::model::{ClueModel, ParamCounts};
+use crate::train::config::RunConfig;
+use crate::train::metrics::{BatchStats, History, SharedHistory, Stat, StatMetric};
+use crate::train::renderer::LogRenderer;
+use crate::train::schedule::WarmupCosine;
+use crate::train::step::{StepGuard, StepSettings, Trainee};
+use crate::ui;
+
+/// Files of a run directory.
+pub const RUN_CONFIG: &str = "config.toml";
+pub const RUN_INFO: &str = "run.json";
+pub const SUMMARY: &str = "summary.json";
+pub const BUNDLE_DIR: &str = "model";
+pub const BUNDLE_INFO: &str = "bundle.json";
+
+/// One PF-day in floating-point operations.
+pub const PF_DAY: f64 = 8.64e19;
+
+/// Training compute as the paper counts it (§5.2): 6 × parameters × batch × steps × sequence
+/// length, where the sequence length is the number of items per service (S).
+pub fn training_flops(params: usize, batch: usize, steps: usize, seq_len: usize) -> f64 {
+    6.0 * params as f64 * batch as f64 * steps as f64 * seq_len as f64
+}
+
+/// What `clue fit` is asked to do.
+#[derive(Debug, Clone)]
+pub struct FitOptions {
+    pub config: RunConfig,
+    pub data: PathBuf,
+    pub out: PathBuf,
+    /// Burn's TUI dashboard (only when stdout is a terminal).
+    pub tui: bool,
+    /// Continue the run in `out` from its last checkpoint.
+    pub resume: bool,
+    /// Backend name, recorded in the summary.
+    pub backend: String,
+}
+
+/// Where a run's data lives, recorded so `--resume` needs nothing else.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunInfo {
+    pub data: PathBuf,
+    pub manifest_sha256: String,
+}
+
+/// Loss and in-batch retrieval of one split, measured with fixed batches after training.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct SplitScore {
+    pub loss: f64,
+    pub top1_ab: f64,
+    pub top1_ba: f64,
+    pub top10_ab: Option<f64>,
+    pub users: usize,
+    pub batch_size: usize,
+}
+
+/// `summary.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FitSummary {
+    pub backend: String,
+    pub epochs: usize,
+    pub steps: usize,
+    pub batch_size: usize,
+    pub train_loss_final: Option<f64>,
+    pub train_loss_best: Option<f64>,
+    pub valid_loss_final: f64,
+    pub valid_loss_best: f64,
+    /// In-batch retrieval accuracy A→B (top-1) of held-out users, batches of `batch_size`.
+    pub valid_retrieval_top1: f64,
+    pub valid_retrieval_top1_ba: f64,
+    pub valid_retrieval_top10: Option<f64>,
+    /// 1 / batch size: what a model that knows nothing scores.
+    pub chance_top1: f64,
+    pub logit_scale: f64,
+    pub params: ParamCounts,
+    pub flops: f64,
+    pub pf_days: f64,
+    pub wall_seconds: f64,
+    pub history: History,
+}
+
+/// `bundle.json`: everything `clue embed` needs to know besides the weights.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BundleInfo {
+    pub clue_version: String,
+    pub services: Vec<String>,
+    pub embedding_dim: usize,
+    pub dataset_manifest_sha256: String,
+    pub params: ParamCounts,
+    pub steps: usize,
+    pub flops: f64,
+    pub pf_days: f64,
+    pub valid: SplitScore,
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(|e| ClueError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| ClueError::io(path, e))
+}
+
+/// Last epoch with a complete checkpoint in `run/checkpoint`.
+pub fn last_checkpoint(run: &Path) -> Option<usize> {
+    let dir = run.join("checkpoint");
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            name.strip_prefix("model-")?
+                .strip_suffix(".mpk")?
+                .parse::<usize>()
+                .ok()
+        })
+        .filter(|&k| {
+            ["optim", "scheduler"]
+                .iter()
+                .all(|p| run.join("checkpoint").join(format!("{p}-{k}.mpk")).exists())
+        })
+        .max()
+}
+
+/// Contrastive loss and retrieval of `users` with fixed, unshuffled batches of `batch_size`.
+pub fn score<B: Backend>(
+    model: &ClueModel<B>,
+    data: &Arc<PreparedDataset>,
+    users: Vec<u32>,
+    config: &RunConfig,
+) -> SplitScore {
+    let trainee = Trainee {
+        model: model.clone(),
+        settings: StepSettings::default(),
+    };
+    let n = users.len();
+    let ds = UserDataset::with_users(
+        data.clone(),
+        users,
+        config.model.max_items,
+        config.model.max_item_tokens,
+    );
+    let loader = DataLoaderBuilder::<B, _, _>::new(UserBatcher)
+        .batch_size(config.train.batch_size)
+        .build(ds);
+    let (mut loss, mut ab, mut ba, mut top10, mut top10_n, mut total) =
+        (0.0, 0.0, 0.0, 0.0, 0usize, 0usize);
+    for batch in loader.iter() {
+        let s: BatchStats = InferenceStep::step(&trainee, batch).sync();
+        let w = s.users as f64;
+        loss += s.loss * w;
+        ab += s.top1_ab * w;
+        ba += s.top1_ba * w;
+        if let Some(t) = s.top10_ab {
+            top10 += t * w;
+            top10_n += s.users;
+        }
+        total += s.users;
+    }
+    let t = total.max(1) as f64;
+    SplitScore {
+        loss: loss / t,
+        top1_ab: ab / t,
+        top1_ba: ba / t,
+        top10_ab: (top10_n > 0).then(|| top10 / top10_n as f64),
+        users: n,
+        batch_size: config.train.batch_size,
+    }
+}
+
+/// Train a CLUE model on `device` as `options` say. Generic over every Burn autodiff backend.
+pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Result<FitSummary> {
+    let start = Instant::now();
+    let run = &options.out;
+    let (mut config, data_dir) = if options.resume {
+        let info: RunInfo = read_json(&run.join(RUN_INFO))?;
+        (RunConfig::load(&run.join(RUN_CONFIG))?, info.data)
+    } else {
+        (options.config.clone(), options.data.clone())
+    };
+    let data = Arc::new(PreparedDataset::open(&data_dir)?);
+    let vocab = data.manifest.vocab_size as usize;
+    if config.model.vocab_size != 0 && config.model.vocab_size != vocab {
+        return Err(ClueError::config(
+            format!(
+                "model.vocab_size = {} but the dataset's tokenizer has {vocab}",
+                config.model.vocab_size
+            ),
+            "leave model.vocab_size at 0 to take it from the data",
+        ));
+    }
+    config.model.vocab_size = vocab;
+    config.validate()?;
+    let train_users = data.users_in(Split::Train);
+    let valid_users = data.users_in(Split::Valid);
+    let bs = config.train.batch_size;
+    if train_users.len() < bs {
+        return Err(ClueError::config(
+            format!(
+                "only {} training users for train.batch_size = {bs}",
+                train_users.len()
+            ),
+            "lower train.batch_size (--set train.batch_size=N) or prepare more users",
+        ));
+    }
+    if valid_users.len() < 2 {
+        return Err(ClueError::config(
+            format!(
+                "{} validation users: validation needs at least 2",
+                valid_users.len()
+            ),
+            "prepare with a larger --valid-fraction or more users",
+        ));
+    }
+
+    // Run directory: the resolved config and where the data lives, before any training.
+    let manifest_sha256 = data.manifest.hash();
+    if options.resume {
+        let info: RunInfo = read_json(&run.join(RUN_INFO))?;
+        if info.manifest_sha256 != manifest_sha256 {
+            return Err(ClueError::bad_file(
+                &data_dir,
+                "the prepared dataset changed since this run started",
+                "resume with the original data, or start a new run",
+            ));
+        }
+    } else {
+        if run.join(RUN_INFO).exists() {
+            return Err(ClueError::bad_file(
+                run,
+                "already holds a run",
+                "continue it with --resume, or choose another --out",
+            ));
+        }
+        std::fs::create_dir_all(run).map_err(|e| ClueError::io(run, e))?;
+        write_atomic(&run.join(RUN_CONFIG), config.to_toml().as_bytes())?;
+        let info = RunInfo {
+            data: std::fs::canonicalize(&data_dir).unwrap_or(data_dir.clone()),
+            manifest_sha256: manifest_sha256.clone(),
+        };
+        write_atomic(
+            &run.join(RUN_INFO),
+            serde_json::to_string_pretty(&info)
+                .expect("json")
+                .as_bytes(),
+        )?;
+    }
+
+    B::seed(&device, config.train.seed);
+    let steps_per_epoch = train_users.len().div_ceil(bs);
+    let total_steps = steps_per_epoch * config.train.epochs;
+    let resume_epoch = if options.resume {
+        Some(last_checkpoint(run).ok_or_else(|| {
+            ClueError::bad_file(
+                run,
+                "has no complete checkpoint to resume from",
+                "start the run again without --resume",
+            )
+        })?)
+    } else {
+        None
+    };
+
+    let m = &config.model;
+    let train_loader = DataLoaderBuilder::<B, _, _>::new(UserBatcher)
+        .batch_size(bs)
+        .shuffle(config.train.seed)
+        .num_workers(config.train.workers)
+        .set_device(device.clone())
+        .build(UserDataset::with_users(
+            data.clone(),
+            train_users.clone(),
+            m.max_items,
+            m.max_item_tokens,
+        ));
+    let valid_loader = DataLoaderBuilder::<B::InnerBackend, _, _>::new(UserBatcher)
+        .batch_size(bs)
+        .num_workers(config.train.workers)
+        .set_device(device.clone())
+        .build(UserDataset::with_users(
+            data.clone(),
+            valid_users.clone(),
+            m.max_items,
+            m.max_item_tokens,
+        ));
+
+    let history: SharedHistory = Arc::new(Mutex::new(History::default()));
+    let stats = [
+        Stat::Loss,
+        Stat::Top1AB,
+        Stat::Top1BA,
+        Stat::Top10AB,
+        Stat::LogitScale,
+        Stat::UsersPerSecond,
+    ];
+    let mut training = SupervisedTraining::new(run, train_loader, valid_loader)
+        .with_file_checkpointer(DefaultRecorder::new())
+        .with_checkpointing_strategy(KeepLastNCheckpoints::new(2))
+        .metric_train_numeric(LearningRateMetric::new())
+        .num_epochs(config.train.epochs);
+    for stat in stats {
+        training = training
+            .metric_train_numeric(StatMetric::new(stat, false, history.clone()))
+            .metric_valid_numeric(StatMetric::new(stat, true, history.clone()));
+    }
+    if let Some(k) = resume_epoch {
+        training = training.checkpoint(k);
+    }
+    if !(options.tui && std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        || ui::verbosity() == 0
+    {
+        training = training.renderer(LogRenderer::new(if ui::verbosity() == 0 { 1 } else { 4 }));
+    }
+    let guard = StepGuard::new(
+        training.interrupter(),
+        resume_epoch.unwrap_or(0) * steps_per_epoch,
+    );
+    let trainee = Trainee {
+        model: ClueModel::new(&config.model, &device),
+        settings: StepSettings {
+            clip_norm: config.train.grad_clip_norm,
+            guard: Some(guard.clone()),
+        },
+    };
+    let params = trainee.model.param_counts();
+    ui::say(format!(
+        "training on {} ({}): {} parameters ({} non-embedding), {} train / {} valid users, {} epochs × {} steps",
+        options.backend,
+        B::name(&device),
+        params.total,
+        params.non_embedding,
+        train_users.len(),
+        valid_users.len(),
+        config.train.epochs,
+        steps_per_epoch
+    ));
+    let t = &config.train;
+    let optim = AdamWConfig::new()
+        .with_beta_1(t.beta1 as f32)
+        .with_beta_2(t.beta2 as f32)
+        .with_epsilon(t.epsilon as f32)
+        .with_weight_decay(t.weight_decay as f32)
+        .init::<B, Trainee<B>>();
+    let schedule = WarmupCosine::new(t.lr, total_steps, t.warmup_fraction, t.final_lr_fraction);
+    let result = training.launch(Learner::new(trainee, optim, schedule));
+    drop(result.renderer);
+
+    if let Some(step) = guard.bad_step() {
+        let last = last_checkpoint(run)
+            .map(|k| format!("epoch {k}"))
+            .unwrap_or_else(|| "none yet".into());
+        return Err(ClueError::config(
+            format!(
+                "training stopped: the loss became NaN or infinite at step {step} (last good checkpoint: {last})"
+            ),
+            "lower train.lr or raise train.grad_clip_norm; `clue fit --resume` continues from the last checkpoint",
+        ));
+    }
+    let model: ClueModel<B::InnerBackend> = result.model.model;
+    let steps = guard.steps();
+    let valid = score::<B::InnerBackend>(&model, &data, valid_users, &config);
+    let flops = training_flops(params.total, bs, steps, config.model.max_items);
+    let history = history.lock().expect("history").clone();
+    let best = |xs: Vec<Option<f64>>| {
+        xs.into_iter()
+            .flatten()
+            .fold(None, |b: Option<f64>, x| Some(b.map_or(x, |b| b.min(x))))
+    };
+    let summary = FitSummary {
+        backend: options.backend.clone(),
+        epochs: config.train.epochs,
+        steps,
+        batch_size: bs,
+        train_loss_final: history.train.last().and_then(|e| e.loss),
+        train_loss_best: best(history.train.iter().map(|e| e.loss).collect()),
+        valid_loss_final: valid.loss,
+        valid_loss_best: best(
+            history
+                .valid
+                .iter()
+                .map(|e| e.loss)
+                .chain([Some(valid.loss)])
+                .collect(),
+        )
+        .unwrap_or(valid.loss),
+        valid_retrieval_top1: valid.top1_ab,
+        valid_retrieval_top1_ba: valid.top1_ba,
+        valid_retrieval_top10: valid.top10_ab,
+        chance_top1: 1.0 / bs as f64,
+        logit_scale: model.logit_scale().into_scalar().elem(),
+        params,
+        flops,
+        pf_days: flops / PF_DAY,
+        wall_seconds: start.elapsed().as_secs_f64(),
+        history,
+    };
+    let bundle = BundleInfo {
+        clue_version: env!("CARGO_PKG_VERSION").to_string(),
+        services: data.manifest.services.clone(),
+        embedding_dim: config.model.embedding_dim(),
+        dataset_manifest_sha256: manifest_sha256,
+        params,
+        steps,
+        flops,
+        pf_days: flops / PF_DAY,
+        valid,
+    };
+    save_bundle(
+        &model,
+        &config,
+        &bundle,
+        &data.tokenizer_path(),
+        &run.join(BUNDLE_DIR),
+    )?;
+    write_atomic(
+        &run.join(SUMMARY),
+        (serde_json::to_string_pretty(&summary).expect("json") + "\n").as_bytes(),
+    )?;
+    Ok(summary)
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| ClueError::io(path, e))?;
+    serde_json::from_str(&text)
+        .map_err(|e| ClueError::bad_file(path, e.to_string(), "the run directory is damaged"))
+}
+
+/// Write the self-contained model bundle atomically: weights (Burn record and safetensors),
+/// resolved config, tokenizer and `bundle.json`.
+pub fn save_bundle<B: Backend>(
+    model: &ClueModel<B>,
+    config: &RunConfig,
+    info: &BundleInfo,
+    tokenizer: &Path,
+    out: &Path,
+) -> Result<()> {
+    let tmp = temp_dir_beside(out)?;
+    let result = (|| {
+        model
+            .clone()
+            .save_file(
+                tmp.join("model"),
+                &NamedMpkFileRecorder::<FullPrecisionSettings>::new(),
+            )
+            .map_err(|e| {
+                ClueError::io(tmp.join("model.mpk"), std::io::Error::other(e.to_string()))
+            })?;
+        let st = tmp.join("model.safetensors");
+        model
+            .save_into(&mut SafetensorsStore::from_file(&st).overwrite(true))
+            .map_err(|e| ClueError::io(&st, std::io::Error::other(e.to_string())))?;
+        std::fs::write(tmp.join(RUN_CONFIG), config.to_toml())
+            .map_err(|e| ClueError::io(tmp.join(RUN_CONFIG), e))?;
+        std::fs::copy(tokenizer, tmp.join(store::TOKENIZER))
+            .map_err(|e| ClueError::io(tokenizer, e))?;
+        std::fs::write(
+            tmp.join(BUNDLE_INFO),
+            serde_json::to_string_pretty(info).expect("json") + "\n",
+        )
+        .map_err(|e| ClueError::io(tmp.join(BUNDLE_INFO), e))?;
+        publish_dir(&tmp, out, BUNDLE_INFO)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+/// Load a bundle's model onto `device`.
+pub fn load_bundle<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+) -> Result<(ClueModel<B>, RunConfig)> {
+    let config = RunConfig::load(&dir.join(RUN_CONFIG))?;
+    let model = ClueModel::<B>::new(&config.model, device)
+        .load_file(
+            dir.join("model"),
+            &NamedMpkFileRecorder::<FullPrecisionSettings>::new(),
+            device,
+        )
+        .map_err(|e| {
+            ClueError::bad_file(
+                dir.join("model.mpk"),
+                e.to_string(),
+                "the bundle is damaged: train again",
+            )
+        })?;
+    Ok((model, config))
+}
+
+impl FitSummary {
+    pub fn table(&self) -> String {
+        let pct = |x: f64| format!("{:.1} %", 100.0 * x);
+        let mut rows = vec![
+            ("backend".to_string(), self.backend.clone()),
+            (
+                "steps".into(),
+                format!(
+                    "{} ({} epochs, batch {})",
+                    self.steps, self.epochs, self.batch_size
+                ),
+            ),
+            (
+                "train loss".into(),
+                self.train_loss_final
+                    .map(|x| format!("{x:.4}"))
+                    .unwrap_or_default(),
+            ),
+            (
+                "valid loss".into(),
+                format!(
+                    "{:.4} (best {:.4}; log(batch) = {:.4})",
+                    self.valid_loss_final,
+                    self.valid_loss_best,
+                    (self.batch_size as f64).ln()
+                ),
+            ),
+            (
+                "valid top-1 A→B".into(),
+                format!(
+                    "{} (chance {})",
+                    pct(self.valid_retrieval_top1),
+                    pct(self.chance_top1)
+                ),
+            ),
+            ("valid top-1 B→A".into(), pct(self.valid_retrieval_top1_ba)),
+        ];
+        if let Some(t) = self.valid_retrieval_top10 {
+            rows.push(("valid top-10 A→B".into(), pct(t)));
+        }
+        rows.extend([
+            ("logit scale".into(), format!("{:.2}", self.logit_scale)),
+            (
+                "parameters".into(),
+                format!(
+                    "{} ({} non-embedding)",
+                    self.params.total, self.params.non_embedding
+                ),
+            ),
+            (
+                "compute".into(),
+                format!("{:.3e} FLOPs = {:.3e} PF-days", self.flops, self.pf_days),
+            ),
+            ("wall time".into(), format!("{:.1} s", self.wall_seconds)),
+        ]);
+        ui::table("fit summary", &rows)
+    }
+}

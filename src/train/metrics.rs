@@ -1,0 +1,284 @@
+//! Training metrics: loss, in-batch retrieval accuracy A→B and B→A (top-1, top-10), logit scale,
+//! users/s. Computed on the host from one small read per batch, and kept per epoch in a shared
+//! [`History`] for `summary.json`.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use burn::prelude::*;
+use burn::tensor::Transaction;
+use burn::train::ItemLazy;
+use burn::train::metric::state::{FormatOptions, NumericMetricState};
+use burn::train::metric::{
+    Adaptor, Metric, MetricAttributes, MetricMetadata, MetricName, Numeric, NumericAttributes,
+    NumericEntry, SerializedEntry,
+};
+use serde::{Deserialize, Serialize};
+
+/// What one batch produced, read back from the device.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BatchStats {
+    pub loss: f64,
+    pub top1_ab: f64,
+    pub top1_ba: f64,
+    /// `None` when the batch has 10 users or fewer.
+    pub top10_ab: Option<f64>,
+    pub logit_scale: f64,
+    pub users: usize,
+}
+
+/// Fraction of rows whose own column (the diagonal) ranks within the top `k`. Ties count
+/// against the positive, so a constant score never looks good.
+pub fn retrieval_accuracy(logits: &[f32], n: usize, k: usize, transpose: bool) -> f64 {
+    let at = |i: usize, j: usize| {
+        if transpose {
+            logits[j * n + i]
+        } else {
+            logits[i * n + j]
+        }
+    };
+    let hits = (0..n)
+        .filter(|&i| {
+            let own = at(i, i);
+            let better = (0..n).filter(|&j| j != i && at(i, j) >= own).count();
+            better < k
+        })
+        .count();
+    hits as f64 / n.max(1) as f64
+}
+
+impl BatchStats {
+    pub fn from_host(loss: f32, logits: &[f32], n: usize, scale: f32) -> Self {
+        Self {
+            loss: loss as f64,
+            top1_ab: retrieval_accuracy(logits, n, 1, false),
+            top1_ba: retrieval_accuracy(logits, n, 1, true),
+            top10_ab: (n > 10).then(|| retrieval_accuracy(logits, n, 10, false)),
+            logit_scale: scale as f64,
+            users: n,
+        }
+    }
+}
+
+/// Model output of one step, still on the device.
+pub struct ClueOutput<B: Backend> {
+    /// `[1]`
+    pub loss: Tensor<B, 1>,
+    /// `[batch, batch]` logits of the first service pair.
+    pub logits: Tensor<B, 2>,
+    /// `[1]`
+    pub logit_scale: Tensor<B, 1>,
+}
+
+impl<B: Backend> ItemLazy for ClueOutput<B> {
+    type ItemSync = BatchStats;
+
+    fn sync(self) -> BatchStats {
+        let n = self.logits.dims()[0];
+        let data = Transaction::default()
+            .register(self.loss)
+            .register(self.logits)
+            .register(self.logit_scale)
+            .execute();
+        let f = |d: &TensorData| {
+            d.clone()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .expect("float data")
+        };
+        BatchStats::from_host(f(&data[0])[0], &f(&data[1]), n, f(&data[2])[0])
+    }
+}
+
+impl Adaptor<BatchStats> for BatchStats {
+    fn adapt(&self) -> BatchStats {
+        self.clone()
+    }
+}
+
+/// Which number of [`BatchStats`] a metric shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Stat {
+    Loss,
+    Top1AB,
+    Top1BA,
+    Top10AB,
+    LogitScale,
+    UsersPerSecond,
+}
+
+impl Stat {
+    fn name(self) -> &'static str {
+        match self {
+            Stat::Loss => "Loss",
+            Stat::Top1AB => "Top-1 A→B",
+            Stat::Top1BA => "Top-1 B→A",
+            Stat::Top10AB => "Top-10 A→B",
+            Stat::LogitScale => "Logit Scale",
+            Stat::UsersPerSecond => "Users per s",
+        }
+    }
+}
+
+/// Per-epoch means of every metric, for train and valid.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct History {
+    pub train: Vec<EpochStats>,
+    pub valid: Vec<EpochStats>,
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct EpochStats {
+    pub loss: Option<f64>,
+    pub top1_ab: Option<f64>,
+    pub top1_ba: Option<f64>,
+    pub top10_ab: Option<f64>,
+    pub logit_scale: Option<f64>,
+    pub users_per_second: Option<f64>,
+    pub batch_size: Option<usize>,
+}
+
+pub type SharedHistory = Arc<Mutex<History>>;
+
+/// A numeric Burn metric over one [`Stat`]; at each epoch end its mean goes into the history.
+#[derive(Clone)]
+pub struct StatMetric {
+    stat: Stat,
+    valid: bool,
+    name: MetricName,
+    state: NumericMetricState,
+    history: SharedHistory,
+    started: Option<Instant>,
+    max_users: usize,
+    /// Index in the history of the epoch being measured.
+    epoch: usize,
+}
+
+impl StatMetric {
+    /// A metric of `stat` for the train (or `valid`) split; the first epoch it sees is history
+    /// entry 0 (history of a resumed run starts at the resumed epoch).
+    pub fn new(stat: Stat, valid: bool, history: SharedHistory) -> Self {
+        Self {
+            stat,
+            valid,
+            name: Arc::new(stat.name().to_string()),
+            state: NumericMetricState::new(),
+            history,
+            started: None,
+            max_users: 0,
+            epoch: 0,
+        }
+    }
+
+    fn value(&mut self, s: &BatchStats) -> Option<f64> {
+        match self.stat {
+            Stat::Loss => Some(s.loss),
+            Stat::Top1AB => Some(100.0 * s.top1_ab),
+            Stat::Top1BA => Some(100.0 * s.top1_ba),
+            Stat::Top10AB => s.top10_ab.map(|x| 100.0 * x),
+            Stat::LogitScale => Some(s.logit_scale),
+            Stat::UsersPerSecond => {
+                let now = Instant::now();
+                let rate = self
+                    .started
+                    .map(|t| s.users as f64 / now.duration_since(t).as_secs_f64().max(1e-9));
+                self.started = Some(now);
+                rate
+            }
+        }
+    }
+}
+
+impl Metric for StatMetric {
+    type Input = BatchStats;
+
+    fn name(&self) -> MetricName {
+        self.name.clone()
+    }
+
+    fn attributes(&self) -> MetricAttributes {
+        let percent = matches!(self.stat, Stat::Top1AB | Stat::Top1BA | Stat::Top10AB);
+        NumericAttributes {
+            unit: percent.then(|| "%".to_string()),
+            higher_is_better: self.stat != Stat::Loss,
+        }
+        .into()
+    }
+
+    fn update(&mut self, item: &BatchStats, _meta: &MetricMetadata) -> SerializedEntry {
+        self.max_users = self.max_users.max(item.users);
+        let precision = if self.stat == Stat::Loss { 4 } else { 2 };
+        let format = FormatOptions::new(self.name()).precision(precision);
+        match self.value(item) {
+            Some(v) => self.state.update(v, item.users, format),
+            None => SerializedEntry::new(String::new(), String::new()),
+        }
+    }
+
+    fn clear(&mut self) {
+        let mean = match self.state.running_value() {
+            NumericEntry::Value(v) => Some(v),
+            NumericEntry::Aggregated {
+                aggregated_value,
+                count,
+            } => (count > 0).then_some(aggregated_value),
+        };
+        if let Some(mean) = mean.filter(|m| m.is_finite()) {
+            let mut h = self.history.lock().expect("history lock");
+            let epochs = if self.valid {
+                &mut h.valid
+            } else {
+                &mut h.train
+            };
+            if epochs.len() <= self.epoch {
+                epochs.resize_with(self.epoch + 1, EpochStats::default);
+            }
+            let e = &mut epochs[self.epoch];
+            *e.slot(self.stat) = Some(mean);
+            e.batch_size = Some(self.max_users);
+        }
+        self.epoch += 1;
+        self.state.reset();
+        self.started = None;
+    }
+}
+
+impl EpochStats {
+    fn slot(&mut self, stat: Stat) -> &mut Option<f64> {
+        match stat {
+            Stat::Loss => &mut self.loss,
+            Stat::Top1AB => &mut self.top1_ab,
+            Stat::Top1BA => &mut self.top1_ba,
+            Stat::Top10AB => &mut self.top10_ab,
+            Stat::LogitScale => &mut self.logit_scale,
+            Stat::UsersPerSecond => &mut self.users_per_second,
+        }
+    }
+}
+
+impl Numeric for StatMetric {
+    fn value(&self) -> NumericEntry {
+        self.state.current_value()
+    }
+
+    fn running_value(&self) -> NumericEntry {
+        self.state.running_value()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retrieval_accuracy_counts_ties_against_the_positive() {
+        // Row 0: positive best. Row 1: tie with column 0 → a miss at top-1. Row 2: positive worst.
+        let logits = [3.0, 1.0, 0.0, 2.0, 2.0, 1.0, 5.0, 4.0, 1.0];
+        assert!((retrieval_accuracy(&logits, 3, 1, false) - 1.0 / 3.0).abs() < 1e-12);
+        assert!((retrieval_accuracy(&logits, 3, 2, false) - 2.0 / 3.0).abs() < 1e-12);
+        // Columns (B→A): column 0 = [3,2,5] → miss; column 1 = [1,2,4] → miss; column 2 = [0,1,1] → miss (tie).
+        assert_eq!(retrieval_accuracy(&logits, 3, 1, true), 0.0);
+        let constant = [1.0f32; 16];
+        assert_eq!(retrieval_accuracy(&constant, 4, 1, false), 0.0);
+    }
+}

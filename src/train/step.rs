@@ -1,0 +1,138 @@
+//! One training step (forward both services, loss, backward, global clipping) and one
+//! validation step, as Burn's learner calls them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use burn::module::{AutodiffModule, Param};
+use burn::optim::{GradientsParams, Optimizer};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use burn::train::{InferenceStep, Interrupter, TrainOutput, TrainStep};
+
+use crate::data::batcher::UserBatch;
+use crate::model::{ClueModel, LOGIT_SCALE_MAX};
+use crate::train::clip::clip_global_norm;
+use crate::train::loss::contrastive_loss;
+use crate::train::metrics::ClueOutput;
+
+/// Watches every training step for a non-finite loss. The first bad step skips its update,
+/// records its number and stops the learner, so the last checkpoint stays a good one.
+pub struct StepGuard {
+    steps: AtomicUsize,
+    first_bad: AtomicUsize,
+    interrupter: std::sync::Mutex<Option<Interrupter>>,
+}
+
+impl std::fmt::Debug for StepGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StepGuard")
+            .field("steps", &self.steps)
+            .field("first_bad", &self.bad_step())
+            .finish()
+    }
+}
+
+impl StepGuard {
+    pub fn new(interrupter: Interrupter, start_step: usize) -> Arc<Self> {
+        Arc::new(Self {
+            steps: AtomicUsize::new(start_step),
+            first_bad: AtomicUsize::new(usize::MAX),
+            interrupter: std::sync::Mutex::new(Some(interrupter)),
+        })
+    }
+
+    /// Step (1-based) whose loss was not finite, if any.
+    pub fn bad_step(&self) -> Option<usize> {
+        let s = self.first_bad.load(Ordering::Relaxed);
+        (s != usize::MAX).then_some(s)
+    }
+
+    pub fn steps(&self) -> usize {
+        self.steps.load(Ordering::Relaxed)
+    }
+}
+
+/// Training settings the step needs; not parameters, so skipped by the module derive.
+#[derive(Debug, Clone, Default)]
+pub struct StepSettings {
+    pub clip_norm: f64,
+    pub guard: Option<Arc<StepGuard>>,
+}
+
+/// The model as the learner sees it.
+#[derive(Module, Debug)]
+pub struct Trainee<B: Backend> {
+    pub model: ClueModel<B>,
+    #[module(skip)]
+    pub settings: StepSettings,
+}
+
+impl<B: Backend> Trainee<B> {
+    fn output(&self, batch: &UserBatch<B>) -> ClueOutput<B> {
+        let scale = self.model.logit_scale();
+        let projected = self.model.forward(batch);
+        let out = contrastive_loss(projected, batch.services, scale.clone());
+        ClueOutput {
+            loss: out.loss,
+            logits: out.logits,
+            logit_scale: scale,
+        }
+    }
+}
+
+impl<B: AutodiffBackend> TrainStep for Trainee<B> {
+    type Input = UserBatch<B>;
+    type Output = ClueOutput<B>;
+
+    fn step(&self, batch: UserBatch<B>) -> TrainOutput<ClueOutput<B>> {
+        let out = self.output(&batch);
+        let loss_value: f64 = out.loss.clone().into_scalar().elem();
+        let mut grads = if loss_value.is_finite() {
+            GradientsParams::from_grads(out.loss.backward(), self)
+        } else {
+            GradientsParams::new()
+        };
+        if let Some(guard) = &self.settings.guard {
+            let step = guard.steps.fetch_add(1, Ordering::Relaxed) + 1;
+            if !loss_value.is_finite() && guard.bad_step().is_none() {
+                guard.first_bad.store(step, Ordering::Relaxed);
+                if let Some(i) = guard.interrupter.lock().expect("guard lock").as_ref() {
+                    i.stop(Some(&format!("non-finite loss at step {step}")));
+                }
+            }
+        }
+        clip_global_norm(self, &mut grads, self.settings.clip_norm);
+        TrainOutput { grads, item: out }
+    }
+
+    /// The optimizer step, then CLIP's clamp of the logit scale at ln 100. The clamp keeps the
+    /// parameter a trainable leaf (a plain `map(clamp)` would switch its gradient off).
+    fn optimize<BB, O>(self, optim: &mut O, lr: f64, grads: GradientsParams) -> Self
+    where
+        BB: AutodiffBackend,
+        O: Optimizer<Self, BB>,
+        Self: AutodiffModule<BB>,
+    {
+        let mut next = optim.step(lr, self, grads);
+        next.model.log_logit_scale = clamp_param(next.model.log_logit_scale, LOGIT_SCALE_MAX.ln());
+        next
+    }
+}
+
+/// Clamp a parameter's value at `max` without detaching it from training.
+pub fn clamp_param<B: Backend>(p: Param<Tensor<B, 1>>, max: f64) -> Param<Tensor<B, 1>> {
+    p.map(|t| {
+        let rg = t.is_require_grad();
+        t.clamp_max(max).detach().set_require_grad(rg)
+    })
+}
+
+impl<B: Backend> InferenceStep for Trainee<B> {
+    type Input = UserBatch<B>;
+    type Output = ClueOutput<B>;
+
+    fn step(&self, batch: UserBatch<B>) -> ClueOutput<B> {
+        self.output(&batch)
+    }
+}

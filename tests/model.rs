@@ -1,0 +1,178 @@
+//! The encoder and the learnable logit scale.
+
+use std::sync::Arc;
+
+use burn::backend::{Autodiff, NdArray};
+use burn::data::dataloader::batcher::Batcher;
+use burn::data::dataset::Dataset;
+use burn::module::Param;
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::prelude::*;
+use burn::train::TrainStep;
+use clue::data::batcher::{UserBatch, UserBatcher, UserDataset};
+use clue::data::prepare::{PrepareOptions, prepare};
+use clue::data::store::{PreparedDataset, Split};
+use clue::data::synth::{SynthOptions, synth};
+use clue::model::{ClueModel, LOGIT_SCALE_MAX, ModelConfig};
+use clue::train::step::{StepSettings, Trainee};
+
+fn small_config(vocab: usize) -> ModelConfig {
+    ModelConfig {
+        vocab_size: vocab,
+        d_model: 32,
+        d_ff: 64,
+        heads: 4,
+        item_layers: 1,
+        service_layers: 1,
+        max_items: 16,
+        max_item_tokens: 12,
+        output_dim: 24,
+        ..Default::default()
+    }
+}
+
+fn prepared(users: usize) -> (tempfile::TempDir, Arc<PreparedDataset>) {
+    let dir = tempfile::tempdir().unwrap();
+    synth(&dir.path().join("s"), &SynthOptions { users, seed: 11 }).unwrap();
+    prepare(
+        &[dir.path().join("s/logs")],
+        &dir.path().join("p"),
+        &PrepareOptions::default(),
+    )
+    .unwrap();
+    let data = Arc::new(PreparedDataset::open(&dir.path().join("p")).unwrap());
+    (dir, data)
+}
+
+#[test]
+fn a_user_embeds_the_same_alone_and_padded_inside_a_batch() {
+    let (_dir, data) = prepared(120);
+    let c = small_config(data.manifest.vocab_size as usize);
+    let dev = Default::default();
+    let model = ClueModel::<NdArray>::new(&c, &dev);
+    let ds = UserDataset::new(data.clone(), Split::Train, c.max_items, c.max_item_tokens);
+    // Pick the user with the fewest items, so the batch pads it in both dimensions.
+    let samples: Vec<_> = (0..ds.len()).map(|i| ds.get(i).unwrap()).collect();
+    let small = samples
+        .iter()
+        .min_by_key(|s| s.services.iter().map(Vec::len).sum::<usize>())
+        .unwrap()
+        .clone();
+    let mut batch = samples[..7].to_vec();
+    batch.push(small.clone());
+    let alone: UserBatch<NdArray> = UserBatcher.batch(vec![small], &dev);
+    let together: UserBatch<NdArray> = UserBatcher.batch(batch, &dev);
+    assert!(
+        together.tokens.dims()[1] > alone.tokens.dims()[1],
+        "the batch pads this user's items"
+    );
+    let za = model.encoder.forward(&alone);
+    let zb = model.encoder.forward(&together);
+    assert_eq!(za.dims(), [2, 24]);
+    for s in 0..2 {
+        let a: Vec<f32> = za
+            .clone()
+            .slice([s..s + 1, 0..24])
+            .to_data()
+            .to_vec()
+            .unwrap();
+        let b: Vec<f32> = zb
+            .clone()
+            .slice([s * 8 + 7..s * 8 + 8, 0..24])
+            .to_data()
+            .to_vec()
+            .unwrap();
+        let diff = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(diff < 1e-4, "service {s}: max |Δ| = {diff}");
+    }
+}
+
+#[test]
+fn parameter_counts_separate_the_embedding_tables() {
+    let c = small_config(1000);
+    let model = ClueModel::<NdArray>::new(&c, &Default::default());
+    let counts = model.param_counts();
+    assert_eq!(counts.total - counts.non_embedding, 1000 * 32 + 16 * 32);
+    assert!(counts.non_embedding > 0);
+}
+
+type A = Autodiff<NdArray>;
+
+fn scale_of(t: &Trainee<A>) -> f64 {
+    t.model.logit_scale().into_scalar() as f64
+}
+
+#[test]
+fn the_logit_scale_trains_never_exceeds_100_and_keeps_training_after_clamping() {
+    let dev = Default::default();
+    let mut trainee = Trainee {
+        model: ClueModel::<A>::new(&small_config(100), &dev),
+        settings: StepSettings::default(),
+    };
+    assert!(
+        (scale_of(&trainee) - 14.27).abs() < 1e-3,
+        "initialised at 14.27"
+    );
+    trainee.model.log_logit_scale = Param::from_tensor(Tensor::from_floats([95.0f32.ln()], &dev));
+    let mut optim = AdamWConfig::new()
+        .with_weight_decay(0.0)
+        .init::<A, Trainee<A>>();
+    let id = trainee.model.log_logit_scale.id;
+    let push = |g: f32| {
+        let mut grads = GradientsParams::new();
+        grads.register::<NdArray, 1>(id, Tensor::from_floats([g], &dev));
+        grads
+    };
+    let mut seen = vec![scale_of(&trainee)];
+    for _ in 0..3 {
+        trainee = trainee.optimize(&mut optim, 0.5, push(-1.0));
+        seen.push(scale_of(&trainee));
+        let raw: f32 = trainee.model.log_logit_scale.val().into_scalar();
+        assert!(
+            raw as f64 <= LOGIT_SCALE_MAX.ln() + 1e-6,
+            "the parameter itself is clamped"
+        );
+    }
+    assert!(seen.iter().all(|&s| s <= 100.0 + 1e-3), "{seen:?}");
+    assert!(
+        (seen[3] - 100.0).abs() < 1e-3,
+        "pushed up to the cap: {seen:?}"
+    );
+    assert!(
+        trainee.model.log_logit_scale.val().is_require_grad(),
+        "still a trainable leaf"
+    );
+    for _ in 0..3 {
+        trainee = trainee.optimize(&mut optim, 0.5, push(1.0));
+    }
+    assert!(
+        scale_of(&trainee) < 99.0,
+        "moves down again after clamping: {}",
+        scale_of(&trainee)
+    );
+}
+
+#[test]
+fn a_training_step_produces_a_gradient_for_the_logit_scale() {
+    let (_dir, data) = prepared(80);
+    let dev = Default::default();
+    let trainee = Trainee {
+        model: ClueModel::<A>::new(&small_config(data.manifest.vocab_size as usize), &dev),
+        settings: StepSettings {
+            clip_norm: 1e9,
+            guard: None,
+        },
+    };
+    let ds = UserDataset::new(data, Split::Train, 16, 12);
+    let batch: UserBatch<A> = UserBatcher.batch((0..8).map(|i| ds.get(i).unwrap()).collect(), &dev);
+    let out = TrainStep::step(&trainee, batch);
+    let g = out
+        .grads
+        .get::<NdArray, 1>(trainee.model.log_logit_scale.id)
+        .expect("scale has a gradient");
+    assert!(g.into_scalar().abs() > 0.0);
+}
