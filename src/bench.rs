@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::data::batcher::{Item, UserBatch, UserBatcher, UserSample};
+use crate::data::batcher::{FixedShape, Item, UserBatch, UserBatcher, UserSample};
 use crate::error::{ClueError, Result};
 use crate::model::{ClueModel, ModelConfig};
 use crate::train::step::{StepSettings, Trainee};
@@ -217,7 +217,17 @@ pub fn bench<B: AutodiffBackend>(
     steps: usize,
     warmup: usize,
     backend: &str,
+    fixed_shapes: bool,
 ) -> BenchReport {
+    let batcher = if fixed_shapes {
+        UserBatcher::fixed(FixedShape {
+            items: p.items,
+            tokens: p.tokens,
+            item_multiple: 256,
+        })
+    } else {
+        UserBatcher::default()
+    };
     B::seed(&device, 0);
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let mut next_id = 0;
@@ -253,7 +263,7 @@ pub fn bench<B: AutodiffBackend>(
     let mut losses = Vec::new();
     for (i, samples) in batches.iter().enumerate() {
         let t0 = Instant::now();
-        let batch: UserBatch<B> = UserBatcher.batch(samples.clone(), &device);
+        let batch: UserBatch<B> = batcher.batch(samples.clone(), &device);
         let out = TrainStep::step(&trainee, batch);
         trainee = trainee.optimize(&mut optim, 5e-4, out.grads);
         let stats = out.item.sync();
@@ -266,7 +276,7 @@ pub fn bench<B: AutodiffBackend>(
     let mut infer = Vec::new();
     for (i, samples) in batches[warmup.saturating_sub(1)..].iter().enumerate() {
         let t0 = Instant::now();
-        let batch: UserBatch<B::InnerBackend> = UserBatcher.batch(samples.clone(), &device);
+        let batch: UserBatch<B::InnerBackend> = batcher.batch(samples.clone(), &device);
         let z = model.encoder.forward(&batch);
         let _ = z.into_data();
         if i > 0 || warmup == 0 {

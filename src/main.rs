@@ -8,8 +8,9 @@ use burn::tensor::backend::AutodiffBackend;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use clue::bench::{bench, preset};
+use clue::data::store::Split;
 use clue::train::config::RunConfig;
-use clue::train::fit::{FitOptions, fit};
+use clue::train::fit::{FitOptions, fit, score_bundle};
 
 use clue::data::prepare::{PrepareOptions, format_count, prepare};
 use clue::data::synth::{SynthOptions, synth};
@@ -51,6 +52,11 @@ enum Command {
         after_help = "Examples:\n  clue fit --backend ndarray                     # embedded default: synth + prepare + tiny config\n  clue fit --backend flex --config config/small.toml --data data/prepared --out runs/small\n  clue fit --backend cuda --precision bf16 --config config/base.toml --data data/p --out runs/base\n  clue fit --backend ndarray --set train.epochs=2 --set train.lr=1e-3\n  clue fit --resume runs/small                   # continue a killed run from its last checkpoint\n\nOn a terminal, Burn's dashboard shows progress (q to stop); otherwise plain log lines."
     )]
     Fit(FitArgs),
+    /// Contrastive loss and retrieval of a trained model on held-out users.
+    #[command(
+        after_help = "Examples:\n  clue score --model runs/tiny --data data/default/prepared --split test\n  clue score --model runs/tiny --data data/p --backend cuda --json\n\nThe test split's loss is the pretraining test loss of the scaling study."
+    )]
+    Score(ScoreArgs),
     /// Measure training and inference throughput on the PyTorch reference's workload.
     #[command(
         after_help = "Examples:\n  clue bench --preset tiny --backend flex\n  clue bench --preset small --backend cuda --precision bf16 --json\n\nCompare with: python3 shared/bench/torch_clue_ref.py --vocab 4096 --dim 64 --layers 2 --heads 4 --L 16 --S 32 --batch 16"
@@ -115,6 +121,24 @@ struct FitArgs {
 }
 
 #[derive(Args)]
+struct ScoreArgs {
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// Run directory (or its model/ bundle).
+    #[arg(long)]
+    model: PathBuf,
+    /// Prepared dataset the model was trained on.
+    #[arg(long)]
+    data: PathBuf,
+    /// Which users: valid or test.
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// Print the figures (and the first users' embeddings) as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 struct BenchArgs {
     #[command(flatten)]
     device: DeviceArgs,
@@ -146,14 +170,68 @@ enum Job {
         warmup: usize,
         json: bool,
     },
+    Score {
+        model: PathBuf,
+        data: PathBuf,
+        split: Split,
+        json: bool,
+    },
 }
 
-fn run_job<B: AutodiffBackend>(device: B::Device, job: &Job) -> anyhow::Result<()> {
+/// Run `job` on `device`; `fixed_shapes` for accelerators (see `FixedShape`).
+fn run_job<B: AutodiffBackend>(
+    device: B::Device,
+    job: &Job,
+    fixed_shapes: bool,
+) -> anyhow::Result<()> {
     match job {
         Job::Fit(options) => {
-            let summary = fit::<B>(device, options)?;
+            let options = FitOptions {
+                fixed_shapes,
+                ..options.clone()
+            };
+            let summary = fit::<B>(device, &options)?;
             ui::say(summary.table());
             ui::say(format!("  run written to {}", options.out.display()));
+        }
+        Job::Score {
+            model,
+            data,
+            split,
+            json,
+        } => {
+            let report =
+                score_bundle::<B::InnerBackend>(model, data, *split, &device, fixed_shapes)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                let s = &report.score;
+                let pct = |x: f64| format!("{:.1} %", 100.0 * x);
+                ui::say(ui::table(
+                    &format!("score on {:?} users ({})", split, report.backend),
+                    &[
+                        ("users".into(), s.users.to_string()),
+                        (
+                            "loss".into(),
+                            format!(
+                                "{:.4} (log(batch) = {:.4})",
+                                s.loss,
+                                (s.batch_size as f64).ln()
+                            ),
+                        ),
+                        (
+                            "top-1 A→B".into(),
+                            format!(
+                                "{} (chance {})",
+                                pct(s.top1_ab),
+                                pct(1.0 / s.batch_size as f64)
+                            ),
+                        ),
+                        ("top-1 B→A".into(), pct(s.top1_ba)),
+                        ("top-10 A→B".into(), s.top10_ab.map(pct).unwrap_or_default()),
+                    ],
+                ));
+            }
         }
         Job::Bench {
             preset,
@@ -162,7 +240,7 @@ fn run_job<B: AutodiffBackend>(device: B::Device, job: &Job) -> anyhow::Result<(
             json,
         } => {
             let name = B::name(&device);
-            let report = bench::<B>(device, preset, *steps, *warmup, &name);
+            let report = bench::<B>(device, preset, *steps, *warmup, &name, fixed_shapes);
             if *json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -200,23 +278,25 @@ fn dispatch(d: &DeviceArgs, job: &Job) -> anyhow::Result<()> {
     match d.backend {
         #[cfg(feature = "ndarray")]
         BackendName::Ndarray => {
-            run_job::<Autodiff<burn::backend::NdArray>>(Default::default(), job)
+            run_job::<Autodiff<burn::backend::NdArray>>(Default::default(), job, false)
         }
-        BackendName::Flex => run_job::<Autodiff<burn::backend::Flex>>(Default::default(), job),
+        BackendName::Flex => {
+            run_job::<Autodiff<burn::backend::Flex>>(Default::default(), job, false)
+        }
         #[cfg(feature = "wgpu")]
         BackendName::Wgpu => {
             let device = burn::backend::wgpu::WgpuDevice::DefaultDevice;
             probe::<burn::backend::Wgpu>(&device, "wgpu")?;
-            run_job::<Autodiff<burn::backend::Wgpu>>(device, job)
+            run_job::<Autodiff<burn::backend::Wgpu>>(device, job, true)
         }
         #[cfg(feature = "cuda")]
         BackendName::Cuda => {
             let device = burn::backend::cuda::CudaDevice::new(d.device);
             probe::<burn::backend::Cuda>(&device, "CUDA")?;
             match d.precision {
-                Precision::F32 => run_job::<Autodiff<burn::backend::Cuda>>(device, job),
+                Precision::F32 => run_job::<Autodiff<burn::backend::Cuda>>(device, job, true),
                 Precision::Bf16 => {
-                    run_job::<Autodiff<burn::backend::Cuda<burn::tensor::bf16>>>(device, job)
+                    run_job::<Autodiff<burn::backend::Cuda<burn::tensor::bf16>>>(device, job, true)
                 }
             }
         }
@@ -249,6 +329,7 @@ fn fit_options(a: &FitArgs) -> anyhow::Result<FitOptions> {
             tui: !a.no_tui,
             resume: true,
             backend,
+            fixed_shapes: false,
         });
     }
     let (base, name) = match &a.config {
@@ -280,6 +361,7 @@ fn fit_options(a: &FitArgs) -> anyhow::Result<FitOptions> {
         tui: !a.no_tui,
         resume: false,
         backend,
+        fixed_shapes: false,
     })
 }
 
@@ -448,6 +530,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Fit(a) => {
             let options = fit_options(&a)?;
             dispatch(&a.device, &Job::Fit(options))?;
+        }
+        Command::Score(a) => {
+            let split = match a.split.as_str() {
+                "valid" => Split::Valid,
+                "test" => Split::Test,
+                other => anyhow::bail!("--split {other}: use valid or test"),
+            };
+            let job = Job::Score {
+                model: a.model.clone(),
+                data: a.data.clone(),
+                split,
+                json: a.json,
+            };
+            dispatch(&a.device, &job)?;
         }
         Command::Bench(a) => {
             let job = Job::Bench {

@@ -60,10 +60,10 @@ fn a_user_embeds_the_same_alone_and_padded_inside_a_batch() {
         .clone();
     let mut batch = samples[..7].to_vec();
     batch.push(small.clone());
-    let alone: UserBatch<NdArray> = UserBatcher.batch(vec![small], &dev);
-    let together: UserBatch<NdArray> = UserBatcher.batch(batch, &dev);
+    let alone: UserBatch<NdArray> = UserBatcher::default().batch(vec![small], &dev);
+    let together: UserBatch<NdArray> = UserBatcher::default().batch(batch, &dev);
     assert!(
-        together.tokens.dims()[1] > alone.tokens.dims()[1],
+        together.item_pad.dims()[1] > alone.item_pad.dims()[1],
         "the batch pads this user's items"
     );
     let za = model.encoder.forward(&alone);
@@ -168,7 +168,8 @@ fn a_training_step_produces_a_gradient_for_the_logit_scale() {
         },
     };
     let ds = UserDataset::new(data, Split::Train, 16, 12);
-    let batch: UserBatch<A> = UserBatcher.batch((0..8).map(|i| ds.get(i).unwrap()).collect(), &dev);
+    let batch: UserBatch<A> =
+        UserBatcher::default().batch((0..8).map(|i| ds.get(i).unwrap()).collect(), &dev);
     let out = TrainStep::step(&trainee, batch);
     let g = out
         .grads

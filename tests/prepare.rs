@@ -364,12 +364,12 @@ fn dataset_and_batcher_give_the_encoder_its_input() {
             ));
         }
     }
-    let b: UserBatch<NdArray> = UserBatcher.batch(samples.clone(), &Default::default());
-    let [rows, slots, len] = b.tokens.dims();
+    let b: UserBatch<NdArray> = UserBatcher::default().batch(samples.clone(), &Default::default());
+    let [rows, slots, len] = b.tokens().dims();
     assert_eq!(rows, 8);
     assert!(slots <= 5 && len <= 8);
     let pad: Vec<bool> = b.item_pad.to_data().to_vec().unwrap();
-    let tokens: Vec<i64> = b.tokens.to_data().convert::<i64>().to_vec().unwrap();
+    let tokens: Vec<i64> = b.tokens().to_data().convert::<i64>().to_vec().unwrap();
     for (i, s) in samples.iter().enumerate() {
         for (svc, items) in s.services.iter().enumerate() {
             let row = svc * 4 + i;

@@ -85,17 +85,16 @@ impl Dataset<UserSample> for UserDataset {
 
 /// A padded batch of users, all services stacked: row `s·batch + i` is user `i` in service `s`.
 ///
-/// Real items are also listed once each (`unique_slots`), so the Item Transformer never runs on a
-/// padding slot nor twice on an item that several users of the batch share.
+/// The distinct items of the batch are packed once each (`item_tokens`), so the Item Transformer
+/// never runs on a padding slot nor twice on an item that several users share; `slot_item` puts
+/// them back in place. [`UserBatch::tokens`] gives the plain `[rows, items, tokens]` view.
 #[derive(Debug, Clone)]
 pub struct UserBatch<B: Backend> {
-    /// `[services·batch, items, tokens]` token ids, 0 = padding.
-    pub tokens: Tensor<B, 3, Int>,
+    /// `[distinct items, tokens]` token ids, 0 = padding (extra all-padding rows may follow).
+    pub item_tokens: Tensor<B, 2, Int>,
     /// `[services·batch, items]`, true where the item slot is padding.
     pub item_pad: Tensor<B, 2, Bool>,
-    /// `[distinct items]` flat slot (in `services·batch·items`) where each distinct item first occurs.
-    pub unique_slots: Tensor<B, 1, Int>,
-    /// `[services·batch·items]`: 0 for a padding slot, else 1 + the slot's distinct-item index.
+    /// `[services·batch·items]`: 0 for a padding slot, else 1 + the slot's row in `item_tokens`.
     pub slot_item: Tensor<B, 1, Int>,
     /// Number of services stacked.
     pub services: usize,
@@ -107,61 +106,90 @@ impl<B: Backend> UserBatch<B> {
     pub fn batch_size(&self) -> usize {
         self.users.len()
     }
+
+    /// The padded token ids `[services·batch, items, tokens]` (0 = padding).
+    pub fn tokens(&self) -> Tensor<B, 3, Int> {
+        let [rows, slots] = self.item_pad.dims();
+        let len = self.item_tokens.dims()[1];
+        let zero = self.item_tokens.clone().slice([0..1, 0..len]).zeros_like();
+        Tensor::cat(vec![zero, self.item_tokens.clone()], 0)
+            .select(0, self.slot_item.clone())
+            .reshape([rows, slots, len])
+    }
 }
 
-/// Pads [`UserSample`]s into a [`UserBatch`].
+/// Fixed tensor shapes for accelerators, where every new shape costs a kernel compilation and
+/// an autotune run: slots and tokens are padded to the model's maxima and the number of distinct
+/// items to a multiple of `item_multiple`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FixedShape {
+    pub items: usize,
+    pub tokens: usize,
+    pub item_multiple: usize,
+}
+
+/// Pads [`UserSample`]s into a [`UserBatch`]: to the batch's own maxima, or to a [`FixedShape`].
 #[derive(Debug, Clone, Default)]
-pub struct UserBatcher;
+pub struct UserBatcher {
+    pub fixed: Option<FixedShape>,
+}
+
+impl UserBatcher {
+    pub fn fixed(shape: FixedShape) -> Self {
+        Self { fixed: Some(shape) }
+    }
+}
 
 impl<B: Backend> Batcher<B, UserSample, UserBatch<B>> for UserBatcher {
     fn batch(&self, samples: Vec<UserSample>, device: &B::Device) -> UserBatch<B> {
         let n = samples.len();
         let services = samples.first().map(|s| s.services.len()).unwrap_or(0);
-        let max_items = samples
+        let longest = samples
             .iter()
             .flat_map(|s| s.services.iter().map(Vec::len))
             .max()
-            .unwrap_or(0)
-            .max(1);
-        let max_tokens = samples
+            .unwrap_or(0);
+        let widest = samples
             .iter()
             .flat_map(|s| s.services.iter().flatten().map(|i| i.tokens.len()))
             .max()
-            .unwrap_or(0)
-            .max(1);
+            .unwrap_or(0);
+        let (slots, len) = match self.fixed {
+            Some(f) => (f.items.max(longest), f.tokens.max(widest)),
+            None => (longest.max(1), widest.max(1)),
+        };
         let rows = services * n;
-        let mut tokens = vec![0i64; rows * max_items * max_tokens];
-        let mut item_pad = vec![true; rows * max_items];
-        let mut slot_item = vec![0i64; rows * max_items];
-        let mut unique_slots: Vec<i64> = Vec::new();
+        let mut item_pad = vec![true; rows * slots];
+        let mut slot_item = vec![0i64; rows * slots];
+        let mut item_tokens: Vec<i64> = Vec::new();
         let mut seen: HashMap<u32, i64> = HashMap::new();
         for (i, sample) in samples.iter().enumerate() {
             for (s, items) in sample.services.iter().enumerate() {
                 let row = s * n + i;
                 for (j, item) in items.iter().enumerate() {
-                    let slot = row * max_items + j;
+                    let slot = row * slots + j;
                     item_pad[slot] = false;
-                    let base = slot * max_tokens;
-                    for (k, &t) in item.tokens.iter().enumerate() {
-                        tokens[base + k] = t as i64;
-                    }
                     let unique = *seen.entry(item.id).or_insert_with(|| {
-                        unique_slots.push(slot as i64);
-                        unique_slots.len() as i64 - 1
+                        let start = item_tokens.len();
+                        item_tokens.resize(start + len, 0);
+                        for (k, &t) in item.tokens.iter().enumerate() {
+                            item_tokens[start + k] = t as i64;
+                        }
+                        (start / len) as i64
                     });
                     slot_item[slot] = unique + 1;
                 }
             }
         }
-        let n_unique = unique_slots.len();
+        let mut distinct = item_tokens.len() / len;
+        if let Some(f) = self.fixed {
+            distinct = distinct.max(1).div_ceil(f.item_multiple.max(1)) * f.item_multiple.max(1);
+            item_tokens.resize(distinct * len, 0);
+        }
         UserBatch {
-            tokens: Tensor::from_data(
-                TensorData::new(tokens, [rows, max_items, max_tokens]),
-                device,
-            ),
-            item_pad: Tensor::from_data(TensorData::new(item_pad, [rows, max_items]), device),
-            unique_slots: Tensor::from_data(TensorData::new(unique_slots, [n_unique]), device),
-            slot_item: Tensor::from_data(TensorData::new(slot_item, [rows * max_items]), device),
+            item_tokens: Tensor::from_data(TensorData::new(item_tokens, [distinct, len]), device),
+            item_pad: Tensor::from_data(TensorData::new(item_pad, [rows, slots]), device),
+            slot_item: Tensor::from_data(TensorData::new(slot_item, [rows * slots]), device),
             services,
             users: samples.iter().map(|s| s.user).collect(),
         }
@@ -198,9 +226,10 @@ mod tests {
                 ],
             },
         ];
-        let b: UserBatch<NdArray> = UserBatcher.batch(samples, &Default::default());
-        assert_eq!(b.tokens.dims(), [4, 2, 4]);
-        let tokens: Vec<i64> = b.tokens.to_data().convert::<i64>().to_vec().unwrap();
+        let b: UserBatch<NdArray> =
+            UserBatcher::default().batch(samples.clone(), &Default::default());
+        assert_eq!(b.tokens().dims(), [4, 2, 4]);
+        let tokens: Vec<i64> = b.tokens().to_data().convert::<i64>().to_vec().unwrap();
         // Row 0 = user 0 service 0; row 3 = user 1 service 1.
         assert_eq!(&tokens[0..8], &[1, 9, 9, 0, 0, 0, 0, 0]);
         assert_eq!(&tokens[3 * 8..3 * 8 + 4], &[2, 8, 0, 0]);
@@ -211,8 +240,7 @@ mod tests {
         );
         // Items 5, 7, 8, 6 are distinct; 5 and 7 appear twice.
         let slot_item: Vec<i64> = b.slot_item.to_data().convert::<i64>().to_vec().unwrap();
-        let unique: Vec<i64> = b.unique_slots.to_data().convert::<i64>().to_vec().unwrap();
-        assert_eq!(unique.len(), 4);
+        assert_eq!(b.item_tokens.dims(), [4, 4], "four distinct items");
         assert_eq!(
             slot_item[0], slot_item[2],
             "item 5 of users 0 and 1 shares one entry"
@@ -222,14 +250,32 @@ mod tests {
             "item 7 of users 0 and 1 shares one entry"
         );
         assert_eq!(slot_item[1], 0, "padding slot");
+        let packed: Vec<i64> = b.item_tokens.to_data().convert::<i64>().to_vec().unwrap();
         for (slot, &u) in slot_item.iter().enumerate() {
             if u > 0 {
-                let first = unique[(u - 1) as usize] as usize;
-                assert_eq!(
-                    tokens[first * 4..first * 4 + 4],
-                    tokens[slot * 4..slot * 4 + 4]
-                );
+                let row = (u - 1) as usize;
+                assert_eq!(packed[row * 4..row * 4 + 4], tokens[slot * 4..slot * 4 + 4]);
             }
         }
+        let fixed = UserBatcher::fixed(FixedShape {
+            items: 8,
+            tokens: 6,
+            item_multiple: 16,
+        });
+        let f: UserBatch<NdArray> = fixed.batch(samples, &Default::default());
+        assert_eq!(f.tokens().dims(), [4, 8, 6]);
+        assert_eq!(
+            f.item_tokens.dims(),
+            [16, 6],
+            "distinct items padded to a multiple of 16"
+        );
+        let again: Vec<i64> = f
+            .tokens()
+            .slice([0..4, 0..2, 0..4])
+            .to_data()
+            .convert::<i64>()
+            .to_vec()
+            .unwrap();
+        assert_eq!(again, tokens, "same content, more padding");
     }
 }

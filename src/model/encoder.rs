@@ -139,13 +139,7 @@ impl<B: Backend> ClueEncoder<B> {
     /// One embedding per row of the batch: `[services·batch, embedding_dim]`. Each distinct item
     /// of the batch goes through the Item Transformer once.
     pub fn forward(&self, batch: &UserBatch<B>) -> Tensor<B, 2> {
-        let [rows, slots, len] = batch.tokens.dims();
-        let items = batch
-            .tokens
-            .clone()
-            .reshape([rows * slots, len])
-            .select(0, batch.unique_slots.clone());
-        let vectors = self.encode_items(items);
+        let vectors = self.encode_items(batch.item_tokens.clone());
         self.encode_users(vectors, batch.slot_item.clone(), batch.item_pad.clone())
     }
 }

@@ -16,7 +16,7 @@ use burn::train::{InferenceStep, ItemLazy, Learner, SupervisedTraining};
 use burn_store::{ModuleSnapshot, SafetensorsStore};
 use serde::{Deserialize, Serialize};
 
-use crate::data::batcher::{UserBatcher, UserDataset};
+use crate::data::batcher::{FixedShape, UserBatcher, UserDataset};
 use crate::data::store::{self, PreparedDataset, Split, publish_dir, temp_dir_beside};
 use crate::error::{ClueError, Result};
 use crate::model::{ClueModel, ParamCounts};
@@ -55,6 +55,21 @@ pub struct FitOptions {
     pub resume: bool,
     /// Backend name, recorded in the summary.
     pub backend: String,
+    /// Pad batches to fixed shapes (GPU backends: each new shape costs a compilation).
+    pub fixed_shapes: bool,
+}
+
+/// The batcher for a model config: dynamic shapes on the CPU, fixed ones on accelerators.
+pub fn batcher(config: &RunConfig, fixed_shapes: bool) -> UserBatcher {
+    if fixed_shapes {
+        UserBatcher::fixed(FixedShape {
+            items: config.model.max_items,
+            tokens: config.model.max_item_tokens,
+            item_multiple: 256,
+        })
+    } else {
+        UserBatcher::default()
+    }
 }
 
 /// Where a run's data lives, recorded so `--resume` needs nothing else.
@@ -147,6 +162,7 @@ pub fn score<B: Backend>(
     data: &Arc<PreparedDataset>,
     users: Vec<u32>,
     config: &RunConfig,
+    fixed_shapes: bool,
 ) -> SplitScore {
     let trainee = Trainee {
         model: model.clone(),
@@ -159,7 +175,7 @@ pub fn score<B: Backend>(
         config.model.max_items,
         config.model.max_item_tokens,
     );
-    let loader = DataLoaderBuilder::<B, _, _>::new(UserBatcher)
+    let loader = DataLoaderBuilder::<B, _, _>::new(batcher(config, fixed_shapes))
         .batch_size(config.train.batch_size)
         .build(ds);
     let (mut loss, mut ab, mut ba, mut top10, mut top10_n, mut total) =
@@ -281,7 +297,7 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
     };
 
     let m = &config.model;
-    let train_loader = DataLoaderBuilder::<B, _, _>::new(UserBatcher)
+    let train_loader = DataLoaderBuilder::<B, _, _>::new(batcher(&config, options.fixed_shapes))
         .batch_size(bs)
         .shuffle(config.train.seed)
         .num_workers(config.train.workers)
@@ -292,16 +308,17 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
             m.max_items,
             m.max_item_tokens,
         ));
-    let valid_loader = DataLoaderBuilder::<B::InnerBackend, _, _>::new(UserBatcher)
-        .batch_size(bs)
-        .num_workers(config.train.workers)
-        .set_device(device.clone())
-        .build(UserDataset::with_users(
-            data.clone(),
-            valid_users.clone(),
-            m.max_items,
-            m.max_item_tokens,
-        ));
+    let valid_loader =
+        DataLoaderBuilder::<B::InnerBackend, _, _>::new(batcher(&config, options.fixed_shapes))
+            .batch_size(bs)
+            .num_workers(config.train.workers)
+            .set_device(device.clone())
+            .build(UserDataset::with_users(
+                data.clone(),
+                valid_users.clone(),
+                m.max_items,
+                m.max_item_tokens,
+            ));
 
     let history: SharedHistory = Arc::new(Mutex::new(History::default()));
     let stats = [
@@ -377,7 +394,7 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
     }
     let model: ClueModel<B::InnerBackend> = result.model.model;
     let steps = guard.steps();
-    let valid = score::<B::InnerBackend>(&model, &data, valid_users, &config);
+    let valid = score::<B::InnerBackend>(&model, &data, valid_users, &config, options.fixed_shapes);
     let flops = training_flops(params.total, bs, steps, config.model.max_items);
     let history = history.lock().expect("history").clone();
     let best = |xs: Vec<Option<f64>>| {
@@ -505,6 +522,76 @@ pub fn load_bundle<B: Backend>(
             )
         })?;
     Ok((model, config))
+}
+
+/// `clue score`: a bundle's contrastive loss and retrieval on one split of a prepared dataset,
+/// plus the first users' embeddings (to compare backends on the same weights).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScoreReport {
+    pub backend: String,
+    pub split: Split,
+    pub score: SplitScore,
+    /// Embeddings `[service][user][dim]` of the split's first users (at most 4).
+    pub embeddings_head: Vec<Vec<Vec<f32>>>,
+}
+
+pub fn score_bundle<B: Backend>(
+    model_dir: &Path,
+    data_dir: &Path,
+    split: Split,
+    device: &B::Device,
+    fixed_shapes: bool,
+) -> Result<ScoreReport> {
+    let bundle = if model_dir.join(BUNDLE_DIR).join(BUNDLE_INFO).exists() {
+        model_dir.join(BUNDLE_DIR)
+    } else {
+        model_dir.to_path_buf()
+    };
+    let (model, config) = load_bundle::<B>(&bundle, device)?;
+    let data = Arc::new(PreparedDataset::open(data_dir)?);
+    if data.manifest.vocab_size as usize != config.model.vocab_size {
+        return Err(ClueError::config(
+            "the dataset's tokenizer does not match the model's vocabulary",
+            "score with the data the model was trained on",
+        ));
+    }
+    let users = data.users_in(split);
+    let head: Vec<u32> = users.iter().copied().take(4).collect();
+    let ds = UserDataset::with_users(
+        data.clone(),
+        head.clone(),
+        config.model.max_items,
+        config.model.max_item_tokens,
+    );
+    let samples = (0..head.len())
+        .filter_map(|i| burn::data::dataset::Dataset::get(&ds, i))
+        .collect();
+    let batch = burn::data::dataloader::batcher::Batcher::<B, _, _>::batch(
+        &batcher(&config, fixed_shapes),
+        samples,
+        device,
+    );
+    let z: Vec<f32> = model
+        .encoder
+        .forward(&batch)
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .expect("floats");
+    let dim = config.model.embedding_dim();
+    let embeddings_head = (0..data.num_services())
+        .map(|s| {
+            (0..head.len())
+                .map(|i| z[(s * head.len() + i) * dim..(s * head.len() + i + 1) * dim].to_vec())
+                .collect()
+        })
+        .collect();
+    Ok(ScoreReport {
+        backend: B::name(device),
+        split,
+        score: score(&model, &data, users, &config, fixed_shapes),
+        embeddings_head,
+    })
 }
 
 impl FitSummary {

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# One prepared GPU check of clue on CUDA, side by side with the PyTorch reference.
+#
+# Usage: scripts/gpu-check.sh [STAGE_DIR]   (results go to $OUT, default ./gpu-out)
+# STAGE_DIR holds: clue (or clue.gz, a release build), tiny.toml, prepared/ (clue prepare output of
+# a small clue synth log), torch_clue_ref.py. Every step has its own time limit, and the script
+# stops starting new steps after $BUDGET seconds, so one call never overruns its lease.
+set -u
+STAGE=${1:-stage}
+OUT=${OUT:-gpu-out}
+BUDGET=${BUDGET:-420}
+mkdir -p "$OUT"
+START=$(date +%s)
+[ -f "$STAGE/clue.gz" ] && [ ! -f "$STAGE/clue" ] && gunzip -c "$STAGE/clue.gz" > /tmp/clue && chmod +x /tmp/clue
+CLUE=$STAGE/clue; [ -x "$CLUE" ] || CLUE=/tmp/clue
+REF=$STAGE/torch_clue_ref.py
+
+step() { # step NAME LIMIT_S COMMAND...
+  local name=$1 limit=$2; shift 2
+  local now=$(( $(date +%s) - START ))
+  if [ $(( now + 10 )) -gt "$BUDGET" ]; then echo "== $name: skipped (budget, ${now}s used)"; return; fi
+  echo "== $name (limit ${limit}s, at ${now}s)"
+  local t0=$(date +%s%N)
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "   rc=$rc, $(( ($(date +%s%N) - t0) / 1000000 )) ms"
+  tail -n 14 "$OUT/$name.log"
+}
+
+nvidia-smi > "$OUT/nvidia-smi-before.txt" 2>&1; head -n 15 "$OUT/nvidia-smi-before.txt"
+# Peak GPU memory: sample used memory every 0.5 s in the background.
+( while true; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits; sleep 0.5; done ) > "$OUT/gpu-mem.txt" 2>/dev/null &
+SAMPLER=$!
+
+# Same weights on two backends: a bundle trained on the CPU, scored on cuda and on ndarray.
+MODEL=${MODEL:-$STAGE/cpu-run}; DATA=${DATA:-$STAGE/cpu-data}
+step score-cuda 60 "$CLUE" score --backend cuda --model "$MODEL" --data "$DATA" --split valid --json
+step score-ndarray 40 "$CLUE" score --backend ndarray --model "$MODEL" --data "$DATA" --split valid --json
+python3 - "$OUT" <<'PY' 2>&1 | tee "$OUT/equivalence.txt"
+import json, sys
+out = sys.argv[1]
+def load(name):
+    text = open(f"{out}/{name}.log").read()
+    return json.loads(text[text.index("{"):])
+try:
+    a, b = load("score-cuda"), load("score-ndarray")
+    ea = [x for s in a["embeddings_head"] for u in s for x in u]
+    eb = [x for s in b["embeddings_head"] for u in s for x in u]
+    diff = max(abs(x - y) for x, y in zip(ea, eb))
+    scale = max(abs(x) for x in eb)
+    print(f"embeddings cuda vs ndarray: max |diff| = {diff:.3e} (max |value| {scale:.3f}); loss {a['score']['loss']:.6f} vs {b['score']['loss']:.6f}; top1 {a['score']['top1_ab']:.4f} vs {b['score']['top1_ab']:.4f}")
+except Exception as e:
+    print("equivalence check failed:", e)
+PY
+step fit-f32 100 "$CLUE" fit --backend cuda --config "$STAGE/tiny.toml" --data "$STAGE/prepared" --out "$OUT/run-f32" --no-tui --set train.epochs=3
+step bench-small-f32 80 "$CLUE" bench --backend cuda --preset small --steps 5 --warmup 2
+step torch-small-f32 40 python3 "$REF" --vocab 16384 --dim 256 --layers 4 --heads 4 --L 32 --S 64 --batch 32 --device cuda --steps 5 --warmup 2
+step bench-base-f32 70 "$CLUE" bench --backend cuda --preset base --steps 5 --warmup 2
+step torch-base-f32 40 python3 "$REF" --vocab 50257 --dim 720 --layers 8 --heads 6 --L 32 --S 64 --batch 8 --device cuda --steps 5 --warmup 2
+step bench-small-bf16 70 "$CLUE" bench --backend cuda --precision bf16 --preset small --steps 5 --warmup 2
+step torch-small-bf16 40 python3 "$REF" --vocab 16384 --dim 256 --layers 4 --heads 4 --L 32 --S 64 --batch 32 --device cuda --dtype bf16 --steps 5 --warmup 2
+step fit-bf16 90 "$CLUE" fit --backend cuda --precision bf16 --config "$STAGE/tiny.toml" --data "$STAGE/prepared" --out "$OUT/run-bf16" --no-tui --set train.epochs=3
+step bench-base-bf16 70 "$CLUE" bench --backend cuda --precision bf16 --preset base --steps 5 --warmup 2
+step torch-base-bf16 40 python3 "$REF" --vocab 50257 --dim 720 --layers 8 --heads 6 --L 32 --S 64 --batch 8 --device cuda --dtype bf16 --steps 5 --warmup 2
+
+kill $SAMPLER 2>/dev/null
+nvidia-smi > "$OUT/nvidia-smi-after.txt" 2>&1
+echo "== peak GPU memory used (MiB, whole card): $(sort -n "$OUT/gpu-mem.txt" | tail -n 1)"
+echo "== total $(( $(date +%s) - START )) s"
