@@ -177,3 +177,32 @@ fn a_training_step_produces_a_gradient_for_the_logit_scale() {
         .expect("scale has a gradient");
     assert!(g.into_scalar().abs() > 0.0);
 }
+
+#[test]
+fn a_non_finite_loss_skips_the_update_names_the_step_and_stops_training() {
+    let (_dir, data) = prepared(80);
+    let dev = Default::default();
+    let interrupter = burn::train::Interrupter::new();
+    let guard = clue::train::step::StepGuard::new(interrupter.clone(), 41);
+    let mut model = ClueModel::<A>::new(&small_config(data.manifest.vocab_size as usize), &dev);
+    let w = model.encoder.token_embedding.weight.val();
+    model.encoder.token_embedding.weight = Param::from_tensor(w.mul_scalar(f32::NAN).detach());
+    let trainee = Trainee {
+        model,
+        settings: StepSettings {
+            clip_norm: 0.01,
+            guard: Some(guard.clone()),
+        },
+    };
+    let ds = UserDataset::new(data, Split::Train, 16, 12);
+    let batch: UserBatch<A> =
+        UserBatcher::default().batch((0..8).map(|i| ds.get(i).unwrap()).collect(), &dev);
+    let out = TrainStep::step(&trainee, batch);
+    assert!(out.grads.is_empty(), "no update from a NaN loss");
+    assert_eq!(
+        guard.bad_step(),
+        Some(42),
+        "the step is named (counting from the resumed step)"
+    );
+    assert!(interrupter.should_stop(), "the learner is asked to stop");
+}

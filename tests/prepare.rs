@@ -144,8 +144,8 @@ fn same_input_gives_byte_identical_output_and_replaces_atomically() {
     .unwrap();
     let logs = dir.path().join("s/logs");
     let o = PrepareOptions::default();
-    prepare(&[logs.clone()], &dir.path().join("p1"), &o).unwrap();
-    prepare(&[logs.clone()], &dir.path().join("p2"), &o).unwrap();
+    prepare(std::slice::from_ref(&logs), &dir.path().join("p1"), &o).unwrap();
+    prepare(std::slice::from_ref(&logs), &dir.path().join("p2"), &o).unwrap();
     assert_eq!(
         dir_bytes(&dir.path().join("p1")),
         dir_bytes(&dir.path().join("p2"))
@@ -224,7 +224,7 @@ fn bad_logs(dir: &std::path::Path) -> std::path::PathBuf {
 fn each_bad_row_kind_stops_the_run_by_default_with_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let path = bad_logs(dir.path());
-    let err = prepare(&[path.clone()], &dir.path().join("p"), &opts()).unwrap_err();
+    let err = prepare(std::slice::from_ref(&path), &dir.path().join("p"), &opts()).unwrap_err();
     match &err {
         ClueError::BadRow { line, .. } => assert_eq!(*line, 3),
         other => panic!("{other}"),
@@ -312,7 +312,7 @@ fn a_non_utf8_file_and_a_missing_column_are_named() {
 fn one_service_or_an_empty_requested_service_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let p = write_log(dir.path(), "a.csv", &["u1,search,,x", "u2,search,,y"]);
-    let e = prepare(&[p.clone()], &dir.path().join("p"), &opts())
+    let e = prepare(std::slice::from_ref(&p), &dir.path().join("p"), &opts())
         .unwrap_err()
         .to_string();
     assert!(e.contains("two services"), "{e}");

@@ -29,7 +29,7 @@ fn read(path: &std::path::Path) -> Vec<Vec<String>> {
 fn the_two_services_of_a_user_share_topics_far_above_chance() {
     let dir = tempfile::tempdir().unwrap();
     synth(
-        &dir.path(),
+        dir.path(),
         &SynthOptions {
             users: 400,
             seed: 2,
@@ -89,7 +89,7 @@ fn the_two_services_of_a_user_share_topics_far_above_chance() {
 fn task_files_follow_the_task_format_and_come_after_the_logs() {
     let dir = tempfile::tempdir().unwrap();
     synth(
-        &dir.path(),
+        dir.path(),
         &SynthOptions {
             users: 100,
             seed: 0,

@@ -82,13 +82,11 @@ impl PrepareOptions {
                 "e.g. --valid-fraction 0.1 --test-fraction 0.1",
             );
         }
-        if let Some(s) = &self.services {
-            if s.len() < 2 {
-                return fail(
-                    "pretraining needs at least two services",
-                    "name two or more with --services a,b",
-                );
-            }
+        if self.services.as_ref().is_some_and(|s| s.len() < 2) {
+            return fail(
+                "pretraining needs at least two services",
+                "name two or more with --services a,b",
+            );
         }
         if self.vocab_size.is_some_and(|v| v < 300) {
             return fail(
@@ -520,7 +518,7 @@ pub fn format_count(x: u64) -> String {
     let s = x.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

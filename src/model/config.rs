@@ -64,7 +64,7 @@ impl ModelConfig {
                 );
             }
         }
-        if self.d_model % self.heads != 0 {
+        if !self.d_model.is_multiple_of(self.heads) {
             return bad(
                 format!(
                     "model.heads = {} does not divide model.d_model = {}",
