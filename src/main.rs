@@ -529,6 +529,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Fit(a) => {
             let options = fit_options(&a)?;
+            if !options.resume {
+                ui::detail(format!("resolved config:\n{}", options.config.to_toml()));
+            }
             dispatch(&a.device, &Job::Fit(options))?;
         }
         Command::Score(a) => {
@@ -556,6 +559,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Prepare(a) => {
             let options = a.options()?;
+            ui::detail(format!("prepare options: {options:?}"));
             let report = prepare(&a.logs, &a.out, &options)?;
             ui::say(report.summary());
             ui::say(format!("  written to {}", a.out.display()));

@@ -103,10 +103,6 @@ pub struct UserBatch<B: Backend> {
 }
 
 impl<B: Backend> UserBatch<B> {
-    pub fn batch_size(&self) -> usize {
-        self.users.len()
-    }
-
     /// The padded token ids `[services·batch, items, tokens]` (0 = padding).
     pub fn tokens(&self) -> Tensor<B, 3, Int> {
         let [rows, slots] = self.item_pad.dims();
