@@ -27,12 +27,31 @@ step() { # step NAME LIMIT_S COMMAND...
   tail -n 14 "$OUT/$name.log"
 }
 
-nvidia-smi > "$OUT/nvidia-smi-before.txt" 2>&1; head -n 15 "$OUT/nvidia-smi-before.txt"
+nvidia-smi > "$OUT/nvidia-smi-before.txt" 2>&1; sed -n 9,10p "$OUT/nvidia-smi-before.txt"
+{ ls -d /usr/local/cuda* 2>&1; ls /usr/local/cuda/lib64 2>/dev/null | grep -i nvrtc | head -3
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1; } | tee "$OUT/env.txt"
 # Peak GPU memory: sample used memory every 0.5 s in the background.
 ( while true; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits; sleep 0.5; done ) > "$OUT/gpu-mem.txt" 2>/dev/null &
 SAMPLER=$!
+# Compiled kernels are kept between the steps (and runs) of this check.
+export CLUE_KERNEL_CACHE=${CLUE_KERNEL_CACHE:-/tmp/clue-kernels}
 
-# Same weights on two backends: a bundle trained on the CPU, scored on cuda and on ndarray.
+# 1. Where does the time of a first CUDA run go? Kernel compilation/autotune log, sampled every 5 s.
+LOG=$OUT/cubecl-first.log
+( while sleep 5; do echo "$(( $(date +%s) - START )) s: $(grep -c __global__ "$LOG" 2>/dev/null) kernels compiled, $(grep -ci autotun "$LOG" 2>/dev/null) autotune lines"; done ) > "$OUT/compile-rate.txt" 2>/dev/null &
+RATE=$!
+CUBECL_DEBUG_LOG=$LOG step bench-tiny-first 150 "$CLUE" -v bench --backend cuda --preset tiny --steps 3 --warmup 1
+kill $RATE 2>/dev/null; tail -n 4 "$OUT/compile-rate.txt"
+gzip -f "$LOG" 2>/dev/null
+# 2. The same run again: with the kernel cache warm it should start at once.
+step bench-tiny-cached 90 "$CLUE" -v bench --backend cuda --preset tiny --steps 5 --warmup 2
+echo "   kernel cache: $(du -sh "$CLUE_KERNEL_CACHE" 2>/dev/null | cut -f1)"
+
+# 3. Learning on cuda: a few hundred steps of tiny (f32).
+step fit-f32 150 "$CLUE" fit --backend cuda --config "$STAGE/tiny.toml" --data "$STAGE/prepared" --out "$OUT/run-f32" --no-tui --set train.epochs=4
+[ -f "$OUT/run-f32/summary.json" ] && python3 -c "import json,sys; s=json.load(open(sys.argv[1])); print('   summary:', {k: s.get(k) for k in ['final_train_loss','final_valid_loss','valid_retrieval_top1','chance_top1','steps','wall_s']})" "$OUT/run-f32/summary.json"
+
+# 4. Same weights on two backends: a bundle trained on the CPU, scored on cuda and on ndarray.
 MODEL=${MODEL:-$STAGE/cpu-run}; DATA=${DATA:-$STAGE/cpu-data}
 step score-cuda 60 "$CLUE" score --backend cuda --model "$MODEL" --data "$DATA" --split valid --json
 step score-ndarray 40 "$CLUE" score --backend ndarray --model "$MODEL" --data "$DATA" --split valid --json
@@ -52,16 +71,19 @@ try:
 except Exception as e:
     print("equivalence check failed:", e)
 PY
-step fit-f32 100 "$CLUE" fit --backend cuda --config "$STAGE/tiny.toml" --data "$STAGE/prepared" --out "$OUT/run-f32" --no-tui --set train.epochs=3
-step bench-small-f32 80 "$CLUE" bench --backend cuda --preset small --steps 5 --warmup 2
-step torch-small-f32 40 python3 "$REF" --vocab 16384 --dim 256 --layers 4 --heads 4 --L 32 --S 64 --batch 32 --device cuda --steps 5 --warmup 2
-step bench-base-f32 70 "$CLUE" bench --backend cuda --preset base --steps 5 --warmup 2
-step torch-base-f32 40 python3 "$REF" --vocab 50257 --dim 720 --layers 8 --heads 6 --L 32 --S 64 --batch 8 --device cuda --steps 5 --warmup 2
-step bench-small-bf16 70 "$CLUE" bench --backend cuda --precision bf16 --preset small --steps 5 --warmup 2
-step torch-small-bf16 40 python3 "$REF" --vocab 16384 --dim 256 --layers 4 --heads 4 --L 32 --S 64 --batch 32 --device cuda --dtype bf16 --steps 5 --warmup 2
-step fit-bf16 90 "$CLUE" fit --backend cuda --precision bf16 --config "$STAGE/tiny.toml" --data "$STAGE/prepared" --out "$OUT/run-bf16" --no-tui --set train.epochs=3
-step bench-base-bf16 70 "$CLUE" bench --backend cuda --precision bf16 --preset base --steps 5 --warmup 2
-step torch-base-bf16 40 python3 "$REF" --vocab 50257 --dim 720 --layers 8 --heads 6 --L 32 --S 64 --batch 8 --device cuda --dtype bf16 --steps 5 --warmup 2
+
+# 5. Throughput, clue and PyTorch on the same card.
+SMALL="--vocab 16384 --dim 256 --layers 4 --heads 4 --L 32 --S 64 --batch 32 --device cuda --steps 10 --warmup 3"
+BASE="--vocab 50257 --dim 720 --layers 8 --heads 6 --L 32 --S 64 --batch 8 --device cuda --steps 10 --warmup 3"
+step bench-small-f32 120 "$CLUE" -v bench --backend cuda --preset small --steps 10 --warmup 3
+step torch-small-f32 60 python3 "$REF" $SMALL
+step bench-base-f32 120 "$CLUE" -v bench --backend cuda --preset base --steps 10 --warmup 3
+step torch-base-f32 60 python3 "$REF" $BASE
+step bench-small-bf16 120 "$CLUE" -v bench --backend cuda --precision bf16 --preset small --steps 10 --warmup 3
+step torch-small-bf16 60 python3 "$REF" $SMALL --dtype bf16
+step fit-bf16 150 "$CLUE" fit --backend cuda --precision bf16 --config "$STAGE/tiny.toml" --data "$STAGE/prepared" --out "$OUT/run-bf16" --no-tui --set train.epochs=4
+step bench-base-bf16 120 "$CLUE" -v bench --backend cuda --precision bf16 --preset base --steps 10 --warmup 3
+step torch-base-bf16 60 python3 "$REF" $BASE --dtype bf16
 
 kill $SAMPLER 2>/dev/null
 nvidia-smi > "$OUT/nvidia-smi-after.txt" 2>&1

@@ -267,8 +267,15 @@ pub fn bench<B: AutodiffBackend>(
         let out = TrainStep::step(&trainee, batch);
         trainee = trainee.optimize(&mut optim, 5e-4, out.grads);
         let stats = out.item.sync();
+        let took = t0.elapsed().as_secs_f64();
+        crate::ui::detail(format!(
+            "train step {}/{}: {took:.3} s, loss {:.4}",
+            i + 1,
+            batches.len(),
+            stats.loss
+        ));
         if i >= warmup {
-            times.push(t0.elapsed().as_secs_f64());
+            times.push(took);
         }
         losses.push(stats.loss);
     }
@@ -279,8 +286,10 @@ pub fn bench<B: AutodiffBackend>(
         let batch: UserBatch<B::InnerBackend> = batcher.batch(samples.clone(), &device);
         let z = model.encoder.forward(&batch);
         let _ = z.into_data();
+        let took = t0.elapsed().as_secs_f64();
+        crate::ui::detail(format!("inference call {}: {took:.3} s", i + 1));
         if i > 0 || warmup == 0 {
-            infer.push(t0.elapsed().as_secs_f64());
+            infer.push(took);
         }
     }
     let (train_s, infer_s) = (median(&times), median(&infer));
