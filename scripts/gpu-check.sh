@@ -48,8 +48,8 @@ step bench-tiny-cached 90 "$CLUE" -v bench --backend cuda --preset tiny --steps 
 echo "   kernel cache: $(du -sh "$CLUE_KERNEL_CACHE" 2>/dev/null | cut -f1)"
 
 # 3. Learning on cuda: a few hundred steps of tiny (f32).
-step fit-f32 150 "$CLUE" fit --backend cuda --config "$STAGE/tiny.toml" --data "$STAGE/prepared" --out "$OUT/run-f32" --no-tui --set train.epochs=4
-[ -f "$OUT/run-f32/summary.json" ] && python3 -c "import json,sys; s=json.load(open(sys.argv[1])); print('   summary:', {k: s.get(k) for k in ['final_train_loss','final_valid_loss','valid_retrieval_top1','chance_top1','steps','wall_s']})" "$OUT/run-f32/summary.json"
+step fit-f32 150 "$CLUE" fit --backend cuda --config "$STAGE/tiny.toml" --data "$STAGE/prepared" --out /tmp/gpu-runs/run-f32 --no-tui --set train.epochs=4
+cp /tmp/gpu-runs/run-f32/summary.json "$OUT/fit-f32-summary.json" 2>/dev/null && python3 -c "import json,sys; s=json.load(open(sys.argv[1])); print('   summary:', {k: s.get(k) for k in ['final_train_loss','final_valid_loss','valid_retrieval_top1','chance_top1','steps','wall_s']})" "$OUT/fit-f32-summary.json"
 
 # 4. Same weights on two backends: a bundle trained on the CPU, scored on cuda and on ndarray.
 MODEL=${MODEL:-$STAGE/cpu-run}; DATA=${DATA:-$STAGE/cpu-data}
@@ -81,7 +81,7 @@ step bench-base-f32 120 "$CLUE" -v bench --backend cuda --preset base --steps 10
 step torch-base-f32 60 python3 "$REF" $BASE
 step bench-small-bf16 120 "$CLUE" -v bench --backend cuda --precision bf16 --preset small --steps 10 --warmup 3
 step torch-small-bf16 60 python3 "$REF" $SMALL --dtype bf16
-step fit-bf16 150 "$CLUE" fit --backend cuda --precision bf16 --config "$STAGE/tiny.toml" --data "$STAGE/prepared" --out "$OUT/run-bf16" --no-tui --set train.epochs=4
+step fit-bf16 150 "$CLUE" fit --backend cuda --precision bf16 --config "$STAGE/tiny.toml" --data "$STAGE/prepared" --out /tmp/gpu-runs/run-bf16 --no-tui --set train.epochs=4
 step bench-base-bf16 120 "$CLUE" -v bench --backend cuda --precision bf16 --preset base --steps 10 --warmup 3
 step torch-base-bf16 60 python3 "$REF" $BASE --dtype bf16
 

@@ -2,11 +2,14 @@
 //!
 //! The pipeline follows the paper: `data` (read logs, synthesise, tokenise, prepare, batch) →
 //! `model` (Item Transformer, Service Transformer, projection head) → `train` (contrastive loss,
-//! schedule, clipping, learner, `fit`) → `bench`.
+//! schedule, clipping, learner, `fit`) → `embed` (frozen user embeddings) → `eval` (downstream
+//! tasks) → `bench`.
 
 pub mod bench;
 pub mod data;
+pub mod embed;
 pub mod error;
+pub mod eval;
 pub mod model;
 pub mod train;
 pub mod ui;

@@ -9,6 +9,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use clue::bench::{bench, preset};
 use clue::data::store::Split;
+use clue::embed::{EmbedOptions, embed};
+use clue::eval::{EvalOptions, eval};
 use clue::train::config::RunConfig;
 use clue::train::fit::{FitOptions, fit, score_bundle};
 
@@ -42,6 +44,11 @@ enum Command {
         after_help = "Example:\n  clue synth --users 2000 --seed 7 --out data/synth\n\nWrites DIR/logs/{search,shop}.csv, DIR/tasks/{news,market}/{interactions,items}.csv and DIR/truth/users.csv."
     )]
     Synth(SynthArgs),
+    /// Convert a public dataset into canonical logs and task files.
+    #[command(
+        after_help = "Example:\n  clue convert lastfm --input hetrec2011-lastfm-2k --out data/lastfm\n\nWrites DIR/logs/{tag,listen}.csv and DIR/tasks/tag-artist.toml (+ its interactions and items).\nSee datasets/README.md for what is kept and dropped."
+    )]
+    Convert(ConvertArgs),
     /// Turn behaviour logs into a tokenizer and a compact, memory-mapped dataset.
     #[command(
         after_help = "Examples:\n  clue prepare data/synth/logs --out data/prepared\n  clue prepare a.csv b.csv --out data/p --skip-bad-rows --min-behaviors 3 --max-items 128\n  clue prepare logs/ --out data/p --config config/prepare.toml\n\nLogs are CSV with the header user_id,service,timestamp,text (timestamp: Unix seconds, RFC 3339 or empty)."
@@ -57,6 +64,16 @@ enum Command {
         after_help = "Examples:\n  clue score --model runs/tiny --data data/default/prepared --split test\n  clue score --model runs/tiny --data data/p --backend cuda --json\n\nThe test split's loss is the pretraining test loss of the scaling study."
     )]
     Score(ScoreArgs),
+    /// Export frozen user embeddings (safetensors / .npy + users.csv + manifest).
+    #[command(
+        after_help = "Examples:\n  clue embed --model runs/tiny --logs data/default/synth/logs --out emb/users.safetensors\n  clue embed --model runs/tiny --logs logs/ --services shop --out emb/shop.npy --f16\n  clue embed --model runs/tiny --logs market.csv --services market --alias market=shop --out emb/m.safetensors\n\nRows of the matrix follow <out>.users.csv (row,user_id,has_<service>...). Each user's vector is the\nconcatenation of their per-service embeddings in --services order; a service without behaviour\ngives zeros there and has_<service> = 0. Python: numpy.load(...) or safetensors.numpy.load_file(...)."
+    )]
+    Embed(EmbedArgs),
+    /// Evaluate user embeddings on a downstream task (CLUE probe vs baselines).
+    #[command(
+        after_help = "Examples:\n  clue eval --task data/default/synth/tasks/news.toml --model runs/tiny --out eval/news\n  clue eval --task data/default/synth/tasks/market.toml --model runs/tiny --out eval/market --seeds 3\n  clue eval --task t.toml --model runs/tiny --embeddings emb/users.safetensors --out eval/t\n\nWrites DIR/results.json, DIR/results.md and DIR/negatives.csv. The task file (TOML) names\ninteractions (user_id,item_id,timestamp), items (item_id,text), [features] (source = \"logs\" with\nlogs/services, or source = \"history\" with service/targets), [split], [negatives], [probe], models.\n`clue synth` writes two under <out>/tasks/."
+    )]
+    Eval(EvalArgs),
     /// Measure training and inference throughput on the PyTorch reference's workload.
     #[command(
         after_help = "Examples:\n  clue bench --preset tiny --backend flex\n  clue bench --preset small --backend cuda --precision bf16 --json\n\nCompare with: python3 shared/bench/torch_clue_ref.py --vocab 4096 --dim 64 --layers 2 --heads 4 --L 16 --S 32 --batch 16"
@@ -138,6 +155,85 @@ struct ScoreArgs {
     json: bool,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    /// Last.fm HetRec 2011 (tag + listen services, tag-artist task).
+    Lastfm,
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// Dataset format.
+    #[arg(value_enum)]
+    format: Format,
+    /// Folder with the dataset's files as published.
+    #[arg(long)]
+    input: PathBuf,
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// lastfm: tagging on or after this date is the downstream task's target.
+    #[arg(long, default_value = "2010-07-01T00:00:00Z")]
+    cutoff: String,
+}
+
+#[derive(Args)]
+struct EmbedArgs {
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// Run directory (or its model/ bundle).
+    #[arg(long)]
+    model: PathBuf,
+    /// Behaviour logs: CSV files or directories (user_id,service,timestamp,text).
+    #[arg(long, num_args = 1.., required = true)]
+    logs: Vec<PathBuf>,
+    /// Output file: .safetensors or .npy (users.csv and manifest.json go beside it).
+    #[arg(long)]
+    out: PathBuf,
+    /// Services to embed, comma-separated, in output order (default: the model's services).
+    #[arg(long, value_delimiter = ',')]
+    services: Option<Vec<String>>,
+    /// Read an untrained service's items as a trained one (its prefix token): NEW=KNOWN.
+    #[arg(long, value_name = "NEW=KNOWN")]
+    alias: Vec<String>,
+    /// Store half-precision floats.
+    #[arg(long)]
+    f16: bool,
+    /// Also write a .npy copy beside a .safetensors output.
+    #[arg(long)]
+    npy: bool,
+    /// Users per Service Transformer call.
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+    /// Encode items again for every batch instead of once (slower; for comparison).
+    #[arg(long)]
+    no_item_cache: bool,
+    /// Skip malformed log rows (counted in the manifest) instead of stopping.
+    #[arg(long)]
+    skip_bad_rows: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// Task file (TOML).
+    #[arg(long)]
+    task: PathBuf,
+    /// Run directory (or its model/ bundle): item-text features, and user features.
+    #[arg(long)]
+    model: PathBuf,
+    /// User features from this `clue embed` output instead of the model.
+    #[arg(long)]
+    embeddings: Option<PathBuf>,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Train the probes with this many seeds and report mean ± std.
+    #[arg(long, default_value_t = 1)]
+    seeds: usize,
+}
+
 #[derive(Args)]
 struct BenchArgs {
     #[command(flatten)]
@@ -164,6 +260,11 @@ const DEFAULT_USERS: usize = 2000;
 /// What to run once the backend is chosen.
 enum Job {
     Fit(FitOptions),
+    Embed {
+        model: PathBuf,
+        options: EmbedOptions,
+    },
+    Eval(EvalOptions),
     Bench {
         preset: clue::bench::Preset,
         steps: usize,
@@ -185,6 +286,23 @@ fn run_job<B: AutodiffBackend>(
     fixed_shapes: bool,
 ) -> anyhow::Result<()> {
     match job {
+        Job::Embed { model, options } => {
+            let options = EmbedOptions {
+                fixed_shapes,
+                ..options.clone()
+            };
+            let report = embed::<B::InnerBackend>(model, &device, &options)?;
+            ui::say(report.summary());
+        }
+        Job::Eval(options) => {
+            let options = EvalOptions {
+                fixed_shapes,
+                ..options.clone()
+            };
+            let results = eval::<B>(&device, &options)?;
+            ui::say(results.markdown());
+            ui::say(format!("  results written to {}", options.out.display()));
+        }
         Job::Fit(options) => {
             let options = FitOptions {
                 fixed_shapes,
@@ -572,6 +690,62 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 split,
                 json: a.json,
             };
+            dispatch(&a.device, &job)?;
+        }
+        Command::Convert(a) => {
+            let report = match a.format {
+                Format::Lastfm => clue::data::convert::lastfm(&a.input, &a.out, &a.cutoff)?,
+            };
+            let mut rows: Vec<(String, String)> = report
+                .written
+                .iter()
+                .map(|(f, n)| (f.clone(), format!("{} rows", format_count(*n))))
+                .collect();
+            for (why, n) in &report.dropped {
+                rows.push((format!("dropped: {why}"), format_count(*n)));
+            }
+            rows.push(("written to".into(), a.out.display().to_string()));
+            ui::say(ui::table("converted", &rows));
+        }
+        Command::Embed(a) => {
+            let alias = a
+                .alias
+                .iter()
+                .map(|x| {
+                    x.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .ok_or_else(|| {
+                            anyhow::anyhow!("--alias {x}: use NEW=KNOWN, e.g. market=shop")
+                        })
+                })
+                .collect::<anyhow::Result<_>>()?;
+            let job = Job::Embed {
+                model: a.model.clone(),
+                options: EmbedOptions {
+                    inputs: a.logs.clone(),
+                    out: a.out.clone(),
+                    services: a.services.clone(),
+                    alias,
+                    f16: a.f16,
+                    npy: a.npy,
+                    batch_size: a.batch_size.max(1),
+                    item_cache: !a.no_item_cache,
+                    skip_bad_rows: a.skip_bad_rows,
+                    fixed_shapes: false,
+                },
+            };
+            dispatch(&a.device, &job)?;
+        }
+        Command::Eval(a) => {
+            let job = Job::Eval(EvalOptions {
+                task: a.task.clone(),
+                model: a.model.clone(),
+                embeddings: a.embeddings.clone(),
+                out: a.out.clone(),
+                seeds: a.seeds.max(1),
+                batch_size: 256,
+                fixed_shapes: false,
+            });
             dispatch(&a.device, &job)?;
         }
         Command::Bench(a) => {

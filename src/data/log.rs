@@ -255,17 +255,91 @@ pub fn read_logs(
     Ok(stats)
 }
 
+/// Read a CSV table with a header, calling `on_row(line, fields)` with the named `columns` in the
+/// order asked (other columns are ignored). A missing column, a short row, a CSV error or invalid
+/// UTF-8 stops with the file and line.
+pub fn read_table(
+    path: &Path,
+    columns: &[&str],
+    mut on_row: impl FnMut(u64, &[&str]) -> Result<()>,
+) -> Result<u64> {
+    let file = File::open(path).map_err(|e| ClueError::io(path, e))?;
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_reader(BufReader::with_capacity(1 << 20, file));
+    let header = header_names(path, reader.byte_headers(), "check the file".into())?;
+    let index = columns
+        .iter()
+        .map(|c| {
+            header.iter().position(|h| h == c).ok_or_else(|| {
+                ClueError::bad_file(
+                    path,
+                    format!(
+                        "the header has no `{c}` column (found: {})",
+                        header.join(",")
+                    ),
+                    format!("the first line must name the columns {}", columns.join(",")),
+                )
+            })
+        })
+        .collect::<Result<Vec<usize>>>()?;
+    let mut record = csv::ByteRecord::new();
+    let mut rows = 0;
+    loop {
+        let more = reader
+            .read_byte_record(&mut record)
+            .map_err(|e| ClueError::BadRow {
+                path: path.to_path_buf(),
+                line: e.position().map(|p| p.line()).unwrap_or(0),
+                message: format!("cannot parse CSV: {e}"),
+                hint: "check the quoting of this line",
+            })?;
+        if !more {
+            break;
+        }
+        let line = record.position().map(|p| p.line()).unwrap_or(0);
+        let bad = |message: String, hint: &'static str| ClueError::BadRow {
+            path: path.to_path_buf(),
+            line,
+            message,
+            hint,
+        };
+        let mut fields: Vec<&str> = Vec::with_capacity(columns.len());
+        for &i in &index {
+            let raw = record.get(i).ok_or_else(|| {
+                bad(
+                    format!("expected {} columns, found {}", header.len(), record.len()),
+                    "each row needs the header's columns",
+                )
+            })?;
+            fields.push(std::str::from_utf8(raw).map_err(|_| {
+                bad(
+                    "this file is not valid UTF-8".into(),
+                    "convert it, e.g. iconv -f latin1 -t utf-8",
+                )
+            })?);
+        }
+        on_row(line, &fields)?;
+        rows += 1;
+    }
+    Ok(rows)
+}
+
 /// Positions of the four canonical columns in a file's header, and its width.
 struct Columns {
     index: [usize; 4],
     len: usize,
 }
 
-fn header_columns<R: std::io::Read>(path: &Path, reader: &mut csv::Reader<R>) -> Result<Columns> {
-    let header = reader.byte_headers().map_err(|e| {
-        ClueError::bad_file(path, format!("cannot read the header: {e}"), header_hint())
-    })?;
-    let names: Vec<String> = header
+/// Column names of a CSV header, trimmed, without a UTF-8 byte-order mark.
+fn header_names(
+    path: &Path,
+    header: csv::Result<&csv::ByteRecord>,
+    hint: String,
+) -> Result<Vec<String>> {
+    let header = header
+        .map_err(|e| ClueError::bad_file(path, format!("cannot read the header: {e}"), hint))?;
+    Ok(header
         .iter()
         .map(|h| {
             String::from_utf8_lossy(h)
@@ -273,7 +347,11 @@ fn header_columns<R: std::io::Read>(path: &Path, reader: &mut csv::Reader<R>) ->
                 .trim_start_matches('\u{feff}')
                 .to_string()
         })
-        .collect();
+        .collect())
+}
+
+fn header_columns<R: std::io::Read>(path: &Path, reader: &mut csv::Reader<R>) -> Result<Columns> {
+    let names = header_names(path, reader.byte_headers(), header_hint())?;
     let mut index = [0usize; 4];
     for (slot, column) in COLUMNS.iter().enumerate() {
         index[slot] = names.iter().position(|n| n == column).ok_or_else(|| {

@@ -1,6 +1,7 @@
 //! The data pipeline: read logs, synthesise, tokenise, prepare, and batch for the encoder.
 
 pub mod batcher;
+pub mod convert;
 pub mod log;
 pub mod prepare;
 pub mod store;

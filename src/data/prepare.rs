@@ -116,11 +116,11 @@ pub struct PrepareReport {
 
 /// One behaviour kept in memory while reading: its time order key and item.
 #[derive(Clone, Copy)]
-struct Event {
+pub(crate) struct Event {
     /// Unix seconds; `i64::MIN` when the log left it empty (then only `row` orders it).
-    time: i64,
-    row: u64,
-    item: u32,
+    pub time: i64,
+    pub row: u64,
+    pub item: u32,
 }
 
 /// Per-user state while reading: one event list per service.
@@ -130,7 +130,7 @@ struct UserEvents {
 
 /// Keep, per item, only its most recent occurrence, then only the most recent `max_items`
 /// events, oldest first. Returns how many duplicate events were removed.
-fn compact(events: &mut Vec<Event>, max_items: usize) -> u64 {
+pub(crate) fn compact(events: &mut Vec<Event>, max_items: usize) -> u64 {
     events.sort_unstable_by_key(|e| (e.item, std::cmp::Reverse((e.time, e.row))));
     let before = events.len();
     events.dedup_by_key(|e| e.item);

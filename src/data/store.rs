@@ -122,7 +122,18 @@ fn write_u64s(w: &mut dyn Write, xs: &[u64]) -> std::io::Result<()> {
     xs.iter().try_for_each(|x| w.write_all(&x.to_le_bytes()))
 }
 
-fn sha256_file(path: &Path) -> Result<String> {
+/// Write `bytes` to `path` through a temporary file and a rename: readers see the old file or
+/// the new one, never half of one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| ClueError::io(dir, e))?;
+    }
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(|e| ClueError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| ClueError::io(path, e))
+}
+
+pub fn sha256_file(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).map_err(|e| ClueError::io(path, e))?;
     Ok(hex(&Sha256::digest(bytes)))
 }

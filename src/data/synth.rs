@@ -409,6 +409,11 @@ fn write_all(dir: &Path, options: &SynthOptions) -> Result<SynthReport> {
     write_items(&dir.join("tasks/news/items.csv"), &world.news)?;
     write_items(&dir.join("tasks/market/items.csv"), &world.market)?;
     write_truth_items(&dir.join("truth/items.csv"), &world)?;
+    for (name, text) in [("news", NEWS_TASK), ("market", MARKET_TASK)] {
+        let path = dir.join(format!("tasks/{name}.toml"));
+        std::fs::write(&path, format!("{text}{TASK_PROTOCOL}"))
+            .map_err(|e| ClueError::io(&path, e))?;
+    }
     let report = SynthReport {
         users: options.users,
         topics,
@@ -431,6 +436,48 @@ fn write_all(dir: &Path, options: &SynthOptions) -> Result<SynthReport> {
     .map_err(|e| ClueError::io(dir.join(MARKER), e))?;
     Ok(report)
 }
+
+/// The split and negatives of both synthetic tasks.
+const TASK_PROTOCOL: &str = "
+[split]
+seed = 7
+valid = 0.1
+test = 0.2
+
+[negatives]
+count = 100
+seed = 13
+";
+
+/// `tasks/news.toml`: the paper's setting (features from the pretraining services).
+const NEWS_TASK: &str = r#"# Written by `clue synth`. Run: clue eval --task <this file> --model runs/<name> --out DIR
+name = "news"
+description = "News a user reads next: a held-out service of the same company. User features: the user's search and shop logs strictly before their first news read."
+interactions = "news/interactions.csv"
+items = "news/items.csv"
+models = ["clue", "text-mean", "toppop", "random"]
+
+[features]
+source = "logs"
+logs = ["../logs"]
+services = ["search", "shop"]
+"#;
+
+/// `tasks/market.toml`: inter-company transfer (features from the task's own history).
+const MARKET_TASK: &str = r#"# Written by `clue synth`. Run: clue eval --task <this file> --model runs/<name> --out DIR
+name = "market"
+description = "Next product at another company (other user ids, other title templates). User features: the frozen encoder reads the user's earlier products there as one service (inter-company transfer)."
+interactions = "market/interactions.csv"
+items = "market/items.csv"
+models = ["clue", "text-mean", "toppop", "random"]
+
+[features]
+source = "history"
+service = "market"
+as_service = "shop"
+items_as_service = "shop"
+targets = 1
+"#;
 
 /// Item ids of a task catalogue: `n<topic>_<index>`.
 fn item_id(prefix: char, topic: usize, index: usize) -> String {

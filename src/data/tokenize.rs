@@ -134,6 +134,19 @@ impl ItemTokenizer {
         items: &[(usize, &str)],
         max_tokens: usize,
     ) -> Result<Vec<Vec<u32>>> {
+        let texts: Vec<(Option<u32>, &str)> = items
+            .iter()
+            .map(|(s, t)| (Some(self.service_ids[*s]), *t))
+            .collect();
+        self.encode_texts(&texts, max_tokens)
+    }
+
+    /// Token ids of texts with an optional prefix token id each, cut to `max_tokens`.
+    pub fn encode_texts(
+        &self,
+        items: &[(Option<u32>, &str)],
+        max_tokens: usize,
+    ) -> Result<Vec<Vec<u32>>> {
         let texts: Vec<&str> = items.iter().map(|(_, t)| *t).collect();
         let encodings = self.tokenizer.encode_batch(texts, false).map_err(|e| {
             ClueError::config(format!("tokenisation failed: {e}"), "report this as a bug")
@@ -141,8 +154,10 @@ impl ItemTokenizer {
         Ok(items
             .iter()
             .zip(encodings)
-            .map(|((service, _), enc)| {
-                std::iter::once(self.service_ids[*service])
+            .map(|((prefix, _), enc)| {
+                prefix
+                    .iter()
+                    .copied()
                     .chain(enc.get_ids().iter().map(|id| id + self.id_offset))
                     .take(max_tokens)
                     .collect()

@@ -17,7 +17,9 @@ use burn_store::{ModuleSnapshot, SafetensorsStore};
 use serde::{Deserialize, Serialize};
 
 use crate::data::batcher::{FixedShape, UserBatcher, UserDataset};
-use crate::data::store::{self, PreparedDataset, Split, publish_dir, temp_dir_beside};
+use crate::data::store::{
+    self, PreparedDataset, Split, publish_dir, temp_dir_beside, write_atomic,
+};
 use crate::error::{ClueError, Result};
 use crate::model::{ClueModel, ParamCounts};
 use crate::train::config::RunConfig;
@@ -127,12 +129,6 @@ pub struct BundleInfo {
     pub flops: f64,
     pub pf_days: f64,
     pub valid: SplitScore,
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| ClueError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| ClueError::io(path, e))
 }
 
 /// Last epoch with a complete checkpoint in `run/checkpoint`.
@@ -502,6 +498,15 @@ pub fn save_bundle<B: Backend>(
     result
 }
 
+/// The bundle directory of a run directory (or the bundle itself).
+pub fn bundle_dir(model: &Path) -> PathBuf {
+    if model.join(BUNDLE_DIR).join(BUNDLE_INFO).exists() {
+        model.join(BUNDLE_DIR)
+    } else {
+        model.to_path_buf()
+    }
+}
+
 /// Load a bundle's model onto `device`.
 pub fn load_bundle<B: Backend>(
     dir: &Path,
@@ -542,12 +547,7 @@ pub fn score_bundle<B: Backend>(
     device: &B::Device,
     fixed_shapes: bool,
 ) -> Result<ScoreReport> {
-    let bundle = if model_dir.join(BUNDLE_DIR).join(BUNDLE_INFO).exists() {
-        model_dir.join(BUNDLE_DIR)
-    } else {
-        model_dir.to_path_buf()
-    };
-    let (model, config) = load_bundle::<B>(&bundle, device)?;
+    let (model, config) = load_bundle::<B>(&bundle_dir(model_dir), device)?;
     let data = Arc::new(PreparedDataset::open(data_dir)?);
     if data.manifest.vocab_size as usize != config.model.vocab_size {
         return Err(ClueError::config(
