@@ -46,7 +46,7 @@ enum Command {
     Synth(SynthArgs),
     /// Convert a public dataset into canonical logs and task files.
     #[command(
-        after_help = "Example:\n  clue convert lastfm --input hetrec2011-lastfm-2k --out data/lastfm\n\nWrites DIR/logs/{tag,listen}.csv and DIR/tasks/tag-artist.toml (+ its interactions and items).\nSee datasets/README.md for what is kept and dropped."
+        after_help = "Examples:\n  clue convert lastfm --input hetrec2011-lastfm-2k --out data/lastfm\n  clue convert movielens --input ml-latest-small --out data/movielens\n  clue convert amazon-unisrec --input Scientific --name Scientific --out data/scientific\n\nWrites DIR/logs/*.csv and DIR/tasks/<task>.toml (+ its interactions and items).\nSee datasets/README.md for what is kept and dropped."
     )]
     Convert(ConvertArgs),
     /// Turn behaviour logs into a tokenizer and a compact, memory-mapped dataset.
@@ -159,6 +159,10 @@ struct ScoreArgs {
 enum Format {
     /// Last.fm HetRec 2011 (tag + listen services, tag-artist task).
     Lastfm,
+    /// MovieLens ml-latest-small (movie + tag services, next-movie task).
+    Movielens,
+    /// Amazon 2018 as preprocessed for UniSRec (one service, next-product task).
+    AmazonUnisrec,
 }
 
 #[derive(Args)]
@@ -175,6 +179,9 @@ struct ConvertArgs {
     /// lastfm: tagging on or after this date is the downstream task's target.
     #[arg(long, default_value = "2010-07-01T00:00:00Z")]
     cutoff: String,
+    /// amazon-unisrec: the files' prefix (<NAME>.text, <NAME>.test.inter, ...).
+    #[arg(long, default_value = "Scientific")]
+    name: String,
 }
 
 #[derive(Args)]
@@ -695,6 +702,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Convert(a) => {
             let report = match a.format {
                 Format::Lastfm => clue::data::convert::lastfm(&a.input, &a.out, &a.cutoff)?,
+                Format::Movielens => clue::data::convert::movielens(&a.input, &a.out)?,
+                Format::AmazonUnisrec => {
+                    clue::data::convert::amazon_unisrec(&a.input, &a.out, &a.name)?
+                }
             };
             let mut rows: Vec<(String, String)> = report
                 .written
