@@ -229,6 +229,7 @@ pub fn bench<B: AutodiffBackend>(
         UserBatcher::default()
     };
     B::seed(&device, 0);
+    crate::model::block::seed_dropout(0);
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let mut next_id = 0;
     let batches: Vec<Vec<UserSample>> = (0..warmup + steps)

@@ -1,15 +1,22 @@
 //! `clue fit` end to end: learning is real, a killed run resumes with the same step counter and
-//! schedule, and mistakes give one clear message.
+//! schedule (checkpoints every N steps), the loader follows the data plan, and mistakes give one
+//! clear message.
 
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use burn::backend::{Autodiff, NdArray};
+use burn::data::dataloader::DataLoader;
+use clue::data::batcher::UserBatcher;
 use clue::data::prepare::{PrepareOptions, prepare};
+use clue::data::store::{PreparedDataset, Split};
 use clue::data::synth::{SynthOptions, synth};
 use clue::train::config::RunConfig;
 use clue::train::fit::{FitOptions, FitSummary, fit};
+use clue::train::loader::{EpochPlan, PlanLoader};
 use clue::train::schedule::WarmupCosine;
 
 const CLUE: &str = env!("CARGO_BIN_EXE_clue");
@@ -83,8 +90,12 @@ fn tiny_clue_learns_to_match_a_users_two_services() {
         &std::fs::read_to_string(dir.path().join("run/summary.json")).unwrap(),
     )
     .unwrap();
-    assert_eq!(
-        on_disk["valid_retrieval_top1"].as_f64().unwrap(),
+    // JSON keeps the shortest decimal form; serde_json's default parser may read it back one
+    // ulp away, so compare with a tolerance far below any meaningful difference.
+    let read_back = on_disk["valid_retrieval_top1"].as_f64().unwrap();
+    assert!(
+        (read_back - s.valid_retrieval_top1).abs() < 1e-12,
+        "{read_back} vs {}",
         s.valid_retrieval_top1
     );
     assert_eq!(on_disk["chance_top1"].as_f64().unwrap(), 1.0 / 32.0);
@@ -108,6 +119,7 @@ fn a_killed_run_resumes_from_its_last_checkpoint_with_the_same_steps_and_schedul
     let dir = tempfile::tempdir().unwrap();
     let data = prepared(dir.path(), 300, 8);
     let run = dir.path().join("run");
+    let epochs = 3;
     let sets = [
         "model.d_model=32",
         "model.d_ff=64",
@@ -116,8 +128,10 @@ fn a_killed_run_resumes_from_its_last_checkpoint_with_the_same_steps_and_schedul
         "model.max_items=8",
         "model.max_item_tokens=8",
         "train.batch_size=16",
-        "train.epochs=8",
+        "train.epochs=3",
         "train.workers=1",
+        // Checkpoints every 5 steps as well as at each epoch's end.
+        "train.checkpoint_every=5",
     ];
     let mut cmd = Command::new(CLUE);
     cmd.args(["fit", "--backend", "ndarray", "--no-tui", "--data"])
@@ -144,10 +158,27 @@ fn a_killed_run_resumes_from_its_last_checkpoint_with_the_same_steps_and_schedul
         "the run was killed before its end"
     );
     let done = clue::train::fit::last_checkpoint(&run).expect("a complete checkpoint");
-    assert!(done < 8);
+
+    let config = RunConfig::load(&run.join("config.toml")).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("manifest.json")).unwrap())
+            .unwrap();
+    let train_users = manifest["split"]["train"].as_u64().unwrap() as u32;
+    let plan = EpochPlan::new(
+        (0..train_users).collect(),
+        config.train.batch_size,
+        epochs,
+        config.train.seed,
+        5,
+    );
+    assert!(
+        plan.periods_per_epoch() >= 3,
+        "several checkpoints per epoch"
+    );
+    assert!(done < plan.periods());
 
     let out = Command::new(CLUE)
-        .args(["fit", "--no-tui", "--resume"])
+        .args(["fit", "--quiet", "--no-tui", "--resume"])
         .arg(&run)
         .output()
         .unwrap();
@@ -156,32 +187,79 @@ fn a_killed_run_resumes_from_its_last_checkpoint_with_the_same_steps_and_schedul
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "",
+        "--quiet prints nothing but errors"
+    );
     let s: FitSummary =
         serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
-    let config = RunConfig::load(&run.join("config.toml")).unwrap();
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(data.join("manifest.json")).unwrap())
-            .unwrap();
-    let steps_per_epoch =
-        (manifest["split"]["train"].as_u64().unwrap() as usize).div_ceil(config.train.batch_size);
     assert_eq!(
         s.steps,
-        8 * steps_per_epoch,
+        epochs * plan.steps_per_epoch(),
         "the step counter continues where it stopped"
     );
     let schedule = WarmupCosine::new(
         config.train.lr,
-        8 * steps_per_epoch,
+        plan.total_steps(),
         config.train.warmup_fraction,
         config.train.final_lr_fraction,
     );
     let resumed = first_lr(&run, done + 1);
-    let expected = schedule.lr_at(done * steps_per_epoch);
+    let expected = schedule.lr_at(plan.steps_before(done));
     assert!(
         (resumed - expected).abs() < 1e-12,
-        "epoch {} starts at lr {resumed}, schedule says {expected}",
+        "period {} starts at lr {resumed}, schedule says {expected}",
         done + 1
     );
+    // One validation and checkpoint per period; no half-written checkpoint file left behind.
+    assert!(run.join(format!("valid/epoch-{}", plan.periods())).exists());
+    assert!(
+        !run.join(format!("valid/epoch-{}", plan.periods() + 1))
+            .exists()
+    );
+    for entry in std::fs::read_dir(run.join("checkpoint")).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().to_string();
+        assert!(!name.starts_with(".partial"), "{name}");
+    }
+}
+
+#[test]
+fn the_training_loader_serves_each_period_in_the_plans_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = prepared(dir.path(), 300, 8);
+    let data = Arc::new(PreparedDataset::open(&path).unwrap());
+    let users = data.users_in(Split::Train);
+    let plan = Arc::new(EpochPlan::new(users, 16, 2, 42, 5));
+    let loader = |first| {
+        PlanLoader::<NdArray>::new(
+            plan.clone(),
+            data.clone(),
+            UserBatcher::default(),
+            8,
+            8,
+            3,
+            Default::default(),
+            first,
+        )
+    };
+    let all = loader(0);
+    for period in 0..plan.periods() {
+        let mut iter = all.iter();
+        let mut got = Vec::new();
+        let mut sizes = Vec::new();
+        for batch in iter.by_ref() {
+            sizes.push(batch.users.len());
+            got.extend(batch.users);
+        }
+        assert_eq!(got, plan.period_users(period), "period {period}");
+        assert!(sizes[..sizes.len() - 1].iter().all(|&n| n == 16));
+        assert_eq!(iter.progress().items_processed, got.len());
+    }
+    // A resumed run's loader starts at the period after its checkpoint.
+    let resumed = loader(3);
+    let got: Vec<u32> = resumed.iter().flat_map(|b| b.users).collect();
+    assert_eq!(got, plan.period_users(3));
 }
 
 #[test]

@@ -1,13 +1,11 @@
 //! The CLUE encoder (paper §2.1): tokens → Item Transformer → item vectors → Service
 //! Transformer → user embedding z, one encoder for every service.
 
-use burn::nn::transformer::{
-    TransformerEncoder, TransformerEncoderConfig, TransformerEncoderInput,
-};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 
 use crate::data::batcher::UserBatch;
+use crate::model::block::Encoder;
 use crate::model::config::ModelConfig;
 
 /// Mean of `x` over the positions that are not padding.
@@ -28,30 +26,21 @@ pub fn masked_mean<B: Backend>(x: Tensor<B, 3>, pad: Tensor<B, 2, Bool>) -> Tens
     (sum / count).squeeze_dim::<2>(1)
 }
 
-fn transformer<B: Backend>(
-    c: &ModelConfig,
-    layers: usize,
-    device: &B::Device,
-) -> TransformerEncoder<B> {
-    TransformerEncoderConfig::new(c.d_model, c.d_ff, c.heads, layers)
-        .with_dropout(c.dropout)
-        .with_norm_first(true)
-        .init(device)
+fn transformer<B: Backend>(c: &ModelConfig, layers: usize, device: &B::Device) -> Encoder<B> {
+    Encoder::new(c.d_model, c.d_ff, c.heads, layers, c.dropout, device)
 }
 
 /// T_item: a pre-norm Transformer over one item's tokens, mean-pooled (paper eq. 1).
 #[derive(Module, Debug)]
 pub struct ItemTransformer<B: Backend> {
-    pub encoder: TransformerEncoder<B>,
+    pub encoder: Encoder<B>,
     pub norm: LayerNorm<B>,
 }
 
 impl<B: Backend> ItemTransformer<B> {
     /// `tokens`: `[items, len, d]` embedded tokens, `pad`: `[items, len]` → item vectors `[items, d]`.
     pub fn forward(&self, tokens: Tensor<B, 3>, pad: Tensor<B, 2, Bool>) -> Tensor<B, 2> {
-        let h = self
-            .encoder
-            .forward(TransformerEncoderInput::new(tokens).mask_pad(pad.clone()));
+        let h = self.encoder.forward(tokens, pad.clone());
         masked_mean(self.norm.forward(h), pad)
     }
 }
@@ -61,7 +50,7 @@ impl<B: Backend> ItemTransformer<B> {
 #[derive(Module, Debug)]
 pub struct ServiceTransformer<B: Backend> {
     pub position: Embedding<B>,
-    pub encoder: TransformerEncoder<B>,
+    pub encoder: Encoder<B>,
     pub norm: LayerNorm<B>,
 }
 
@@ -73,9 +62,7 @@ impl<B: Backend> ServiceTransformer<B> {
             .unsqueeze::<2>()
             .expand([users, slots]);
         let x = items + self.position.forward(positions);
-        let h = self
-            .encoder
-            .forward(TransformerEncoderInput::new(x).mask_pad(pad.clone()));
+        let h = self.encoder.forward(x, pad.clone());
         masked_mean(self.norm.forward(h), pad)
     }
 }

@@ -1,5 +1,6 @@
 //! The CLUE model: encoder, projection head f(z) = W2·σ(W1·z), and the learnable logit scale.
 
+pub mod block;
 pub mod config;
 pub mod encoder;
 

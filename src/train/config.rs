@@ -28,6 +28,8 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Data-loading threads.
     pub workers: usize,
+    /// Also checkpoint (and validate) every this many steps; 0 = at the end of each epoch only.
+    pub checkpoint_every: usize,
 }
 
 impl Default for TrainConfig {
@@ -45,6 +47,7 @@ impl Default for TrainConfig {
             grad_clip_norm: 0.01,
             seed: 42,
             workers: 2,
+            checkpoint_every: 0,
         }
     }
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use burn::data::dataloader::DataLoaderBuilder;
+use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
 use burn::optim::AdamWConfig;
 use burn::prelude::*;
 use burn::record::{DefaultRecorder, FullPrecisionSettings, NamedMpkFileRecorder};
@@ -16,13 +16,15 @@ use burn::train::{InferenceStep, ItemLazy, Learner, SupervisedTraining};
 use burn_store::{ModuleSnapshot, SafetensorsStore};
 use serde::{Deserialize, Serialize};
 
-use crate::data::batcher::{FixedShape, UserBatcher, UserDataset};
+use crate::data::batcher::{FixedShape, UserBatch, UserBatcher, UserDataset};
 use crate::data::store::{
     self, PreparedDataset, Split, publish_dir, temp_dir_beside, write_atomic,
 };
 use crate::error::{ClueError, Result};
 use crate::model::{ClueModel, ParamCounts};
+use crate::train::checkpoint::AtomicRecorder;
 use crate::train::config::RunConfig;
+use crate::train::loader::{EpochPlan, PlanLoader};
 use crate::train::metrics::{BatchStats, History, SharedHistory, Stat, StatMetric};
 use crate::train::renderer::LogRenderer;
 use crate::train::schedule::WarmupCosine;
@@ -131,7 +133,8 @@ pub struct BundleInfo {
     pub valid: SplitScore,
 }
 
-/// Last epoch with a complete checkpoint in `run/checkpoint`.
+/// Last period (Burn epoch: an epoch, or `train.checkpoint_every` steps) with a complete
+/// checkpoint in `run/checkpoint`.
 pub fn last_checkpoint(run: &Path) -> Option<usize> {
     let dir = run.join("checkpoint");
     std::fs::read_dir(dir)
@@ -278,9 +281,18 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
     }
 
     B::seed(&device, config.train.seed);
-    let steps_per_epoch = train_users.len().div_ceil(bs);
-    let total_steps = steps_per_epoch * config.train.epochs;
-    let resume_epoch = if options.resume {
+    crate::model::block::seed_dropout(config.train.seed);
+    let plan = Arc::new(EpochPlan::new(
+        train_users.clone(),
+        bs,
+        config.train.epochs,
+        config.train.seed,
+        config.train.checkpoint_every,
+    ));
+    let steps_per_epoch = plan.steps_per_epoch();
+    let total_steps = plan.total_steps();
+    // Burn's "epochs" are the plan's periods: each ends with validation and a checkpoint.
+    let resume_period = if options.resume {
         Some(last_checkpoint(run).ok_or_else(|| {
             ClueError::bad_file(
                 run,
@@ -293,17 +305,16 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
     };
 
     let m = &config.model;
-    let train_loader = DataLoaderBuilder::<B, _, _>::new(batcher(&config, options.fixed_shapes))
-        .batch_size(bs)
-        .shuffle(config.train.seed)
-        .num_workers(config.train.workers)
-        .set_device(device.clone())
-        .build(UserDataset::with_users(
-            data.clone(),
-            train_users.clone(),
-            m.max_items,
-            m.max_item_tokens,
-        ));
+    let train_loader: Arc<dyn DataLoader<B, UserBatch<B>>> = Arc::new(PlanLoader::new(
+        plan.clone(),
+        data.clone(),
+        batcher(&config, options.fixed_shapes),
+        m.max_items,
+        m.max_item_tokens,
+        config.train.workers,
+        device.clone(),
+        resume_period.unwrap_or(0),
+    ));
     let valid_loader =
         DataLoaderBuilder::<B::InnerBackend, _, _>::new(batcher(&config, options.fixed_shapes))
             .batch_size(bs)
@@ -326,26 +337,27 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
         Stat::UsersPerSecond,
     ];
     let mut training = SupervisedTraining::new(run, train_loader, valid_loader)
-        .with_file_checkpointer(DefaultRecorder::new())
+        .with_file_checkpointer(AtomicRecorder(DefaultRecorder::new()))
         .with_checkpointing_strategy(KeepLastNCheckpoints::new(2))
         .metric_train_numeric(LearningRateMetric::new())
-        .num_epochs(config.train.epochs);
+        .num_epochs(plan.periods());
     for stat in stats {
         training = training
             .metric_train_numeric(StatMetric::new(stat, false, history.clone()))
             .metric_valid_numeric(StatMetric::new(stat, true, history.clone()));
     }
-    if let Some(k) = resume_epoch {
+    if let Some(k) = resume_period {
         training = training.checkpoint(k);
     }
     if !(options.tui && std::io::IsTerminal::is_terminal(&std::io::stdout()))
         || ui::verbosity() == 0
     {
-        training = training.renderer(LogRenderer::new(if ui::verbosity() == 0 { 1 } else { 4 }));
+        let lines = if ui::verbosity() == 0 { 0 } else { 4 };
+        training = training.renderer(LogRenderer::new(lines, plan.clone()));
     }
     let guard = StepGuard::new(
         training.interrupter(),
-        resume_epoch.unwrap_or(0) * steps_per_epoch,
+        plan.steps_before(resume_period.unwrap_or(0)),
     );
     let trainee = Trainee {
         model: ClueModel::new(&config.model, &device),
@@ -355,8 +367,12 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
         },
     };
     let params = trainee.model.param_counts();
+    let checkpoints = match config.train.checkpoint_every {
+        0 => "checkpoint each epoch".to_string(),
+        n => format!("checkpoint each epoch and every {n} steps"),
+    };
     ui::say(format!(
-        "training on {} ({}): {} parameters ({} non-embedding), {} train / {} valid users, {} epochs × {} steps",
+        "training on {} ({}): {} parameters ({} non-embedding), {} train / {} valid users, {} epochs × {} steps, {checkpoints}",
         options.backend,
         B::name(&device),
         params.total,
@@ -379,7 +395,7 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
 
     if let Some(step) = guard.bad_step() {
         let last = last_checkpoint(run)
-            .map(|k| format!("epoch {k}"))
+            .map(|k| format!("after step {}", plan.steps_before(k)))
             .unwrap_or_else(|| "none yet".into());
         return Err(ClueError::config(
             format!(

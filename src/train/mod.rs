@@ -1,8 +1,11 @@
-//! Pretraining: contrastive loss, schedule, global clipping, metrics, renderer and `fit`.
+//! Pretraining: contrastive loss, schedule, global clipping, data order, checkpoints, metrics,
+//! renderer and `fit`.
 
+pub mod checkpoint;
 pub mod clip;
 pub mod config;
 pub mod fit;
+pub mod loader;
 pub mod loss;
 pub mod metrics;
 pub mod renderer;

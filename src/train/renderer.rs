@@ -2,6 +2,7 @@
 //! epoch with the metric values. On a terminal Burn's TUI dashboard is used instead.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use burn::train::metric::MetricDefinition;
@@ -10,23 +11,30 @@ use burn::train::renderer::{
     MetricsRendererTraining, ProgressType, TrainingProgress,
 };
 
+use crate::train::loader::EpochPlan;
+
 pub struct LogRenderer {
     names: BTreeMap<String, String>,
     train: BTreeMap<String, String>,
     valid: BTreeMap<String, String>,
     lines_per_epoch: usize,
+    /// Maps Burn's epochs (checkpoint periods) to the run's epochs.
+    plan: Arc<EpochPlan>,
     /// (epoch, valid?, fraction of the split in `lines_per_epoch` steps) last printed.
     last_mark: Option<(usize, bool, usize)>,
     start: Instant,
 }
 
 impl LogRenderer {
-    pub fn new(lines_per_epoch: usize) -> Self {
+    /// `lines_per_epoch` lines per checkpoint period (a whole epoch unless
+    /// `train.checkpoint_every` is set); 0 prints nothing (`--quiet`).
+    pub fn new(lines_per_epoch: usize, plan: Arc<EpochPlan>) -> Self {
         Self {
+            plan,
             names: BTreeMap::new(),
             train: BTreeMap::new(),
             valid: BTreeMap::new(),
-            lines_per_epoch: lines_per_epoch.max(1),
+            lines_per_epoch,
             last_mark: None,
             start: Instant::now(),
         }
@@ -49,6 +57,9 @@ impl LogRenderer {
 
     fn line(&mut self, split: &str, item: &TrainingProgress, valid: bool) {
         let Some(p) = &item.progress else { return };
+        if self.lines_per_epoch == 0 {
+            return;
+        }
         let total = p.items_total.max(1);
         let mark = (
             item.global_progress.items_processed,
@@ -64,11 +75,19 @@ impl LogRenderer {
         }
         let values = if valid { &self.valid } else { &self.train };
         let metrics: Vec<String> = values.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        let (epoch, part) = self
+            .plan
+            .epoch_and_part(item.global_progress.items_processed);
+        let parts = self.plan.periods_per_epoch();
+        let part = if parts > 1 {
+            format!(" part {part}/{parts}")
+        } else {
+            String::new()
+        };
         println!(
-            "[clue {:>6.1}s] epoch {}/{} {split} {}/{} :: {}",
+            "[clue {:>6.1}s] epoch {epoch}/{}{part} {split} {}/{} :: {}",
             self.start.elapsed().as_secs_f64(),
-            item.global_progress.items_processed,
-            item.global_progress.items_total,
+            self.plan.periods() / parts,
             p.items_processed,
             p.items_total,
             metrics.join(" | ")

@@ -1,0 +1,224 @@
+//! The pre-norm Transformer encoder both CLUE transformers use, written out so the CPU path is
+//! cheap: heads split as strided views (no copies), and dropout masks drawn by a fast generator on
+//! the CPU backends (Burn's generic sampler draws element by element: ~14 % of a CPU step).
+//!
+//! Same computation as PyTorch's `nn.TransformerEncoderLayer(norm_first=True, activation="gelu")`
+//! with dropout on the attention weights, after the attention projection, inside the feed-forward
+//! block and after it (the layout of `shared/bench/torch_clue_ref.py`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::{Distribution, TensorData};
+
+/// Score given to padding keys before the softmax (Burn's multi-head attention uses the same).
+const MASKED_SCORE: f64 = -1.0e4;
+
+/// One pre-norm encoder layer.
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    pub norm_attention: LayerNorm<B>,
+    pub query: Linear<B>,
+    pub key: Linear<B>,
+    pub value: Linear<B>,
+    pub attention_out: Linear<B>,
+    pub norm_ff: LayerNorm<B>,
+    pub ff_in: Linear<B>,
+    pub ff_out: Linear<B>,
+    pub heads: usize,
+    pub dropout: f64,
+}
+
+impl<B: Backend> Block<B> {
+    pub fn new(d: usize, d_ff: usize, heads: usize, dropout: f64, device: &B::Device) -> Self {
+        Self {
+            norm_attention: LayerNormConfig::new(d).init(device),
+            query: LinearConfig::new(d, d).init(device),
+            key: LinearConfig::new(d, d).init(device),
+            value: LinearConfig::new(d, d).init(device),
+            attention_out: LinearConfig::new(d, d).init(device),
+            norm_ff: LayerNormConfig::new(d).init(device),
+            ff_in: LinearConfig::new(d, d_ff).init(device),
+            ff_out: LinearConfig::new(d_ff, d).init(device),
+            heads,
+            dropout,
+        }
+    }
+
+    /// `x`: `[n, len, d]`, `pad`: `[n, len]` (true = padding key) → `[n, len, d]`.
+    pub fn forward(&self, x: Tensor<B, 3>, pad: Tensor<B, 2, Bool>) -> Tensor<B, 3> {
+        let [n, len, d] = x.dims();
+        let (h, dh) = (self.heads, d / self.heads);
+        let y = self.norm_attention.forward(x.clone());
+        // [n, len, d] → [n, h, len, dh] as views: the CPU matmul reads strided operands.
+        let heads = |linear: &Linear<B>| {
+            flat(linear, y.clone())
+                .reshape([n, len, h, dh])
+                .swap_dims(1, 2)
+        };
+        let (q, k, v) = (heads(&self.query), heads(&self.key), heads(&self.value));
+        let scores = q
+            .matmul(k.swap_dims(2, 3))
+            .mul_scalar(1.0 / (dh as f64).sqrt());
+        let mask = pad.reshape([n, 1, 1, len]).expand([n, h, len, len]);
+        let weights = softmax(scores.mask_fill(mask, MASKED_SCORE), 3);
+        let context = dropout(weights, self.dropout).matmul(v); // [n, h, len, dh]
+        // Heads back side by side: h 2-D copies (a 4-D transpose is element by element on flex).
+        let context = Tensor::cat(
+            (0..h)
+                .map(|i| {
+                    context
+                        .clone()
+                        .slice([0..n, i..i + 1, 0..len, 0..dh])
+                        .reshape([n, len, dh])
+                })
+                .collect(),
+            2,
+        );
+        let x = x + dropout(flat(&self.attention_out, context), self.dropout);
+        let hidden = gelu(flat(&self.ff_in, self.norm_ff.forward(x.clone())));
+        let ff = flat(&self.ff_out, dropout(hidden, self.dropout));
+        x + dropout(ff, self.dropout)
+    }
+}
+
+/// `linear` over `[n, len, d_in]` as one `[n·len, d_in]` matmul. Burn's `Linear` treats a 3-D
+/// input as a batch of `n` small matmuls, and its weight gradient as `n` small products summed
+/// afterwards: on the CPU that is most of a training step.
+fn flat<B: Backend>(linear: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [n, len, d] = x.dims();
+    let y = linear.forward(x.reshape([n * len, d]));
+    let out = y.dims()[1];
+    y.reshape([n, len, out])
+}
+
+/// A stack of [`Block`]s.
+#[derive(Module, Debug)]
+pub struct Encoder<B: Backend> {
+    pub layers: Vec<Block<B>>,
+}
+
+impl<B: Backend> Encoder<B> {
+    pub fn new(
+        d: usize,
+        d_ff: usize,
+        heads: usize,
+        layers: usize,
+        dropout: f64,
+        device: &B::Device,
+    ) -> Self {
+        Self {
+            layers: (0..layers)
+                .map(|_| Block::new(d, d_ff, heads, dropout, device))
+                .collect(),
+        }
+    }
+
+    /// `x`: `[n, len, d]`, `pad`: `[n, len]` (true = padding) → `[n, len, d]`.
+    pub fn forward(&self, mut x: Tensor<B, 3>, pad: Tensor<B, 2, Bool>) -> Tensor<B, 3> {
+        for layer in &self.layers {
+            x = layer.forward(x, pad.clone());
+        }
+        x
+    }
+}
+
+/// State of the CPU dropout generator; [`seed_dropout`] sets it.
+static DROPOUT_STATE: AtomicU64 = AtomicU64::new(0x5EED_C1CE);
+
+/// Seed the CPU backends' dropout masks (GPU backends use the backend's seeded generator).
+pub fn seed_dropout(seed: u64) {
+    DROPOUT_STATE.store(splitmix64(seed), Ordering::SeqCst);
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Inverted dropout, active only while training (an autodiff backend), as Burn's `Dropout`.
+pub fn dropout<B: Backend, const D: usize>(x: Tensor<B, D>, p: f64) -> Tensor<B, D> {
+    let device = x.device();
+    if p <= 0.0 || !B::ad_enabled(&device) {
+        return x;
+    }
+    let keep = 1.0 - p;
+    let name = B::name(&device);
+    if !(name.contains("flex") || name.contains("ndarray")) {
+        return x.clone() * x.random_like(Distribution::Bernoulli(keep)) * (1.0 / keep);
+    }
+    let shape = x.shape();
+    let mask = keep_mask(
+        shape.num_elements(),
+        p,
+        DROPOUT_STATE.fetch_add(1, Ordering::SeqCst),
+    );
+    x * Tensor::<B, 1>::from_data(TensorData::new(mask, [shape.num_elements()]), &device)
+        .reshape(shape)
+}
+
+/// `n` values, each `1 / (1 - p)` with probability `1 - p` and 0 otherwise (p in steps of 2⁻¹⁶),
+/// from a counter-based generator: four draws per 64-bit hash.
+fn keep_mask(n: usize, p: f64, stream: u64) -> Vec<f32> {
+    let threshold = (p * 65536.0).round() as u64;
+    let scale = (1.0 / (1.0 - p)) as f32;
+    let key = splitmix64(stream);
+    let mut out = Vec::with_capacity(n + 3);
+    for block in 0..n.div_ceil(4) as u64 {
+        let bits = splitmix64(key ^ block.wrapping_mul(0xD1B5_4A32_D192_ED03));
+        for lane in 0..4 {
+            let draw = (bits >> (16 * lane)) & 0xFFFF;
+            out.push(if draw >= threshold { scale } else { 0.0 });
+        }
+    }
+    out.truncate(n);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, NdArray};
+
+    #[test]
+    fn keep_masks_drop_about_p_and_rescale_the_rest() {
+        let mask = keep_mask(400_003, 0.1, 7);
+        assert_eq!(mask.len(), 400_003);
+        let dropped = mask.iter().filter(|&&m| m == 0.0).count() as f64 / mask.len() as f64;
+        assert!((dropped - 0.1).abs() < 0.003, "dropped {dropped}");
+        assert!(
+            mask.iter()
+                .all(|&m| m == 0.0 || (m - 1.0 / 0.9).abs() < 1e-6)
+        );
+        // The expected value is kept: mean ≈ 1.
+        let mean = mask.iter().map(|&m| m as f64).sum::<f64>() / mask.len() as f64;
+        assert!((mean - 1.0).abs() < 0.005, "mean {mean}");
+        assert_ne!(
+            keep_mask(64, 0.1, 8),
+            keep_mask(64, 0.1, 7),
+            "streams differ"
+        );
+        assert_eq!(
+            keep_mask(64, 0.1, 7),
+            keep_mask(64, 0.1, 7),
+            "deterministic"
+        );
+    }
+
+    #[test]
+    fn dropout_acts_only_while_training() {
+        let device = Default::default();
+        let x = Tensor::<NdArray, 2>::ones([50, 40], &device);
+        let same = dropout(x.clone(), 0.5);
+        assert_eq!(same.to_data(), x.to_data(), "no autodiff: identity");
+        let t = Tensor::<Autodiff<NdArray>, 2>::ones([50, 40], &device);
+        let y: Vec<f32> = dropout(t, 0.5).into_data().to_vec().unwrap();
+        let zeros = y.iter().filter(|&&v| v == 0.0).count();
+        assert!((800..1200).contains(&zeros), "{zeros} of 2000 dropped");
+        assert!(y.iter().all(|&v| v == 0.0 || v == 2.0));
+    }
+}

@@ -1,0 +1,97 @@
+//! Checkpoint files written atomically.
+//!
+//! Burn's file recorders create the target file and write into it, so a run killed mid-write
+//! leaves a truncated `model-N.mpk` that `--resume` would then fail to load. [`AtomicRecorder`]
+//! wraps any file recorder: it writes `.partial-<name>` beside the target, flushes it to disk and
+//! renames it over the target, so a checkpoint file is either complete or absent.
+
+use std::fs::File;
+use std::path::PathBuf;
+
+use burn::prelude::*;
+use burn::record::{FileRecorder, Recorder, RecorderError};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+#[derive(Debug, Default, Clone)]
+pub struct AtomicRecorder<R>(pub R);
+
+impl<B: Backend, R: FileRecorder<B>> Recorder<B> for AtomicRecorder<R> {
+    type Settings = R::Settings;
+    type RecordArgs = PathBuf;
+    type RecordOutput = ();
+    type LoadArgs = PathBuf;
+
+    fn save_item<I: Serialize>(&self, item: I, file: PathBuf) -> Result<(), RecorderError> {
+        let target = file.with_extension(<R as FileRecorder<B>>::file_extension());
+        let name = target
+            .file_name()
+            .ok_or_else(|| RecorderError::Unknown(format!("no file name in {target:?}")))?
+            .to_string_lossy()
+            .to_string();
+        // No dot after the leading one, so the inner recorder appends its extension to it.
+        let partial = target.with_file_name(format!(".partial-{}", name.replace('.', "-")));
+        self.0.save_item(item, partial.clone())?;
+        let written = partial.with_extension(<R as FileRecorder<B>>::file_extension());
+        let io = |e: std::io::Error| RecorderError::Unknown(format!("{written:?}: {e}"));
+        File::open(&written)
+            .and_then(|f| f.sync_all())
+            .map_err(io)?;
+        std::fs::rename(&written, &target).map_err(io)?;
+        if let Some(dir) = target.parent() {
+            // Make the rename itself durable; not every filesystem lets a directory be synced.
+            let _ = File::open(dir).and_then(|d| d.sync_all());
+        }
+        Ok(())
+    }
+
+    fn load_item<I: DeserializeOwned>(&self, file: &mut PathBuf) -> Result<I, RecorderError> {
+        self.0.load_item(file)
+    }
+}
+
+impl<B: Backend, R: FileRecorder<B>> FileRecorder<B> for AtomicRecorder<R> {
+    fn file_extension() -> &'static str {
+        R::file_extension()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::NdArray;
+    use burn::record::{DefaultRecorder, Record};
+
+    #[derive(Record, Debug, Clone)]
+    struct Numbers<B: Backend> {
+        values: Tensor<B, 1>,
+        step: usize,
+    }
+
+    #[test]
+    fn checkpoint_files_are_replaced_whole_and_leave_no_partial_file() {
+        type B = NdArray;
+        let device = Default::default();
+        let dir = tempfile::tempdir().unwrap();
+        let recorder = AtomicRecorder(DefaultRecorder::new());
+        let base = dir.path().join("model-3");
+        for step in [1usize, 2] {
+            let record = Numbers::<B> {
+                values: Tensor::from_floats([1.0, 2.0, step as f32], &device),
+                step,
+            };
+            Recorder::<B>::record(&recorder, record, base.clone()).unwrap();
+        }
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        assert_eq!(names, vec!["model-3.mpk".to_string()]);
+        let back: Numbers<B> = Recorder::<B>::load(&recorder, base, &device).unwrap();
+        assert_eq!(back.step, 2);
+        assert_eq!(
+            back.values.to_data().to_vec::<f32>().unwrap(),
+            [1.0, 2.0, 2.0]
+        );
+    }
+}

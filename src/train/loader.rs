@@ -1,0 +1,340 @@
+//! The training data order and its loader.
+//!
+//! [`EpochPlan`] fixes which users every step sees: each epoch is a seeded shuffle of the training
+//! users (ChaCha8 seeded with the run seed and the epoch), cut into batches, and the batches are
+//! grouped into *periods* of at most `train.checkpoint_every` steps (a whole epoch when it is 0).
+//! A period is what Burn's learner calls an epoch: it ends with validation and a checkpoint. The
+//! order depends on nothing else, so a resumed run sees exactly the batches the killed run would
+//! have seen.
+//!
+//! [`PlanLoader`] is the Burn `DataLoader` that serves one period per `iter()` call, with worker
+//! threads that build batches ahead, in order.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, sync_channel};
+use std::thread::JoinHandle;
+
+use burn::data::dataloader::batcher::Batcher;
+use burn::data::dataloader::{DataLoader, DataLoaderIterator, Progress};
+use burn::data::dataset::Dataset;
+use burn::prelude::*;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+
+use crate::data::batcher::{UserBatch, UserBatcher, UserDataset};
+use crate::data::store::PreparedDataset;
+
+/// Which users each training step sees, epoch after epoch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EpochPlan {
+    users: Vec<u32>,
+    batch_size: usize,
+    epochs: usize,
+    seed: u64,
+    /// Steps per period; `steps_per_epoch()` when checkpoints are per epoch only.
+    period_steps: usize,
+}
+
+impl EpochPlan {
+    /// `checkpoint_every` = 0 means one period per epoch.
+    pub fn new(
+        users: Vec<u32>,
+        batch_size: usize,
+        epochs: usize,
+        seed: u64,
+        checkpoint_every: usize,
+    ) -> Self {
+        let steps = users.len().div_ceil(batch_size.max(1)).max(1);
+        let period_steps = if checkpoint_every == 0 {
+            steps
+        } else {
+            checkpoint_every.min(steps)
+        };
+        Self {
+            users,
+            batch_size: batch_size.max(1),
+            epochs,
+            seed,
+            period_steps,
+        }
+    }
+
+    /// Steps in one epoch (the last batch may be short).
+    pub fn steps_per_epoch(&self) -> usize {
+        self.users.len().div_ceil(self.batch_size).max(1)
+    }
+
+    pub fn periods_per_epoch(&self) -> usize {
+        self.steps_per_epoch().div_ceil(self.period_steps)
+    }
+
+    /// Periods in the whole run: Burn's number of epochs.
+    pub fn periods(&self) -> usize {
+        self.epochs * self.periods_per_epoch()
+    }
+
+    pub fn total_steps(&self) -> usize {
+        self.epochs * self.steps_per_epoch()
+    }
+
+    /// Steps taken before period `period` (0-based) starts.
+    pub fn steps_before(&self, period: usize) -> usize {
+        let (epoch, part) = (
+            period / self.periods_per_epoch(),
+            period % self.periods_per_epoch(),
+        );
+        epoch * self.steps_per_epoch() + part * self.period_steps
+    }
+
+    /// The (1-based) epoch and part of (1-based) period `period`, as the renderer shows them.
+    pub fn epoch_and_part(&self, period: usize) -> (usize, usize) {
+        let p = period.max(1) - 1;
+        (
+            p / self.periods_per_epoch() + 1,
+            p % self.periods_per_epoch() + 1,
+        )
+    }
+
+    /// The training users in epoch `epoch`'s (0-based) order.
+    pub fn epoch_order(&self, epoch: usize) -> Vec<u32> {
+        let mut order = self.users.clone();
+        let mut rng = ChaCha8Rng::seed_from_u64(
+            self.seed ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
+        order.shuffle(&mut rng);
+        order
+    }
+
+    /// The users of period `period` (0-based over the run), in step order.
+    pub fn period_users(&self, period: usize) -> Vec<u32> {
+        let ppe = self.periods_per_epoch();
+        let (epoch, part) = (period / ppe, period % ppe);
+        let order = self.epoch_order(epoch);
+        let per = self.period_steps * self.batch_size;
+        let start = (part * per).min(order.len());
+        let end = ((part + 1) * per).min(order.len());
+        order[start..end].to_vec()
+    }
+}
+
+/// Burn `DataLoader` over an [`EpochPlan`]: each `iter()` serves the next period.
+pub struct PlanLoader<B: Backend> {
+    plan: Arc<EpochPlan>,
+    data: Arc<PreparedDataset>,
+    batcher: UserBatcher,
+    max_items: usize,
+    max_item_tokens: usize,
+    workers: usize,
+    device: B::Device,
+    /// Next period to serve, shared by the copies `to_device` makes.
+    next: Arc<AtomicUsize>,
+    /// `slice(start, end)`: only these positions of each period (multi-device splits).
+    range: Option<(usize, usize)>,
+}
+
+impl<B: Backend> PlanLoader<B> {
+    /// A loader that starts with period `first` (0-based; a resumed run passes the periods done).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        plan: Arc<EpochPlan>,
+        data: Arc<PreparedDataset>,
+        batcher: UserBatcher,
+        max_items: usize,
+        max_item_tokens: usize,
+        workers: usize,
+        device: B::Device,
+        first: usize,
+    ) -> Self {
+        Self {
+            plan,
+            data,
+            batcher,
+            max_items,
+            max_item_tokens,
+            workers: workers.max(1),
+            device,
+            next: Arc::new(AtomicUsize::new(first)),
+            range: None,
+        }
+    }
+
+    fn users(&self, period: usize) -> Vec<u32> {
+        let users = self.plan.period_users(period);
+        match self.range {
+            Some((start, end)) => users[start.min(users.len())..end.min(users.len())].to_vec(),
+            None => users,
+        }
+    }
+
+    fn copy(&self, device: B::Device, range: Option<(usize, usize)>) -> Self {
+        Self {
+            plan: self.plan.clone(),
+            data: self.data.clone(),
+            batcher: self.batcher.clone(),
+            max_items: self.max_items,
+            max_item_tokens: self.max_item_tokens,
+            workers: self.workers,
+            device,
+            next: self.next.clone(),
+            range,
+        }
+    }
+}
+
+impl<B: Backend> DataLoader<B, UserBatch<B>> for PlanLoader<B> {
+    fn iter<'a>(&'a self) -> Box<dyn DataLoaderIterator<UserBatch<B>> + 'a> {
+        let period = self.next.fetch_add(1, Ordering::SeqCst);
+        let dataset = Arc::new(UserDataset::with_users(
+            self.data.clone(),
+            self.users(period),
+            self.max_items,
+            self.max_item_tokens,
+        ));
+        Box::new(OrderedBatches::start(
+            dataset,
+            self.plan.batch_size,
+            self.workers,
+            self.batcher.clone(),
+            self.device.clone(),
+        ))
+    }
+
+    fn num_items(&self) -> usize {
+        self.users(self.next.load(Ordering::SeqCst)).len()
+    }
+
+    fn to_device(&self, device: &B::Device) -> Arc<dyn DataLoader<B, UserBatch<B>>> {
+        Arc::new(self.copy(device.clone(), self.range))
+    }
+
+    fn slice(&self, start: usize, end: usize) -> Arc<dyn DataLoader<B, UserBatch<B>>> {
+        let range = match self.range {
+            Some((s, _)) => (s + start, s + end),
+            None => (start, end),
+        };
+        Arc::new(self.copy(self.device.clone(), Some(range)))
+    }
+}
+
+/// Batches of a dataset in order, built ahead by `workers` threads: worker `w` builds batches
+/// `w, w + workers, …`, each into its own two-deep channel, and the iterator takes them round
+/// robin — the order is fixed and at most `2 × workers` batches wait in memory.
+struct OrderedBatches<B: Backend> {
+    channels: Vec<Receiver<UserBatch<B>>>,
+    workers: Vec<JoinHandle<()>>,
+    next: usize,
+    batches: usize,
+    items: usize,
+    batch_size: usize,
+}
+
+impl<B: Backend> OrderedBatches<B> {
+    fn start(
+        dataset: Arc<UserDataset>,
+        batch_size: usize,
+        workers: usize,
+        batcher: UserBatcher,
+        device: B::Device,
+    ) -> Self {
+        let items = dataset.len();
+        let batches = items.div_ceil(batch_size);
+        let workers = workers.min(batches).max(1);
+        let mut channels = Vec::with_capacity(workers);
+        let mut handles = Vec::with_capacity(workers);
+        for w in 0..workers {
+            let (tx, rx) = sync_channel(2);
+            channels.push(rx);
+            let (dataset, batcher, device) = (dataset.clone(), batcher.clone(), device.clone());
+            let handle = std::thread::Builder::new()
+                .name(format!("clue-loader-{w}"))
+                .spawn(move || {
+                    for b in (w..batches).step_by(workers) {
+                        let samples = (b * batch_size..((b + 1) * batch_size).min(items))
+                            .filter_map(|i| dataset.get(i))
+                            .collect();
+                        let batch: UserBatch<B> = batcher.batch(samples, &device);
+                        if tx.send(batch).is_err() {
+                            return; // the iterator was dropped: stop quietly
+                        }
+                    }
+                })
+                .expect("spawn a data-loading thread");
+            handles.push(handle);
+        }
+        Self {
+            channels,
+            workers: handles,
+            next: 0,
+            batches,
+            items,
+            batch_size,
+        }
+    }
+}
+
+impl<B: Backend> Iterator for OrderedBatches<B> {
+    type Item = UserBatch<B>;
+
+    fn next(&mut self) -> Option<UserBatch<B>> {
+        if self.next >= self.batches {
+            for handle in self.workers.drain(..) {
+                let _ = handle.join();
+            }
+            return None;
+        }
+        let batch = self.channels[self.next % self.channels.len()].recv().ok()?;
+        self.next += 1;
+        Some(batch)
+    }
+}
+
+impl<B: Backend> DataLoaderIterator<UserBatch<B>> for OrderedBatches<B> {
+    fn progress(&self) -> Progress {
+        Progress::new((self.next * self.batch_size).min(self.items), self.items)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn periods_cut_each_seeded_epoch_order_without_losing_or_repeating_a_user() {
+        let users: Vec<u32> = (0..103).collect();
+        // 103 users, batch 10 → 11 steps per epoch; periods of 4 steps → 4, 4, 3.
+        let plan = EpochPlan::new(users.clone(), 10, 3, 7, 4);
+        assert_eq!(plan.steps_per_epoch(), 11);
+        assert_eq!(plan.periods_per_epoch(), 3);
+        assert_eq!(plan.periods(), 9);
+        assert_eq!(plan.total_steps(), 33);
+        assert_eq!(
+            (0..=9).map(|p| plan.steps_before(p)).collect::<Vec<_>>(),
+            vec![0, 4, 8, 11, 15, 19, 22, 26, 30, 33]
+        );
+        assert_eq!(plan.epoch_and_part(5), (2, 2));
+        for epoch in 0..3 {
+            let joined: Vec<u32> = (0..3)
+                .flat_map(|part| plan.period_users(epoch * 3 + part))
+                .collect();
+            assert_eq!(joined, plan.epoch_order(epoch), "periods concatenate");
+            let mut sorted = joined.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, users, "every user exactly once per epoch");
+            assert_eq!(plan.period_users(epoch * 3).len(), 40);
+            assert_eq!(plan.period_users(epoch * 3 + 2).len(), 23);
+        }
+        assert_ne!(plan.epoch_order(0), plan.epoch_order(1), "reshuffled");
+        assert_ne!(plan.epoch_order(0), users, "shuffled");
+        let again = EpochPlan::new(users.clone(), 10, 3, 7, 4);
+        assert_eq!(again.period_users(4), plan.period_users(4), "seeded");
+        let other = EpochPlan::new(users.clone(), 10, 3, 8, 4);
+        assert_ne!(other.epoch_order(0), plan.epoch_order(0));
+        // Per-epoch checkpoints: one period per epoch, the same order.
+        let whole = EpochPlan::new(users, 10, 3, 7, 0);
+        assert_eq!(whole.periods(), 3);
+        assert_eq!(whole.period_users(1), plan.epoch_order(1));
+        assert_eq!(whole.steps_before(2), 22);
+    }
+}
