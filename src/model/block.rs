@@ -151,28 +151,24 @@ pub fn dropout<B: Backend, const D: usize>(x: Tensor<B, D>, p: f64) -> Tensor<B,
     if !(name.contains("flex") || name.contains("ndarray")) {
         return x.clone() * x.random_like(Distribution::Bernoulli(keep)) * (1.0 / keep);
     }
+    // A boolean mask: autodiff keeps one byte per element for the backward pass, not four.
     let shape = x.shape();
-    let mask = keep_mask(
-        shape.num_elements(),
-        p,
-        DROPOUT_STATE.fetch_add(1, Ordering::SeqCst),
-    );
-    x * Tensor::<B, 1>::from_data(TensorData::new(mask, [shape.num_elements()]), &device)
-        .reshape(shape)
+    let n = shape.num_elements();
+    let mask = drop_mask(n, p, DROPOUT_STATE.fetch_add(1, Ordering::SeqCst));
+    let drop = Tensor::<B, 1, Bool>::from_data(TensorData::new(mask, [n]), &device).reshape(shape);
+    x.mask_fill(drop, 0.0).mul_scalar(1.0 / keep)
 }
 
-/// `n` values, each `1 / (1 - p)` with probability `1 - p` and 0 otherwise (p in steps of 2⁻¹⁶),
-/// from a counter-based generator: four draws per 64-bit hash.
-fn keep_mask(n: usize, p: f64, stream: u64) -> Vec<f32> {
+/// `n` flags, each true (drop) with probability `p` (in steps of 2⁻¹⁶), from a counter-based
+/// generator: four draws per 64-bit hash.
+fn drop_mask(n: usize, p: f64, stream: u64) -> Vec<bool> {
     let threshold = (p * 65536.0).round() as u64;
-    let scale = (1.0 / (1.0 - p)) as f32;
     let key = splitmix64(stream);
     let mut out = Vec::with_capacity(n + 3);
     for block in 0..n.div_ceil(4) as u64 {
         let bits = splitmix64(key ^ block.wrapping_mul(0xD1B5_4A32_D192_ED03));
         for lane in 0..4 {
-            let draw = (bits >> (16 * lane)) & 0xFFFF;
-            out.push(if draw >= threshold { scale } else { 0.0 });
+            out.push((bits >> (16 * lane)) & 0xFFFF < threshold);
         }
     }
     out.truncate(n);
@@ -185,28 +181,28 @@ mod tests {
     use burn::backend::{Autodiff, NdArray};
 
     #[test]
-    fn keep_masks_drop_about_p_and_rescale_the_rest() {
-        let mask = keep_mask(400_003, 0.1, 7);
+    fn drop_masks_drop_about_p() {
+        let mask = drop_mask(400_003, 0.1, 7);
         assert_eq!(mask.len(), 400_003);
-        let dropped = mask.iter().filter(|&&m| m == 0.0).count() as f64 / mask.len() as f64;
+        let dropped = mask.iter().filter(|&&m| m).count() as f64 / mask.len() as f64;
         assert!((dropped - 0.1).abs() < 0.003, "dropped {dropped}");
-        assert!(
-            mask.iter()
-                .all(|&m| m == 0.0 || (m - 1.0 / 0.9).abs() < 1e-6)
-        );
-        // The expected value is kept: mean ≈ 1.
-        let mean = mask.iter().map(|&m| m as f64).sum::<f64>() / mask.len() as f64;
-        assert!((mean - 1.0).abs() < 0.005, "mean {mean}");
+        // Lanes of one hash are independent: pairs both dropped ≈ p².
+        let pairs = mask.len() / 2;
+        let both = (0..pairs)
+            .filter(|&i| mask[2 * i] && mask[2 * i + 1])
+            .count() as f64;
+        assert!((both / pairs as f64 - 0.01).abs() < 0.002, "both {both}");
         assert_ne!(
-            keep_mask(64, 0.1, 8),
-            keep_mask(64, 0.1, 7),
+            drop_mask(64, 0.5, 8),
+            drop_mask(64, 0.5, 7),
             "streams differ"
         );
         assert_eq!(
-            keep_mask(64, 0.1, 7),
-            keep_mask(64, 0.1, 7),
+            drop_mask(64, 0.5, 7),
+            drop_mask(64, 0.5, 7),
             "deterministic"
         );
+        assert!(drop_mask(1000, 0.0, 3).iter().all(|&m| !m));
     }
 
     #[test]
@@ -219,6 +215,9 @@ mod tests {
         let y: Vec<f32> = dropout(t, 0.5).into_data().to_vec().unwrap();
         let zeros = y.iter().filter(|&&v| v == 0.0).count();
         assert!((800..1200).contains(&zeros), "{zeros} of 2000 dropped");
-        assert!(y.iter().all(|&v| v == 0.0 || v == 2.0));
+        assert!(
+            y.iter().all(|&v| v == 0.0 || v == 2.0),
+            "the rest scaled by 1/(1-p)"
+        );
     }
 }
