@@ -109,6 +109,7 @@ impl HistoryBuilder {
 }
 
 /// Item vectors of every item in `tokens`, `chunk` items per call: `[items, d_model]` row-major.
+/// Items are encoded shortest first, so each call pads to a length close to its items' own.
 pub fn item_vectors<B: Backend>(
     encoder: &ClueEncoder<B>,
     tokens: &[Vec<u32>],
@@ -116,9 +117,19 @@ pub fn item_vectors<B: Backend>(
     device: &B::Device,
 ) -> Vec<f32> {
     let bar = ui::bar(tokens.len() as u64, "items", false);
+    let mut order: Vec<usize> = (0..tokens.len()).collect();
+    order.sort_by_key(|&i| tokens[i].len());
     let mut out = Vec::new();
-    for part in tokens.chunks(chunk.max(1)) {
-        out.extend(encode_item_rows(encoder, part, device));
+    for part in order.chunks(chunk.max(1)) {
+        let rows: Vec<&[u32]> = part.iter().map(|&i| tokens[i].as_slice()).collect();
+        let vectors = encode_item_rows(encoder, &rows, device);
+        let d = vectors.len() / part.len();
+        if out.is_empty() {
+            out = vec![0f32; tokens.len() * d];
+        }
+        for (&i, v) in part.iter().zip(vectors.chunks_exact(d)) {
+            out[i * d..(i + 1) * d].copy_from_slice(v);
+        }
         bar.inc(part.len() as u64);
     }
     bar.finish_and_clear();
@@ -127,10 +138,10 @@ pub fn item_vectors<B: Backend>(
 
 fn encode_item_rows<B: Backend>(
     encoder: &ClueEncoder<B>,
-    rows: &[Vec<u32>],
+    rows: &[&[u32]],
     device: &B::Device,
 ) -> Vec<f32> {
-    let len = rows.iter().map(Vec::len).max().unwrap_or(1).max(1);
+    let len = rows.iter().map(|r| r.len()).max().unwrap_or(1).max(1);
     let mut flat = vec![0i64; rows.len() * len];
     for (r, t) in rows.iter().enumerate() {
         for (j, &id) in t.iter().enumerate() {
@@ -200,8 +211,10 @@ pub fn user_vectors<B: Backend>(
                     .reshape([order.len(), d_model])
             }
             ItemSource::Tokens(tokens) => {
-                let rows: Vec<Vec<u32>> =
-                    order.iter().map(|&i| tokens[i as usize].clone()).collect();
+                let rows: Vec<&[u32]> = order
+                    .iter()
+                    .map(|&i| tokens[i as usize].as_slice())
+                    .collect();
                 let v = encode_item_rows(encoder, &rows, device);
                 Tensor::<B, 1>::from_data(TensorData::new(v, [order.len() * d_model]), device)
                     .reshape([order.len(), d_model])

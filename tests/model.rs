@@ -9,7 +9,7 @@ use burn::module::Param;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
 use burn::train::TrainStep;
-use clue::data::batcher::{UserBatch, UserBatcher, UserDataset};
+use clue::data::batcher::{FixedShape, UserBatch, UserBatcher, UserDataset};
 use clue::data::prepare::{PrepareOptions, prepare};
 use clue::data::store::{PreparedDataset, Split};
 use clue::data::synth::{SynthOptions, synth};
@@ -89,6 +89,39 @@ fn a_user_embeds_the_same_alone_and_padded_inside_a_batch() {
             .fold(0.0f32, f32::max);
         assert!(diff < 1e-4, "service {s}: max |Δ| = {diff}");
     }
+}
+
+#[test]
+fn grouping_items_by_length_changes_no_embedding() {
+    let (_dir, data) = prepared(200);
+    let c = small_config(data.manifest.vocab_size as usize);
+    let dev = Default::default();
+    let model = ClueModel::<NdArray>::new(&c, &dev);
+    let ds = UserDataset::new(data.clone(), Split::Train, c.max_items, c.max_item_tokens);
+    let samples: Vec<_> = (0..ds.len().min(96)).map(|i| ds.get(i).unwrap()).collect();
+    let grouped: UserBatch<NdArray> = UserBatcher::default().batch(samples.clone(), &dev);
+    let one_group: UserBatch<NdArray> = UserBatcher::fixed(FixedShape {
+        items: c.max_items,
+        tokens: c.max_item_tokens,
+        item_multiple: 1,
+    })
+    .batch(samples, &dev);
+    assert!(grouped.item_groups.len() > 1, "items of several lengths");
+    assert_eq!(one_group.item_groups.len(), 1);
+    let a: Vec<f32> = model.encoder.forward(&grouped).to_data().to_vec().unwrap();
+    let b: Vec<f32> = model
+        .encoder
+        .forward(&one_group)
+        .to_data()
+        .to_vec()
+        .unwrap();
+    assert_eq!(a.len(), b.len());
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff < 1e-4, "max |Δ| = {diff}");
 }
 
 #[test]

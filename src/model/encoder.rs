@@ -101,6 +101,19 @@ impl<B: Backend> ClueEncoder<B> {
         self.item.forward(self.token_embedding.forward(tokens), pad)
     }
 
+    /// Item vectors of groups of items (each `[items, len]`, any `len`), in order:
+    /// `[Σ items, d_model]`.
+    pub fn encode_item_groups(&self, groups: &[Tensor<B, 2, Int>]) -> Tensor<B, 2> {
+        let mut vectors: Vec<Tensor<B, 2>> = groups
+            .iter()
+            .map(|g| self.encode_items(g.clone()))
+            .collect();
+        match vectors.len() {
+            1 => vectors.pop().expect("one group"),
+            _ => Tensor::cat(vectors, 0),
+        }
+    }
+
     /// User embeddings from already-encoded item vectors.
     ///
     /// `item_vectors`: `[distinct items, d_model]`; `slot_item`: `[rows·slots]` (0 = padding,
@@ -126,7 +139,7 @@ impl<B: Backend> ClueEncoder<B> {
     /// One embedding per row of the batch: `[services·batch, embedding_dim]`. Each distinct item
     /// of the batch goes through the Item Transformer once.
     pub fn forward(&self, batch: &UserBatch<B>) -> Tensor<B, 2> {
-        let vectors = self.encode_items(batch.item_tokens.clone());
+        let vectors = self.encode_item_groups(&batch.item_groups);
         self.encode_users(vectors, batch.slot_item.clone(), batch.item_pad.clone())
     }
 }
