@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::activation::softmax;
+
+use crate::model::gelu::gelu;
 use burn::tensor::{Distribution, TensorData};
 
 /// Score given to padding keys before the softmax (Burn's multi-head attention uses the same).
