@@ -12,7 +12,7 @@ use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
-use crate::model::gelu::gelu;
+use crate::model::flex::{gelu, swap_middle};
 use burn::tensor::{Distribution, TensorData};
 
 /// Score given to padding keys before the softmax (Burn's multi-head attention uses the same).
@@ -49,36 +49,21 @@ impl<B: Backend> Block<B> {
         }
     }
 
-    /// `x`: `[n, len, d]`, `pad`: `[n, len]` (true = padding key) → `[n, len, d]`.
-    pub fn forward(&self, x: Tensor<B, 3>, pad: Tensor<B, 2, Bool>) -> Tensor<B, 3> {
+    /// `x`: `[n, len, d]`, `mask`: `[n, heads, len, len]` from [`attention_mask`] → `[n, len, d]`.
+    pub fn forward(&self, x: Tensor<B, 3>, mask: Tensor<B, 4, Bool>) -> Tensor<B, 3> {
         let [n, len, d] = x.dims();
         let (h, dh) = (self.heads, d / self.heads);
         let y = self.norm_attention.forward(x.clone());
-        // [n, len, d] → [n, h, len, dh] as views: the CPU matmul reads strided operands.
-        let heads = |linear: &Linear<B>| {
-            flat(linear, y.clone())
-                .reshape([n, len, h, dh])
-                .swap_dims(1, 2)
-        };
+        // [n, len, d] → [n, h, len, dh].
+        let heads =
+            |linear: &Linear<B>| swap_middle(flat(linear, y.clone()).reshape([n, len, h, dh]));
         let (q, k, v) = (heads(&self.query), heads(&self.key), heads(&self.value));
         let scores = q
             .matmul(k.swap_dims(2, 3))
             .mul_scalar(1.0 / (dh as f64).sqrt());
-        let mask = pad.reshape([n, 1, 1, len]).expand([n, h, len, len]);
         let weights = softmax(scores.mask_fill(mask, MASKED_SCORE), 3);
         let context = dropout(weights, self.dropout).matmul(v); // [n, h, len, dh]
-        // Heads back side by side: h 2-D copies (a 4-D transpose is element by element on flex).
-        let context = Tensor::cat(
-            (0..h)
-                .map(|i| {
-                    context
-                        .clone()
-                        .slice([0..n, i..i + 1, 0..len, 0..dh])
-                        .reshape([n, len, dh])
-                })
-                .collect(),
-            2,
-        );
+        let context = swap_middle(context).reshape([n, len, d]);
         let x = x + dropout(flat(&self.attention_out, context), self.dropout);
         let hidden = gelu(flat(&self.ff_in, self.norm_ff.forward(x.clone())));
         let ff = flat(&self.ff_out, dropout(hidden, self.dropout));
@@ -120,11 +105,25 @@ impl<B: Backend> Encoder<B> {
 
     /// `x`: `[n, len, d]`, `pad`: `[n, len]` (true = padding) → `[n, len, d]`.
     pub fn forward(&self, mut x: Tensor<B, 3>, pad: Tensor<B, 2, Bool>) -> Tensor<B, 3> {
+        let Some(first) = self.layers.first() else {
+            return x;
+        };
+        let mask = attention_mask(pad, first.heads);
         for layer in &self.layers {
-            x = layer.forward(x, pad.clone());
+            x = layer.forward(x, mask.clone());
         }
         x
     }
+}
+
+/// The keys each query may not attend to: `pad` (`[n, len]`, true = padding) repeated into
+/// `[n, heads, len, len]`, in memory once for all layers (CPU backends would otherwise expand
+/// it element by element in every masking, forward and backward).
+pub fn attention_mask<B: Backend>(pad: Tensor<B, 2, Bool>, heads: usize) -> Tensor<B, 4, Bool> {
+    let [n, len] = pad.dims();
+    pad.reshape([n, 1, 1, len])
+        .repeat_dim(2, len)
+        .repeat_dim(1, heads)
 }
 
 /// State of the CPU dropout generator; [`seed_dropout`] sets it.
@@ -221,5 +220,63 @@ mod tests {
             y.iter().all(|&v| v == 0.0 || v == 2.0),
             "the rest scaled by 1/(1-p)"
         );
+    }
+
+    /// Flex's own kernels (GELU, head split and merge) against Burn's generic operations on the
+    /// same backend and weights, forward and backward.
+    #[test]
+    fn flex_fast_paths_match_the_generic_path() {
+        use crate::model::flex::tests::GENERIC;
+        use burn::backend::Flex;
+        type Fx = Autodiff<Flex>;
+        let dev = Default::default();
+        let encoder = Encoder::<Fx>::new(16, 32, 4, 2, 0.0, &dev);
+        let (n, len) = (3, 5);
+        let x: Vec<f32> = (0..n * len * 16)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+            .collect();
+        let pad: Vec<bool> = (0..n * len).map(|i| i % len >= len - i / len).collect();
+        // A weighted sum, so every output position gets its own gradient.
+        let weights: Vec<f32> = (0..n * len * 16).map(|i| (i % 7) as f32 - 3.0).collect();
+        let run = |generic: bool| {
+            GENERIC.set(generic);
+            let x = Tensor::<Fx, 3>::from_data(TensorData::new(x.clone(), [n, len, 16]), &dev)
+                .require_grad();
+            let pad =
+                Tensor::<Fx, 2, Bool>::from_data(TensorData::new(pad.clone(), [n, len]), &dev);
+            let w =
+                Tensor::<Fx, 3>::from_data(TensorData::new(weights.clone(), [n, len, 16]), &dev);
+            let y = encoder.forward(x.clone(), pad);
+            let grads = (y.clone() * w).sum().backward();
+            GENERIC.set(false);
+            let layer = &encoder.layers[0];
+            let grad = |p: &burn::module::Param<Tensor<Fx, 2>>| p.grad(&grads).unwrap().into_data();
+            [
+                y.into_data(),
+                x.grad(&grads).unwrap().into_data(),
+                grad(&layer.query.weight),
+                grad(&layer.value.weight),
+                grad(&layer.ff_in.weight),
+            ]
+        };
+        let (fast, generic) = (run(false), run(true));
+        for (what, (a, b)) in ["output", "input gradient", "query", "value", "ff_in"]
+            .iter()
+            .zip(fast.into_iter().zip(generic))
+        {
+            let a: Vec<f32> = a.convert::<f32>().to_vec().unwrap();
+            let b: Vec<f32> = b.convert::<f32>().to_vec().unwrap();
+            assert_eq!(a.len(), b.len());
+            let diff = a
+                .iter()
+                .zip(&b)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            let scale = a.iter().map(|a| a.abs()).fold(1.0, f32::max);
+            assert!(
+                diff < 1e-5 * scale,
+                "{what}: max |Δ| = {diff}, largest {scale}"
+            );
+        }
     }
 }

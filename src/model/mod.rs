@@ -3,7 +3,7 @@
 pub mod block;
 pub mod config;
 pub mod encoder;
-pub mod gelu;
+pub mod flex;
 
 use burn::module::Param;
 use burn::nn::{Linear, LinearConfig, Relu};

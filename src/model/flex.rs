@@ -1,14 +1,17 @@
-//! GELU for the Flex CPU backend.
+//! Fast paths for Burn's Flex CPU backend, where the generic operations are slowest.
 //!
-//! Burn's Flex backend evaluates `erf` with one scalar libm call per element on one thread: a
-//! quarter of an inference pass and a tenth of a training step on the `tiny` preset. Here the
-//! exact GELU `x·Φ(x)` and its derivative `Φ(x) + x·φ(x)` run vectorised (AVX2 where the CPU
-//! has it) and on all cores, with the erf approximation PyTorch's vectorised CPU kernel uses
-//! (Abramowitz–Stegun 7.1.26: |erf error| ≤ 1.5·10⁻⁷, so |GELU error| ≤ ~10⁻⁷·max(1, |x|)).
-//! Other backends (and other float types) use Burn's `gelu`.
+//! - **GELU.** Flex evaluates `erf` with one scalar libm call per element on one thread: a
+//!   quarter of an inference pass and a tenth of a training step on the `tiny` preset. Here the
+//!   exact GELU `x·Φ(x)` and its derivative `Φ(x) + x·φ(x)` run vectorised (AVX2 where the CPU
+//!   has it) and on all cores, with the erf approximation PyTorch's vectorised CPU kernel uses
+//!   (Abramowitz–Stegun 7.1.26: |erf error| ≤ 1.5·10⁻⁷, so |GELU error| ≤ ~10⁻⁷·max(1, |x|)).
+//! - **Head split and merge.** Swapping the two middle axes of `[n, len, heads, d_head]` is a
+//!   view in Burn, but the reshape after it (in the backward pass too) makes Flex copy element by
+//!   element. Here the swap is one copy of `d_head`-long rows, and its backward step the inverse.
 //!
-//! [`gelu`] recognises Flex tensors (plain, and under `Autodiff<Flex>`, where it records its own
-//! backward step) by their primitive's type, so the model stays generic over `B: Backend`.
+//! Each function recognises Flex tensors (plain, and under `Autodiff<Flex>`, where it records
+//! its own backward step) by their primitive's type, so the model stays generic over
+//! `B: Backend`; other backends (and float types other than f32) take Burn's generic path.
 
 use std::any::Any;
 
@@ -29,27 +32,91 @@ type FlexAutodiffTensor = <Autodiff<Flex> as BackendTypes>::FloatTensorPrimitive
 /// Elements per parallel task.
 const CHUNK: usize = 16 * 1024;
 
-/// `x·Φ(x)` with Φ the standard normal CDF (PyTorch's `gelu`, `approximate="none"`).
-pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+/// Applies `plain` to a Flex tensor or `tracked` to an `Autodiff<Flex>` one (f32 only); gives
+/// the tensor back unchanged (`Err`) on any other backend.
+fn on_flex<B: Backend, const D: usize, const E: usize>(
+    x: Tensor<B, D>,
+    plain: impl FnOnce(FlexTensor) -> FlexTensor,
+    tracked: impl FnOnce(FlexAutodiffTensor) -> FlexAutodiffTensor,
+) -> std::result::Result<Tensor<B, E>, Tensor<B, D>> {
+    #[cfg(test)]
+    if tests::GENERIC.get() {
+        return Err(x);
+    }
     if x.dtype() != DType::F32 {
-        return activation::gelu(x);
+        return Err(x);
     }
     let any: Box<dyn Any> = Box::new(x.into_primitive().tensor());
     let (any, done): (Box<dyn Any>, bool) = match any.downcast::<FlexTensor>() {
-        Ok(t) => (Box::new(flex_gelu(*t)), true),
+        Ok(t) => (Box::new(plain(*t)), true),
         Err(any) => match any.downcast::<FlexAutodiffTensor>() {
-            Ok(t) => (Box::new(autodiff_flex_gelu(*t)), true),
+            Ok(t) => (Box::new(tracked(*t)), true),
             Err(any) => (any, false),
         },
     };
     let primitive = *any
         .downcast::<B::FloatTensorPrimitive>()
         .expect("a primitive of the same type");
-    let out = Tensor::from_primitive(TensorPrimitive::Float(primitive));
     match done {
-        true => out,
-        false => activation::gelu(out),
+        true => Ok(Tensor::from_primitive(TensorPrimitive::Float(primitive))),
+        false => Err(Tensor::from_primitive(TensorPrimitive::Float(primitive))),
     }
+}
+
+/// `x·Φ(x)` with Φ the standard normal CDF (PyTorch's `gelu`, `approximate="none"`).
+pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    on_flex(x, flex_gelu, autodiff_flex_gelu).unwrap_or_else(activation::gelu)
+}
+
+/// `[a, b, c, e]` → `[a, c, b, e]` (`x.swap_dims(1, 2)`), contiguous on Flex.
+pub fn swap_middle<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    on_flex(x, flex_swap_middle, autodiff_flex_swap_middle).unwrap_or_else(|x| x.swap_dims(1, 2))
+}
+
+/// The backward step of [`swap_middle`] under `Autodiff<Flex>`: swaps back.
+#[derive(Debug)]
+struct SwapMiddleBackward;
+
+impl Backward<Flex, 1> for SwapMiddleBackward {
+    type State = ();
+
+    fn backward(self, ops: Ops<(), 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        unary::<Flex, _>(ops.parents, ops.node, grads, flex_swap_middle);
+    }
+}
+
+fn autodiff_flex_swap_middle(x: FlexAutodiffTensor) -> FlexAutodiffTensor {
+    match SwapMiddleBackward
+        .prepare::<NoCheckpointing>([x.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((), flex_swap_middle(x.primitive)),
+        OpsKind::UnTracked(prep) => prep.finish(flex_swap_middle(x.primitive)),
+    }
+}
+
+fn flex_swap_middle(x: FlexTensor) -> FlexTensor {
+    let dims: Vec<usize> = x.shape().iter().copied().collect();
+    let &[a, b, c, e] = dims.as_slice() else {
+        panic!("swap_middle: a 4-D tensor, got {dims:?}");
+    };
+    let x = x.to_contiguous();
+    let src = x.as_slice::<f32>().expect("a contiguous f32 tensor");
+    let mut out = vec![0f32; src.len()];
+    if !out.is_empty() {
+        // One task per index of the first axis: `c·b` rows of `e` values.
+        out.par_chunks_mut(b * c * e)
+            .zip(src.par_chunks(b * c * e))
+            .for_each(|(out, src)| {
+                for (j, row) in src.chunks_exact(e.max(1)).enumerate() {
+                    let (jb, jc) = (j / c, j % c);
+                    let at = (jc * b + jb) * e;
+                    out[at..at + e].copy_from_slice(row);
+                }
+            });
+    }
+    FlexTensor::from_data(TensorData::new(out, [a, c, b, e]))
 }
 
 /// The backward step of [`gelu`] under `Autodiff<Flex>`: keeps the input.
@@ -181,8 +248,13 @@ dispatch!(gelu_slice, gelu_slice_avx2, gelu_kernel, (x: &[f32], y: &mut [f32]));
 dispatch!(gelu_grad_slice, gelu_grad_slice_avx2, gelu_grad_kernel, (x: &[f32], g: &[f32], out: &mut [f32]));
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    thread_local! {
+        /// Set: every function here takes Burn's generic path, for comparisons.
+        pub(crate) static GENERIC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
     use burn::backend::NdArray;
 
     /// −10 … 10 in steps of 1/512, plus the extremes and a NaN.
