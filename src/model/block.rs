@@ -1,6 +1,8 @@
 //! The pre-norm Transformer encoder both CLUE transformers use, written out so the CPU path is
-//! cheap: heads split as strided views (no copies), and dropout masks drawn by a fast generator on
-//! the CPU backends (Burn's generic sampler draws element by element: ~14 % of a CPU step).
+//! cheap: linear layers as one matmul over all positions, the attention mask repeated once per
+//! encoder, heads split and merged by [`swap_middle`] and GELU by [`gelu`] (fast on Flex, see
+//! `model::flex`), and dropout masks drawn by a fast generator on the CPU backends (Burn's
+//! generic sampler draws element by element: ~14 % of a CPU step).
 //!
 //! Same computation as PyTorch's `nn.TransformerEncoderLayer(norm_first=True, activation="gelu")`
 //! with dropout on the attention weights, after the attention projection, inside the feed-forward
@@ -11,9 +13,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
+use burn::tensor::{Distribution, TensorData};
+use rayon::prelude::*;
 
 use crate::model::flex::{gelu, swap_middle};
-use burn::tensor::{Distribution, TensorData};
 
 /// Score given to padding keys before the softmax (Burn's multi-head attention uses the same).
 const MASKED_SCORE: f64 = -1.0e4;
@@ -161,18 +164,24 @@ pub fn dropout<B: Backend, const D: usize>(x: Tensor<B, D>, p: f64) -> Tensor<B,
 }
 
 /// `n` flags, each true (drop) with probability `p` (in steps of 2⁻¹⁶), from a counter-based
-/// generator: four draws per 64-bit hash.
+/// generator: four draws per 64-bit hash, filled in parallel (the result does not depend on the
+/// number of threads).
 fn drop_mask(n: usize, p: f64, stream: u64) -> Vec<bool> {
+    const BLOCKS: usize = 4096; // hashes per parallel task
     let threshold = (p * 65536.0).round() as u64;
     let key = splitmix64(stream);
-    let mut out = Vec::with_capacity(n + 3);
-    for block in 0..n.div_ceil(4) as u64 {
-        let bits = splitmix64(key ^ block.wrapping_mul(0xD1B5_4A32_D192_ED03));
-        for lane in 0..4 {
-            out.push((bits >> (16 * lane)) & 0xFFFF < threshold);
-        }
-    }
-    out.truncate(n);
+    let mut out = vec![false; n];
+    out.par_chunks_mut(4 * BLOCKS)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            for (i, flags) in chunk.chunks_mut(4).enumerate() {
+                let block = (task * BLOCKS + i) as u64;
+                let bits = splitmix64(key ^ block.wrapping_mul(0xD1B5_4A32_D192_ED03));
+                for (lane, flag) in flags.iter_mut().enumerate() {
+                    *flag = (bits >> (16 * lane)) & 0xFFFF < threshold;
+                }
+            }
+        });
     out
 }
 
