@@ -198,7 +198,10 @@ fn normal_cdf_pdf(x: f32) -> (f32, f32) {
 fn exp_neg(a: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0; // 1.5·2²³: adding it rounds to an integer
     let v = -a.min(87.0);
-    let k = (v * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
+    let shifted = v * std::f32::consts::LOG2_E + MAGIC;
+    let k = shifted - MAGIC;
+    // k as an integer, from the bits (a float-to-int cast would not vectorise).
+    let k_int = shifted.to_bits() as i32 - MAGIC.to_bits() as i32;
     let r = v - k * 0.693_145_75 - k * 1.428_606_8e-6;
     let p = 1.0
         + r * (1.0
@@ -206,7 +209,7 @@ fn exp_neg(a: f32) -> f32 {
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0
                         + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    p * f32::from_bits(((k as i32 + 127) as u32) << 23)
+    p * f32::from_bits(((k_int + 127) as u32) << 23)
 }
 
 #[inline(always)]
