@@ -44,6 +44,14 @@ fn prepared(users: usize) -> (tempfile::TempDir, Arc<PreparedDataset>) {
     (dir, data)
 }
 
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
 #[test]
 fn a_user_embeds_the_same_alone_and_padded_inside_a_batch() {
     let (_dir, data) = prepared(120);
@@ -82,11 +90,7 @@ fn a_user_embeds_the_same_alone_and_padded_inside_a_batch() {
             .to_data()
             .to_vec()
             .unwrap();
-        let diff = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0f32, f32::max);
+        let diff = max_abs_diff(&a, &b);
         assert!(diff < 1e-4, "service {s}: max |Δ| = {diff}");
     }
 }
@@ -115,12 +119,7 @@ fn grouping_items_by_length_changes_no_embedding() {
         .to_data()
         .to_vec()
         .unwrap();
-    assert_eq!(a.len(), b.len());
-    let diff = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f32, f32::max);
+    let diff = max_abs_diff(&a, &b);
     assert!(diff < 1e-4, "max |Δ| = {diff}");
 }
 
