@@ -119,7 +119,7 @@ fn a_killed_run_resumes_from_its_last_checkpoint_with_the_same_steps_and_schedul
     let dir = tempfile::tempdir().unwrap();
     let data = prepared(dir.path(), 300, 8);
     let run = dir.path().join("run");
-    let epochs = 3;
+    let epochs = 4;
     let sets = [
         "model.d_model=32",
         "model.d_ff=64",
@@ -128,7 +128,7 @@ fn a_killed_run_resumes_from_its_last_checkpoint_with_the_same_steps_and_schedul
         "model.max_items=8",
         "model.max_item_tokens=8",
         "train.batch_size=16",
-        "train.epochs=3",
+        "train.epochs=4",
         "train.workers=1",
         // Checkpoints every 5 steps as well as at each epoch's end.
         "train.checkpoint_every=5",
@@ -143,14 +143,13 @@ fn a_killed_run_resumes_from_its_last_checkpoint_with_the_same_steps_and_schedul
     }
     let mut child = cmd.stdout(std::process::Stdio::null()).spawn().unwrap();
     let start = Instant::now();
-    while !run.join("checkpoint/scheduler-1.mpk").exists() {
+    while clue::train::fit::last_checkpoint(&run).is_none() {
         assert!(
             start.elapsed() < Duration::from_secs(120),
             "no checkpoint after 2 minutes"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    std::thread::sleep(Duration::from_millis(200));
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(
@@ -212,6 +211,18 @@ fn a_killed_run_resumes_from_its_last_checkpoint_with_the_same_steps_and_schedul
         "period {} starts at lr {resumed}, schedule says {expected}",
         done + 1
     );
+    // The resumed run's logs are under their own period numbers; period 1 keeps the first run's.
+    assert!(
+        (first_lr(&run, 1) - schedule.lr_at(0)).abs() < 1e-12,
+        "period 1's logs start at step 0"
+    );
+    for period in 1..=plan.periods() {
+        assert!(
+            run.join(format!("train/epoch-{period}")).exists(),
+            "{period}"
+        );
+    }
+    assert!(!run.join("train/epoch-1.before-resume").exists());
     // One validation and checkpoint per period; no half-written checkpoint file left behind.
     assert!(run.join(format!("valid/epoch-{}", plan.periods())).exists());
     assert!(

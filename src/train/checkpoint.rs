@@ -6,7 +6,7 @@
 //! renames it over the target, so a checkpoint file is either complete or absent.
 
 use std::fs::File;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
 use burn::record::{FileRecorder, Recorder, RecorderError};
@@ -53,6 +53,60 @@ impl<B: Backend, R: FileRecorder<B>> Recorder<B> for AtomicRecorder<R> {
 impl<B: Backend, R: FileRecorder<B>> FileRecorder<B> for AtomicRecorder<R> {
     fn file_extension() -> &'static str {
         R::file_extension()
+    }
+}
+
+/// Burn 0.21 numbers the metric log folders of a resumed run from 1 for its first epoch
+/// (`train/epoch-1`, `valid/epoch-1`: its event store starts every split at epoch 1), which
+/// would overwrite the first period's logs; later epochs get their right numbers.
+/// [`ResumedLogs::protect`] moves the original `epoch-1` folders aside before a resumed run and
+/// [`ResumedLogs::restore`] puts the resumed period's logs under its own number and the original
+/// ones back. A resume that is killed leaves the originals aside; the next resume keeps them.
+pub struct ResumedLogs {
+    run: PathBuf,
+    first_period: usize,
+}
+
+const KEPT: &str = "epoch-1.before-resume";
+
+impl ResumedLogs {
+    /// Before resuming `run` at period `first_period` (≥ 2).
+    pub fn protect(run: &Path, first_period: usize) -> std::io::Result<Self> {
+        for split in ["train", "valid"] {
+            let (first, kept) = (run.join(split).join("epoch-1"), run.join(split).join(KEPT));
+            if kept.exists() {
+                // An earlier resume was killed: `epoch-1` holds its (incomplete) first period.
+                if first.exists() {
+                    std::fs::remove_dir_all(&first)?;
+                }
+            } else if first.exists() {
+                std::fs::rename(&first, &kept)?;
+            }
+        }
+        Ok(Self {
+            run: run.to_path_buf(),
+            first_period,
+        })
+    }
+
+    /// After the resumed run.
+    pub fn restore(self) -> std::io::Result<()> {
+        for split in ["train", "valid"] {
+            let dir = self.run.join(split);
+            let (first, kept) = (dir.join("epoch-1"), dir.join(KEPT));
+            let resumed = dir.join(format!("epoch-{}", self.first_period));
+            if first.exists() {
+                // The killed run's logs of this period are superseded by the resumed run's.
+                if resumed.exists() {
+                    std::fs::remove_dir_all(&resumed)?;
+                }
+                std::fs::rename(&first, &resumed)?;
+            }
+            if kept.exists() {
+                std::fs::rename(&kept, &first)?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -22,7 +22,7 @@ use crate::data::store::{
 };
 use crate::error::{ClueError, Result};
 use crate::model::{ClueModel, ParamCounts};
-use crate::train::checkpoint::AtomicRecorder;
+use crate::train::checkpoint::{AtomicRecorder, ResumedLogs};
 use crate::train::config::RunConfig;
 use crate::train::loader::{EpochPlan, PlanLoader};
 use crate::train::metrics::{BatchStats, History, SharedHistory, Stat, StatMetric};
@@ -390,8 +390,27 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
         .with_weight_decay(t.weight_decay as f32)
         .init::<B, Trainee<B>>();
     let schedule = WarmupCosine::new(t.lr, total_steps, t.warmup_fraction, t.final_lr_fraction);
+    let logs = resume_period
+        .map(|k| ResumedLogs::protect(run, k + 1))
+        .transpose()
+        .map_err(|e| {
+            ClueError::bad_file(
+                run,
+                format!("cannot set its metric logs aside: {e}"),
+                "check the run directory's permissions",
+            )
+        })?;
     let result = training.launch(Learner::new(trainee, optim, schedule));
     drop(result.renderer);
+    if let Some(logs) = logs {
+        logs.restore().map_err(|e| {
+            ClueError::bad_file(
+                run,
+                format!("cannot put its metric logs back in order: {e}"),
+                "check the run directory's permissions",
+            )
+        })?;
+    }
 
     if let Some(step) = guard.bad_step() {
         let last = last_checkpoint(run)
