@@ -1,6 +1,6 @@
 //! The pre-norm Transformer encoder both CLUE transformers use, written out so the CPU path is
 //! cheap: linear layers as one matmul over all positions, the attention mask repeated once per
-//! encoder, heads split and merged by [`swap_middle`] and GELU by [`gelu`] (fast on Flex, see
+//! encoder, [`linear`], [`attention`], [`swap_middle`] and [`gelu`] with fast paths on Flex (see
 //! `model::flex`), and dropout masks drawn by a fast generator on the CPU backends (Burn's
 //! generic sampler draws element by element: ~14 % of a CPU step).
 //!
@@ -8,6 +8,7 @@
 //! with dropout on the attention weights, after the attention projection, inside the feed-forward
 //! block and after it (the layout of `shared/bench/torch_clue_ref.py`).
 
+use std::cell::OnceCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
@@ -16,7 +17,7 @@ use burn::tensor::activation::softmax;
 use burn::tensor::{Distribution, TensorData};
 use rayon::prelude::*;
 
-use crate::model::flex::{gelu, swap_middle};
+use crate::model::flex::{attention, gelu, linear, swap_middle};
 
 /// Score given to padding keys before the softmax (Burn's multi-head attention uses the same).
 const MASKED_SCORE: f64 = -1.0e4;
@@ -52,21 +53,28 @@ impl<B: Backend> Block<B> {
         }
     }
 
-    /// `x`: `[n, len, d]`, `mask`: `[n, heads, len, len]` from [`attention_mask`] → `[n, len, d]`.
-    pub fn forward(&self, x: Tensor<B, 3>, mask: Tensor<B, 4, Bool>) -> Tensor<B, 3> {
+    /// `x`: `[n, len, d]`, `padding` of its positions → `[n, len, d]`.
+    pub fn forward(&self, x: Tensor<B, 3>, padding: &Padding<B>) -> Tensor<B, 3> {
         let [n, len, d] = x.dims();
         let (h, dh) = (self.heads, d / self.heads);
         let y = self.norm_attention.forward(x.clone());
-        // [n, len, d] → [n, h, len, dh].
-        let heads =
-            |linear: &Linear<B>| swap_middle(flat(linear, y.clone()).reshape([n, len, h, dh]));
-        let (q, k, v) = (heads(&self.query), heads(&self.key), heads(&self.value));
-        let scores = q
-            .matmul(k.swap_dims(2, 3))
-            .mul_scalar(1.0 / (dh as f64).sqrt());
-        let weights = softmax(scores.mask_fill(mask, MASKED_SCORE), 3);
-        let context = dropout(weights, self.dropout).matmul(v); // [n, h, len, dh]
-        let context = swap_middle(context).reshape([n, len, d]);
+        let (q, k, v) = (
+            flat(&self.query, y.clone()),
+            flat(&self.key, y.clone()),
+            flat(&self.value, y),
+        );
+        let context =
+            attention(&q, &k, &v, &padding.pad, h, MASKED_SCORE as f32).unwrap_or_else(|| {
+                // [n, len, d] → [n, h, len, dh] and back.
+                let split = |t: Tensor<B, 3>| swap_middle(t.reshape([n, len, h, dh]));
+                let (q, k, v) = (split(q), split(k), split(v));
+                let scores = q
+                    .matmul(k.swap_dims(2, 3))
+                    .mul_scalar(1.0 / (dh as f64).sqrt());
+                let weights = softmax(scores.mask_fill(padding.mask(h), MASKED_SCORE), 3);
+                let context = dropout(weights, self.dropout).matmul(v); // [n, h, len, dh]
+                swap_middle(context).reshape([n, len, d])
+            });
         let x = x + dropout(flat(&self.attention_out, context), self.dropout);
         let hidden = gelu(flat(&self.ff_in, self.norm_ff.forward(x.clone())));
         let ff = flat(&self.ff_out, dropout(hidden, self.dropout));
@@ -74,12 +82,12 @@ impl<B: Backend> Block<B> {
     }
 }
 
-/// `linear` over `[n, len, d_in]` as one `[n·len, d_in]` matmul. Burn's `Linear` treats a 3-D
+/// `layer` over `[n, len, d_in]` as one `[n·len, d_in]` matmul. Burn's `Linear` treats a 3-D
 /// input as a batch of `n` small matmuls, and its weight gradient as `n` small products summed
 /// afterwards: on the CPU that is most of a training step.
-fn flat<B: Backend>(linear: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+fn flat<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     let [n, len, d] = x.dims();
-    let y = linear.forward(x.reshape([n * len, d]));
+    let y = linear(layer, x.reshape([n * len, d]));
     let out = y.dims()[1];
     y.reshape([n, len, out])
 }
@@ -108,25 +116,40 @@ impl<B: Backend> Encoder<B> {
 
     /// `x`: `[n, len, d]`, `pad`: `[n, len]` (true = padding) → `[n, len, d]`.
     pub fn forward(&self, mut x: Tensor<B, 3>, pad: Tensor<B, 2, Bool>) -> Tensor<B, 3> {
-        let Some(first) = self.layers.first() else {
-            return x;
+        let padding = Padding {
+            pad,
+            mask: OnceCell::new(),
         };
-        let mask = attention_mask(pad, first.heads);
         for layer in &self.layers {
-            x = layer.forward(x, mask.clone());
+            x = layer.forward(x, &padding);
         }
         x
     }
 }
 
-/// The keys each query may not attend to: `pad` (`[n, len]`, true = padding) repeated into
-/// `[n, heads, len, len]`, in memory once for all layers (CPU backends would otherwise expand
-/// it element by element in every masking, forward and backward).
-pub fn attention_mask<B: Backend>(pad: Tensor<B, 2, Bool>, heads: usize) -> Tensor<B, 4, Bool> {
-    let [n, len] = pad.dims();
-    pad.reshape([n, 1, 1, len])
-        .repeat_dim(2, len)
-        .repeat_dim(1, heads)
+/// Which positions of an encoder's input are padding (`pad`: `[n, len]`, true = padding), and
+/// the attention mask made from it, built when a layer first needs it and then shared.
+pub struct Padding<B: Backend> {
+    pad: Tensor<B, 2, Bool>,
+    mask: OnceCell<Tensor<B, 4, Bool>>,
+}
+
+impl<B: Backend> Padding<B> {
+    /// The keys each query may not attend to: `pad` repeated into `[n, heads, len, len]`, in
+    /// memory once for all layers (CPU backends would otherwise expand it element by element
+    /// in every masking, forward and backward).
+    fn mask(&self, heads: usize) -> Tensor<B, 4, Bool> {
+        let [n, len] = self.pad.dims();
+        self.mask
+            .get_or_init(|| {
+                self.pad
+                    .clone()
+                    .reshape([n, 1, 1, len])
+                    .repeat_dim(2, len)
+                    .repeat_dim(1, heads)
+            })
+            .clone()
+    }
 }
 
 /// State of the CPU dropout generator; [`seed_dropout`] sets it.
@@ -229,6 +252,38 @@ mod tests {
             y.iter().all(|&v| v == 0.0 || v == 2.0),
             "the rest scaled by 1/(1-p)"
         );
+    }
+
+    /// Inference on plain Flex (clue's linear, GELU and attention kernels) against Burn's
+    /// generic operations on the same weights.
+    #[test]
+    fn flex_inference_matches_the_generic_path() {
+        use crate::model::flex::tests::GENERIC;
+        use burn::backend::Flex;
+        let dev = Default::default();
+        let encoder = Encoder::<Flex>::new(24, 48, 4, 2, 0.1, &dev);
+        let (n, len) = (4, 6);
+        let x: Vec<f32> = (0..n * len * 24)
+            .map(|i| ((i * 29 % 97) as f32 - 48.0) / 24.0)
+            .collect();
+        // Row i has i padding positions at its end.
+        let pad: Vec<bool> = (0..n * len).map(|i| i % len >= len - i / len).collect();
+        let run = |generic: bool| {
+            GENERIC.set(generic);
+            let x = Tensor::<Flex, 3>::from_data(TensorData::new(x.clone(), [n, len, 24]), &dev);
+            let pad =
+                Tensor::<Flex, 2, Bool>::from_data(TensorData::new(pad.clone(), [n, len]), &dev);
+            let y: Vec<f32> = encoder.forward(x, pad).into_data().to_vec().unwrap();
+            GENERIC.set(false);
+            y
+        };
+        let (fast, generic) = (run(false), run(true));
+        let diff = fast
+            .iter()
+            .zip(&generic)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(diff < 1e-5, "max |Δ| = {diff}");
     }
 
     /// Flex's own kernels (GELU, head split and merge) against Burn's generic operations on the
