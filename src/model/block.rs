@@ -63,18 +63,26 @@ impl<B: Backend> Block<B> {
             flat(&self.key, y.clone()),
             flat(&self.value, y),
         );
-        let context =
-            attention(&q, &k, &v, &padding.pad, h, MASKED_SCORE as f32).unwrap_or_else(|| {
-                // [n, len, d] → [n, h, len, dh] and back.
-                let split = |t: Tensor<B, 3>| swap_middle(t.reshape([n, len, h, dh]));
-                let (q, k, v) = (split(q), split(k), split(v));
-                let scores = q
-                    .matmul(k.swap_dims(2, 3))
-                    .mul_scalar(1.0 / (dh as f64).sqrt());
-                let weights = softmax(scores.mask_fill(padding.mask(h), MASKED_SCORE), 3);
-                let context = dropout(weights, self.dropout).matmul(v); // [n, h, len, dh]
-                swap_middle(context).reshape([n, len, d])
-            });
+        let context = attention(
+            &q,
+            &k,
+            &v,
+            &padding.pad,
+            h,
+            MASKED_SCORE as f32,
+            self.dropout,
+        )
+        .unwrap_or_else(|| {
+            // [n, len, d] → [n, h, len, dh] and back.
+            let split = |t: Tensor<B, 3>| swap_middle(t.reshape([n, len, h, dh]));
+            let (q, k, v) = (split(q), split(k), split(v));
+            let scores = q
+                .matmul(k.swap_dims(2, 3))
+                .mul_scalar(1.0 / (dh as f64).sqrt());
+            let weights = softmax(scores.mask_fill(padding.mask(h), MASKED_SCORE), 3);
+            let context = dropout(weights, self.dropout).matmul(v); // [n, h, len, dh]
+            swap_middle(context).reshape([n, len, d])
+        });
         let x = x + dropout(flat(&self.attention_out, context), self.dropout);
         let hidden = gelu(flat(&self.ff_in, self.norm_ff.forward(x.clone())));
         let ff = flat(&self.ff_out, dropout(hidden, self.dropout));
@@ -181,9 +189,19 @@ pub fn dropout<B: Backend, const D: usize>(x: Tensor<B, D>, p: f64) -> Tensor<B,
     // A boolean mask: autodiff keeps one byte per element for the backward pass, not four.
     let shape = x.shape();
     let n = shape.num_elements();
-    let mask = drop_mask(n, p, DROPOUT_STATE.fetch_add(1, Ordering::SeqCst));
+    let mask = draw_drop_mask(n, p);
     let drop = Tensor::<B, 1, Bool>::from_data(TensorData::new(mask, [n]), &device).reshape(shape);
     x.mask_fill(drop, 0.0).mul_scalar(1.0 / keep)
+}
+
+/// The next dropout mask of the CPU generator: `n` flags, true = dropped.
+pub(crate) fn draw_drop_mask(n: usize, p: f64) -> Vec<bool> {
+    #[cfg(test)]
+    if let Some(stream) = tests::OWN_STREAM.get() {
+        tests::OWN_STREAM.set(Some(stream + 1));
+        return drop_mask(n, p, stream);
+    }
+    drop_mask(n, p, DROPOUT_STATE.fetch_add(1, Ordering::SeqCst))
 }
 
 /// `n` flags, each true (drop) with probability `p` (in steps of 2⁻¹⁶), from a counter-based
@@ -212,6 +230,12 @@ fn drop_mask(n: usize, p: f64, stream: u64) -> Vec<bool> {
 mod tests {
     use super::*;
     use burn::backend::{Autodiff, NdArray};
+
+    thread_local! {
+        /// Set: this thread's dropout masks come from its own stream counter, so a test can
+        /// draw the same masks twice while other tests draw theirs.
+        pub(super) static OWN_STREAM: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+    }
 
     #[test]
     fn drop_masks_drop_about_p() {
@@ -286,15 +310,17 @@ mod tests {
         assert!(diff < 1e-5, "max |Δ| = {diff}");
     }
 
-    /// Flex's own kernels (GELU, head split and merge) against Burn's generic operations on the
-    /// same backend and weights, forward and backward.
+    /// Flex's own kernels (linear, attention, GELU) against Burn's generic operations on the
+    /// same backend, weights and dropout masks, forward and backward.
     #[test]
     fn flex_fast_paths_match_the_generic_path() {
         use crate::model::flex::tests::GENERIC;
         use burn::backend::Flex;
         type Fx = Autodiff<Flex>;
         let dev = Default::default();
-        let encoder = Encoder::<Fx>::new(16, 32, 4, 2, 0.0, &dev);
+        // With dropout: both paths draw the same masks (the fast attention's in the layout of
+        // the generic path's `[n, heads, len, len]` weights).
+        let encoder = Encoder::<Fx>::new(16, 32, 4, 2, 0.2, &dev);
         let (n, len) = (3, 5);
         let x: Vec<f32> = (0..n * len * 16)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
@@ -304,6 +330,7 @@ mod tests {
         let weights: Vec<f32> = (0..n * len * 16).map(|i| (i % 7) as f32 - 3.0).collect();
         let run = |generic: bool| {
             GENERIC.set(generic);
+            OWN_STREAM.set(Some(7));
             let x = Tensor::<Fx, 3>::from_data(TensorData::new(x.clone(), [n, len, 16]), &dev)
                 .require_grad();
             let pad =
@@ -313,6 +340,7 @@ mod tests {
             let y = encoder.forward(x.clone(), pad);
             let grads = (y.clone() * w).sum().backward();
             GENERIC.set(false);
+            OWN_STREAM.set(None);
             let layer = &encoder.layers[0];
             let grad = |p: &burn::module::Param<Tensor<Fx, 2>>| p.grad(&grads).unwrap().into_data();
             [
