@@ -1,6 +1,6 @@
 //! The pre-norm Transformer encoder both CLUE transformers use, written out so the CPU path is
 //! cheap: linear layers as one matmul over all positions, the attention mask repeated once per
-//! encoder, [`linear`], [`attention`], [`swap_middle`] and [`gelu`] with fast paths on Flex (see
+//! encoder, and [`linear`], [`attention`] and [`gelu`] with fast paths on Flex (see
 //! `model::flex`), and dropout masks drawn by a fast generator on the CPU backends (Burn's
 //! generic sampler draws element by element: ~14 % of a CPU step).
 //!
@@ -17,7 +17,7 @@ use burn::tensor::activation::softmax;
 use burn::tensor::{Distribution, TensorData};
 use rayon::prelude::*;
 
-use crate::model::flex::{attention, gelu, linear, swap_middle};
+use crate::model::flex::{attention, gelu, linear};
 
 /// Score given to padding keys before the softmax (Burn's multi-head attention uses the same).
 const MASKED_SCORE: f64 = -1.0e4;
@@ -74,14 +74,14 @@ impl<B: Backend> Block<B> {
         )
         .unwrap_or_else(|| {
             // [n, len, d] → [n, h, len, dh] and back.
-            let split = |t: Tensor<B, 3>| swap_middle(t.reshape([n, len, h, dh]));
+            let split = |t: Tensor<B, 3>| t.reshape([n, len, h, dh]).swap_dims(1, 2);
             let (q, k, v) = (split(q), split(k), split(v));
             let scores = q
                 .matmul(k.swap_dims(2, 3))
                 .mul_scalar(1.0 / (dh as f64).sqrt());
             let weights = softmax(scores.mask_fill(padding.mask(h), MASKED_SCORE), 3);
             let context = dropout(weights, self.dropout).matmul(v); // [n, h, len, dh]
-            swap_middle(context).reshape([n, len, d])
+            context.swap_dims(1, 2).reshape([n, len, d])
         });
         let x = x + dropout(flat(&self.attention_out, context), self.dropout);
         let hidden = gelu(flat(&self.ff_in, self.norm_ff.forward(x.clone())));

@@ -10,13 +10,10 @@
 //!   one and adds the bias in a separate pass. Here `x·W + b` is one product (the gemm crate, as
 //!   Flex) added to rows that start as the bias; the backward step writes the gradients straight
 //!   from their products.
-//! - **Attention (inference).** Per sequence and head, scores, mask, softmax and the weighted sum
-//!   of values are computed in cache from the `[n, len, d]` projections, without the
-//!   `[n, heads, len, len]` tensors or the head split and merge of the generic path.
-//! - **Head split and merge (training).** Swapping the two middle axes of
-//!   `[n, len, heads, d_head]` is a view in Burn, but the reshape after it (in the backward pass
-//!   too) makes Flex copy element by element. Here the swap is one copy of `d_head`-long rows,
-//!   and its backward step the inverse.
+//! - **Attention.** Per sequence and head, scores, mask, softmax, dropout and the weighted sum of
+//!   values are computed in cache from the `[n, len, d]` projections, without the
+//!   `[n, heads, len, len]` tensors or the head split and merge of the generic path (whose
+//!   reshapes make Flex copy element by element); the backward step recomputes the weights.
 //!
 //! Each function recognises Flex tensors (plain, and under `Autodiff<Flex>`, where it records
 //! its own backward step) by their primitive's type, so the model stays generic over
@@ -103,11 +100,6 @@ fn on_flex<B: Backend, const D: usize, const E: usize>(
 /// `x·Φ(x)` with Φ the standard normal CDF (PyTorch's `gelu`, `approximate="none"`).
 pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     on_flex(x, flex_gelu, autodiff_flex_gelu).unwrap_or_else(activation::gelu)
-}
-
-/// `[a, b, c, e]` → `[a, c, b, e]` (`x.swap_dims(1, 2)`), contiguous on Flex.
-pub fn swap_middle<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
-    on_flex(x, flex_swap_middle, autodiff_flex_swap_middle).unwrap_or_else(|x| x.swap_dims(1, 2))
 }
 
 /// `x·W + b` of a linear layer with a bias, for `x`: `[rows, d_in]` (Burn's `Linear::forward`).
@@ -548,18 +540,23 @@ fn kept(shape: &AttentionShape, drop: Option<&[bool]>, row: usize, j: usize) -> 
     }
 }
 
-/// `y += a·x`, 8 lanes at a time.
+/// `out = Σ_r coef(r)·row(r)` over `r < n`, 8 columns at a time in registers.
 #[inline(always)]
-fn axpy<const FMA: bool>(a: f32, x: &[f32], y: &mut [f32]) {
-    let (y8, y_rest) = y.as_chunks_mut::<8>();
-    let (x8, x_rest) = x.as_chunks::<8>();
-    for (y, x) in y8.iter_mut().zip(x8) {
-        for l in 0..8 {
-            y[l] = madd::<FMA>(a, x[l], y[l]);
-        }
+fn combination<'a, const FMA: bool>(
+    out: &mut [f32],
+    n: usize,
+    coef: impl Fn(usize) -> f32,
+    row: impl Fn(usize) -> &'a [f32],
+) {
+    let (o8, o_rest) = out.as_chunks_mut::<8>();
+    for (b, ob) in o8.iter_mut().enumerate() {
+        *ob = weighted_sum8::<FMA>(n, &coef, |r| {
+            row(r)[8 * b..8 * b + 8].try_into().expect("8 values")
+        });
     }
-    for (y, x) in y_rest.iter_mut().zip(x_rest) {
-        *y = madd::<FMA>(a, *x, *y);
+    let first = 8 * o8.len();
+    for (c, o) in o_rest.iter_mut().enumerate() {
+        *o = (0..n).fold(0.0, |acc, r| madd::<FMA>(coef(r), row(r)[first + c], acc));
     }
 }
 
@@ -588,26 +585,7 @@ fn attend_kernel<const FMA: bool>(
             for (j, w) in weights[..len].iter_mut().enumerate() {
                 *w *= kept(shape, drop, h * len + i, j);
             }
-            // The weighted sum of values, 8 output columns at a time, in registers.
-            let oi = &mut out[at(i)];
-            let (o8, o_rest) = oi.as_chunks_mut::<8>();
-            for (b, ob) in o8.iter_mut().enumerate() {
-                *ob = weighted_sum8::<FMA>(
-                    len,
-                    |j| weights[j],
-                    |j| {
-                        v[j * d + h * dh + 8 * b..j * d + h * dh + 8 * b + 8]
-                            .try_into()
-                            .expect("8 values")
-                    },
-                );
-            }
-            let first = 8 * o8.len();
-            for (c, o) in o_rest.iter_mut().enumerate() {
-                *o = (0..len).fold(0.0, |acc, j| {
-                    madd::<FMA>(weights[j], v[j * d + h * dh + first + c], acc)
-                });
-            }
+            combination::<FMA>(&mut out[at(i)], len, |j| weights[j], |j| &v[at(j)]);
         }
     }
 }
@@ -627,31 +605,50 @@ fn attend_backward_kernel<const FMA: bool>(
     let (dh, len8) = (d / heads, len.next_multiple_of(8));
     let (mut keys, mut values) = (vec![0f32; dh * len8], vec![0f32; dh * len8]);
     let (mut weights, mut d_weights) = (vec![0f32; len8], vec![0f32; len8]);
+    // One head's weights after dropout and the scores' gradients: [len (queries), len (keys)].
+    let (mut dropped, mut d_scores) = (vec![0f32; len * len], vec![0f32; len * len]);
     for h in 0..heads {
         let at = |i: usize| i * d + h * dh..i * d + (h + 1) * dh;
         transpose_head(shape, k, h, &mut keys);
         transpose_head(shape, v, h, &mut values);
         for i in 0..len {
-            let (qi, d_oi) = (&q[at(i)], &d_out[at(i)]);
-            softmax_row::<FMA>(shape, qi, &keys, pad, &mut weights);
+            softmax_row::<FMA>(shape, &q[at(i)], &keys, pad, &mut weights);
             // The weights' gradient before dropout: d_out_i · v_j, times the dropout factor.
-            row_times::<FMA>(d_oi, &values, &mut d_weights);
+            row_times::<FMA>(&d_out[at(i)], &values, &mut d_weights);
             let mut row_dot = 0.0;
             for j in 0..len {
                 let factor = kept(shape, drop, h * len + i, j);
-                axpy::<FMA>(weights[j] * factor, d_oi, &mut dv[at(j)]);
+                dropped[i * len + j] = weights[j] * factor;
                 d_weights[j] *= factor;
                 row_dot = madd::<FMA>(d_weights[j], weights[j], row_dot);
             }
             // Through the softmax, then the scale; padding keys' scores were constants.
             for j in 0..len {
-                if pad[j] {
-                    continue;
-                }
-                let d_score = weights[j] * (d_weights[j] - row_dot) * shape.scale;
-                axpy::<FMA>(d_score, &k[at(j)], &mut dq[at(i)]);
-                axpy::<FMA>(d_score, qi, &mut dk[at(j)]);
+                d_scores[i * len + j] = match pad[j] {
+                    true => 0.0,
+                    false => weights[j] * (d_weights[j] - row_dot) * shape.scale,
+                };
             }
+        }
+        for i in 0..len {
+            combination::<FMA>(
+                &mut dq[at(i)],
+                len,
+                |j| d_scores[i * len + j],
+                |j| &k[at(j)],
+            );
+            combination::<FMA>(
+                &mut dk[at(i)],
+                len,
+                |r| d_scores[r * len + i],
+                |r| &q[at(r)],
+            );
+            combination::<FMA>(
+                &mut dv[at(i)],
+                len,
+                |r| dropped[r * len + i],
+                |r| &d_out[at(r)],
+            );
         }
     }
 }
@@ -684,52 +681,6 @@ fn weighted_sum8<const FMA: bool>(
         add(a0, r);
     }
     std::array::from_fn(|l| (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]))
-}
-
-/// The backward step of [`swap_middle`] under `Autodiff<Flex>`: swaps back.
-#[derive(Debug)]
-struct SwapMiddleBackward;
-
-impl Backward<Flex, 1> for SwapMiddleBackward {
-    type State = ();
-
-    fn backward(self, ops: Ops<(), 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        unary::<Flex, _>(ops.parents, ops.node, grads, flex_swap_middle);
-    }
-}
-
-fn autodiff_flex_swap_middle(x: FlexAutodiffTensor) -> FlexAutodiffTensor {
-    match SwapMiddleBackward
-        .prepare::<NoCheckpointing>([x.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish((), flex_swap_middle(x.primitive)),
-        OpsKind::UnTracked(prep) => prep.finish(flex_swap_middle(x.primitive)),
-    }
-}
-
-fn flex_swap_middle(x: FlexTensor) -> FlexTensor {
-    let dims: Vec<usize> = x.shape().iter().copied().collect();
-    let &[a, b, c, e] = dims.as_slice() else {
-        panic!("swap_middle: a 4-D tensor, got {dims:?}");
-    };
-    let x = x.to_contiguous();
-    let src = x.as_slice::<f32>().expect("a contiguous f32 tensor");
-    let mut out = vec![0f32; src.len()];
-    if !out.is_empty() {
-        // One task per index of the first axis: `c·b` rows of `e` values.
-        out.par_chunks_mut(b * c * e)
-            .zip(src.par_chunks(b * c * e))
-            .for_each(|(out, src)| {
-                for (j, row) in src.chunks_exact(e.max(1)).enumerate() {
-                    let (jb, jc) = (j / c, j % c);
-                    let at = (jc * b + jb) * e;
-                    out[at..at + e].copy_from_slice(row);
-                }
-            });
-    }
-    FlexTensor::from_data(TensorData::new(out, [a, c, b, e]))
 }
 
 /// The backward step of [`gelu`] under `Autodiff<Flex>`: keeps the input.
