@@ -4,18 +4,19 @@
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
-use burn::optim::AdamWConfig;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use burn::train::{ItemLazy, TrainStep};
+use burn::train::{Interrupter, ItemLazy, TrainStep};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::data::batcher::{FixedShape, Item, UserBatch, UserBatcher, UserSample};
+use crate::backend::BackendKind;
+use crate::data::batcher::{Item, UserBatch, UserBatcher, UserSample};
 use crate::error::{ClueError, Result};
 use crate::model::{ClueModel, ModelConfig};
-use crate::train::step::{StepSettings, Trainee};
+use crate::train::config::TrainConfig;
+use crate::train::step::{StepGuard, StepSettings, Trainee};
 use burn::data::dataloader::batcher::Batcher;
 
 /// A benchmark workload: model shape and batch (the reference's presets).
@@ -217,19 +218,11 @@ pub fn bench<B: AutodiffBackend>(
     steps: usize,
     warmup: usize,
     backend: &str,
-    fixed_shapes: bool,
 ) -> BenchReport {
-    let batcher = if fixed_shapes {
-        UserBatcher::fixed(FixedShape {
-            items: p.items,
-            tokens: p.tokens,
-            item_multiple: 256,
-        })
-    } else {
-        UserBatcher::default()
-    };
+    let batcher = UserBatcher::new(BackendKind::of::<B>(), p.items, p.tokens);
+    // The optimiser and clipping of a training run (its default settings).
+    let train = TrainConfig::default();
     B::seed(&device, 0);
-    crate::model::block::seed_dropout(0);
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let mut next_id = 0;
     let batches: Vec<Vec<UserSample>> = (0..warmup + steps)
@@ -239,8 +232,9 @@ pub fn bench<B: AutodiffBackend>(
     let mut trainee = Trainee {
         model: ClueModel::<B>::new(&config, &device),
         settings: StepSettings {
-            clip_norm: 0.01,
-            guard: None,
+            clip_norm: train.grad_clip_norm,
+            seed: 0,
+            guard: Some(StepGuard::new(Interrupter::new(), 0)),
         },
     };
     let counts = trainee.model.param_counts();
@@ -254,11 +248,7 @@ pub fn bench<B: AutodiffBackend>(
         mean(&|f| f.infer),
         mean(&|f| f.nonpad_tokens as f64),
     );
-    let mut optim = AdamWConfig::new()
-        .with_beta_2(0.98)
-        .with_epsilon(1e-6)
-        .with_weight_decay(0.1)
-        .init::<B, Trainee<B>>();
+    let mut optim = train.optimizer().init::<B, Trainee<B>>();
 
     let mut times = Vec::new();
     let mut losses = Vec::new();
@@ -266,7 +256,7 @@ pub fn bench<B: AutodiffBackend>(
         let t0 = Instant::now();
         let batch: UserBatch<B> = batcher.batch(samples.clone(), &device);
         let out = TrainStep::step(&trainee, batch);
-        trainee = trainee.optimize(&mut optim, 5e-4, out.grads);
+        trainee = trainee.optimize(&mut optim, train.lr, out.grads);
         let stats = out.item.sync();
         let took = t0.elapsed().as_secs_f64();
         crate::ui::detail(format!(

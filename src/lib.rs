@@ -5,7 +5,9 @@
 //! schedule, clipping, learner, `fit`) → `embed` (frozen user embeddings) → `eval` (downstream
 //! tasks) → `bench`.
 
+pub mod backend;
 pub mod bench;
+pub mod bundle;
 pub mod data;
 pub mod embed;
 pub mod error;

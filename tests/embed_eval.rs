@@ -5,29 +5,28 @@ use std::sync::Arc;
 
 use burn::backend::{Autodiff, NdArray};
 use burn::prelude::*;
-use clue::data::prepare::{PrepareOptions, prepare};
+use clue::bundle::{BundleInfo, SplitScore, save_bundle};
 use clue::data::store::PreparedDataset;
-use clue::data::synth::{SynthOptions, synth};
 use clue::embed::{EmbedOptions, embed};
 use clue::eval::{EvalOptions, Task, eval, load_task};
 use clue::model::{ClueModel, ModelConfig};
 use clue::train::config::RunConfig;
-use clue::train::fit::{BundleInfo, SplitScore, save_bundle};
 
 mod common;
 
 type B = NdArray;
 
 /// Synthesise and prepare `users` users, and save an untrained (seeded) model bundle on them.
-fn bundle(dir: &Path, users: usize) -> PathBuf {
-    synth(&dir.join("s"), &SynthOptions { users, seed: 3 }).unwrap();
-    prepare(
-        &[dir.join("s/logs")],
-        &dir.join("p"),
-        &PrepareOptions::default(),
-    )
-    .unwrap();
-    let data = Arc::new(PreparedDataset::open(&dir.join("p")).unwrap());
+/// Users of the shared synthetic data.
+const USERS: usize = 400;
+
+/// The shared synthetic data (`s/` logs and tasks, `p/` prepared) the bundles are made on.
+fn data_root() -> PathBuf {
+    common::fixture(USERS, 3, 512, 32)
+}
+
+fn bundle(dir: &Path) -> PathBuf {
+    let data = Arc::new(PreparedDataset::open(&data_root().join("p")).unwrap());
     let model_config = ModelConfig {
         vocab_size: data.manifest.vocab_size as usize,
         d_model: 32,
@@ -87,7 +86,6 @@ fn options(inputs: Vec<PathBuf>, out: PathBuf) -> EmbedOptions {
         batch_size: 64,
         item_cache: true,
         skip_bad_rows: false,
-        fixed_shapes: false,
     }
 }
 
@@ -109,8 +107,8 @@ fn f32s(bytes: &[u8]) -> Vec<f32> {
 #[test]
 fn embed_writes_safetensors_npy_users_and_manifest_deterministically() {
     let dir = tempfile::tempdir().unwrap();
-    let run = bundle(dir.path(), 150);
-    let logs = vec![dir.path().join("s/logs")];
+    let run = bundle(dir.path());
+    let logs = vec![data_root().join("s/logs")];
     let device = Default::default();
     let out = dir.path().join("emb/users.safetensors");
     let o = EmbedOptions {
@@ -118,15 +116,15 @@ fn embed_writes_safetensors_npy_users_and_manifest_deterministically() {
         ..options(logs.clone(), out.clone())
     };
     let report = embed::<B>(&run, &device, &o).unwrap();
-    assert_eq!(report.manifest.users, 150);
+    assert_eq!(report.manifest.users, USERS);
     assert_eq!(report.manifest.dim, 64, "2 services × 32");
 
     let (header, data) = read_safetensors(&out);
     let t = &header["user_embeddings"];
     assert_eq!(t["dtype"], "F32");
-    assert_eq!(t["shape"], serde_json::json!([150, 64]));
+    assert_eq!(t["shape"], serde_json::json!([USERS, 64]));
     let [start, end] = [0, 1].map(|i| t["data_offsets"][i].as_u64().unwrap() as usize);
-    assert_eq!(end - start, 150 * 64 * 4);
+    assert_eq!(end - start, USERS * 64 * 4);
     let values = f32s(&data[start..end]);
     assert!(values.iter().all(|v| v.is_finite()) && values.iter().any(|v| *v != 0.0));
     assert_eq!(header["service_mask"]["dtype"], "U8");
@@ -138,7 +136,7 @@ fn embed_writes_safetensors_npy_users_and_manifest_deterministically() {
     let hlen = u16::from_le_bytes([npy[8], npy[9]]) as usize;
     let h = std::str::from_utf8(&npy[10..10 + hlen]).unwrap();
     assert!(
-        h.contains("'descr': '<f4'") && h.contains("'shape': (150, 64)"),
+        h.contains("'descr': '<f4'") && h.contains(&format!("'shape': ({USERS}, 64)")),
         "{h}"
     );
     assert_eq!(f32s(&npy[10 + hlen..]), values);
@@ -147,7 +145,7 @@ fn embed_writes_safetensors_npy_users_and_manifest_deterministically() {
     let users = std::fs::read_to_string(dir.path().join("emb/users.users.csv")).unwrap();
     let lines: Vec<&str> = users.lines().collect();
     assert_eq!(lines[0], "row,user_id,has_search,has_shop");
-    assert_eq!(lines.len(), 151);
+    assert_eq!(lines.len(), USERS + 1);
     let manifest: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.path().join("emb/users.manifest.json")).unwrap(),
     )
@@ -170,7 +168,7 @@ fn embed_writes_safetensors_npy_users_and_manifest_deterministically() {
     .unwrap();
     let (hh, hd) = read_safetensors(&half);
     assert_eq!(hh["user_embeddings"]["dtype"], "F16");
-    let h16: Vec<f32> = hd[..150 * 64 * 2]
+    let h16: Vec<f32> = hd[..USERS * 64 * 2]
         .chunks_exact(2)
         .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
         .collect();
@@ -182,8 +180,8 @@ fn embed_writes_safetensors_npy_users_and_manifest_deterministically() {
 #[test]
 fn item_cache_batching_and_missing_services_do_not_change_embeddings() {
     let dir = tempfile::tempdir().unwrap();
-    let run = bundle(dir.path(), 120);
-    let logs = vec![dir.path().join("s/logs")];
+    let run = bundle(dir.path());
+    let logs = vec![data_root().join("s/logs")];
     let device = Default::default();
     let read = |name: &str, o: EmbedOptions| {
         let out = dir.path().join(name);
@@ -198,7 +196,7 @@ fn item_cache_batching_and_missing_services_do_not_change_embeddings() {
         .unwrap();
         let (h, d) = read_safetensors(&out);
         let s = h["user_embeddings"]["data_offsets"][0].as_u64().unwrap() as usize;
-        f32s(&d[s..s + 120 * 64 * 4])
+        f32s(&d[s..s + USERS * 64 * 4])
     };
     let base = options(logs.clone(), PathBuf::new());
     let cached = read("a.safetensors", base.clone());
@@ -320,8 +318,8 @@ fn eval_features_never_see_behaviour_after_the_first_target() {
 #[test]
 fn eval_compares_models_on_one_split_and_one_set_of_negatives() {
     let dir = tempfile::tempdir().unwrap();
-    let run = bundle(dir.path(), 400);
-    let task_path = dir.path().join("s/tasks/news.toml");
+    let run = bundle(dir.path());
+    let task_path = data_root().join("s/tasks/news.toml");
     let mut text = std::fs::read_to_string(&task_path).unwrap();
     text.push_str("\n[probe]\nepochs = 30\npatience = 5\n");
     std::fs::write(&task_path, text).unwrap();
@@ -333,7 +331,6 @@ fn eval_compares_models_on_one_split_and_one_set_of_negatives() {
         out: out.clone(),
         seeds: 1,
         batch_size: 64,
-        fixed_shapes: false,
     };
     let r = eval::<Autodiff<B>>(&Default::default(), &o).unwrap();
     for m in ["clue", "text-mean", "toppop", "random"] {
@@ -381,4 +378,61 @@ fn eval_compares_models_on_one_split_and_one_set_of_negatives() {
             .unwrap()
             .contains("| text-mean |")
     );
+}
+
+/// `clue embed` (its own reader, item cache and inference batches) gives, for every user of the
+/// prepared data, the encoder's output on the training batcher's batch of the same users.
+#[test]
+fn embed_vectors_equal_the_training_paths_encoder_output() {
+    use burn::data::dataloader::batcher::Batcher;
+    use burn::data::dataset::Dataset;
+    use clue::bundle::Bundle;
+    use clue::data::batcher::{UserBatch, UserBatcher, UserDataset};
+    let dir = tempfile::tempdir().unwrap();
+    let run = bundle(dir.path());
+    let device = Default::default();
+    let out = dir.path().join("e/users.safetensors");
+    embed::<B>(
+        &run,
+        &device,
+        &options(vec![data_root().join("s/logs")], out.clone()),
+    )
+    .unwrap();
+
+    let data = Arc::new(PreparedDataset::open(&data_root().join("p")).unwrap());
+    let b = Bundle::<B>::load(&run, &device).unwrap();
+    let m = &b.config.model;
+    let n = data.num_users().min(48);
+    let ds = UserDataset::with_users(
+        data.clone(),
+        (0..n as u32).collect(),
+        m.max_items,
+        m.max_item_tokens,
+    );
+    let samples = (0..n).map(|i| ds.get(i).unwrap()).collect();
+    let batch: UserBatch<B> = UserBatcher::default().batch(samples, &device);
+    let z: Vec<f32> = b
+        .model
+        .encoder
+        .forward(&batch)
+        .into_data()
+        .to_vec()
+        .unwrap();
+    let dim = m.embedding_dim();
+    let users: Vec<String> = data.user_ids[..n].to_vec();
+    let (embedded, width) = clue::embed::format::read_embeddings(&out, &users).unwrap();
+    let services = data.num_services();
+    assert_eq!(width, services * dim);
+    let mut worst = 0f32;
+    for i in 0..n {
+        for s in 0..services {
+            let train = &z[(s * n + i) * dim..(s * n + i + 1) * dim];
+            let emb = &embedded[i * width + s * dim..i * width + (s + 1) * dim];
+            for (a, b) in train.iter().zip(emb) {
+                worst = worst.max((a - b).abs());
+            }
+        }
+    }
+    assert!(worst <= 1e-5, "max |Δ| = {worst}");
+    assert!(z.iter().any(|v| v.abs() > 1e-3), "non-trivial embeddings");
 }

@@ -11,9 +11,7 @@ use std::sync::Arc;
 use burn::backend::{Autodiff, NdArray};
 use burn::data::dataloader::DataLoader;
 use clue::data::batcher::UserBatcher;
-use clue::data::prepare::{PrepareOptions, prepare};
 use clue::data::store::{PreparedDataset, Split};
-use clue::data::synth::{SynthOptions, synth};
 use clue::train::config::RunConfig;
 use clue::train::fit::{FitOptions, FitSummary, fit};
 use clue::train::loader::{EpochPlan, PlanLoader};
@@ -21,16 +19,11 @@ use clue::train::schedule::WarmupCosine;
 
 const CLUE: &str = env!("CARGO_BIN_EXE_clue");
 
-fn prepared(dir: &Path, users: usize, max_items: usize) -> std::path::PathBuf {
-    synth(&dir.join("s"), &SynthOptions { users, seed: 0 }).unwrap();
-    let out = dir.join("p");
-    let o = PrepareOptions {
-        max_items,
-        max_item_tokens: 16,
-        ..Default::default()
-    };
-    prepare(&[dir.join("s/logs")], &out, &o).unwrap();
-    out
+mod common;
+
+/// A prepared synthetic dataset of `users` users (shared by the tests that ask for the same).
+fn prepared(users: usize, max_items: usize) -> std::path::PathBuf {
+    common::fixture(users, 0, max_items, 16).join("p")
 }
 
 fn tiny() -> RunConfig {
@@ -46,7 +39,7 @@ fn tiny() -> RunConfig {
 #[test]
 fn tiny_clue_learns_to_match_a_users_two_services() {
     let dir = tempfile::tempdir().unwrap();
-    let data = prepared(dir.path(), 1000, 16);
+    let data = prepared(1000, 16);
     let config = tiny().with_overrides(&["train.epochs=3".into()]).unwrap();
     let options = FitOptions {
         config,
@@ -55,7 +48,6 @@ fn tiny_clue_learns_to_match_a_users_two_services() {
         tui: false,
         resume: false,
         backend: "ndarray".into(),
-        fixed_shapes: false,
     };
     let s: FitSummary = fit::<Autodiff<NdArray>>(Default::default(), &options).unwrap();
     assert!(
@@ -115,9 +107,9 @@ fn first_lr(run: &Path, epoch: usize) -> f64 {
 }
 
 #[test]
-fn a_killed_run_resumes_from_its_last_checkpoint_with_the_same_steps_and_schedule() {
+fn a_killed_run_resumes_with_the_same_steps_schedule_and_weights_as_an_uninterrupted_one() {
     let dir = tempfile::tempdir().unwrap();
-    let data = prepared(dir.path(), 300, 8);
+    let data = prepared(300, 8);
     let run = dir.path().join("run");
     let epochs = 4;
     let sets = [
@@ -133,15 +125,19 @@ fn a_killed_run_resumes_from_its_last_checkpoint_with_the_same_steps_and_schedul
         // Checkpoints every 5 steps as well as at each epoch's end.
         "train.checkpoint_every=5",
     ];
-    let mut cmd = Command::new(CLUE);
-    cmd.args(["fit", "--backend", "ndarray", "--no-tui", "--data"])
-        .arg(&data)
-        .arg("--out")
-        .arg(&run);
-    for s in sets {
-        cmd.args(["--set", s]);
-    }
-    let mut child = cmd.stdout(std::process::Stdio::null()).spawn().unwrap();
+    let fit_cmd = |out: &Path| {
+        let mut cmd = Command::new(CLUE);
+        cmd.args(["fit", "--backend", "ndarray", "--no-tui", "--data"])
+            .arg(&data)
+            .arg("--out")
+            .arg(out);
+        for s in sets {
+            cmd.args(["--set", s]);
+        }
+        cmd.stdout(std::process::Stdio::null());
+        cmd
+    };
+    let mut child = fit_cmd(&run).spawn().unwrap();
     let start = Instant::now();
     while clue::train::fit::last_checkpoint(&run).is_none() {
         assert!(
@@ -233,12 +229,53 @@ fn a_killed_run_resumes_from_its_last_checkpoint_with_the_same_steps_and_schedul
         let name = entry.unwrap().file_name().to_string_lossy().to_string();
         assert!(!name.starts_with(".partial"), "{name}");
     }
+    // The same run without the kill: same data order, schedule, optimiser state and dropout
+    // masks (keyed by seed, step and call), so the same weights up to float rounding.
+    let whole = dir.path().join("whole");
+    assert!(fit_cmd(&whole).status().unwrap().success());
+    let (resumed, uninterrupted) = (weights(&run), weights(&whole));
+    assert_eq!(
+        resumed.keys().collect::<Vec<_>>(),
+        uninterrupted.keys().collect::<Vec<_>>()
+    );
+    let mut worst = (0.0f32, String::new());
+    for (name, a) in &resumed {
+        let b = &uninterrupted[name];
+        assert_eq!(a.len(), b.len(), "{name}");
+        for (x, y) in a.iter().zip(b) {
+            if (x - y).abs() > worst.0 {
+                worst = ((x - y).abs(), name.clone());
+            }
+        }
+    }
+    assert!(
+        worst.0 <= 1e-5,
+        "resumed and uninterrupted weights differ by {} in {}",
+        worst.0,
+        worst.1
+    );
+}
+
+/// Every tensor of a run's exported model, as f32s by name.
+fn weights(run: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let bytes = std::fs::read(run.join("model/model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            let v = t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            (name, v)
+        })
+        .collect()
 }
 
 #[test]
 fn the_training_loader_serves_each_period_in_the_plans_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = prepared(dir.path(), 300, 8);
+    let path = prepared(300, 8);
     let data = Arc::new(PreparedDataset::open(&path).unwrap());
     let users = data.users_in(Split::Train);
     let plan = Arc::new(EpochPlan::new(users, 16, 2, 42, 5));

@@ -10,9 +10,7 @@ use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
 use burn::train::TrainStep;
 use clue::data::batcher::{FixedShape, UserBatch, UserBatcher, UserDataset};
-use clue::data::prepare::{PrepareOptions, prepare};
 use clue::data::store::{PreparedDataset, Split};
-use clue::data::synth::{SynthOptions, synth};
 use clue::model::{ClueModel, LOGIT_SCALE_MAX, ModelConfig};
 use clue::train::step::{StepSettings, Trainee};
 
@@ -31,17 +29,12 @@ fn small_config(vocab: usize) -> ModelConfig {
     }
 }
 
-fn prepared(users: usize) -> (tempfile::TempDir, Arc<PreparedDataset>) {
-    let dir = tempfile::tempdir().unwrap();
-    synth(&dir.path().join("s"), &SynthOptions { users, seed: 11 }).unwrap();
-    prepare(
-        &[dir.path().join("s/logs")],
-        &dir.path().join("p"),
-        &PrepareOptions::default(),
-    )
-    .unwrap();
-    let data = Arc::new(PreparedDataset::open(&dir.path().join("p")).unwrap());
-    (dir, data)
+mod common;
+
+/// One prepared synthetic dataset for every test here.
+fn prepared() -> Arc<PreparedDataset> {
+    let root = common::fixture(200, 11, 512, 32);
+    Arc::new(PreparedDataset::open(&root.join("p")).unwrap())
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -54,7 +47,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn a_user_embeds_the_same_alone_and_padded_inside_a_batch() {
-    let (_dir, data) = prepared(120);
+    let data = prepared();
     let c = small_config(data.manifest.vocab_size as usize);
     let dev = Default::default();
     let model = ClueModel::<NdArray>::new(&c, &dev);
@@ -97,7 +90,7 @@ fn a_user_embeds_the_same_alone_and_padded_inside_a_batch() {
 
 #[test]
 fn grouping_items_by_length_changes_no_embedding() {
-    let (_dir, data) = prepared(200);
+    let data = prepared();
     let c = small_config(data.manifest.vocab_size as usize);
     let dev = Default::default();
     let model = ClueModel::<NdArray>::new(&c, &dev);
@@ -190,12 +183,13 @@ fn the_logit_scale_trains_never_exceeds_100_and_keeps_training_after_clamping() 
 
 #[test]
 fn a_training_step_produces_a_gradient_for_the_logit_scale() {
-    let (_dir, data) = prepared(80);
+    let data = prepared();
     let dev = Default::default();
     let trainee = Trainee {
         model: ClueModel::<A>::new(&small_config(data.manifest.vocab_size as usize), &dev),
         settings: StepSettings {
             clip_norm: 1e9,
+            seed: 0,
             guard: None,
         },
     };
@@ -212,7 +206,7 @@ fn a_training_step_produces_a_gradient_for_the_logit_scale() {
 
 #[test]
 fn a_non_finite_loss_skips_the_update_names_the_step_and_stops_training() {
-    let (_dir, data) = prepared(80);
+    let data = prepared();
     let dev = Default::default();
     let interrupter = burn::train::Interrupter::new();
     let guard = clue::train::step::StepGuard::new(interrupter.clone(), 41);
@@ -223,6 +217,7 @@ fn a_non_finite_loss_skips_the_update_names_the_step_and_stops_training() {
         model,
         settings: StepSettings {
             clip_norm: 0.01,
+            seed: 0,
             guard: Some(guard.clone()),
         },
     };

@@ -7,6 +7,7 @@ use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataset::Dataset;
 use burn::prelude::*;
 
+use crate::backend::BackendKind;
 use crate::data::store::{PreparedDataset, Split};
 
 /// One item of a user's sequence: its index in the item table and its tokens (prefix first).
@@ -178,6 +179,9 @@ pub struct FixedShape {
     pub item_multiple: usize,
 }
 
+/// On accelerators, the number of distinct items of a batch is padded to a multiple of this.
+pub const ITEM_MULTIPLE: usize = 256;
+
 /// Pads [`UserSample`]s into a [`UserBatch`]: to the batch's own maxima, or to a [`FixedShape`].
 #[derive(Debug, Clone, Default)]
 pub struct UserBatcher {
@@ -187,6 +191,25 @@ pub struct UserBatcher {
 impl UserBatcher {
     pub fn fixed(shape: FixedShape) -> Self {
         Self { fixed: Some(shape) }
+    }
+
+    /// The batcher for backend `B` (see [`UserBatcher::new`]).
+    pub fn of<B: Backend>(max_items: usize, max_item_tokens: usize) -> Self {
+        Self::new(BackendKind::of::<B>(), max_items, max_item_tokens)
+    }
+
+    /// The batcher for a backend: dynamic shapes on the CPU, fixed ones (the model's maxima)
+    /// on accelerators.
+    pub fn new(kind: BackendKind, max_items: usize, max_item_tokens: usize) -> Self {
+        if kind.fixed_shapes() {
+            Self::fixed(FixedShape {
+                items: max_items,
+                tokens: max_item_tokens,
+                item_multiple: ITEM_MULTIPLE,
+            })
+        } else {
+            Self::default()
+        }
     }
 }
 
@@ -209,24 +232,23 @@ impl<B: Backend> Batcher<B, UserSample, UserBatch<B>> for UserBatcher {
             None => (longest.max(1), widest.max(1)),
         };
         let rows = services * n;
-        let mut item_pad = vec![true; rows * slots];
-        // Each slot's distinct item (index into `distinct`, first-seen order).
-        let mut slot_distinct = vec![usize::MAX; rows * slots];
-        let mut distinct: Vec<&[u32]> = Vec::new();
-        let mut seen: HashMap<u32, usize> = HashMap::new();
-        for (i, sample) in samples.iter().enumerate() {
-            for (s, items) in sample.services.iter().enumerate() {
-                let row = s * n + i;
-                for (j, item) in items.iter().enumerate() {
-                    let slot = row * slots + j;
-                    item_pad[slot] = false;
-                    slot_distinct[slot] = *seen.entry(item.id).or_insert_with(|| {
-                        distinct.push(&item.tokens);
-                        distinct.len() - 1
-                    });
-                }
-            }
-        }
+        let entries = samples.iter().enumerate().flat_map(|(i, sample)| {
+            sample
+                .services
+                .iter()
+                .enumerate()
+                .flat_map(move |(s, items)| {
+                    items
+                        .iter()
+                        .enumerate()
+                        .map(move |(j, item)| (s * n + i, j, item.id, item.tokens.as_slice()))
+                })
+        });
+        let SlotLayout {
+            distinct,
+            slot: slot_distinct,
+            pad: item_pad,
+        } = SlotLayout::new(rows, slots, entries);
         // Item rows: by length (one group padded to the fixed width with a FixedShape).
         let mut order: Vec<usize> = (0..distinct.len()).collect();
         let cuts = match self.fixed {
@@ -282,6 +304,91 @@ impl<B: Backend> Batcher<B, UserSample, UserBatch<B>> for UserBatcher {
             slot_item: Tensor::from_data(TensorData::new(slot_item, [rows * slots]), device),
             services,
             users: samples.iter().map(|s| s.user).collect(),
+        }
+    }
+}
+
+/// The item slots of a batch: its distinct items (each with a payload: tokens, or a catalogue
+/// index), in the order they first appear, and for every slot its distinct item or padding.
+struct SlotLayout<T> {
+    distinct: Vec<T>,
+    /// `[rows·slots]`: index into `distinct`, `usize::MAX` for padding.
+    slot: Vec<usize>,
+    /// `[rows·slots]`: true where the slot is padding.
+    pad: Vec<bool>,
+}
+
+impl<T: Copy> SlotLayout<T> {
+    /// `entries`: (row, position in the row, item id, payload) of every filled slot.
+    fn new(
+        rows: usize,
+        slots: usize,
+        entries: impl Iterator<Item = (usize, usize, u32, T)>,
+    ) -> Self {
+        let mut out = Self {
+            distinct: Vec::new(),
+            slot: vec![usize::MAX; rows * slots],
+            pad: vec![true; rows * slots],
+        };
+        let mut seen: HashMap<u32, usize> = HashMap::new();
+        for (row, j, id, payload) in entries {
+            let at = row * slots + j;
+            out.pad[at] = false;
+            out.slot[at] = *seen.entry(id).or_insert_with(|| {
+                out.distinct.push(payload);
+                out.distinct.len() - 1
+            });
+        }
+        out
+    }
+}
+
+/// An inference batch over already-encoded items: users as rows of item indices into a table
+/// of item vectors (`clue embed`'s item cache), for [`ClueEncoder::encode_users`].
+///
+/// [`ClueEncoder::encode_users`]: crate::model::ClueEncoder::encode_users
+#[derive(Debug, Clone)]
+pub struct ItemSlots<B: Backend> {
+    /// The rows of the item table the batch needs, in the order `slot_item` numbers them. With
+    /// a [`FixedShape`], padded with repeats of the first to a multiple of `item_multiple`.
+    pub items: Vec<u32>,
+    /// `[rows, slots]`, true where the slot is padding.
+    pub item_pad: Tensor<B, 2, Bool>,
+    /// `[rows·slots]`: 0 for a padding slot, else 1 + the slot's position in `items`.
+    pub slot_item: Tensor<B, 1, Int>,
+}
+
+impl UserBatcher {
+    /// An inference batch of `seqs` (one row each: item indices, oldest first), padded like a
+    /// training batch: to the longest row, or to the [`FixedShape`].
+    pub fn item_slots<B: Backend>(&self, seqs: &[&[u32]], device: &B::Device) -> ItemSlots<B> {
+        let longest = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+        let slots = match self.fixed {
+            Some(f) => f.items.max(longest),
+            None => longest.max(1),
+        };
+        let entries = seqs
+            .iter()
+            .enumerate()
+            .flat_map(|(row, seq)| seq.iter().enumerate().map(move |(j, &id)| (row, j, id, id)));
+        let SlotLayout {
+            mut distinct,
+            slot,
+            pad,
+        } = SlotLayout::new(seqs.len(), slots, entries);
+        if let (Some(f), Some(&first)) = (self.fixed, distinct.first()) {
+            let m = f.item_multiple.max(1);
+            distinct.resize(distinct.len().div_ceil(m) * m, first);
+        }
+        let slot_item: Vec<i64> = slot
+            .iter()
+            .map(|&u| if u == usize::MAX { 0 } else { u as i64 + 1 })
+            .collect();
+        let rows = seqs.len();
+        ItemSlots {
+            items: distinct,
+            item_pad: Tensor::from_data(TensorData::new(pad, [rows, slots]), device),
+            slot_item: Tensor::from_data(TensorData::new(slot_item, [rows * slots]), device),
         }
     }
 }

@@ -1,8 +1,11 @@
-//! The data pipeline: read logs, synthesise, tokenise, prepare, and batch for the encoder.
+//! The data pipeline: read logs into histories, synthesise, convert, tokenise, prepare, and
+//! batch for the encoder.
 
 pub mod batcher;
 pub mod convert;
+pub mod history;
 pub mod log;
+pub mod options;
 pub mod prepare;
 pub mod store;
 pub mod synth;

@@ -21,7 +21,7 @@ use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::data::prepare::{Dropped, PrepareOptions};
+use crate::data::options::{Dropped, PrepareOptions};
 use crate::data::tokenize::ItemTokenizer;
 use crate::error::{ClueError, Result};
 

@@ -1,26 +1,16 @@
 //! The pre-norm Transformer encoder both CLUE transformers use, written out so the CPU path is
 //! cheap: linear layers as one matmul over all positions, the attention mask repeated once per
-//! encoder, and [`linear`], [`attention`] and [`gelu`] with fast paths on Flex (see
-//! `model::flex`), and dropout masks drawn by a fast generator on the CPU backends (Burn's
-//! generic sampler draws element by element: ~14 % of a CPU step).
+//! encoder, and the operations of [`crate::model::ops`] (fast paths on Flex, seeded dropout
+//! masks that a resumed run replays).
 //!
 //! Same computation as PyTorch's `nn.TransformerEncoderLayer(norm_first=True, activation="gelu")`
 //! with dropout on the attention weights, after the attention projection, inside the feed-forward
 //! block and after it (the layout of `shared/bench/torch_clue_ref.py`).
 
-use std::cell::OnceCell;
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation::softmax;
-use burn::tensor::{Distribution, TensorData};
-use rayon::prelude::*;
 
-use crate::model::flex::{attention, gelu, linear};
-
-/// Score given to padding keys before the softmax (Burn's multi-head attention uses the same).
-const MASKED_SCORE: f64 = -1.0e4;
+use crate::model::ops::{Padding, attention, dropout, gelu, linear};
 
 /// One pre-norm encoder layer.
 #[derive(Module, Debug)]
@@ -55,34 +45,13 @@ impl<B: Backend> Block<B> {
 
     /// `x`: `[n, len, d]`, `padding` of its positions → `[n, len, d]`.
     pub fn forward(&self, x: Tensor<B, 3>, padding: &Padding<B>) -> Tensor<B, 3> {
-        let [n, len, d] = x.dims();
-        let (h, dh) = (self.heads, d / self.heads);
         let y = self.norm_attention.forward(x.clone());
         let (q, k, v) = (
             flat(&self.query, y.clone()),
             flat(&self.key, y.clone()),
             flat(&self.value, y),
         );
-        let context = attention(
-            &q,
-            &k,
-            &v,
-            &padding.pad,
-            h,
-            MASKED_SCORE as f32,
-            self.dropout,
-        )
-        .unwrap_or_else(|| {
-            // [n, len, d] → [n, h, len, dh] and back.
-            let split = |t: Tensor<B, 3>| t.reshape([n, len, h, dh]).swap_dims(1, 2);
-            let (q, k, v) = (split(q), split(k), split(v));
-            let scores = q
-                .matmul(k.swap_dims(2, 3))
-                .mul_scalar(1.0 / (dh as f64).sqrt());
-            let weights = softmax(scores.mask_fill(padding.mask(h), MASKED_SCORE), 3);
-            let context = dropout(weights, self.dropout).matmul(v); // [n, h, len, dh]
-            context.swap_dims(1, 2).reshape([n, len, d])
-        });
+        let context = attention(q, k, v, padding, self.heads, self.dropout);
         let x = x + dropout(flat(&self.attention_out, context), self.dropout);
         let hidden = gelu(flat(&self.ff_in, self.norm_ff.forward(x.clone())));
         let ff = flat(&self.ff_out, dropout(hidden, self.dropout));
@@ -124,10 +93,7 @@ impl<B: Backend> Encoder<B> {
 
     /// `x`: `[n, len, d]`, `pad`: `[n, len]` (true = padding) → `[n, len, d]`.
     pub fn forward(&self, mut x: Tensor<B, 3>, pad: Tensor<B, 2, Bool>) -> Tensor<B, 3> {
-        let padding = Padding {
-            pad,
-            mask: OnceCell::new(),
-        };
+        let padding = Padding::new(pad);
         for layer in &self.layers {
             x = layer.forward(x, &padding);
         }
@@ -135,154 +101,16 @@ impl<B: Backend> Encoder<B> {
     }
 }
 
-/// Which positions of an encoder's input are padding (`pad`: `[n, len]`, true = padding), and
-/// the attention mask made from it, built when a layer first needs it and then shared.
-pub struct Padding<B: Backend> {
-    pad: Tensor<B, 2, Bool>,
-    mask: OnceCell<Tensor<B, 4, Bool>>,
-}
-
-impl<B: Backend> Padding<B> {
-    /// The keys each query may not attend to: `pad` repeated into `[n, heads, len, len]`, in
-    /// memory once for all layers (CPU backends would otherwise expand it element by element
-    /// in every masking, forward and backward).
-    fn mask(&self, heads: usize) -> Tensor<B, 4, Bool> {
-        let [n, len] = self.pad.dims();
-        self.mask
-            .get_or_init(|| {
-                self.pad
-                    .clone()
-                    .reshape([n, 1, 1, len])
-                    .repeat_dim(2, len)
-                    .repeat_dim(1, heads)
-            })
-            .clone()
-    }
-}
-
-/// State of the CPU dropout generator; [`seed_dropout`] sets it.
-static DROPOUT_STATE: AtomicU64 = AtomicU64::new(0x5EED_C1CE);
-
-/// Seed the CPU backends' dropout masks (GPU backends use the backend's seeded generator).
-pub fn seed_dropout(seed: u64) {
-    DROPOUT_STATE.store(splitmix64(seed), Ordering::SeqCst);
-}
-
-fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// Inverted dropout, active only while training (an autodiff backend), as Burn's `Dropout`.
-pub fn dropout<B: Backend, const D: usize>(x: Tensor<B, D>, p: f64) -> Tensor<B, D> {
-    let device = x.device();
-    if p <= 0.0 || !B::ad_enabled(&device) {
-        return x;
-    }
-    let keep = 1.0 - p;
-    let name = B::name(&device);
-    if !(name.contains("flex") || name.contains("ndarray")) {
-        return x.clone() * x.random_like(Distribution::Bernoulli(keep)) * (1.0 / keep);
-    }
-    // A boolean mask: autodiff keeps one byte per element for the backward pass, not four.
-    let shape = x.shape();
-    let n = shape.num_elements();
-    let mask = draw_drop_mask(n, p);
-    let drop = Tensor::<B, 1, Bool>::from_data(TensorData::new(mask, [n]), &device).reshape(shape);
-    x.mask_fill(drop, 0.0).mul_scalar(1.0 / keep)
-}
-
-/// The next dropout mask of the CPU generator: `n` flags, true = dropped.
-pub(crate) fn draw_drop_mask(n: usize, p: f64) -> Vec<bool> {
-    #[cfg(test)]
-    if let Some(stream) = tests::OWN_STREAM.get() {
-        tests::OWN_STREAM.set(Some(stream + 1));
-        return drop_mask(n, p, stream);
-    }
-    drop_mask(n, p, DROPOUT_STATE.fetch_add(1, Ordering::SeqCst))
-}
-
-/// `n` flags, each true (drop) with probability `p` (in steps of 2⁻¹⁶), from a counter-based
-/// generator: four draws per 64-bit hash, filled in parallel (the result does not depend on the
-/// number of threads).
-fn drop_mask(n: usize, p: f64, stream: u64) -> Vec<bool> {
-    const BLOCKS: usize = 4096; // hashes per parallel task
-    let threshold = (p * 65536.0).round() as u64;
-    let key = splitmix64(stream);
-    let mut out = vec![false; n];
-    out.par_chunks_mut(4 * BLOCKS)
-        .enumerate()
-        .for_each(|(task, chunk)| {
-            for (i, flags) in chunk.chunks_mut(4).enumerate() {
-                let block = (task * BLOCKS + i) as u64;
-                let bits = splitmix64(key ^ block.wrapping_mul(0xD1B5_4A32_D192_ED03));
-                for (lane, flag) in flags.iter_mut().enumerate() {
-                    *flag = (bits >> (16 * lane)) & 0xFFFF < threshold;
-                }
-            }
-        });
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::backend::{Autodiff, NdArray};
-
-    thread_local! {
-        /// Set: this thread's dropout masks come from its own stream counter, so a test can
-        /// draw the same masks twice while other tests draw theirs.
-        pub(super) static OWN_STREAM: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
-    }
-
-    #[test]
-    fn drop_masks_drop_about_p() {
-        let mask = drop_mask(400_003, 0.1, 7);
-        assert_eq!(mask.len(), 400_003);
-        let dropped = mask.iter().filter(|&&m| m).count() as f64 / mask.len() as f64;
-        assert!((dropped - 0.1).abs() < 0.003, "dropped {dropped}");
-        // Lanes of one hash are independent: pairs both dropped ≈ p².
-        let pairs = mask.len() / 2;
-        let both = (0..pairs)
-            .filter(|&i| mask[2 * i] && mask[2 * i + 1])
-            .count() as f64;
-        assert!((both / pairs as f64 - 0.01).abs() < 0.002, "both {both}");
-        assert_ne!(
-            drop_mask(64, 0.5, 8),
-            drop_mask(64, 0.5, 7),
-            "streams differ"
-        );
-        assert_eq!(
-            drop_mask(64, 0.5, 7),
-            drop_mask(64, 0.5, 7),
-            "deterministic"
-        );
-        assert!(drop_mask(1000, 0.0, 3).iter().all(|&m| !m));
-    }
-
-    #[test]
-    fn dropout_acts_only_while_training() {
-        let device = Default::default();
-        let x = Tensor::<NdArray, 2>::ones([50, 40], &device);
-        let same = dropout(x.clone(), 0.5);
-        assert_eq!(same.to_data(), x.to_data(), "no autodiff: identity");
-        let t = Tensor::<Autodiff<NdArray>, 2>::ones([50, 40], &device);
-        let y: Vec<f32> = dropout(t, 0.5).into_data().to_vec().unwrap();
-        let zeros = y.iter().filter(|&&v| v == 0.0).count();
-        assert!((800..1200).contains(&zeros), "{zeros} of 2000 dropped");
-        assert!(
-            y.iter().all(|&v| v == 0.0 || v == 2.0),
-            "the rest scaled by 1/(1-p)"
-        );
-    }
+    use burn::backend::Autodiff;
 
     /// Inference on plain Flex (clue's linear, GELU and attention kernels) against Burn's
     /// generic operations on the same weights.
     #[test]
     fn flex_inference_matches_the_generic_path() {
-        use crate::model::flex::tests::GENERIC;
+        use crate::model::ops::GENERIC;
         use burn::backend::Flex;
         let dev = Default::default();
         let encoder = Encoder::<Flex>::new(24, 48, 4, 2, 0.1, &dev);
@@ -314,7 +142,7 @@ mod tests {
     /// same backend, weights and dropout masks, forward and backward.
     #[test]
     fn flex_fast_paths_match_the_generic_path() {
-        use crate::model::flex::tests::GENERIC;
+        use crate::model::ops::GENERIC;
         use burn::backend::Flex;
         type Fx = Autodiff<Flex>;
         let dev = Default::default();
@@ -330,7 +158,7 @@ mod tests {
         let weights: Vec<f32> = (0..n * len * 16).map(|i| (i % 7) as f32 - 3.0).collect();
         let run = |generic: bool| {
             GENERIC.set(generic);
-            OWN_STREAM.set(Some(7));
+            crate::model::dropout::start_step(7, 0);
             let x = Tensor::<Fx, 3>::from_data(TensorData::new(x.clone(), [n, len, 16]), &dev)
                 .require_grad();
             let pad =
@@ -340,7 +168,6 @@ mod tests {
             let y = encoder.forward(x.clone(), pad);
             let grads = (y.clone() * w).sum().backward();
             GENERIC.set(false);
-            OWN_STREAM.set(None);
             let layer = &encoder.layers[0];
             let grad = |p: &burn::module::Param<Tensor<Fx, 2>>| p.grad(&grads).unwrap().into_data();
             [

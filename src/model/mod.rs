@@ -2,13 +2,16 @@
 
 pub mod block;
 pub mod config;
+pub mod dropout;
 pub mod encoder;
 pub mod flex;
+pub mod ops;
 
 use burn::module::Param;
 use burn::nn::{Linear, LinearConfig, Relu};
 use burn::prelude::*;
 
+pub use crate::backend::BackendKind;
 pub use config::ModelConfig;
 pub use encoder::{ClueEncoder, ItemTransformer, ServiceTransformer};
 

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use burn::optim::AdamWConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ClueError, Result};
@@ -30,6 +31,18 @@ pub struct TrainConfig {
     pub workers: usize,
     /// Also checkpoint (and validate) every this many steps; 0 = at the end of each epoch only.
     pub checkpoint_every: usize,
+}
+
+impl TrainConfig {
+    /// AdamW with this config's moments, epsilon and weight decay (the learning rate comes
+    /// from the schedule at each step).
+    pub fn optimizer(&self) -> AdamWConfig {
+        AdamWConfig::new()
+            .with_beta_1(self.beta1 as f32)
+            .with_beta_2(self.beta2 as f32)
+            .with_epsilon(self.epsilon as f32)
+            .with_weight_decay(self.weight_decay as f32)
+    }
 }
 
 impl Default for TrainConfig {

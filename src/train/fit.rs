@@ -6,28 +6,26 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
-use burn::optim::AdamWConfig;
 use burn::prelude::*;
-use burn::record::{DefaultRecorder, FullPrecisionSettings, NamedMpkFileRecorder};
+use burn::record::DefaultRecorder;
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::checkpoint::KeepLastNCheckpoints;
 use burn::train::metric::LearningRateMetric;
-use burn::train::{InferenceStep, ItemLazy, Learner, SupervisedTraining};
-use burn_store::{ModuleSnapshot, SafetensorsStore};
+use burn::train::{Learner, SupervisedTraining};
 use serde::{Deserialize, Serialize};
 
-use crate::data::batcher::{FixedShape, UserBatch, UserBatcher, UserDataset};
-use crate::data::store::{
-    self, PreparedDataset, Split, publish_dir, temp_dir_beside, write_atomic,
-};
+use crate::bundle::{BUNDLE_DIR, BundleInfo, SplitScore, read_json, save_bundle};
+use crate::data::batcher::{UserBatch, UserBatcher, UserDataset};
+use crate::data::store::{PreparedDataset, Split, write_atomic};
 use crate::error::{ClueError, Result};
 use crate::model::{ClueModel, ParamCounts};
 use crate::train::checkpoint::{AtomicRecorder, ResumedLogs};
 use crate::train::config::RunConfig;
 use crate::train::loader::{EpochPlan, PlanLoader};
-use crate::train::metrics::{BatchStats, History, SharedHistory, Stat, StatMetric};
+use crate::train::metrics::{History, SharedHistory, Stat, StatMetric};
 use crate::train::renderer::LogRenderer;
 use crate::train::schedule::WarmupCosine;
+use crate::train::score::score;
 use crate::train::step::{StepGuard, StepSettings, Trainee};
 use crate::ui;
 
@@ -35,8 +33,6 @@ use crate::ui;
 pub const RUN_CONFIG: &str = "config.toml";
 pub const RUN_INFO: &str = "run.json";
 pub const SUMMARY: &str = "summary.json";
-pub const BUNDLE_DIR: &str = "model";
-pub const BUNDLE_INFO: &str = "bundle.json";
 
 /// One PF-day in floating-point operations.
 pub const PF_DAY: f64 = 8.64e19;
@@ -59,21 +55,6 @@ pub struct FitOptions {
     pub resume: bool,
     /// Backend name, recorded in the summary.
     pub backend: String,
-    /// Pad batches to fixed shapes (GPU backends: each new shape costs a compilation).
-    pub fixed_shapes: bool,
-}
-
-/// The batcher for a model config: dynamic shapes on the CPU, fixed ones on accelerators.
-pub fn batcher(config: &RunConfig, fixed_shapes: bool) -> UserBatcher {
-    if fixed_shapes {
-        UserBatcher::fixed(FixedShape {
-            items: config.model.max_items,
-            tokens: config.model.max_item_tokens,
-            item_multiple: 256,
-        })
-    } else {
-        UserBatcher::default()
-    }
 }
 
 /// Where a run's data lives, recorded so `--resume` needs nothing else.
@@ -81,17 +62,6 @@ pub fn batcher(config: &RunConfig, fixed_shapes: bool) -> UserBatcher {
 pub struct RunInfo {
     pub data: PathBuf,
     pub manifest_sha256: String,
-}
-
-/// Loss and in-batch retrieval of one split, measured with fixed batches after training.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
-pub struct SplitScore {
-    pub loss: f64,
-    pub top1_ab: f64,
-    pub top1_ba: f64,
-    pub top10_ab: Option<f64>,
-    pub users: usize,
-    pub batch_size: usize,
 }
 
 /// `summary.json`.
@@ -119,20 +89,6 @@ pub struct FitSummary {
     pub history: History,
 }
 
-/// `bundle.json`: everything `clue embed` needs to know besides the weights.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct BundleInfo {
-    pub clue_version: String,
-    pub services: Vec<String>,
-    pub embedding_dim: usize,
-    pub dataset_manifest_sha256: String,
-    pub params: ParamCounts,
-    pub steps: usize,
-    pub flops: f64,
-    pub pf_days: f64,
-    pub valid: SplitScore,
-}
-
 /// Last period (Burn epoch: an epoch, or `train.checkpoint_every` steps) with a complete
 /// checkpoint in `run/checkpoint`.
 pub fn last_checkpoint(run: &Path) -> Option<usize> {
@@ -155,56 +111,9 @@ pub fn last_checkpoint(run: &Path) -> Option<usize> {
         .max()
 }
 
-/// Contrastive loss and retrieval of `users` with fixed, unshuffled batches of `batch_size`.
-pub fn score<B: Backend>(
-    model: &ClueModel<B>,
-    data: &Arc<PreparedDataset>,
-    users: Vec<u32>,
-    config: &RunConfig,
-    fixed_shapes: bool,
-) -> SplitScore {
-    let trainee = Trainee {
-        model: model.clone(),
-        settings: StepSettings::default(),
-    };
-    let n = users.len();
-    let ds = UserDataset::with_users(
-        data.clone(),
-        users,
-        config.model.max_items,
-        config.model.max_item_tokens,
-    );
-    let loader = DataLoaderBuilder::<B, _, _>::new(batcher(config, fixed_shapes))
-        .batch_size(config.train.batch_size)
-        .build(ds);
-    let (mut loss, mut ab, mut ba, mut top10, mut top10_n, mut total) =
-        (0.0, 0.0, 0.0, 0.0, 0usize, 0usize);
-    for batch in loader.iter() {
-        let s: BatchStats = InferenceStep::step(&trainee, batch).sync();
-        let w = s.users as f64;
-        loss += s.loss * w;
-        ab += s.top1_ab * w;
-        ba += s.top1_ba * w;
-        if let Some(t) = s.top10_ab {
-            top10 += t * w;
-            top10_n += s.users;
-        }
-        total += s.users;
-    }
-    let t = total.max(1) as f64;
-    SplitScore {
-        loss: loss / t,
-        top1_ab: ab / t,
-        top1_ba: ba / t,
-        top10_ab: (top10_n > 0).then(|| top10 / top10_n as f64),
-        users: n,
-        batch_size: config.train.batch_size,
-    }
-}
-
-/// Train a CLUE model on `device` as `options` say. Generic over every Burn autodiff backend.
-pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Result<FitSummary> {
-    let start = Instant::now();
+/// The run's config (from the run directory on `--resume`) completed with the dataset's
+/// vocabulary, the data directory, and the opened dataset.
+fn resolve(options: &FitOptions) -> Result<(RunConfig, PathBuf, Arc<PreparedDataset>)> {
     let run = &options.out;
     let (mut config, data_dir) = if options.resume {
         let info: RunInfo = read_json(&run.join(RUN_INFO))?;
@@ -225,63 +134,94 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
     }
     config.model.vocab_size = vocab;
     config.validate()?;
-    let train_users = data.users_in(Split::Train);
-    let valid_users = data.users_in(Split::Valid);
-    let bs = config.train.batch_size;
-    if train_users.len() < bs {
+    Ok((config, data_dir, data))
+}
+
+/// Enough users for one training batch and for validation.
+fn check_users(train: usize, valid: usize, batch_size: usize) -> Result<()> {
+    if train < batch_size {
         return Err(ClueError::config(
-            format!(
-                "only {} training users for train.batch_size = {bs}",
-                train_users.len()
-            ),
+            format!("only {train} training users for train.batch_size = {batch_size}"),
             "lower train.batch_size (--set train.batch_size=N) or prepare more users",
         ));
     }
-    if valid_users.len() < 2 {
+    if valid < 2 {
         return Err(ClueError::config(
-            format!(
-                "{} validation users: validation needs at least 2",
-                valid_users.len()
-            ),
+            format!("{valid} validation users: validation needs at least 2"),
             "prepare with a larger --valid-fraction or more users",
         ));
     }
+    Ok(())
+}
 
-    // Run directory: the resolved config and where the data lives, before any training.
-    let manifest_sha256 = data.manifest.hash();
+/// A new run: write its resolved config and where its data lives, before any training. A
+/// resumed run: check that its data has not changed.
+fn init_run_dir(
+    options: &FitOptions,
+    config: &RunConfig,
+    data_dir: &Path,
+    manifest_sha256: &str,
+) -> Result<()> {
+    let run = &options.out;
     if options.resume {
         let info: RunInfo = read_json(&run.join(RUN_INFO))?;
         if info.manifest_sha256 != manifest_sha256 {
             return Err(ClueError::bad_file(
-                &data_dir,
+                data_dir,
                 "the prepared dataset changed since this run started",
                 "resume with the original data, or start a new run",
             ));
         }
-    } else {
-        if run.join(RUN_INFO).exists() {
-            return Err(ClueError::bad_file(
-                run,
-                "already holds a run",
-                "continue it with --resume, or choose another --out",
-            ));
-        }
-        std::fs::create_dir_all(run).map_err(|e| ClueError::io(run, e))?;
-        write_atomic(&run.join(RUN_CONFIG), config.to_toml().as_bytes())?;
-        let info = RunInfo {
-            data: std::fs::canonicalize(&data_dir).unwrap_or(data_dir.clone()),
-            manifest_sha256: manifest_sha256.clone(),
-        };
-        write_atomic(
-            &run.join(RUN_INFO),
-            serde_json::to_string_pretty(&info)
-                .expect("json")
-                .as_bytes(),
-        )?;
+        return Ok(());
     }
+    if run.join(RUN_INFO).exists() {
+        return Err(ClueError::bad_file(
+            run,
+            "already holds a run",
+            "continue it with --resume, or choose another --out",
+        ));
+    }
+    std::fs::create_dir_all(run).map_err(|e| ClueError::io(run, e))?;
+    write_atomic(&run.join(RUN_CONFIG), config.to_toml().as_bytes())?;
+    let info = RunInfo {
+        data: std::fs::canonicalize(data_dir).unwrap_or(data_dir.to_path_buf()),
+        manifest_sha256: manifest_sha256.to_string(),
+    };
+    write_atomic(
+        &run.join(RUN_INFO),
+        serde_json::to_string_pretty(&info)
+            .expect("json")
+            .as_bytes(),
+    )
+}
+
+/// The period whose checkpoint a resumed run starts from.
+fn resume_period(options: &FitOptions) -> Result<Option<usize>> {
+    if !options.resume {
+        return Ok(None);
+    }
+    last_checkpoint(&options.out).map(Some).ok_or_else(|| {
+        ClueError::bad_file(
+            &options.out,
+            "has no complete checkpoint to resume from",
+            "start the run again without --resume",
+        )
+    })
+}
+
+/// Train a CLUE model on `device` as `options` say. Generic over every Burn autodiff backend.
+pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Result<FitSummary> {
+    let start = Instant::now();
+    let run = &options.out;
+    let (config, data_dir, data) = resolve(options)?;
+    let train_users = data.users_in(Split::Train);
+    let valid_users = data.users_in(Split::Valid);
+    let bs = config.train.batch_size;
+    check_users(train_users.len(), valid_users.len(), bs)?;
+    let manifest_sha256 = data.manifest.hash();
+    init_run_dir(options, &config, &data_dir, &manifest_sha256)?;
 
     B::seed(&device, config.train.seed);
-    crate::model::block::seed_dropout(config.train.seed);
     let plan = Arc::new(EpochPlan::new(
         train_users.clone(),
         bs,
@@ -292,23 +232,13 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
     let steps_per_epoch = plan.steps_per_epoch();
     let total_steps = plan.total_steps();
     // Burn's "epochs" are the plan's periods: each ends with validation and a checkpoint.
-    let resume_period = if options.resume {
-        Some(last_checkpoint(run).ok_or_else(|| {
-            ClueError::bad_file(
-                run,
-                "has no complete checkpoint to resume from",
-                "start the run again without --resume",
-            )
-        })?)
-    } else {
-        None
-    };
+    let resume_period = resume_period(options)?;
 
     let m = &config.model;
     let train_loader: Arc<dyn DataLoader<B, UserBatch<B>>> = Arc::new(PlanLoader::new(
         plan.clone(),
         data.clone(),
-        batcher(&config, options.fixed_shapes),
+        UserBatcher::of::<B>(m.max_items, m.max_item_tokens),
         m.max_items,
         m.max_item_tokens,
         config.train.workers,
@@ -316,16 +246,19 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
         resume_period.unwrap_or(0),
     ));
     let valid_loader =
-        DataLoaderBuilder::<B::InnerBackend, _, _>::new(batcher(&config, options.fixed_shapes))
-            .batch_size(bs)
-            .num_workers(config.train.workers)
-            .set_device(device.clone())
-            .build(UserDataset::with_users(
-                data.clone(),
-                valid_users.clone(),
-                m.max_items,
-                m.max_item_tokens,
-            ));
+        DataLoaderBuilder::<B::InnerBackend, _, _>::new(UserBatcher::of::<B::InnerBackend>(
+            m.max_items,
+            m.max_item_tokens,
+        ))
+        .batch_size(bs)
+        .num_workers(config.train.workers)
+        .set_device(device.clone())
+        .build(UserDataset::with_users(
+            data.clone(),
+            valid_users.clone(),
+            m.max_items,
+            m.max_item_tokens,
+        ));
 
     let history: SharedHistory = Arc::new(Mutex::new(History::default()));
     let stats = [
@@ -363,6 +296,7 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
         model: ClueModel::new(&config.model, &device),
         settings: StepSettings {
             clip_norm: config.train.grad_clip_norm,
+            seed: config.train.seed,
             guard: Some(guard.clone()),
         },
     };
@@ -383,12 +317,7 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
         steps_per_epoch
     ));
     let t = &config.train;
-    let optim = AdamWConfig::new()
-        .with_beta_1(t.beta1 as f32)
-        .with_beta_2(t.beta2 as f32)
-        .with_epsilon(t.epsilon as f32)
-        .with_weight_decay(t.weight_decay as f32)
-        .init::<B, Trainee<B>>();
+    let optim = t.optimizer().init::<B, Trainee<B>>();
     let schedule = WarmupCosine::new(t.lr, total_steps, t.warmup_fraction, t.final_lr_fraction);
     let logs = resume_period
         .map(|k| ResumedLogs::protect(run, k + 1))
@@ -412,28 +341,73 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
         })?;
     }
 
-    if let Some(step) = guard.bad_step() {
-        let last = last_checkpoint(run)
-            .map(|k| format!("after step {}", plan.steps_before(k)))
-            .unwrap_or_else(|| "none yet".into());
-        return Err(ClueError::config(
-            format!(
-                "training stopped: the loss became NaN or infinite at step {step} (last good checkpoint: {last})"
-            ),
-            "lower train.lr or raise train.grad_clip_norm; `clue fit --resume` continues from the last checkpoint",
-        ));
-    }
+    stopped_on_non_finite_loss(&guard, run, &plan)?;
     let model: ClueModel<B::InnerBackend> = result.model.model;
     let steps = guard.steps();
-    let valid = score::<B::InnerBackend>(&model, &data, valid_users, &config, options.fixed_shapes);
-    let flops = training_flops(params.total, bs, steps, config.model.max_items);
+    let valid = score::<B::InnerBackend>(&model, &data, valid_users, &config);
     let history = history.lock().expect("history").clone();
+    let logit_scale = model.logit_scale().into_scalar().elem();
+    let mut summary = summarise(&config, history, valid, logit_scale, params, steps, options);
+    summary.wall_seconds = start.elapsed().as_secs_f64();
+    let bundle = BundleInfo {
+        clue_version: env!("CARGO_PKG_VERSION").to_string(),
+        services: data.manifest.services.clone(),
+        embedding_dim: config.model.embedding_dim(),
+        dataset_manifest_sha256: manifest_sha256,
+        params,
+        steps,
+        flops: summary.flops,
+        pf_days: summary.pf_days,
+        valid,
+    };
+    save_bundle(
+        &model,
+        &config,
+        &bundle,
+        &data.tokenizer_path(),
+        &run.join(BUNDLE_DIR),
+    )?;
+    write_atomic(
+        &run.join(SUMMARY),
+        (serde_json::to_string_pretty(&summary).expect("json") + "\n").as_bytes(),
+    )?;
+    Ok(summary)
+}
+
+/// The error of a run that a non-finite loss stopped, if one did.
+fn stopped_on_non_finite_loss(guard: &StepGuard, run: &Path, plan: &EpochPlan) -> Result<()> {
+    let Some(step) = guard.bad_step() else {
+        return Ok(());
+    };
+    let last = last_checkpoint(run)
+        .map(|k| format!("after step {}", plan.steps_before(k)))
+        .unwrap_or_else(|| "none yet".into());
+    Err(ClueError::config(
+        format!(
+            "training stopped: the loss became NaN or infinite at step {step} (last good checkpoint: {last})"
+        ),
+        "lower train.lr or raise train.grad_clip_norm; `clue fit --resume` continues from the last checkpoint",
+    ))
+}
+
+/// `summary.json` of a finished run (without its wall time).
+fn summarise(
+    config: &RunConfig,
+    history: History,
+    valid: SplitScore,
+    logit_scale: f64,
+    params: ParamCounts,
+    steps: usize,
+    options: &FitOptions,
+) -> FitSummary {
+    let bs = config.train.batch_size;
     let best = |xs: Vec<Option<f64>>| {
         xs.into_iter()
             .flatten()
             .fold(None, |b: Option<f64>, x| Some(b.map_or(x, |b| b.min(x))))
     };
-    let summary = FitSummary {
+    let flops = training_flops(params.total, bs, steps, config.model.max_items);
+    FitSummary {
         backend: options.backend.clone(),
         epochs: config.train.epochs,
         steps,
@@ -454,179 +428,13 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
         valid_retrieval_top1_ba: valid.top1_ba,
         valid_retrieval_top10: valid.top10_ab,
         chance_top1: 1.0 / bs as f64,
-        logit_scale: model.logit_scale().into_scalar().elem(),
+        logit_scale,
         params,
         flops,
         pf_days: flops / PF_DAY,
-        wall_seconds: start.elapsed().as_secs_f64(),
+        wall_seconds: 0.0,
         history,
-    };
-    let bundle = BundleInfo {
-        clue_version: env!("CARGO_PKG_VERSION").to_string(),
-        services: data.manifest.services.clone(),
-        embedding_dim: config.model.embedding_dim(),
-        dataset_manifest_sha256: manifest_sha256,
-        params,
-        steps,
-        flops,
-        pf_days: flops / PF_DAY,
-        valid,
-    };
-    save_bundle(
-        &model,
-        &config,
-        &bundle,
-        &data.tokenizer_path(),
-        &run.join(BUNDLE_DIR),
-    )?;
-    write_atomic(
-        &run.join(SUMMARY),
-        (serde_json::to_string_pretty(&summary).expect("json") + "\n").as_bytes(),
-    )?;
-    Ok(summary)
-}
-
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| ClueError::io(path, e))?;
-    serde_json::from_str(&text)
-        .map_err(|e| ClueError::bad_file(path, e.to_string(), "the run directory is damaged"))
-}
-
-/// Write the self-contained model bundle atomically: weights (Burn record and safetensors),
-/// resolved config, tokenizer and `bundle.json`.
-pub fn save_bundle<B: Backend>(
-    model: &ClueModel<B>,
-    config: &RunConfig,
-    info: &BundleInfo,
-    tokenizer: &Path,
-    out: &Path,
-) -> Result<()> {
-    let tmp = temp_dir_beside(out)?;
-    let result = (|| {
-        model
-            .clone()
-            .save_file(
-                tmp.join("model"),
-                &NamedMpkFileRecorder::<FullPrecisionSettings>::new(),
-            )
-            .map_err(|e| {
-                ClueError::io(tmp.join("model.mpk"), std::io::Error::other(e.to_string()))
-            })?;
-        let st = tmp.join("model.safetensors");
-        model
-            .save_into(&mut SafetensorsStore::from_file(&st).overwrite(true))
-            .map_err(|e| ClueError::io(&st, std::io::Error::other(e.to_string())))?;
-        std::fs::write(tmp.join(RUN_CONFIG), config.to_toml())
-            .map_err(|e| ClueError::io(tmp.join(RUN_CONFIG), e))?;
-        std::fs::copy(tokenizer, tmp.join(store::TOKENIZER))
-            .map_err(|e| ClueError::io(tokenizer, e))?;
-        std::fs::write(
-            tmp.join(BUNDLE_INFO),
-            serde_json::to_string_pretty(info).expect("json") + "\n",
-        )
-        .map_err(|e| ClueError::io(tmp.join(BUNDLE_INFO), e))?;
-        publish_dir(&tmp, out, BUNDLE_INFO)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
     }
-    result
-}
-
-/// The bundle directory of a run directory (or the bundle itself).
-pub fn bundle_dir(model: &Path) -> PathBuf {
-    if model.join(BUNDLE_DIR).join(BUNDLE_INFO).exists() {
-        model.join(BUNDLE_DIR)
-    } else {
-        model.to_path_buf()
-    }
-}
-
-/// Load a bundle's model onto `device`.
-pub fn load_bundle<B: Backend>(
-    dir: &Path,
-    device: &B::Device,
-) -> Result<(ClueModel<B>, RunConfig)> {
-    let config = RunConfig::load(&dir.join(RUN_CONFIG))?;
-    let model = ClueModel::<B>::new(&config.model, device)
-        .load_file(
-            dir.join("model"),
-            &NamedMpkFileRecorder::<FullPrecisionSettings>::new(),
-            device,
-        )
-        .map_err(|e| {
-            ClueError::bad_file(
-                dir.join("model.mpk"),
-                e.to_string(),
-                "the bundle is damaged: train again",
-            )
-        })?;
-    Ok((model, config))
-}
-
-/// `clue score`: a bundle's contrastive loss and retrieval on one split of a prepared dataset,
-/// plus the first users' embeddings (to compare backends on the same weights).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ScoreReport {
-    pub backend: String,
-    pub split: Split,
-    pub score: SplitScore,
-    /// Embeddings `[service][user][dim]` of the split's first users (at most 4).
-    pub embeddings_head: Vec<Vec<Vec<f32>>>,
-}
-
-pub fn score_bundle<B: Backend>(
-    model_dir: &Path,
-    data_dir: &Path,
-    split: Split,
-    device: &B::Device,
-    fixed_shapes: bool,
-) -> Result<ScoreReport> {
-    let (model, config) = load_bundle::<B>(&bundle_dir(model_dir), device)?;
-    let data = Arc::new(PreparedDataset::open(data_dir)?);
-    if data.manifest.vocab_size as usize != config.model.vocab_size {
-        return Err(ClueError::config(
-            "the dataset's tokenizer does not match the model's vocabulary",
-            "score with the data the model was trained on",
-        ));
-    }
-    let users = data.users_in(split);
-    let head: Vec<u32> = users.iter().copied().take(4).collect();
-    let ds = UserDataset::with_users(
-        data.clone(),
-        head.clone(),
-        config.model.max_items,
-        config.model.max_item_tokens,
-    );
-    let samples = (0..head.len())
-        .filter_map(|i| burn::data::dataset::Dataset::get(&ds, i))
-        .collect();
-    let batch = burn::data::dataloader::batcher::Batcher::<B, _, _>::batch(
-        &batcher(&config, fixed_shapes),
-        samples,
-        device,
-    );
-    let z: Vec<f32> = model
-        .encoder
-        .forward(&batch)
-        .into_data()
-        .convert::<f32>()
-        .to_vec()
-        .expect("floats");
-    let dim = config.model.embedding_dim();
-    let embeddings_head = (0..data.num_services())
-        .map(|s| {
-            (0..head.len())
-                .map(|i| z[(s * head.len() + i) * dim..(s * head.len() + i + 1) * dim].to_vec())
-                .collect()
-        })
-        .collect();
-    Ok(ScoreReport {
-        backend: B::name(device),
-        split,
-        score: score(&model, &data, users, &config, fixed_shapes),
-        embeddings_head,
-    })
 }
 
 impl FitSummary {

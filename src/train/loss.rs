@@ -70,62 +70,100 @@ mod tests {
 
     type B = NdArray;
 
-    #[test]
-    fn loss_matches_a_hand_computed_3x3_case() {
-        let dev = Default::default();
-        // Service A rows are unit vectors e0, e1, e2; service B rows are e0, e2, e1, so user 0
-        // matches and users 1 and 2 are swapped. cos = 1 on (0,0), (1,2), (2,1), else 0.
-        let a = [[1.0f32, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]];
-        let b = [[2.0f32, 0.0, 0.0], [0.0, 0.0, 3.0], [0.0, 0.5, 0.0]];
-        let x = Tensor::<B, 2>::cat(
-            vec![Tensor::from_floats(a, &dev), Tensor::from_floats(b, &dev)],
-            0,
-        );
-        let s = 2.0f64;
-        let out = contrastive_loss(x, 2, Tensor::from_floats([s as f32], &dev));
-        // Row 0: logits [s, 0, 0] → -log(e^s / (e^s + 2)). Rows 1, 2: positive logit 0, one s,
-        // one 0 → -log(1 / (e^s + 2)). Logits are symmetric, so both directions agree.
-        let e = s.exp();
-        let expected = (-(e / (e + 2.0)).ln() + 2.0 * (e + 2.0).ln()) / 3.0;
-        let got = out.loss.into_scalar() as f64;
-        assert!((got - expected).abs() < 1e-5, "{got} vs {expected}");
-        let logits: Vec<f32> = out.logits.to_data().to_vec().unwrap();
-        assert!(
-            (logits[0] - 2.0).abs() < 1e-6
-                && (logits[5] - 2.0).abs() < 1e-6
-                && logits[4].abs() < 1e-6
-        );
+    /// Cross-entropy of rows `a` against rows `b` (row i's positive is row i of `b`), in f64:
+    /// −mean_i log softmax_j(s·cos(a_i, b_j))[i].
+    fn ce(a: &[Vec<f64>], b: &[Vec<f64>], s: f64) -> f64 {
+        let unit = |x: &Vec<f64>| {
+            let n = x.iter().map(|v| v * v).sum::<f64>().sqrt();
+            x.iter().map(|v| v / n).collect::<Vec<f64>>()
+        };
+        let (a, b): (Vec<_>, Vec<_>) = (a.iter().map(unit).collect(), b.iter().map(unit).collect());
+        let mut total = 0.0;
+        for (i, ai) in a.iter().enumerate() {
+            let logits: Vec<f64> = b
+                .iter()
+                .map(|bj| s * ai.iter().zip(bj).map(|(x, y)| x * y).sum::<f64>())
+                .collect();
+            let log_sum = logits.iter().map(|l| l.exp()).sum::<f64>().ln();
+            total += log_sum - logits[i];
+        }
+        total / a.len() as f64
     }
 
+    fn tensor(services: &[Vec<Vec<f64>>]) -> Tensor<B, 2> {
+        let rows: Vec<f32> = services
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|&v| v as f32)
+            .collect();
+        let d = services[0][0].len();
+        Tensor::from_data(
+            TensorData::new(rows.clone(), [rows.len() / d, d]),
+            &Default::default(),
+        )
+    }
+
+    fn loss(services: &[Vec<Vec<f64>>], s: f64) -> f64 {
+        let scale = Tensor::<B, 1>::from_floats([s as f32], &Default::default());
+        contrastive_loss(tensor(services), services.len(), scale)
+            .loss
+            .into_scalar() as f64
+    }
+
+    /// Non-unit, non-symmetric rows: the A→B and B→A terms differ, so a loss missing either
+    /// direction (or one that forgets the normalisation or the scale) fails.
+    #[test]
+    fn loss_matches_an_f64_reference_on_an_asymmetric_batch() {
+        let a = vec![
+            vec![1.0, 0.2, -0.3],
+            vec![0.1, 2.0, 0.4],
+            vec![-0.5, 0.3, 1.5],
+            vec![0.7, 0.7, 0.1],
+        ];
+        let b = vec![
+            vec![0.9, 0.8, 0.0],
+            vec![0.3, 1.0, -0.2],
+            vec![0.2, -0.1, 3.0],
+            vec![1.0, -0.4, 0.6],
+        ];
+        let s = 4.5;
+        let (ab, ba) = (ce(&a, &b, s), ce(&b, &a, s));
+        assert!(
+            (ab - ba).abs() > 0.05,
+            "the case must tell the directions apart: {ab} {ba}"
+        );
+        let expected = (ab + ba) / 2.0;
+        let got = loss(&[a.clone(), b.clone()], s);
+        assert!((got - expected).abs() < 1e-5, "{got} vs {expected}");
+        // The logits of the first pair are s·cos, row = service A's user.
+        let scale = Tensor::<B, 1>::from_floats([s as f32], &Default::default());
+        let logits: Vec<f32> = contrastive_loss(tensor(&[a.clone(), b.clone()]), 2, scale)
+            .logits
+            .to_data()
+            .to_vec()
+            .unwrap();
+        let cos01 = {
+            let dot: f64 = a[0].iter().zip(&b[1]).map(|(x, y)| x * y).sum();
+            let n = |v: &Vec<f64>| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+            dot / (n(&a[0]) * n(&b[1]))
+        };
+        assert!((logits[1] as f64 - s * cos01).abs() < 1e-5);
+    }
+
+    /// Three services: the mean over the pairs (A,B), (A,C), (B,C) of each pair's symmetric
+    /// loss, each pair summed by hand in f64.
     #[test]
     fn three_services_average_the_three_pairs() {
-        let dev = Default::default();
-        let x = Tensor::<B, 2>::from_floats(
-            [
-                [1.0f32, 0.2],
-                [0.1, 1.0],
-                [0.9, 0.1],
-                [0.3, 1.0],
-                [1.0, 0.0],
-                [0.0, 1.0],
-            ],
-            &dev,
-        );
-        let scale = Tensor::<B, 1>::from_floats([5.0f32], &dev);
-        let three = contrastive_loss(x.clone(), 3, scale.clone())
-            .loss
-            .into_scalar();
-        let pair = |a: usize, b: usize| {
-            let rows = Tensor::cat(
-                vec![
-                    x.clone().slice([2 * a..2 * a + 2, 0..2]),
-                    x.clone().slice([2 * b..2 * b + 2, 0..2]),
-                ],
-                0,
-            );
-            contrastive_loss(rows, 2, scale.clone()).loss.into_scalar()
-        };
-        let mean = (pair(0, 1) + pair(0, 2) + pair(1, 2)) / 3.0;
-        assert!((three - mean).abs() < 1e-6);
+        let a = vec![vec![1.0, 0.2], vec![0.1, 1.0], vec![0.6, -0.4]];
+        let b = vec![vec![0.9, 0.1], vec![0.3, 1.0], vec![-0.2, 0.5]];
+        let c = vec![vec![1.0, 0.0], vec![0.0, 1.0], vec![0.8, 0.3]];
+        let s = 5.0;
+        let pair = |x: &Vec<Vec<f64>>, y: &Vec<Vec<f64>>| (ce(x, y, s) + ce(y, x, s)) / 2.0;
+        let expected = (pair(&a, &b) + pair(&a, &c) + pair(&b, &c)) / 3.0;
+        let got = loss(&[a.clone(), b.clone(), c.clone()], s);
+        assert!((got - expected).abs() < 1e-5, "{got} vs {expected}");
+        // Not the first pair alone, nor a mean over ordered pairs with self-pairs.
+        assert!((got - pair(&a, &b)).abs() > 1e-3);
     }
 }

@@ -10,4 +10,5 @@ pub mod loss;
 pub mod metrics;
 pub mod renderer;
 pub mod schedule;
+pub mod score;
 pub mod step;

@@ -11,6 +11,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::train::{InferenceStep, Interrupter, TrainOutput, TrainStep};
 
 use crate::data::batcher::UserBatch;
+use crate::model::dropout::start_step;
 use crate::model::{ClueModel, LOGIT_SCALE_MAX};
 use crate::train::clip::clip_global_norm;
 use crate::train::loss::contrastive_loss;
@@ -57,6 +58,9 @@ impl StepGuard {
 #[derive(Debug, Clone, Default)]
 pub struct StepSettings {
     pub clip_norm: f64,
+    /// The run's seed: with the step number, it keys the step's dropout masks.
+    pub seed: u64,
+    /// Counts the steps (and stops on a non-finite loss); without one, every step is step 0.
     pub guard: Option<Arc<StepGuard>>,
 }
 
@@ -86,6 +90,8 @@ impl<B: AutodiffBackend> TrainStep for Trainee<B> {
     type Output = ClueOutput<B>;
 
     fn step(&self, batch: UserBatch<B>) -> TrainOutput<ClueOutput<B>> {
+        let step = self.settings.guard.as_ref().map_or(0, |g| g.steps());
+        start_step(self.settings.seed, step as u64);
         let out = self.output(&batch);
         let loss_value: f64 = out.loss.clone().into_scalar().elem();
         let mut grads = if loss_value.is_finite() {

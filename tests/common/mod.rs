@@ -32,3 +32,34 @@ pub fn dir_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
     files.sort();
     files
 }
+
+/// `clue synth` (`<root>/s`) and `clue prepare` (`<root>/p`) of `users` synthetic users, made
+/// once per test process for each set of arguments and shared by the tests that ask for it
+/// (read-only: tests write their own outputs elsewhere).
+pub fn fixture(users: usize, seed: u64, max_items: usize, max_item_tokens: usize) -> PathBuf {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    type Key = (usize, u64, usize, usize);
+    static ROOT: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static MADE: OnceLock<Mutex<HashMap<Key, PathBuf>>> = OnceLock::new();
+    let root = ROOT.get_or_init(|| tempfile::tempdir().unwrap()).path();
+    let mut made = MADE.get_or_init(Default::default).lock().unwrap();
+    let key = (users, seed, max_items, max_item_tokens);
+    if let Some(dir) = made.get(&key) {
+        return dir.clone();
+    }
+    let dir = root.join(format!("{users}-{seed}-{max_items}-{max_item_tokens}"));
+    clue::data::synth::synth(
+        &dir.join("s"),
+        &clue::data::synth::SynthOptions { users, seed },
+    )
+    .unwrap();
+    let options = clue::data::prepare::PrepareOptions {
+        max_items,
+        max_item_tokens,
+        ..Default::default()
+    };
+    clue::data::prepare::prepare(&[dir.join("s/logs")], &dir.join("p"), &options).unwrap();
+    made.insert(key, dir.clone());
+    dir
+}

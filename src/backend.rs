@@ -1,0 +1,70 @@
+//! Which kind of backend clue runs on. `main.rs` decides it once per command
+//! (`BackendKind::of::<B>()`) and passes it down; the model's operations ([`crate::model::ops`])
+//! ask the same function, so every backend-specific path is chosen by this one value.
+
+use std::any::TypeId;
+
+use burn::backend::{Autodiff, Flex};
+use burn::prelude::Backend;
+
+/// The kinds of backend whose paths differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    /// Burn's Flex CPU backend: clue's own kernels (`model::flex`) and dropout masks.
+    Flex,
+    /// Another CPU backend (burn-ndarray): Burn's operations, clue's dropout masks.
+    Cpu,
+    /// A GPU backend (CUDA, wgpu): Burn's operations and random numbers, and fixed tensor
+    /// shapes (every new shape costs a kernel compilation and an autotune run).
+    Accelerator,
+}
+
+impl BackendKind {
+    /// The kind of backend `B` (plain or under autodiff).
+    pub fn of<B: Backend>() -> Self {
+        let id = TypeId::of::<B>();
+        if id == TypeId::of::<Flex>() || id == TypeId::of::<Autodiff<Flex>>() {
+            return Self::Flex;
+        }
+        #[cfg(feature = "ndarray")]
+        {
+            use burn::backend::NdArray;
+            if id == TypeId::of::<NdArray>() || id == TypeId::of::<Autodiff<NdArray>>() {
+                return Self::Cpu;
+            }
+        }
+        Self::Accelerator
+    }
+
+    /// Pad batches to fixed shapes (see `data::batcher::FixedShape`).
+    pub fn fixed_shapes(self) -> bool {
+        self == Self::Accelerator
+    }
+
+    /// Draw dropout masks on the host with clue's seeded generator (cheap on a CPU, and the
+    /// masks are a function of (seed, step, call site): a resumed run replays them).
+    pub fn host_masks(self) -> bool {
+        self != Self::Accelerator
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_follow_the_backend_type() {
+        assert_eq!(BackendKind::of::<Flex>(), BackendKind::Flex);
+        assert_eq!(BackendKind::of::<Autodiff<Flex>>(), BackendKind::Flex);
+        #[cfg(feature = "ndarray")]
+        assert_eq!(
+            BackendKind::of::<Autodiff<burn::backend::NdArray>>(),
+            BackendKind::Cpu
+        );
+        #[cfg(feature = "wgpu")]
+        assert_eq!(
+            BackendKind::of::<burn::backend::Wgpu>(),
+            BackendKind::Accelerator
+        );
+    }
+}

@@ -1,0 +1,351 @@
+//! The command line's arguments (clap derive): one struct per command.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use clue::data::prepare::PrepareOptions;
+use clue::error::ClueError;
+
+#[derive(Parser)]
+#[command(
+    name = "clue",
+    version,
+    about = "CLUE: learn general-purpose user embeddings from multi-service behaviour logs",
+    after_help = "Examples:\n  clue synth --users 2000 --out data/synth\n  clue prepare data/synth/logs --out data/prepared\n\nEach command's --help shows more."
+)]
+pub struct Cli {
+    /// Print only errors.
+    #[arg(long, short, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// Print more detail.
+    #[arg(long, short, global = true)]
+    pub verbose: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Write seeded synthetic multi-service logs and downstream task files.
+    #[command(
+        after_help = "Example:\n  clue synth --users 2000 --seed 7 --out data/synth\n\nWrites DIR/logs/{search,shop}.csv, DIR/tasks/{news,market}/{interactions,items}.csv and DIR/truth/users.csv."
+    )]
+    Synth(SynthArgs),
+    /// Convert a public dataset into canonical logs and task files.
+    #[command(
+        after_help = "Examples:\n  clue convert lastfm --input hetrec2011-lastfm-2k --out data/lastfm\n  clue convert movielens --input ml-latest-small --out data/movielens\n  clue convert amazon-unisrec --input Scientific --name Scientific --out data/scientific\n\nWrites DIR/logs/*.csv and DIR/tasks/<task>.toml (+ its interactions and items).\nSee datasets/README.md for what is kept and dropped."
+    )]
+    Convert(ConvertArgs),
+    /// Turn behaviour logs into a tokenizer and a compact, memory-mapped dataset.
+    #[command(
+        after_help = "Examples:\n  clue prepare data/synth/logs --out data/prepared\n  clue prepare a.csv b.csv --out data/p --skip-bad-rows --min-behaviors 3 --max-items 128\n  clue prepare logs/ --out data/p --config config/prepare.toml\n\nLogs are CSV with the header user_id,service,timestamp,text (timestamp: Unix seconds, RFC 3339 or empty)."
+    )]
+    Prepare(PrepareArgs),
+    /// Pretrain CLUE on a prepared dataset (with no argument: the embedded default run).
+    #[command(
+        after_help = "Examples:\n  clue fit --backend ndarray                     # embedded default: synth + prepare + tiny config\n  clue fit --backend flex --config config/small.toml --data data/prepared --out runs/small\n  clue fit --backend cuda --precision bf16 --config config/base.toml --data data/p --out runs/base\n  clue fit --backend ndarray --set train.epochs=2 --set train.lr=1e-3\n  clue fit --resume runs/small                   # continue a killed run from its last checkpoint\n\nOn a terminal, Burn's dashboard shows progress (q to stop); otherwise plain log lines."
+    )]
+    Fit(FitArgs),
+    /// Contrastive loss and retrieval of a trained model on held-out users.
+    #[command(
+        after_help = "Examples:\n  clue score --model runs/tiny --data data/default/prepared --split test\n  clue score --model runs/tiny --data data/p --backend cuda --json\n\nThe test split's loss is the pretraining test loss of the scaling study."
+    )]
+    Score(ScoreArgs),
+    /// Export frozen user embeddings (safetensors / .npy + users.csv + manifest).
+    #[command(
+        after_help = "Examples:\n  clue embed --model runs/tiny --logs data/default/synth/logs --out emb/users.safetensors\n  clue embed --model runs/tiny --logs logs/ --services shop --out emb/shop.npy --f16\n  clue embed --model runs/tiny --logs market.csv --services market --alias market=shop --out emb/m.safetensors\n\nRows of the matrix follow <out>.users.csv (row,user_id,has_<service>...). Each user's vector is the\nconcatenation of their per-service embeddings in --services order; a service without behaviour\ngives zeros there and has_<service> = 0. Python: numpy.load(...) or safetensors.numpy.load_file(...)."
+    )]
+    Embed(EmbedArgs),
+    /// Evaluate user embeddings on a downstream task (CLUE probe vs baselines).
+    #[command(
+        after_help = "Examples:\n  clue eval --task data/default/synth/tasks/news.toml --model runs/tiny --out eval/news\n  clue eval --task data/default/synth/tasks/market.toml --model runs/tiny --out eval/market --seeds 3\n  clue eval --task t.toml --model runs/tiny --embeddings emb/users.safetensors --out eval/t\n\nWrites DIR/results.json, DIR/results.md and DIR/negatives.csv. The task file (TOML) names\ninteractions (user_id,item_id,timestamp), items (item_id,text), [features] (source = \"logs\" with\nlogs/services, or source = \"history\" with service/targets), [split], [negatives], [probe], models.\n`clue synth` writes two under <out>/tasks/."
+    )]
+    Eval(EvalArgs),
+    /// Measure training and inference throughput on the PyTorch reference's workload.
+    #[command(
+        after_help = "Examples:\n  clue bench --preset tiny --backend flex\n  clue bench --preset small --backend cuda --precision bf16 --json\n\nCompare with: python3 shared/bench/torch_clue_ref.py --vocab 4096 --dim 64 --layers 2 --heads 4 --L 16 --S 32 --batch 16"
+    )]
+    Bench(BenchArgs),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendName {
+    /// CPU, burn-ndarray (multi-threaded).
+    Ndarray,
+    /// CPU, Burn's Flex backend.
+    Flex,
+    /// Any GPU through wgpu (Vulkan, Metal, DX12).
+    Wgpu,
+    /// NVIDIA GPUs.
+    Cuda,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Precision {
+    F32,
+    /// bfloat16 weights and activations (CUDA, compute capability 8.0+).
+    Bf16,
+}
+
+#[derive(Args)]
+pub struct DeviceArgs {
+    /// Where to train.
+    #[arg(long, value_enum, default_value = "ndarray")]
+    pub backend: BackendName,
+    /// GPU index for --backend cuda.
+    #[arg(long, default_value_t = 0)]
+    pub device: usize,
+    /// Float precision (bf16 only on cuda).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: Precision,
+}
+
+#[derive(Args)]
+pub struct FitArgs {
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Run configuration (TOML with [model] and [train]); default: the embedded tiny config.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Prepared dataset; default: synthesise and prepare one under data/default.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Run directory; default: runs/<config name>.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Override a config entry, e.g. --set train.lr=1e-3 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Continue the run in this directory from its last checkpoint.
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "data", "out", "sets"])]
+    pub resume: Option<PathBuf>,
+    /// Plain log lines instead of the dashboard, even on a terminal.
+    #[arg(long)]
+    pub no_tui: bool,
+}
+
+#[derive(Args)]
+pub struct ScoreArgs {
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Run directory (or its model/ bundle).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Prepared dataset the model was trained on.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Which users: valid or test.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Print the figures (and the first users' embeddings) as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Format {
+    /// Last.fm HetRec 2011 (tag + listen services, tag-artist task).
+    Lastfm,
+    /// MovieLens ml-latest-small (movie + tag services, next-movie task).
+    Movielens,
+    /// Amazon 2018 as preprocessed for UniSRec (one service, next-product task).
+    AmazonUnisrec,
+}
+
+#[derive(Args)]
+pub struct ConvertArgs {
+    /// Dataset format.
+    #[arg(value_enum)]
+    pub format: Format,
+    /// Folder with the dataset's files as published.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Output folder.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// lastfm: tagging on or after this date is the downstream task's target.
+    #[arg(long, default_value = "2010-07-01T00:00:00Z")]
+    pub cutoff: String,
+    /// amazon-unisrec: the files' prefix (<NAME>.text, <NAME>.test.inter, ...).
+    #[arg(long, default_value = "Scientific")]
+    pub name: String,
+}
+
+#[derive(Args)]
+pub struct EmbedArgs {
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Run directory (or its model/ bundle).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Behaviour logs: CSV files or directories (user_id,service,timestamp,text).
+    #[arg(long, num_args = 1.., required = true)]
+    pub logs: Vec<PathBuf>,
+    /// Output file: .safetensors or .npy (users.csv and manifest.json go beside it).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Services to embed, comma-separated, in output order (default: the model's services).
+    #[arg(long, value_delimiter = ',')]
+    pub services: Option<Vec<String>>,
+    /// Read an untrained service's items as a trained one (its prefix token): NEW=KNOWN.
+    #[arg(long, value_name = "NEW=KNOWN")]
+    pub alias: Vec<String>,
+    /// Store half-precision floats.
+    #[arg(long)]
+    pub f16: bool,
+    /// Also write a .npy copy beside a .safetensors output.
+    #[arg(long)]
+    pub npy: bool,
+    /// Users per Service Transformer call.
+    #[arg(long, default_value_t = clue::embed::USER_BATCH)]
+    pub batch_size: usize,
+    /// Encode items again for every batch instead of once (slower; for comparison).
+    #[arg(long)]
+    pub no_item_cache: bool,
+    /// Skip malformed log rows (counted in the manifest) instead of stopping.
+    #[arg(long)]
+    pub skip_bad_rows: bool,
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Task file (TOML).
+    #[arg(long)]
+    pub task: PathBuf,
+    /// Run directory (or its model/ bundle): item-text features, and user features.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// User features from this `clue embed` output instead of the model.
+    #[arg(long)]
+    pub embeddings: Option<PathBuf>,
+    /// Output directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Train the probes with this many seeds and report mean ± std.
+    #[arg(long, default_value_t = 1)]
+    pub seeds: usize,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Workload: tiny, small or base.
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    /// Timed steps (median reported).
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct SynthArgs {
+    /// Number of users to generate.
+    #[arg(long, default_value_t = 2000)]
+    pub users: usize,
+    /// Random seed: the same seed gives the same bytes.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output directory.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Args)]
+pub struct PrepareArgs {
+    /// CSV log files or directories of them.
+    #[arg(required = true)]
+    pub logs: Vec<PathBuf>,
+    /// Output directory (replaced atomically if it holds an earlier prepared dataset).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// TOML file whose `[prepare]` table gives defaults for the options below.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Skip bad rows and report them, instead of stopping at the first.
+    #[arg(long)]
+    pub skip_bad_rows: bool,
+    /// Use this tokenizer.json instead of training a byte-level BPE.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// BPE vocabulary size (default: from the number of distinct texts, at most 50,257).
+    #[arg(long)]
+    pub vocab_size: Option<usize>,
+    /// Most recent items kept per user and service [default: 512].
+    #[arg(long)]
+    pub max_items: Option<usize>,
+    /// Tokens per item, service prefix included [default: 32].
+    #[arg(long)]
+    pub max_item_tokens: Option<usize>,
+    /// Drop users with fewer distinct behaviours in any service [default: 2].
+    #[arg(long)]
+    pub min_behaviors: Option<usize>,
+    /// Services to keep, comma-separated (default: all in the logs).
+    #[arg(long, value_delimiter = ',')]
+    pub services: Option<Vec<String>>,
+    /// Fraction of users held out for validation [default: 0.1].
+    #[arg(long)]
+    pub valid_fraction: Option<f64>,
+    /// Fraction of users held out for test [default: 0.1].
+    #[arg(long)]
+    pub test_fraction: Option<f64>,
+    /// Seed of the user split [default: 0].
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+impl PrepareArgs {
+    pub fn options(&self) -> Result<PrepareOptions, ClueError> {
+        let mut o = match &self.config {
+            Some(path) => {
+                #[derive(serde::Deserialize)]
+                struct File {
+                    #[serde(default)]
+                    prepare: PrepareOptions,
+                }
+                let text = std::fs::read_to_string(path).map_err(|e| ClueError::io(path, e))?;
+                toml::from_str::<File>(&text)
+                    .map_err(|e| {
+                        ClueError::bad_file(
+                            path,
+                            e.to_string(),
+                            "see config/prepare.toml for the keys",
+                        )
+                    })?
+                    .prepare
+            }
+            None => PrepareOptions::default(),
+        };
+        o.skip_bad_rows |= self.skip_bad_rows;
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f { o.$f = v.clone(); } )* };
+        }
+        set!(
+            max_items,
+            max_item_tokens,
+            min_behaviors,
+            valid_fraction,
+            test_fraction,
+            seed
+        );
+        if self.tokenizer.is_some() {
+            o.tokenizer = self.tokenizer.clone();
+        }
+        if self.vocab_size.is_some() {
+            o.vocab_size = self.vocab_size;
+        }
+        if self.services.is_some() {
+            o.services = self.services.clone();
+        }
+        Ok(o)
+    }
+}

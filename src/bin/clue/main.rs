@@ -1,0 +1,474 @@
+//! The `clue` command line: argument parsing ([`args`]), one function per command, and the one
+//! place a backend is chosen ([`dispatch`]).
+
+mod args;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use burn::backend::Autodiff;
+use burn::tensor::backend::AutodiffBackend;
+use clap::{Parser, ValueEnum};
+
+use args::*;
+use clue::bench::{bench, preset};
+use clue::data::prepare::{PrepareOptions, format_count, prepare};
+use clue::data::store::Split;
+use clue::data::synth::{SynthOptions, synth};
+use clue::embed::{EmbedOptions, USER_BATCH, embed};
+use clue::eval::{EvalOptions, eval};
+use clue::train::config::RunConfig;
+use clue::train::fit::{FitOptions, fit};
+use clue::train::score::{ScoreReport, score_bundle};
+use clue::ui;
+
+/// The embedded tiny config: the default run needs no file.
+const TINY: &str = include_str!("../../../config/tiny.toml");
+const DEFAULT_DATA: &str = "data/default";
+const DEFAULT_USERS: usize = 2000;
+
+/// What to run once the backend is chosen.
+enum Job {
+    Fit(FitOptions),
+    Embed {
+        model: PathBuf,
+        options: EmbedOptions,
+    },
+    Eval(EvalOptions),
+    Bench {
+        preset: clue::bench::Preset,
+        steps: usize,
+        warmup: usize,
+        json: bool,
+    },
+    Score {
+        model: PathBuf,
+        data: PathBuf,
+        split: Split,
+        json: bool,
+    },
+}
+
+/// Run `job` on `device`, backend `B` (whose kind, `clue::backend::BackendKind::of::<B>()`,
+/// picks fixed shapes and the fast paths).
+fn run_job<B: AutodiffBackend>(device: B::Device, job: &Job) -> anyhow::Result<()> {
+    match job {
+        Job::Embed { model, options } => {
+            let report = embed::<B::InnerBackend>(model, &device, options)?;
+            ui::say(report.summary());
+        }
+        Job::Eval(options) => {
+            let results = eval::<B>(&device, options)?;
+            ui::say(results.markdown());
+            ui::say(format!("  results written to {}", options.out.display()));
+        }
+        Job::Fit(options) => {
+            let summary = fit::<B>(device, options)?;
+            ui::say(summary.table());
+            ui::say(format!("  run written to {}", options.out.display()));
+        }
+        Job::Score {
+            model,
+            data,
+            split,
+            json,
+        } => {
+            let report = score_bundle::<B::InnerBackend>(model, data, *split, &device)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                ui::say(score_table(&report));
+            }
+        }
+        Job::Bench {
+            preset,
+            steps,
+            warmup,
+            json,
+        } => {
+            let name = B::name(&device);
+            let report = bench::<B>(device, preset, *steps, *warmup, &name);
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                ui::say(report.table());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn score_table(report: &ScoreReport) -> String {
+    let s = &report.score;
+    let pct = |x: f64| format!("{:.1} %", 100.0 * x);
+    ui::table(
+        &format!("score on {:?} users ({})", report.split, report.backend),
+        &[
+            ("users".into(), s.users.to_string()),
+            (
+                "loss".into(),
+                format!(
+                    "{:.4} (log(batch) = {:.4})",
+                    s.loss,
+                    (s.batch_size as f64).ln()
+                ),
+            ),
+            (
+                "top-1 A→B".into(),
+                format!(
+                    "{} (chance {})",
+                    pct(s.top1_ab),
+                    pct(1.0 / s.batch_size as f64)
+                ),
+            ),
+            ("top-1 B→A".into(), pct(s.top1_ba)),
+            ("top-10 A→B".into(), s.top10_ab.map(pct).unwrap_or_default()),
+        ],
+    )
+}
+
+/// Keep compiled GPU kernels on disk so that only the first run on a machine pays for compiling
+/// them: CubeCL's compilation cache goes to `$CLUE_KERNEL_CACHE`, else `$XDG_CACHE_HOME/clue/kernels`
+/// or `~/.cache/clue/kernels`, unless a `cubecl.toml` already names one. `CUBECL_*` variables
+/// (e.g. `CUBECL_DEBUG_LOG`, `CUBECL_AUTOTUNE_LEVEL`) still apply.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn kernel_cache() {
+    use cubecl_runtime::config::{CubeClRuntimeConfig, RuntimeConfig, cache::CacheConfig};
+    let dir = std::env::var_os("CLUE_KERNEL_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("clue/kernels"))
+        })
+        .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/clue/kernels")));
+    let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+    if config.compilation.cache.is_none()
+        && let Some(dir) = dir
+        && std::fs::create_dir_all(&dir).is_ok()
+    {
+        ui::detail(format!("kernel cache: {}", dir.display()));
+        config.compilation.cache = Some(CacheConfig::File(dir));
+    }
+    CubeClRuntimeConfig::set(config);
+}
+
+/// Fail with a clear message, not a panic, when a GPU backend finds no device.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn probe<B: burn::tensor::backend::Backend>(device: &B::Device, what: &str) -> anyhow::Result<()> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let dev = device.clone();
+    let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        burn::tensor::Tensor::<B, 1>::zeros([1], &dev).into_data();
+    }));
+    std::panic::set_hook(hook);
+    ok.map_err(|e| {
+        let msg = e
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        anyhow::anyhow!("no usable {what} device: {msg}\n  hint: check the driver (nvidia-smi / vulkaninfo), or use --backend ndarray")
+    })
+}
+
+fn dispatch(d: &DeviceArgs, job: &Job) -> anyhow::Result<()> {
+    if d.precision == Precision::Bf16 && d.backend != BackendName::Cuda {
+        anyhow::bail!("--precision bf16 needs --backend cuda\n  hint: CPU backends train in f32");
+    }
+    match d.backend {
+        #[cfg(feature = "ndarray")]
+        BackendName::Ndarray => {
+            run_job::<Autodiff<burn::backend::NdArray>>(Default::default(), job)
+        }
+        BackendName::Flex => run_job::<Autodiff<burn::backend::Flex>>(Default::default(), job),
+        #[cfg(feature = "wgpu")]
+        BackendName::Wgpu => {
+            let device = burn::backend::wgpu::WgpuDevice::DefaultDevice;
+            kernel_cache();
+            probe::<burn::backend::Wgpu>(&device, "wgpu")?;
+            run_job::<Autodiff<burn::backend::Wgpu>>(device, job)
+        }
+        #[cfg(feature = "cuda")]
+        BackendName::Cuda => {
+            let device = burn::backend::cuda::CudaDevice::new(d.device);
+            kernel_cache();
+            probe::<burn::backend::Cuda>(&device, "CUDA")?;
+            match d.precision {
+                Precision::F32 => run_job::<Autodiff<burn::backend::Cuda>>(device, job),
+                Precision::Bf16 => {
+                    run_job::<Autodiff<burn::backend::Cuda<burn::tensor::bf16>>>(device, job)
+                }
+            }
+        }
+        #[allow(unreachable_patterns)]
+        other => {
+            let name = other
+                .to_possible_value()
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default();
+            anyhow::bail!(
+                "this clue was built without the `{name}` backend\n  hint: rebuild with `cargo build --release --features {name}`"
+            )
+        }
+    }
+}
+
+/// Options of `clue fit`, making the embedded default data when no --data is given.
+fn fit_options(a: &FitArgs) -> anyhow::Result<FitOptions> {
+    let backend = a
+        .device
+        .backend
+        .to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default();
+    if let Some(run) = &a.resume {
+        return Ok(FitOptions {
+            config: RunConfig::default(),
+            data: PathBuf::new(),
+            out: run.clone(),
+            tui: !a.no_tui,
+            resume: true,
+            backend,
+        });
+    }
+    let (base, name) = match &a.config {
+        Some(path) => (
+            RunConfig::load(path)?,
+            path.file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or("run".into()),
+        ),
+        None => (
+            RunConfig::from_toml(TINY, std::path::Path::new("config/tiny.toml"))?,
+            "tiny".to_string(),
+        ),
+    };
+    let config = base.with_overrides(&a.sets)?;
+    config.validate()?;
+    let data = match &a.data {
+        Some(d) => d.clone(),
+        None => default_data(&config)?,
+    };
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(name));
+    Ok(FitOptions {
+        config,
+        data,
+        out,
+        tui: !a.no_tui,
+        resume: false,
+        backend,
+    })
+}
+
+/// Synthesise and prepare the embedded default dataset unless it is already there.
+fn default_data(config: &RunConfig) -> anyhow::Result<PathBuf> {
+    let root = PathBuf::from(DEFAULT_DATA);
+    let prepared = root.join("prepared");
+    if prepared.join(clue::data::store::MANIFEST).exists() {
+        return Ok(prepared);
+    }
+    ui::say(format!(
+        "no --data given: synthesising {DEFAULT_USERS} users into {}",
+        root.display()
+    ));
+    synth(
+        &root.join("synth"),
+        &SynthOptions {
+            users: DEFAULT_USERS,
+            seed: 0,
+        },
+    )?;
+    let options = PrepareOptions {
+        max_items: config.model.max_items,
+        max_item_tokens: config.model.max_item_tokens,
+        ..PrepareOptions::default()
+    };
+    let report = prepare(&[root.join("synth").join("logs")], &prepared, &options)?;
+    ui::say(report.summary());
+    Ok(prepared)
+}
+
+fn synth_cmd(a: SynthArgs) -> anyhow::Result<()> {
+    let start = std::time::Instant::now();
+    let report = synth(
+        &a.out,
+        &SynthOptions {
+            users: a.users,
+            seed: a.seed,
+        },
+    )?;
+    let mut rows = vec![
+        ("users".to_string(), format_count(report.users as u64)),
+        ("latent topics".to_string(), report.topics.to_string()),
+    ];
+    for (s, n) in &report.rows_per_service {
+        rows.push((format!("log {s}"), format!("{} rows", format_count(*n))));
+    }
+    for (t, n) in &report.task_interactions {
+        rows.push((
+            format!("task {t}"),
+            format!("{} interactions", format_count(*n)),
+        ));
+    }
+    rows.push((
+        "time".into(),
+        format!("{:.2} s", start.elapsed().as_secs_f64()),
+    ));
+    rows.push(("written to".into(), a.out.display().to_string()));
+    ui::say(ui::table("synthesised", &rows));
+    Ok(())
+}
+
+fn prepare_cmd(a: PrepareArgs) -> anyhow::Result<()> {
+    let options = a.options()?;
+    ui::detail(format!("prepare options: {options:?}"));
+    let report = prepare(&a.logs, &a.out, &options)?;
+    ui::say(report.summary());
+    ui::say(format!("  written to {}", a.out.display()));
+    Ok(())
+}
+
+fn convert_cmd(a: ConvertArgs) -> anyhow::Result<()> {
+    let report = match a.format {
+        Format::Lastfm => clue::data::convert::lastfm(&a.input, &a.out, &a.cutoff)?,
+        Format::Movielens => clue::data::convert::movielens(&a.input, &a.out)?,
+        Format::AmazonUnisrec => clue::data::convert::amazon_unisrec(&a.input, &a.out, &a.name)?,
+    };
+    let mut rows: Vec<(String, String)> = report
+        .written
+        .iter()
+        .map(|(f, n)| (f.clone(), format!("{} rows", format_count(*n))))
+        .collect();
+    for (why, n) in &report.dropped {
+        rows.push((format!("dropped: {why}"), format_count(*n)));
+    }
+    rows.push(("written to".into(), a.out.display().to_string()));
+    ui::say(ui::table("converted", &rows));
+    Ok(())
+}
+
+fn fit_cmd(a: FitArgs) -> anyhow::Result<()> {
+    let options = fit_options(&a)?;
+    if !options.resume {
+        ui::detail(format!("resolved config:\n{}", options.config.to_toml()));
+    }
+    dispatch(&a.device, &Job::Fit(options))
+}
+
+fn score_cmd(a: ScoreArgs) -> anyhow::Result<()> {
+    let split = match a.split.as_str() {
+        "valid" => Split::Valid,
+        "test" => Split::Test,
+        other => anyhow::bail!("--split {other}: use valid or test"),
+    };
+    let job = Job::Score {
+        model: a.model.clone(),
+        data: a.data.clone(),
+        split,
+        json: a.json,
+    };
+    dispatch(&a.device, &job)
+}
+
+fn embed_cmd(a: EmbedArgs) -> anyhow::Result<()> {
+    let alias = a
+        .alias
+        .iter()
+        .map(|x| {
+            x.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| anyhow::anyhow!("--alias {x}: use NEW=KNOWN, e.g. market=shop"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let job = Job::Embed {
+        model: a.model.clone(),
+        options: EmbedOptions {
+            inputs: a.logs.clone(),
+            out: a.out.clone(),
+            services: a.services.clone(),
+            alias,
+            f16: a.f16,
+            npy: a.npy,
+            batch_size: a.batch_size.max(1),
+            item_cache: !a.no_item_cache,
+            skip_bad_rows: a.skip_bad_rows,
+        },
+    };
+    dispatch(&a.device, &job)
+}
+
+fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
+    let job = Job::Eval(EvalOptions {
+        task: a.task.clone(),
+        model: a.model.clone(),
+        embeddings: a.embeddings.clone(),
+        out: a.out.clone(),
+        seeds: a.seeds.max(1),
+        batch_size: USER_BATCH,
+    });
+    dispatch(&a.device, &job)
+}
+
+fn bench_cmd(a: BenchArgs) -> anyhow::Result<()> {
+    let job = Job::Bench {
+        preset: preset(&a.preset)?,
+        steps: a.steps.max(1),
+        warmup: a.warmup,
+        json: a.json,
+    };
+    dispatch(&a.device, &job)
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Synth(a) => synth_cmd(a),
+        Command::Prepare(a) => prepare_cmd(a),
+        Command::Convert(a) => convert_cmd(a),
+        Command::Fit(a) => fit_cmd(a),
+        Command::Score(a) => score_cmd(a),
+        Command::Embed(a) => embed_cmd(a),
+        Command::Eval(a) => eval_cmd(a),
+        Command::Bench(a) => bench_cmd(a),
+    }
+}
+
+/// glibc hands every freed block over 128 KiB (and, dynamically, more) back to the kernel, so each
+/// CPU training step page-faults its activations in again: ~20 % of a `clue bench --preset tiny`
+/// step on flex. Keep up to 1 GiB of freed memory in the heap instead. `GLIBC_TUNABLES` with
+/// malloc settings takes precedence.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_freed_memory() {
+    if std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("malloc")) {
+        return;
+    }
+    // SAFETY: mallopt only changes allocator thresholds; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_freed_memory() {}
+
+fn main() -> ExitCode {
+    keep_freed_memory();
+    let cli = Cli::parse();
+    ui::set_verbosity(if cli.quiet {
+        0
+    } else if cli.verbose {
+        2
+    } else {
+        1
+    });
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

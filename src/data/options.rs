@@ -1,0 +1,95 @@
+//! The options of `clue prepare` and what it records about dropped users: the part of a prepare
+//! run that its manifest keeps (so `store` needs nothing from `prepare`).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ClueError, Result};
+
+/// Options of `clue prepare` (also the `[prepare]` table of a config file).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrepareOptions {
+    /// Most recent items kept per user and service (paper: 512).
+    pub max_items: usize,
+    /// Tokens per item, service prefix included (paper: 32).
+    pub max_item_tokens: usize,
+    /// Users with fewer distinct behaviours than this in any service are dropped.
+    pub min_behaviors: usize,
+    /// BPE vocabulary size; `None` picks one from the number of distinct texts.
+    pub vocab_size: Option<usize>,
+    /// Use this `tokenizer.json` instead of training one.
+    pub tokenizer: Option<PathBuf>,
+    /// Services to keep (at least two); `None` keeps every service in the logs.
+    pub services: Option<Vec<String>>,
+    /// Skip and count bad rows instead of stopping at the first.
+    pub skip_bad_rows: bool,
+    /// Fractions of users for validation and test (the rest trains).
+    pub valid_fraction: f64,
+    pub test_fraction: f64,
+    /// Seed of the user split.
+    pub seed: u64,
+}
+
+impl Default for PrepareOptions {
+    fn default() -> Self {
+        Self {
+            max_items: 512,
+            max_item_tokens: 32,
+            min_behaviors: 2,
+            vocab_size: None,
+            tokenizer: None,
+            services: None,
+            skip_bad_rows: false,
+            valid_fraction: 0.1,
+            test_fraction: 0.1,
+            seed: 0,
+        }
+    }
+}
+
+impl PrepareOptions {
+    pub fn validate(&self) -> Result<()> {
+        let fail = |m: &str, h: &str| Err(ClueError::config(m, h));
+        if self.max_items == 0 || self.max_item_tokens < 2 {
+            return fail(
+                "max_items must be ≥ 1 and max_item_tokens ≥ 2",
+                "an item needs its service prefix and at least one text token",
+            );
+        }
+        if self.min_behaviors == 0 || self.min_behaviors > self.max_items {
+            return fail(
+                "min_behaviors must be between 1 and max_items",
+                "lower --min-behaviors or raise --max-items",
+            );
+        }
+        let (v, t) = (self.valid_fraction, self.test_fraction);
+        if !(0.0..1.0).contains(&v) || !(0.0..1.0).contains(&t) || v + t >= 1.0 {
+            return fail(
+                "valid and test fractions must be in [0, 1) and leave users for training",
+                "e.g. --valid-fraction 0.1 --test-fraction 0.1",
+            );
+        }
+        if self.services.as_ref().is_some_and(|s| s.len() < 2) {
+            return fail(
+                "pretraining needs at least two services",
+                "name two or more with --services a,b",
+            );
+        }
+        if self.vocab_size.is_some_and(|v| v < 300) {
+            return fail(
+                "vocab_size must be at least 300",
+                "a byte-level BPE needs 256 byte tokens plus merges",
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Why users were dropped, and how many.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dropped {
+    pub missing_service: u64,
+    pub too_few_behaviors: u64,
+}

@@ -1,0 +1,147 @@
+//! The report of `clue eval`: `results.json` (per-model metrics, counts, hashes) and its
+//! markdown table.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::eval::metrics::Metrics;
+use crate::eval::task::Task;
+use crate::eval::task_data::TaskCounts;
+
+/// Sampled and full-catalogue metrics of one model on one split.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct ModelResult {
+    pub sampled: Metrics,
+    pub full: Metrics,
+}
+
+/// `results.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalResults {
+    pub task: Task,
+    pub counts: TaskCounts,
+    pub items: usize,
+    pub split_sha256: String,
+    pub negatives_sha256: String,
+    pub model_bundle_sha256: String,
+    pub seeds: Vec<u64>,
+    /// Test-split metrics; the mean over seeds for the probe models.
+    pub models: BTreeMap<String, ModelResult>,
+    /// Standard deviation over seeds (probe models, `--seeds` > 1).
+    pub std: BTreeMap<String, ModelResult>,
+    /// Best validation MRR (sampled) and its epoch, per probe model and seed.
+    pub validation: BTreeMap<String, Vec<(f64, usize)>>,
+    pub leakage_rule: String,
+}
+
+impl EvalResults {
+    /// The models × metrics table (test split), as markdown.
+    pub fn markdown(&self) -> String {
+        let c = &self.counts;
+        let mut s = format!(
+            "### {} — test users {} ({} positives), {} items, {} sampled negatives\n\n",
+            self.task.name, c.users[2], c.positives[2], self.items, self.task.negatives.count
+        );
+        s.push_str(
+            "| model | HR@1 | HR@10 | NDCG@10 | MRR | full HR@10 | full NDCG@10 | full MRR |\n",
+        );
+        s.push_str("|---|---|---|---|---|---|---|---|\n");
+        for (name, r) in &self.models {
+            let sd = self.std.get(name);
+            let cell = |v: f64, f: &dyn Fn(&ModelResult) -> f64| match sd {
+                Some(d) => format!("{:.4} ± {:.4}", v, f(d)),
+                None => format!("{v:.4}"),
+            };
+            s.push_str(&format!(
+                "| {name} | {} | {} | {} | {} | {} | {} | {} |\n",
+                cell(r.sampled.hr1, &|d| d.sampled.hr1),
+                cell(r.sampled.hr10, &|d| d.sampled.hr10),
+                cell(r.sampled.ndcg10, &|d| d.sampled.ndcg10),
+                cell(r.sampled.mrr, &|d| d.sampled.mrr),
+                cell(r.full.hr10, &|d| d.full.hr10),
+                cell(r.full.ndcg10, &|d| d.full.ndcg10),
+                cell(r.full.mrr, &|d| d.full.mrr),
+            ));
+        }
+        s.push_str(&format!(
+            "\nsplit {} · negatives {} · model {} · seeds {:?}\n",
+            &self.split_sha256[..12],
+            &self.negatives_sha256[..12],
+            &self.model_bundle_sha256[..12],
+            self.seeds
+        ));
+        s
+    }
+}
+
+/// Mean and standard deviation over runs (seeds) of every metric; `n` is the first run's.
+pub fn mean_std(runs: &[ModelResult]) -> (ModelResult, ModelResult) {
+    let n = runs.len().max(1) as f64;
+    let get = |f: &dyn Fn(&ModelResult) -> f64| {
+        let m = runs.iter().map(f).sum::<f64>() / n;
+        let v = runs.iter().map(|r| (f(r) - m).powi(2)).sum::<f64>() / n;
+        (m, v.sqrt())
+    };
+    let metrics = |pick: &dyn Fn(&ModelResult) -> Metrics| {
+        let (hr1, hr1s) = get(&|r| pick(r).hr1);
+        let (hr10, hr10s) = get(&|r| pick(r).hr10);
+        let (nd, nds) = get(&|r| pick(r).ndcg10);
+        let (mrr, mrrs) = get(&|r| pick(r).mrr);
+        let n = runs.first().map(|r| pick(r).n).unwrap_or(0);
+        (
+            Metrics {
+                hr1,
+                hr10,
+                ndcg10: nd,
+                mrr,
+                n,
+            },
+            Metrics {
+                hr1: hr1s,
+                hr10: hr10s,
+                ndcg10: nds,
+                mrr: mrrs,
+                n,
+            },
+        )
+    };
+    let (sm, ss) = metrics(&|r| r.sampled);
+    let (fm, fs) = metrics(&|r| r.full);
+    (
+        ModelResult {
+            sampled: sm,
+            full: fm,
+        },
+        ModelResult {
+            sampled: ss,
+            full: fs,
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mean_std_is_over_seeds_with_population_sd() {
+        let run = |mrr: f64| ModelResult {
+            sampled: Metrics {
+                mrr,
+                n: 7,
+                ..Default::default()
+            },
+            full: Metrics {
+                hr1: mrr / 2.0,
+                ..Default::default()
+            },
+        };
+        let (mean, sd) = mean_std(&[run(0.2), run(0.4)]);
+        assert!((mean.sampled.mrr - 0.3).abs() < 1e-12);
+        assert!((sd.sampled.mrr - 0.1).abs() < 1e-12);
+        assert!((mean.full.hr1 - 0.15).abs() < 1e-12);
+        assert!((sd.full.hr1 - 0.05).abs() < 1e-12);
+        assert_eq!((mean.sampled.n, sd.sampled.n), (7, 7));
+    }
+}

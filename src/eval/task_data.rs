@@ -1,0 +1,425 @@
+//! A task's data, read from the files its task file names: the item catalogue, the users with
+//! their targets and split, and their feature histories (not yet encoded), built under the
+//! leakage rule of the module docs.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::history::{Histories, HistoryBuilder};
+use crate::data::log::{list_log_files, parse_timestamp, read_logs, read_table, total_bytes};
+use crate::data::prepare::assign_split;
+use crate::data::store::Split;
+use crate::error::{ClueError, Result};
+use crate::eval::task::{Features, Source, Task};
+use crate::ui;
+
+/// One task's users, targets and item catalogue, features not yet encoded.
+pub struct TaskData {
+    pub item_ids: Vec<String>,
+    pub item_texts: Vec<String>,
+    pub users: Vec<String>,
+    /// Target items of each user (distinct).
+    pub targets: Vec<Vec<usize>>,
+    pub split: Vec<Split>,
+    pub features: Histories,
+    /// Counts for the report.
+    pub counts: TaskCounts,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TaskCounts {
+    pub interactions: u64,
+    pub unknown_items_skipped: u64,
+    /// Log rows at or after the user's first target (or without a timestamp): not used.
+    pub feature_rows_dropped_for_leakage: u64,
+    pub users_without_features_dropped: u64,
+    pub users: [usize; 3],
+    pub positives: [usize; 3],
+}
+
+/// Read a task's files and build its users, targets, split and feature histories.
+pub fn load_task(task: &Task, max_items: usize) -> Result<TaskData> {
+    let catalogue = read_items(&task.items)?;
+    let mut counts = TaskCounts::default();
+    let mut interactions = read_interactions(&task.interactions, &catalogue.index, &mut counts)?;
+    let services = feature_services(&task.features);
+    let mut builder = HistoryBuilder::new(&services, max_items);
+    let (targets, cutoff) = split_targets(
+        &task.features,
+        &services,
+        &interactions.users,
+        &mut interactions.events,
+        &catalogue.texts,
+        &mut builder,
+    );
+    if task.features.source == Source::Logs {
+        counts.feature_rows_dropped_for_leakage = read_feature_logs(
+            &task.features,
+            &services,
+            &interactions.index,
+            &cutoff,
+            &mut builder,
+        )?;
+    }
+    let (features, targets) =
+        keep_users_with_features(&interactions.users, targets, builder.finish(), &mut counts);
+    let split = assign_splits(task, &features.users, &targets, &mut counts)?;
+    Ok(TaskData {
+        item_ids: catalogue.ids,
+        item_texts: catalogue.texts,
+        users: features.users.clone(),
+        targets,
+        split,
+        features,
+        counts,
+    })
+}
+
+/// The task's item table, in file order.
+struct Catalogue {
+    ids: Vec<String>,
+    texts: Vec<String>,
+    /// Item id → its row.
+    index: HashMap<String, usize>,
+}
+
+/// One interaction: (Unix seconds, or `i64::MIN` without a timestamp; line in the file; item).
+/// Sorting these puts a user's interactions oldest first, file order breaking ties.
+type Event = (i64, u64, usize);
+
+/// The task's users in order of their first interaction with a known item, and their events.
+struct Interactions {
+    users: Vec<String>,
+    /// User id → its position in `users`.
+    index: HashMap<String, usize>,
+    /// Each user's interactions, in file order.
+    events: Vec<Vec<Event>>,
+}
+
+/// Read the `item_id,text` table; an id given twice is an error.
+fn read_items(path: &Path) -> Result<Catalogue> {
+    let mut ids = Vec::new();
+    let mut texts = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    read_table(path, &["item_id", "text"], |line, f| {
+        if index.insert(f[0].to_string(), ids.len()).is_some() {
+            return Err(ClueError::BadRow {
+                path: path.to_path_buf(),
+                line,
+                message: format!("item `{}` appears twice", f[0]),
+                hint: "give each item_id one row",
+            });
+        }
+        ids.push(f[0].to_string());
+        texts.push(f[1].to_string());
+        Ok(())
+    })?;
+    Ok(Catalogue { ids, texts, index })
+}
+
+/// Read the `user_id,item_id,timestamp` table into per-user events; rows with an unknown item
+/// are counted and skipped, an unparseable timestamp is an error.
+fn read_interactions(
+    path: &Path,
+    items: &HashMap<String, usize>,
+    counts: &mut TaskCounts,
+) -> Result<Interactions> {
+    let mut index: HashMap<String, usize> = HashMap::new();
+    let mut users: Vec<String> = Vec::new();
+    let mut events: Vec<Vec<Event>> = Vec::new();
+    read_table(path, &["user_id", "item_id", "timestamp"], |line, f| {
+        counts.interactions += 1;
+        let Some(&item) = items.get(f[1]) else {
+            counts.unknown_items_skipped += 1;
+            return Ok(());
+        };
+        let time = parse_timestamp(f[2]).ok_or_else(|| ClueError::BadRow {
+            path: path.to_path_buf(),
+            line,
+            message: format!("unparseable timestamp `{}`", f[2]),
+            hint: "use Unix seconds, RFC 3339, or leave it empty",
+        })?;
+        let u = *index.entry(f[0].to_string()).or_insert_with(|| {
+            users.push(f[0].to_string());
+            events.push(Vec::new());
+            users.len() - 1
+        });
+        events[u].push((time.unwrap_or(i64::MIN), line, item));
+        Ok(())
+    })?;
+    if users.is_empty() {
+        return Err(ClueError::bad_file(
+            path,
+            "no interaction with a known item",
+            "check that item ids match the items file",
+        ));
+    }
+    Ok(Interactions {
+        users,
+        index,
+        events,
+    })
+}
+
+/// The services of the feature histories, in embedding order.
+fn feature_services(f: &Features) -> Vec<String> {
+    match f.source {
+        Source::Logs => f.services.clone(),
+        Source::History => vec![f.service.clone().expect("validated")],
+    }
+}
+
+/// Sort each user's events and split them into distinct targets and a cutoff time: features
+/// must be strictly older than it. `source = "logs"`: every interaction is a target, the cutoff
+/// is the first one. `source = "history"`: the last `targets` interactions (at most all but
+/// one) are targets, the earlier ones go to `builder` as the user's features.
+fn split_targets(
+    f: &Features,
+    services: &[String],
+    users: &[String],
+    events: &mut [Vec<Event>],
+    item_texts: &[String],
+    builder: &mut HistoryBuilder,
+) -> (Vec<Vec<usize>>, Vec<i64>) {
+    let mut targets: Vec<Vec<usize>> = Vec::with_capacity(users.len());
+    let mut cutoff: Vec<i64> = Vec::with_capacity(users.len());
+    for (u, ev) in events.iter_mut().enumerate() {
+        ev.sort_unstable();
+        match f.source {
+            Source::Logs => {
+                targets.push(distinct(ev.iter().map(|e| e.2)));
+                cutoff.push(ev[0].0);
+            }
+            Source::History => {
+                let k = f.targets.min(ev.len().saturating_sub(1));
+                let first_target = ev.len() - k;
+                targets.push(distinct(ev[first_target..].iter().map(|e| e.2)));
+                for e in &ev[..first_target] {
+                    builder.push(&users[u], &services[0], Some(e.0), &item_texts[e.2]);
+                }
+                cutoff.push(ev.get(first_target).map(|e| e.0).unwrap_or(i64::MIN));
+            }
+        }
+    }
+    (targets, cutoff)
+}
+
+/// `source = "logs"`: stream the feature logs into `builder`, keeping a task user's rows strictly
+/// before their cutoff. Returns how many rows of the embedded services were dropped for leakage
+/// (at or after the cutoff, or without a timestamp).
+fn read_feature_logs(
+    f: &Features,
+    services: &[String],
+    user_index: &HashMap<String, usize>,
+    cutoff: &[i64],
+    builder: &mut HistoryBuilder,
+) -> Result<u64> {
+    let files = list_log_files(&f.logs)?;
+    let bar = ui::bar(total_bytes(&files), "features", true);
+    let mut dropped = 0u64;
+    read_logs(
+        &files,
+        false,
+        |b| {
+            if let Some(&u) = user_index.get(b.user) {
+                match b.timestamp {
+                    Some(t) if t < cutoff[u] => builder.push(b.user, b.service, Some(t), b.text),
+                    _ if services.iter().any(|s| s == b.service) => dropped += 1,
+                    _ => {}
+                }
+            }
+        },
+        |bytes| bar.set_position(bytes),
+    )?;
+    bar.finish_and_clear();
+    Ok(dropped)
+}
+
+/// Keep the users with targets and at least one feature behaviour, in the task's user order:
+/// their histories (over all of `hist`'s items and services) and their targets. The others are
+/// counted.
+fn keep_users_with_features(
+    users: &[String],
+    mut targets: Vec<Vec<usize>>,
+    hist: Histories,
+    counts: &mut TaskCounts,
+) -> (Histories, Vec<Vec<usize>>) {
+    let by_name: HashMap<&str, usize> = hist
+        .users
+        .iter()
+        .enumerate()
+        .map(|(i, u)| (u.as_str(), i))
+        .collect();
+    let mut keep_users = Vec::new();
+    let mut keep_targets = Vec::new();
+    let mut seqs = Vec::new();
+    for (u, name) in users.iter().enumerate() {
+        match by_name.get(name.as_str()) {
+            Some(&h) if !targets[u].is_empty() => {
+                keep_users.push(name.clone());
+                keep_targets.push(std::mem::take(&mut targets[u]));
+                seqs.push(hist.seqs[h].clone());
+            }
+            _ => counts.users_without_features_dropped += 1,
+        }
+    }
+    let kept = Histories {
+        users: keep_users,
+        seqs,
+        ..hist
+    };
+    (kept, keep_targets)
+}
+
+/// Each user's split from the seeded hash of their id; counts users and positives per split.
+/// A split without users is an error.
+fn assign_splits(
+    task: &Task,
+    users: &[String],
+    targets: &[Vec<usize>],
+    counts: &mut TaskCounts,
+) -> Result<Vec<Split>> {
+    let split: Vec<Split> = users
+        .iter()
+        .map(|u| assign_split(task.split.seed, u, task.split.valid, task.split.test))
+        .collect();
+    for (s, t) in split.iter().zip(targets) {
+        counts.users[*s as usize] += 1;
+        counts.positives[*s as usize] += t.len();
+    }
+    if counts.users.contains(&0) {
+        return Err(ClueError::config(
+            format!(
+                "task `{}`: a split has no users (train/valid/test = {:?})",
+                task.name, counts.users
+            ),
+            "the task needs more users, or other split fractions",
+        ));
+    }
+    Ok(split)
+}
+
+fn distinct(items: impl Iterator<Item = usize>) -> Vec<usize> {
+    let mut seen = HashSet::new();
+    items.filter(|i| seen.insert(*i)).collect()
+}
+
+#[cfg(test)]
+impl TaskData {
+    /// Users `u0, u1, …` with these targets and splits over items `i0, i1, …`, no features.
+    pub(crate) fn for_test(targets: Vec<Vec<usize>>, split: Vec<Split>, items: usize) -> Self {
+        TaskData {
+            item_ids: (0..items).map(|i| format!("i{i}")).collect(),
+            item_texts: vec![String::new(); items],
+            users: (0..targets.len()).map(|u| format!("u{u}")).collect(),
+            targets,
+            split,
+            features: Default::default(),
+            counts: Default::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Interactions out of time order, an empty timestamp, unknown items, a user with one
+    /// interaction, one with two, and `pam`, whose targets repeat an earlier item.
+    const INTERACTIONS: &str = "user_id,item_id,timestamp
+max,i1,10
+max,i2,20
+pam,i1,5
+max,i3,30
+pam,i2,6
+quin,i5,1
+ivy,i6,3
+ivy,i2,1
+pam,i1,7
+ann,i1,
+ann,zz,50
+ivy,i4,2
+max,i4,40
+pam,i3,8
+kim,zz,1
+ann,i3,100
+ann,i4,200
+rex,i5,1
+rex,i6,2
+";
+
+    #[test]
+    fn history_features_are_the_interactions_strictly_before_the_targets() {
+        let dir = tempfile::tempdir().unwrap();
+        let items = "item_id,text\ni1,apple\ni2,banana\ni3,cherry\ni4,date\ni5,elder\ni6,fig\n";
+        std::fs::write(dir.path().join("items.csv"), items).unwrap();
+        std::fs::write(dir.path().join("interactions.csv"), INTERACTIONS).unwrap();
+        let toml = "name = \"t\"\ninteractions = \"interactions.csv\"\nitems = \"items.csv\"\n\
+            [features]\nsource = \"history\"\nservice = \"market\"\ntargets = 2\n\
+            [split]\nseed = 7\nvalid = 0.3\ntest = 0.3\n";
+        std::fs::write(dir.path().join("task.toml"), toml).unwrap();
+        let task = Task::load(&dir.path().join("task.toml")).unwrap();
+        let d = load_task(&task, 50).unwrap();
+
+        let texts = |u: usize| {
+            let features: Vec<&str> = d.features.seqs[u][0]
+                .iter()
+                .map(|&i| d.features.items[i as usize].1.as_str())
+                .collect();
+            let targets: Vec<&str> = d.targets[u]
+                .iter()
+                .map(|&i| d.item_texts[i].as_str())
+                .collect();
+            (features, targets)
+        };
+        // (user, features oldest first, targets): the last two interactions are the targets
+        // (one for rex, who has two); quin (one interaction) has no target and is dropped; kim
+        // (unknown items only) is no user; ann's row without a timestamp comes first.
+        let expected: [(&str, &[&str], &[&str]); 5] = [
+            ("max", &["apple", "banana"], &["cherry", "date"]),
+            ("pam", &["apple", "banana"], &["apple", "cherry"]),
+            ("ivy", &["banana"], &["date", "fig"]),
+            ("ann", &["apple"], &["cherry", "date"]),
+            ("rex", &["elder"], &["fig"]),
+        ];
+        assert_eq!(d.users, expected.map(|e| e.0));
+        assert_eq!(d.features.users, d.users);
+        assert_eq!(d.features.services, ["market"]);
+        for (u, (name, features, targets)) in expected.iter().enumerate() {
+            let (f, t) = texts(u);
+            assert_eq!(
+                (f.as_slice(), t.as_slice()),
+                (*features, *targets),
+                "{name}"
+            );
+            if *name != "pam" {
+                assert!(
+                    t.iter().all(|x| !f.contains(x)),
+                    "{name}: a target is a feature"
+                );
+            }
+        }
+        // pam's apple at 5 is a feature, her apple at 7 a target: were the target leaked into
+        // the features, apple would be kept at 7, after banana.
+        assert_eq!(texts(1).0, ["apple", "banana"]);
+
+        let c = &d.counts;
+        assert_eq!((c.interactions, c.unknown_items_skipped), (19, 2));
+        assert_eq!(c.users_without_features_dropped, 1);
+        assert_eq!(c.feature_rows_dropped_for_leakage, 0);
+        let splits = [
+            Split::Train,
+            Split::Train,
+            Split::Valid,
+            Split::Test,
+            Split::Test,
+        ];
+        for (u, s) in d.users.iter().zip(&d.split) {
+            assert_eq!(*s, assign_split(7, u, 0.3, 0.3));
+        }
+        assert_eq!(d.split, splits);
+        assert_eq!((c.users, c.positives), ([2, 1, 2], [4, 2, 3]));
+    }
+}

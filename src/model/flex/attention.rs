@@ -1,0 +1,441 @@
+//! Multi-head attention on Flex. Per sequence and head, scores, mask, softmax, dropout and the
+//! weighted sum of values are computed in cache from the `[n, len, d]` projections, without the
+//! `[n, heads, len, len]` tensors or the head split and merge of the generic path (whose
+//! reshapes make Flex copy element by element); the backward step recomputes the weights.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::{Flex, FlexTensor};
+use burn::prelude::*;
+use burn::tensor::TensorMetadata;
+use rayon::prelude::*;
+
+use super::simd::{combination, dispatch, exp_neg, madd, row_times};
+use super::{FlexFloat, f32s, from_flex, tensor, to_flex};
+
+/// Multi-head attention on Flex: `q`, `k`, `v`: `[n, len, d]` with the heads side by side
+/// (`d = heads·d_head`), `pad`: `[n, len]` (true = padding) → the heads' outputs side by side,
+/// `[n, len, d]`. Per sequence and head: scores `q·kᵀ/√d_head`, `masked_score` for padding keys,
+/// softmax, dropout `p` on the weights (under autodiff only, as [`dropout`]), times `v`, all in
+/// cache; the generic path builds `[n, heads, len, len]` tensors and splits and merges the heads.
+/// Under `Autodiff<Flex>` it records its own backward step, which recomputes the weights.
+/// `None` on other backends: the caller takes the generic path.
+///
+/// [`dropout`]: crate::model::dropout::dropout
+pub fn attention<B: Backend>(
+    q: &Tensor<B, 3>,
+    k: &Tensor<B, 3>,
+    v: &Tensor<B, 3>,
+    pad: &Tensor<B, 2, Bool>,
+    heads: usize,
+    masked_score: f32,
+    p: f64,
+) -> Option<Tensor<B, 3>> {
+    let (Ok(q), Ok(k), Ok(v)) = (to_flex(q.clone()), to_flex(k.clone()), to_flex(v.clone())) else {
+        return None;
+    };
+    let pad: Vec<bool> = pad.to_data().to_vec().expect("a boolean padding mask");
+    Some(from_flex(match (q, k, v) {
+        (FlexFloat::Plain(q), FlexFloat::Plain(k), FlexFloat::Plain(v)) => {
+            let state = Attention::new([q, k, v], pad, heads, masked_score, 0.0);
+            FlexFloat::Plain(state.forward())
+        }
+        (FlexFloat::Tracked(q), FlexFloat::Tracked(k), FlexFloat::Tracked(v)) => {
+            let nodes = [q.node.clone(), k.node.clone(), v.node.clone()];
+            let state = Attention::new(
+                [q.primitive, k.primitive, v.primitive],
+                pad,
+                heads,
+                masked_score,
+                p,
+            );
+            let out = state.forward();
+            FlexFloat::Tracked(
+                match AttentionBackward
+                    .prepare::<NoCheckpointing>(nodes)
+                    .compute_bound()
+                    .stateful()
+                {
+                    OpsKind::Tracked(prep) => prep.finish(state, out),
+                    OpsKind::UnTracked(prep) => prep.finish(out),
+                },
+            )
+        }
+        _ => unreachable!("q, k and v come from one backend"),
+    }))
+}
+
+/// One attention call: its inputs, padding and dropout mask (kept for the backward step).
+#[derive(Clone, Debug)]
+struct Attention {
+    q: FlexTensor,
+    k: FlexTensor,
+    v: FlexTensor,
+    pad: Vec<bool>,
+    /// Dropped weights, `[n, heads, len, len]` (the layout of the generic path's mask).
+    drop: Option<Vec<bool>>,
+    shape: AttentionShape,
+}
+
+/// The sizes of one sequence's attention.
+#[derive(Clone, Copy, Debug)]
+struct AttentionShape {
+    len: usize,
+    d: usize,
+    heads: usize,
+    scale: f32,
+    masked_score: f32,
+    /// `1/(1 − p)`: the scale of the weights dropout keeps.
+    kept_scale: f32,
+}
+
+impl Attention {
+    fn new(
+        [q, k, v]: [FlexTensor; 3],
+        pad: Vec<bool>,
+        heads: usize,
+        masked_score: f32,
+        p: f64,
+    ) -> Self {
+        let [n, len, d] = q.shape().dims();
+        assert!(
+            k.shape().dims::<3>() == [n, len, d] && v.shape().dims::<3>() == [n, len, d],
+            "attention: q, k and v differ in shape"
+        );
+        assert!(
+            heads > 0 && d % heads == 0,
+            "attention: {heads} heads for {d} columns"
+        );
+        assert_eq!(pad.len(), n * len, "attention: padding of another shape");
+        let drop =
+            (p > 0.0).then(|| crate::model::dropout::draw_drop_mask(n * heads * len * len, p));
+        Self {
+            q: q.to_contiguous(),
+            k: k.to_contiguous(),
+            v: v.to_contiguous(),
+            pad,
+            drop,
+            shape: AttentionShape {
+                len,
+                d,
+                heads,
+                scale: 1.0 / ((d / heads) as f32).sqrt(),
+                masked_score,
+                kept_scale: (1.0 / (1.0 - p)) as f32,
+            },
+        }
+    }
+
+    /// Runs `f(s, q, k, v, pad, drop, rows)` for every sequence `s` in parallel, with its rows
+    /// of each of `outputs` (`[n, len, d]` each, zeros at first).
+    fn per_sequence<const N: usize>(
+        &self,
+        f: impl Fn(usize, [&[f32]; 3], &[bool], Option<&[bool]>, [&mut [f32]; N]) + Sync,
+    ) -> [Vec<f32>; N] {
+        let AttentionShape { len, d, heads, .. } = self.shape;
+        let rows = len * d;
+        let n = self.pad.len() / len.max(1);
+        let mut outputs: [Vec<f32>; N] = std::array::from_fn(|_| vec![0f32; n * rows]);
+        if rows == 0 {
+            return outputs;
+        }
+        let (qs, ks, vs) = (f32s(&self.q), f32s(&self.k), f32s(&self.v));
+        let mut slices: Vec<[&mut [f32]; N]> = (0..n)
+            .map(|_| std::array::from_fn(|_| &mut [][..]))
+            .collect();
+        for (o, output) in outputs.iter_mut().enumerate() {
+            for (s, chunk) in output.chunks_mut(rows).enumerate() {
+                slices[s][o] = chunk;
+            }
+        }
+        // At least ~32k multiply-adds per task.
+        let per_sequence = 2 * len * len * d;
+        slices
+            .into_par_iter()
+            .enumerate()
+            .with_min_len((32 * 1024 / per_sequence.max(1)).max(1))
+            .for_each(|(s, out)| {
+                let at = s * rows..(s + 1) * rows;
+                let weights = heads * len * len;
+                let drop = self
+                    .drop
+                    .as_ref()
+                    .map(|m| &m[s * weights..(s + 1) * weights]);
+                let inputs = [&qs[at.clone()], &ks[at.clone()], &vs[at]];
+                f(s, inputs, &self.pad[s * len..(s + 1) * len], drop, out);
+            });
+        outputs
+    }
+
+    fn forward(&self) -> FlexTensor {
+        let shape = &self.shape;
+        let [out] = self
+            .per_sequence(|_, [q, k, v], pad, drop, [out]| attend(shape, q, k, v, pad, drop, out));
+        tensor(out, self.q.shape())
+    }
+
+    /// Gradients of `q`, `k` and `v` from the output's gradient.
+    fn backward(&self, grad: &FlexTensor) -> [FlexTensor; 3] {
+        let grad = grad.to_contiguous();
+        let (gs, shape) = (f32s(&grad), &self.shape);
+        let rows = shape.len * shape.d;
+        let grads = self.per_sequence(|s, inputs, pad, drop, [dq, dk, dv]| {
+            let d_out = &gs[s * rows..(s + 1) * rows];
+            attend_backward(shape, inputs, pad, drop, d_out, [dq, dk, dv])
+        });
+        grads.map(|g| tensor(g, self.q.shape()))
+    }
+}
+
+/// The backward step of [`attention`] under `Autodiff<Flex>`.
+#[derive(Debug)]
+struct AttentionBackward;
+
+impl Backward<Flex, 3> for AttentionBackward {
+    type State = Attention;
+
+    fn backward(self, ops: Ops<Attention, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<Flex>(&ops.node);
+        let [dq, dk, dv] = ops.state.backward(&grad);
+        for (node, grad) in ops.parents.into_iter().zip([dq, dk, dv]) {
+            if let Some(node) = node {
+                grads.register::<Flex>(node.id, grad);
+            }
+        }
+    }
+}
+
+/// Head `h`'s keys (or values) of one sequence, transposed and zero-padded: `[d_head, len8]`.
+#[inline(always)]
+fn transpose_head(shape: &AttentionShape, x: &[f32], h: usize, out: &mut [f32]) {
+    let AttentionShape { len, d, heads, .. } = *shape;
+    let (dh, len8) = (d / heads, len.next_multiple_of(8));
+    for j in 0..len {
+        for (c, &value) in x[j * d + h * dh..j * d + (h + 1) * dh].iter().enumerate() {
+            out[c * len8 + j] = value;
+        }
+    }
+}
+
+/// Query `qi`'s softmax weights (before dropout) over the keys `keys` (`[d_head, len8]` from
+/// [`transpose_head`]) into `weights[..len]`.
+#[inline(always)]
+fn softmax_row<const FMA: bool>(
+    shape: &AttentionShape,
+    qi: &[f32],
+    keys: &[f32],
+    pad: &[bool],
+    weights: &mut [f32],
+) {
+    row_times::<FMA>(qi, keys, weights);
+    let weights = &mut weights[..shape.len];
+    for (w, &pad) in weights.iter_mut().zip(pad) {
+        *w = if pad {
+            shape.masked_score
+        } else {
+            *w * shape.scale
+        };
+    }
+    let max = weights.iter().fold(f32::NEG_INFINITY, |m, &w| m.max(w));
+    for w in weights.iter_mut() {
+        *w = exp_neg::<FMA>(max - *w);
+    }
+    let inverse = 1.0 / weights.iter().sum::<f32>();
+    weights.iter_mut().for_each(|w| *w *= inverse);
+}
+
+/// The factor dropout gives weight `j` of row `row` (`[len]` flags of a `[heads, len, len]` mask).
+#[inline(always)]
+fn kept(shape: &AttentionShape, drop: Option<&[bool]>, row: usize, j: usize) -> f32 {
+    match drop {
+        Some(mask) if mask[row * shape.len + j] => 0.0,
+        Some(_) => shape.kept_scale,
+        None => 1.0,
+    }
+}
+
+/// One sequence's attention, all heads: `q`, `k`, `v`, `out`: `[len, d]`, `pad`: `[len]`,
+/// `drop`: `[heads, len, len]`.
+#[inline(always)]
+fn attend_kernel<const FMA: bool>(
+    shape: &AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    pad: &[bool],
+    drop: Option<&[bool]>,
+    out: &mut [f32],
+) {
+    let AttentionShape { len, d, heads, .. } = *shape;
+    let (dh, len8) = (d / heads, len.next_multiple_of(8));
+    let mut keys = vec![0f32; dh * len8];
+    let mut weights = vec![0f32; len8];
+    for h in 0..heads {
+        // Head h's columns of row i.
+        let at = |i: usize| i * d + h * dh..i * d + (h + 1) * dh;
+        transpose_head(shape, k, h, &mut keys);
+        for i in 0..len {
+            softmax_row::<FMA>(shape, &q[at(i)], &keys, pad, &mut weights);
+            for (j, w) in weights[..len].iter_mut().enumerate() {
+                *w *= kept(shape, drop, h * len + i, j);
+            }
+            combination::<FMA>(&mut out[at(i)], len, |j| weights[j], |j| &v[at(j)]);
+        }
+    }
+}
+
+/// The gradients of one sequence's attention: `d_out` (`[len, d]`) → `dq`, `dk`, `dv` (`[len, d]`,
+/// zeros at first). The weights are recomputed.
+#[inline(always)]
+fn attend_backward_kernel<const FMA: bool>(
+    shape: &AttentionShape,
+    [q, k, v]: [&[f32]; 3],
+    pad: &[bool],
+    drop: Option<&[bool]>,
+    d_out: &[f32],
+    [dq, dk, dv]: [&mut [f32]; 3],
+) {
+    let AttentionShape { len, d, heads, .. } = *shape;
+    let (dh, len8) = (d / heads, len.next_multiple_of(8));
+    let (mut keys, mut values) = (vec![0f32; dh * len8], vec![0f32; dh * len8]);
+    let (mut weights, mut d_weights) = (vec![0f32; len8], vec![0f32; len8]);
+    // One head's weights after dropout and the scores' gradients: [len (queries), len (keys)].
+    let (mut dropped, mut d_scores) = (vec![0f32; len * len], vec![0f32; len * len]);
+    for h in 0..heads {
+        let at = |i: usize| i * d + h * dh..i * d + (h + 1) * dh;
+        transpose_head(shape, k, h, &mut keys);
+        transpose_head(shape, v, h, &mut values);
+        for i in 0..len {
+            softmax_row::<FMA>(shape, &q[at(i)], &keys, pad, &mut weights);
+            // The weights' gradient before dropout: d_out_i · v_j, times the dropout factor.
+            row_times::<FMA>(&d_out[at(i)], &values, &mut d_weights);
+            let mut row_dot = 0.0;
+            for j in 0..len {
+                let factor = kept(shape, drop, h * len + i, j);
+                dropped[i * len + j] = weights[j] * factor;
+                d_weights[j] *= factor;
+                row_dot = madd::<FMA>(d_weights[j], weights[j], row_dot);
+            }
+            // Through the softmax, then the scale; padding keys' scores were constants.
+            for j in 0..len {
+                d_scores[i * len + j] = match pad[j] {
+                    true => 0.0,
+                    false => weights[j] * (d_weights[j] - row_dot) * shape.scale,
+                };
+            }
+        }
+        for i in 0..len {
+            combination::<FMA>(
+                &mut dq[at(i)],
+                len,
+                |j| d_scores[i * len + j],
+                |j| &k[at(j)],
+            );
+            combination::<FMA>(
+                &mut dk[at(i)],
+                len,
+                |r| d_scores[r * len + i],
+                |r| &q[at(r)],
+            );
+            combination::<FMA>(
+                &mut dv[at(i)],
+                len,
+                |r| dropped[r * len + i],
+                |r| &d_out[at(r)],
+            );
+        }
+    }
+}
+
+dispatch!(attend, attend_avx2, attend_kernel,
+    (shape: &AttentionShape, q: &[f32], k: &[f32], v: &[f32], pad: &[bool], drop: Option<&[bool]>,
+     out: &mut [f32]));
+dispatch!(attend_backward, attend_backward_avx2, attend_backward_kernel,
+    (shape: &AttentionShape, inputs: [&[f32]; 3], pad: &[bool], drop: Option<&[bool]>,
+     d_out: &[f32], grads: [&mut [f32]; 3]));
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Attention on plain Flex against a direct f64 computation, with a sequence of padding only
+    /// and heads whose width is not a multiple of 8; both builds of the kernel.
+    #[test]
+    fn attention_matches_a_direct_computation() {
+        let (n, len, d, heads) = (3, 5, 20, 2);
+        let dh = d / heads;
+        let value = |i: usize, seed: usize| ((i * seed % 23) as f32 - 11.0) / 7.0;
+        let [q, k, v]: [Vec<f32>; 3] =
+            [3, 5, 7].map(|seed| (0..n * len * d).map(|i| value(i, seed)).collect());
+        // Sequence 0 has two padding positions, 1 none, 2 only padding.
+        let pad: Vec<bool> = (0..n * len)
+            .map(|i| match i / len {
+                0 => i % len >= 3,
+                1 => false,
+                _ => true,
+            })
+            .collect();
+        let mut want = vec![0f64; n * len * d];
+        for s in 0..n {
+            for h in 0..heads {
+                for i in 0..len {
+                    let at =
+                        |x: &[f32], j: usize, c: usize| x[(s * len + j) * d + h * dh + c] as f64;
+                    let scores: Vec<f64> = (0..len)
+                        .map(|j| match pad[s * len + j] {
+                            true => -1e4,
+                            false => {
+                                (0..dh).map(|c| at(&q, i, c) * at(&k, j, c)).sum::<f64>()
+                                    / (dh as f64).sqrt()
+                            }
+                        })
+                        .collect();
+                    let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+                    let e: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
+                    let sum: f64 = e.iter().sum();
+                    for c in 0..dh {
+                        want[(s * len + i) * d + h * dh + c] =
+                            (0..len).map(|j| e[j] / sum * at(&v, j, c)).sum();
+                    }
+                }
+            }
+        }
+        let close = |got: &[f32], what: &str| {
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(&want) {
+                assert!((*g as f64 - w).abs() < 1e-5, "{what}: {g} vs {w}");
+            }
+        };
+        let dev = Default::default();
+        let t = |x: &Vec<f32>| {
+            Tensor::<Flex, 3>::from_data(TensorData::new(x.clone(), [n, len, d]), &dev)
+        };
+        let pad_t =
+            Tensor::<Flex, 2, Bool>::from_data(TensorData::new(pad.clone(), [n, len]), &dev);
+        let got = attention(&t(&q), &t(&k), &t(&v), &pad_t, heads, -1e4, 0.5).expect("plain Flex");
+        close(&got.into_data().to_vec::<f32>().unwrap(), "attention");
+        let shape = AttentionShape {
+            len,
+            d,
+            heads,
+            scale: 1.0 / (dh as f32).sqrt(),
+            masked_score: -1e4,
+            kept_scale: 1.0,
+        };
+        for fma in [false, true] {
+            let mut out = vec![0f32; n * len * d];
+            for s in 0..n {
+                let rows = s * len * d..(s + 1) * len * d;
+                let (q, k, v) = (&q[rows.clone()], &k[rows.clone()], &v[rows.clone()]);
+                let (pad, out) = (&pad[s * len..(s + 1) * len], &mut out[rows]);
+                match fma {
+                    true => attend_kernel::<true>(&shape, q, k, v, pad, None, out),
+                    false => attend_kernel::<false>(&shape, q, k, v, pad, None, out),
+                }
+            }
+            close(&out, if fma { "kernel with FMA" } else { "kernel" });
+        }
+    }
+}

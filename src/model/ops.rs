@@ -1,0 +1,120 @@
+//! The operations of the encoder layers, each with its fast path (Burn's Flex CPU backend:
+//! [`crate::model::flex`]) tried first and Burn's generic code right beside it, in the style of
+//! `candle_nn::ops`. The path is chosen by [`BackendKind::of`] and nowhere else.
+
+use std::cell::OnceCell;
+
+use burn::nn::Linear;
+use burn::prelude::*;
+use burn::tensor::activation;
+
+use crate::backend::BackendKind;
+use crate::model::flex;
+
+pub use crate::model::dropout::dropout;
+
+/// Score given to padding keys before the softmax (Burn's multi-head attention uses the same).
+pub const MASKED_SCORE: f64 = -1.0e4;
+
+#[cfg(test)]
+thread_local! {
+    /// Set: this thread takes the generic paths even on Flex (to test the fast ones against).
+    pub(crate) static GENERIC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether `B`'s fast paths apply.
+fn fast<B: Backend>() -> bool {
+    #[cfg(test)]
+    if GENERIC.get() {
+        return false;
+    }
+    BackendKind::of::<B>() == BackendKind::Flex
+}
+
+/// `x·W + b` of a linear layer, `x`: `[rows, d_in]` → `[rows, d_out]`.
+pub fn linear<B: Backend>(layer: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let x = if fast::<B>() {
+        match flex::linear(layer, x) {
+            Ok(y) => return y,
+            Err(x) => x,
+        }
+    } else {
+        x
+    };
+    layer.forward(x)
+}
+
+/// `x·Φ(x)` with Φ the standard normal CDF (PyTorch's `gelu`, `approximate="none"`).
+pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let x = if fast::<B>() {
+        match flex::gelu(x) {
+            Ok(y) => return y,
+            Err(x) => x,
+        }
+    } else {
+        x
+    };
+    activation::gelu(x)
+}
+
+/// Which positions of an encoder's input are padding (`pad`: `[n, len]`, true = padding), and
+/// the attention mask the generic path makes from it, built when a layer first needs it and
+/// then shared by all layers.
+pub struct Padding<B: Backend> {
+    pub pad: Tensor<B, 2, Bool>,
+    mask: OnceCell<Tensor<B, 4, Bool>>,
+}
+
+impl<B: Backend> Padding<B> {
+    pub fn new(pad: Tensor<B, 2, Bool>) -> Self {
+        Self {
+            pad,
+            mask: OnceCell::new(),
+        }
+    }
+
+    /// The keys each query may not attend to: `pad` repeated into `[n, heads, len, len]`, in
+    /// memory once for all layers (CPU backends would otherwise expand it element by element
+    /// in every masking, forward and backward).
+    fn mask(&self, heads: usize) -> Tensor<B, 4, Bool> {
+        let [n, len] = self.pad.dims();
+        self.mask
+            .get_or_init(|| {
+                self.pad
+                    .clone()
+                    .reshape([n, 1, 1, len])
+                    .repeat_dim(2, len)
+                    .repeat_dim(1, heads)
+            })
+            .clone()
+    }
+}
+
+/// Multi-head attention of projected queries, keys and values `[n, len, d]` (`d = heads·d_head`)
+/// with dropout `p` on the weights: the heads' outputs side by side, `[n, len, d]`.
+pub fn attention<B: Backend>(
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    padding: &Padding<B>,
+    heads: usize,
+    p: f64,
+) -> Tensor<B, 3> {
+    if fast::<B>()
+        && let Some(context) =
+            flex::attention(&q, &k, &v, &padding.pad, heads, MASKED_SCORE as f32, p)
+    {
+        return context;
+    }
+    let [n, len, d] = q.dims();
+    let dh = d / heads;
+    // [n, len, d] → [n, h, len, dh] and back.
+    let split = |t: Tensor<B, 3>| t.reshape([n, len, heads, dh]).swap_dims(1, 2);
+    let (q, k, v) = (split(q), split(k), split(v));
+    let scores = q
+        .matmul(k.swap_dims(2, 3))
+        .mul_scalar(1.0 / (dh as f64).sqrt());
+    let weights = activation::softmax(scores.mask_fill(padding.mask(heads), MASKED_SCORE), 3);
+    let context = dropout(weights, p).matmul(v); // [n, h, len, dh]
+    context.swap_dims(1, 2).reshape([n, len, d])
+}
