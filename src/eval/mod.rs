@@ -261,9 +261,12 @@ fn baseline(name: &str, p: &Protocol) -> ModelResult {
     }
 }
 
+/// Per seed: the test metrics (with the probe of its best validation epoch), and that best
+/// validation MRR and its epoch.
+type ProbeRuns = (Vec<ModelResult>, Vec<(f64, usize)>);
+
 /// A probe model (`clue` or `text-mean`): its standardised user features, then one probe per
-/// seed. Returns each seed's test metrics (with the probe of its best validation epoch) and its
-/// best validation MRR and epoch.
+/// seed.
 fn probe_model_runs<B: AutodiffBackend>(
     model: &str,
     o: &EvalOptions,
@@ -272,7 +275,7 @@ fn probe_model_runs<B: AutodiffBackend>(
     p: &Protocol,
     seeds: &[u64],
     device: &B::Device,
-) -> Result<(Vec<ModelResult>, Vec<(f64, usize)>)> {
+) -> Result<ProbeRuns> {
     let (mut x, cols) = user_features(model, o, e, p.data, &vectors.features)?;
     standardise(&mut x, cols, &p.train);
     let users = Matrix { data: &x, cols };
