@@ -501,6 +501,34 @@ mod tests {
         total
     }
 
+    /// Inference batches over the item cache: each distinct item once in first-seen order, slots
+    /// numbered 1 + its position, padding 0; with a fixed shape, slots padded to the maximum and
+    /// the item list to a multiple (repeats of the first, which no slot points at).
+    #[test]
+    fn item_slots_list_distinct_items_once_and_pad_like_training() {
+        let dev = Default::default();
+        let seqs: Vec<&[u32]> = vec![&[7, 3], &[3], &[9, 7, 5]];
+        let b = UserBatcher::default().item_slots::<NdArray>(&seqs, &dev);
+        assert_eq!(b.items, vec![7, 3, 9, 5]);
+        let slots: Vec<i64> = b.slot_item.to_data().to_vec().unwrap();
+        assert_eq!(slots, vec![1, 2, 0, 2, 0, 0, 3, 1, 4]);
+        let pad: Vec<bool> = b.item_pad.to_data().to_vec().unwrap();
+        assert_eq!(pad, slots.iter().map(|&s| s == 0).collect::<Vec<_>>());
+        let fixed = UserBatcher::fixed(FixedShape {
+            items: 4,
+            tokens: 8,
+            item_multiple: 8,
+        });
+        let f = fixed.item_slots::<NdArray>(&seqs, &dev);
+        assert_eq!(f.item_pad.dims(), [3, 4]);
+        assert_eq!(f.items, vec![7, 3, 9, 5, 7, 7, 7, 7]);
+        let fs: Vec<i64> = f.slot_item.to_data().to_vec().unwrap();
+        assert!(
+            fs.iter().all(|&s| s <= 4),
+            "no slot points at a padding row"
+        );
+    }
+
     #[test]
     fn length_groups_are_the_cheapest_cuts() {
         assert!(length_groups(&[], 10).is_empty());
