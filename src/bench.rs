@@ -11,7 +11,6 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::backend::BackendKind;
 use crate::data::batcher::{Item, UserBatch, UserBatcher, UserSample};
 use crate::error::{ClueError, Result};
 use crate::model::{ClueModel, ModelConfig};
@@ -219,7 +218,7 @@ pub fn bench<B: AutodiffBackend>(
     warmup: usize,
     backend: &str,
 ) -> BenchReport {
-    let batcher = UserBatcher::new(BackendKind::of::<B>(), p.items, p.tokens);
+    let batcher = UserBatcher::of::<B>(p.items, p.tokens);
     // The optimiser and clipping of a training run (its default settings).
     let train = TrainConfig::default();
     B::seed(&device, 0);

@@ -244,11 +244,12 @@ impl<B: Backend> Batcher<B, UserSample, UserBatch<B>> for UserBatcher {
                         .map(move |(j, item)| (s * n + i, j, item.id, item.tokens.as_slice()))
                 })
         });
+        let layout = SlotLayout::new(rows, slots, entries);
+        let item_pad = layout.pad();
         let SlotLayout {
             distinct,
             slot: slot_distinct,
-            pad: item_pad,
-        } = SlotLayout::new(rows, slots, entries);
+        } = layout;
         // Item rows: by length (one group padded to the fixed width with a FixedShape).
         let mut order: Vec<usize> = (0..distinct.len()).collect();
         let cuts = match self.fixed {
@@ -265,7 +266,7 @@ impl<B: Backend> Batcher<B, UserSample, UserBatch<B>> for UserBatcher {
         }
         let slot_item: Vec<i64> = slot_distinct
             .iter()
-            .map(|&u| if u == usize::MAX { 0 } else { row_of[u] + 1 })
+            .map(|&u| if u == PADDING { 0 } else { row_of[u] + 1 })
             .collect();
         let mut item_groups = Vec::with_capacity(cuts.len().max(1));
         let mut start = 0;
@@ -312,11 +313,12 @@ impl<B: Backend> Batcher<B, UserSample, UserBatch<B>> for UserBatcher {
 /// index), in the order they first appear, and for every slot its distinct item or padding.
 struct SlotLayout<T> {
     distinct: Vec<T>,
-    /// `[rows·slots]`: index into `distinct`, `usize::MAX` for padding.
+    /// `[rows·slots]`: index into `distinct`, [`PADDING`] for padding.
     slot: Vec<usize>,
-    /// `[rows·slots]`: true where the slot is padding.
-    pad: Vec<bool>,
 }
+
+/// A padding slot in [`SlotLayout::slot`].
+const PADDING: usize = usize::MAX;
 
 impl<T: Copy> SlotLayout<T> {
     /// `entries`: (row, position in the row, item id, payload) of every filled slot.
@@ -327,19 +329,21 @@ impl<T: Copy> SlotLayout<T> {
     ) -> Self {
         let mut out = Self {
             distinct: Vec::new(),
-            slot: vec![usize::MAX; rows * slots],
-            pad: vec![true; rows * slots],
+            slot: vec![PADDING; rows * slots],
         };
         let mut seen: HashMap<u32, usize> = HashMap::new();
         for (row, j, id, payload) in entries {
-            let at = row * slots + j;
-            out.pad[at] = false;
-            out.slot[at] = *seen.entry(id).or_insert_with(|| {
+            out.slot[row * slots + j] = *seen.entry(id).or_insert_with(|| {
                 out.distinct.push(payload);
                 out.distinct.len() - 1
             });
         }
         out
+    }
+
+    /// `[rows·slots]`: true where the slot is padding.
+    fn pad(&self) -> Vec<bool> {
+        self.slot.iter().map(|&u| u == PADDING).collect()
     }
 }
 
@@ -371,18 +375,16 @@ impl UserBatcher {
             .iter()
             .enumerate()
             .flat_map(|(row, seq)| seq.iter().enumerate().map(move |(j, &id)| (row, j, id, id)));
-        let SlotLayout {
-            mut distinct,
-            slot,
-            pad,
-        } = SlotLayout::new(seqs.len(), slots, entries);
+        let layout = SlotLayout::new(seqs.len(), slots, entries);
+        let pad = layout.pad();
+        let SlotLayout { mut distinct, slot } = layout;
         if let (Some(f), Some(&first)) = (self.fixed, distinct.first()) {
             let m = f.item_multiple.max(1);
             distinct.resize(distinct.len().div_ceil(m) * m, first);
         }
         let slot_item: Vec<i64> = slot
             .iter()
-            .map(|&u| if u == usize::MAX { 0 } else { u as i64 + 1 })
+            .map(|&u| if u == PADDING { 0 } else { u as i64 + 1 })
             .collect();
         let rows = seqs.len();
         ItemSlots {
