@@ -11,7 +11,7 @@ use burn::tensor::backend::AutodiffBackend;
 use clap::{Parser, ValueEnum};
 
 use args::*;
-use clue::bench::{bench, preset};
+use clue::bench::{BenchOptions, bench, preset};
 use clue::data::prepare::{PrepareOptions, format_count, prepare};
 use clue::data::store::Split;
 use clue::data::synth::{SynthOptions, synth};
@@ -37,8 +37,7 @@ enum Job {
     Eval(EvalOptions),
     Bench {
         preset: clue::bench::Preset,
-        steps: usize,
-        warmup: usize,
+        options: BenchOptions,
         json: bool,
     },
     Score {
@@ -82,12 +81,11 @@ fn run_job<B: AutodiffBackend>(device: B::Device, job: &Job) -> anyhow::Result<(
         }
         Job::Bench {
             preset,
-            steps,
-            warmup,
+            options,
             json,
         } => {
             let name = B::name(&device);
-            let report = bench::<B>(device, preset, *steps, *warmup, &name);
+            let report = bench::<B>(device, preset, *options, &name);
             if *json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -415,8 +413,11 @@ fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
 fn bench_cmd(a: BenchArgs) -> anyhow::Result<()> {
     let job = Job::Bench {
         preset: preset(&a.preset)?,
-        steps: a.steps.max(1),
-        warmup: a.warmup,
+        options: BenchOptions {
+            steps: a.steps.max(1),
+            warmup: a.warmup,
+            denormal_census: a.denormal_census,
+        },
         json: a.json,
     };
     dispatch(&a.device, &job)
@@ -457,6 +458,9 @@ fn keep_freed_memory() {}
 fn main() -> ExitCode {
     keep_freed_memory();
     let cli = Cli::parse();
+    // Before any compute thread exists: loaders and Burn's threads inherit the bits.
+    let keep = cli.keep_denormals || std::env::var("CLUE_KEEP_DENORMALS").is_ok_and(|v| v == "1");
+    clue::cpu::set_flush_denormals(!keep);
     ui::set_verbosity(if cli.quiet {
         0
     } else if cli.verbose {

@@ -94,7 +94,7 @@ fn flex_linear(x: &FlexTensor, w: &FlexTensor, b: &FlexTensor) -> FlexTensor {
 
 /// `lhs · rhs` for `[m, k, n]` = (`[m, k]`, `[k, n]`), each operand a slice with its row and
 /// column strides; row-major `[m, n]`, added to `init` when given. The gemm crate, as Flex.
-fn product(
+pub(crate) fn product(
     [m, k, n]: [usize; 3],
     (lhs, lhs_rs, lhs_cs): (&[f32], usize, usize),
     (rhs, rhs_rs, rhs_cs): (&[f32], usize, usize),

@@ -33,6 +33,7 @@ mod simd;
 pub use attention::attention;
 pub use gelu::gelu;
 pub use linear::linear;
+pub(crate) use linear::product;
 
 /// `Autodiff<Flex>`'s float tensor (its type is not exported under a name).
 type FlexAutodiffTensor = <Autodiff<Flex> as BackendTypes>::FloatTensorPrimitive;

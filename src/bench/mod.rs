@@ -1,5 +1,10 @@
 //! `clue bench`: training and inference throughput on the same workload as the PyTorch
-//! reference (`shared/bench/torch_clue_ref.py`). Prints figures; asserts nothing.
+//! reference (`shared/bench/torch_clue_ref.py`). Prints figures with the machine they were
+//! measured on (CPU model, instruction sets, threads, denormal mode, a measured matrix-product
+//! peak and the share of it a step reaches); asserts nothing.
+
+pub mod denormals;
+pub mod machine;
 
 use std::time::Instant;
 
@@ -11,12 +16,16 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
+use crate::backend::BackendKind;
+use crate::cpu::CpuInfo;
 use crate::data::batcher::{Item, UserBatch, UserBatcher, UserSample};
 use crate::error::{ClueError, Result};
 use crate::model::{ClueModel, ModelConfig};
 use crate::train::config::TrainConfig;
 use crate::train::step::{StepGuard, StepSettings, Trainee};
 use burn::data::dataloader::batcher::Batcher;
+use denormals::{DenormalCensus, census};
+use machine::{MatmulPeak, matmul_peak};
 
 /// A benchmark workload: model shape and batch (the reference's presets).
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -162,12 +171,30 @@ pub fn flops<B: Backend>(model: &ClueModel<B>, p: &Preset, samples: &[UserSample
     }
 }
 
+/// How long to run, and what else to measure.
+#[derive(Debug, Clone, Copy)]
+pub struct BenchOptions {
+    /// Timed steps (and inference calls); the median is reported.
+    pub steps: usize,
+    /// Untimed warm-up steps.
+    pub warmup: usize,
+    /// One more step, untimed, that records where denormal floats occur.
+    pub denormal_census: bool,
+}
+
 /// Figures of one benchmark run.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub preset: Preset,
     pub backend: String,
     pub device: String,
+    /// The CPU: model, instruction sets, threads, denormal mode.
+    pub cpu: CpuInfo,
+    /// Measured fp32 matrix-product peak of this machine (CPU backends only).
+    pub matmul_peak: Option<MatmulPeak>,
+    /// Training GFLOP/s over that peak.
+    pub train_peak_fraction: Option<f64>,
+    pub denormals: Option<DenormalCensus>,
     pub params_total: usize,
     pub params_non_embedding: usize,
     pub steps: usize,
@@ -214,10 +241,12 @@ pub fn peak_rss_mib() -> f64 {
 pub fn bench<B: AutodiffBackend>(
     device: B::Device,
     p: &Preset,
-    steps: usize,
-    warmup: usize,
+    o: BenchOptions,
     backend: &str,
 ) -> BenchReport {
+    let BenchOptions { steps, warmup, .. } = o;
+    let cpu = BackendKind::of::<B>() != BackendKind::Accelerator;
+    let peak = cpu.then(matmul_peak);
     let batcher = UserBatcher::of::<B>(p.items, p.tokens);
     // The optimiser and clipping of a training run (its default settings).
     let train = TrainConfig::default();
@@ -269,6 +298,18 @@ pub fn bench<B: AutodiffBackend>(
         }
         losses.push(stats.loss);
     }
+    let denormals = o.denormal_census.then(|| {
+        let last = batches.last().expect("at least one step");
+        let (t, c) = census(
+            trainee.clone(),
+            &mut optim,
+            train.lr,
+            batcher.batch(last.clone(), &device),
+            batcher.batch(last.clone(), &device),
+        );
+        trainee = t;
+        c
+    });
     let model = trainee.model.valid();
     let mut infer = Vec::new();
     for (i, samples) in batches[warmup.saturating_sub(1)..].iter().enumerate() {
@@ -283,10 +324,15 @@ pub fn bench<B: AutodiffBackend>(
         }
     }
     let (train_s, infer_s) = (median(&times), median(&infer));
+    let train_gflops_per_s = flops_train / train_s / 1e9;
     BenchReport {
         preset: *p,
         backend: backend.to_string(),
         device: B::name(&device),
+        cpu: CpuInfo::detect(),
+        matmul_peak: peak,
+        train_peak_fraction: peak.map(|m| train_gflops_per_s / m.gflops_per_s),
+        denormals,
         params_total: counts.total,
         params_non_embedding: counts.non_embedding,
         steps,
@@ -296,7 +342,7 @@ pub fn bench<B: AutodiffBackend>(
         train_users_per_s: p.batch as f64 / train_s,
         train_tokens_per_s: tokens / train_s,
         flops_train_per_step: flops_train,
-        train_gflops_per_s: flops_train / train_s / 1e9,
+        train_gflops_per_s,
         loss_first: losses.first().copied().unwrap_or(f64::NAN),
         loss_last: losses.last().copied().unwrap_or(f64::NAN),
         infer_s_per_call: infer_s,
@@ -309,66 +355,78 @@ pub fn bench<B: AutodiffBackend>(
 impl BenchReport {
     pub fn table(&self) -> String {
         let p = &self.preset;
+        let mut rows = vec![("CPU".into(), self.cpu.line())];
+        if let Some(m) = &self.matmul_peak {
+            rows.push((
+                "fp32 matmul peak".into(),
+                format!(
+                    "{:.1} GFLOP/s (gemm crate, {n}×{n}×{n}, best of {})",
+                    m.gflops_per_s,
+                    m.runs,
+                    n = m.side
+                ),
+            ));
+        }
+        rows.extend([
+            (
+                "model".into(),
+                format!(
+                    "V {} D {} FFN {} layers {}+{} heads {} L {} S {} batch {}",
+                    p.vocab, p.dim, p.ffn, p.layers, p.layers, p.heads, p.tokens, p.items, p.batch
+                ),
+            ),
+            (
+                "parameters".into(),
+                format!(
+                    "{} ({} non-embedding)",
+                    self.params_total, self.params_non_embedding
+                ),
+            ),
+            (
+                "train".into(),
+                format!(
+                    "{:.4} s/step (median of {}, after {} warm-up)",
+                    self.train_s_per_step, self.steps, self.warmup
+                ),
+            ),
+            (
+                "train users/s".into(),
+                format!("{:.1}", self.train_users_per_s),
+            ),
+            (
+                "train tokens/s".into(),
+                format!("{:.0} (non-padding)", self.train_tokens_per_s),
+            ),
+            (
+                "train FLOPs/step".into(),
+                format!(
+                    "{:.3e} → {:.1} GFLOP/s{}",
+                    self.flops_train_per_step,
+                    self.train_gflops_per_s,
+                    self.train_peak_fraction
+                        .map(|f| format!(" ({:.0} % of the matmul peak)", 100.0 * f))
+                        .unwrap_or_default()
+                ),
+            ),
+            (
+                "loss".into(),
+                format!("{:.4} → {:.4}", self.loss_first, self.loss_last),
+            ),
+            (
+                "inference".into(),
+                format!(
+                    "{:.4} s/call, {:.1} embeddings/s, {:.1} GFLOP/s",
+                    self.infer_s_per_call, self.infer_embeddings_per_s, self.infer_gflops_per_s
+                ),
+            ),
+            ("peak RSS".into(), format!("{:.0} MiB", self.peak_rss_mib)),
+        ]);
+        if let Some(d) = &self.denormals {
+            rows.extend(d.rows());
+        }
         crate::ui::table(
             &format!("bench {} on {} ({})", p.name, self.backend, self.device),
-            &[
-                (
-                    "model".into(),
-                    format!(
-                        "V {} D {} FFN {} layers {}+{} heads {} L {} S {} batch {}",
-                        p.vocab,
-                        p.dim,
-                        p.ffn,
-                        p.layers,
-                        p.layers,
-                        p.heads,
-                        p.tokens,
-                        p.items,
-                        p.batch
-                    ),
-                ),
-                (
-                    "parameters".into(),
-                    format!(
-                        "{} ({} non-embedding)",
-                        self.params_total, self.params_non_embedding
-                    ),
-                ),
-                (
-                    "train".into(),
-                    format!(
-                        "{:.4} s/step (median of {}, after {} warm-up)",
-                        self.train_s_per_step, self.steps, self.warmup
-                    ),
-                ),
-                (
-                    "train users/s".into(),
-                    format!("{:.1}", self.train_users_per_s),
-                ),
-                (
-                    "train tokens/s".into(),
-                    format!("{:.0} (non-padding)", self.train_tokens_per_s),
-                ),
-                (
-                    "train FLOPs/step".into(),
-                    format!(
-                        "{:.3e} → {:.1} GFLOP/s",
-                        self.flops_train_per_step, self.train_gflops_per_s
-                    ),
-                ),
-                (
-                    "loss".into(),
-                    format!("{:.4} → {:.4}", self.loss_first, self.loss_last),
-                ),
-                (
-                    "inference".into(),
-                    format!(
-                        "{:.4} s/call, {:.1} embeddings/s, {:.1} GFLOP/s",
-                        self.infer_s_per_call, self.infer_embeddings_per_s, self.infer_gflops_per_s
-                    ),
-                ),
-                ("peak RSS".into(), format!("{:.0} MiB", self.peak_rss_mib)),
-            ],
+            &rows,
         )
     }
 }

@@ -1,0 +1,177 @@
+//! Where a training step meets denormal floats (`clue bench --denormal-census`): the CPU's
+//! sticky flags around each phase of one extra step (forward only, forward + backward +
+//! clipping, the AdamW update), and the share of stored values that are denormal (weights, the
+//! step's gradients, AdamW's two moments). Run it with `--keep-denormals` to see them as the
+//! hardware would without flushing; with flushing on, the stored values hold none and the
+//! "underflow" flags still say where they would have been made.
+
+use burn::module::{AutodiffModule, ModuleVisitor, Param};
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::record::{AdaptorRecord, AdaptorRecordV1};
+use burn::optim::{AdamW, GradientsParams, Optimizer};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use burn::train::TrainStep;
+use serde::Serialize;
+
+use crate::cpu::{FpFlags, clear_fp_flags, fp_flags};
+use crate::data::batcher::UserBatch;
+use crate::train::step::Trainee;
+
+/// How many of a set of stored values are denormal.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Share {
+    pub denormal: usize,
+    pub total: usize,
+}
+
+impl Share {
+    fn add<Bk: Backend, const D: usize>(&mut self, t: Tensor<Bk, D>) {
+        let data = t.into_data();
+        for v in data.iter::<f32>() {
+            // From the bits: a float comparison with a denormal would itself raise the flag.
+            let b = v.to_bits();
+            self.denormal += (b & 0x7f80_0000 == 0 && b & 0x007f_ffff != 0) as usize;
+            self.total += 1;
+        }
+    }
+
+    pub fn line(&self) -> String {
+        format!(
+            "{} of {} ({:.3} %)",
+            self.denormal,
+            self.total,
+            100.0 * self.denormal as f64 / self.total.max(1) as f64
+        )
+    }
+}
+
+/// The census of one training step.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct DenormalCensus {
+    /// Flags of an inference forward pass.
+    pub forward: FpFlags,
+    /// Flags of a training step: forward, loss, backward and gradient clipping.
+    pub train_step: FpFlags,
+    /// Flags of the AdamW update.
+    pub optimizer: FpFlags,
+    /// Weights after the update.
+    pub weights: Share,
+    /// The step's gradients (after clipping).
+    pub gradients: Share,
+    pub adam_moment1: Share,
+    pub adam_moment2: Share,
+}
+
+/// Counts the denormal values of every parameter, or of every parameter's gradient.
+struct Values<'a> {
+    grads: Option<&'a GradientsParams>,
+    share: Share,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Values<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        match self.grads {
+            Some(grads) => {
+                if let Some(g) = grads.get::<B::InnerBackend, D>(param.id) {
+                    self.share.add(g);
+                }
+            }
+            None => self.share.add(param.val().inner()),
+        }
+    }
+}
+
+fn values<B: AutodiffBackend>(trainee: &Trainee<B>, grads: Option<&GradientsParams>) -> Share {
+    let mut v = Values {
+        grads,
+        share: Share::default(),
+    };
+    trainee.visit(&mut v);
+    v.share
+}
+
+/// The two moments of every parameter's AdamW state.
+fn moments<B: AutodiffBackend>(optim: &OptimizerAdaptor<AdamW, Trainee<B>, B>) -> (Share, Share) {
+    let (mut m1, mut m2) = (Share::default(), Share::default());
+    macro_rules! add {
+        ($s:expr) => {{
+            m1.add($s.momentum.moment_1);
+            m2.add($s.momentum.moment_2);
+        }};
+    }
+    for record in optim.to_record().into_values() {
+        match record {
+            AdaptorRecord::V1(AdaptorRecordV1::Rank1(s)) => add!(s),
+            AdaptorRecord::V1(AdaptorRecordV1::Rank2(s)) => add!(s),
+            AdaptorRecord::V1(AdaptorRecordV1::Rank3(s)) => add!(s),
+            _ => {}
+        }
+    }
+    (m1, m2)
+}
+
+/// One more training step of `trainee` on `train`, and an inference pass on `infer` (the same
+/// users), with the CPU's flags read around each phase; then the stored values counted.
+pub fn census<B: AutodiffBackend>(
+    trainee: Trainee<B>,
+    optim: &mut OptimizerAdaptor<AdamW, Trainee<B>, B>,
+    lr: f64,
+    train: UserBatch<B>,
+    infer: UserBatch<B::InnerBackend>,
+) -> (Trainee<B>, DenormalCensus) {
+    clear_fp_flags();
+    let _ = trainee.model.valid().encoder.forward(&infer).into_data();
+    let forward = fp_flags();
+
+    clear_fp_flags();
+    let out = TrainStep::step(&trainee, train);
+    let _ = out.item.loss.clone().into_data();
+    let train_step = fp_flags();
+    let gradients = values(&trainee, Some(&out.grads));
+
+    // The CPU backends compute eagerly: the update is done when `optimize` returns.
+    clear_fp_flags();
+    let trainee = trainee.optimize(optim, lr, out.grads);
+    let optimizer = fp_flags();
+    let weights = values(&trainee, None);
+    let (adam_moment1, adam_moment2) = moments(optim);
+    (
+        trainee,
+        DenormalCensus {
+            forward,
+            train_step,
+            optimizer,
+            weights,
+            gradients,
+            adam_moment1,
+            adam_moment2,
+        },
+    )
+}
+
+impl DenormalCensus {
+    /// Table rows: flags per phase, then the stored shares.
+    pub fn rows(&self) -> Vec<(String, String)> {
+        let flags = |f: &FpFlags| {
+            format!(
+                "denormal operands {}, underflows {}",
+                yes(f.denormal_operand),
+                yes(f.underflow)
+            )
+        };
+        vec![
+            ("denormals: forward".into(), flags(&self.forward)),
+            ("denormals: train step".into(), flags(&self.train_step)),
+            ("denormals: AdamW".into(), flags(&self.optimizer)),
+            ("denormal weights".into(), self.weights.line()),
+            ("denormal gradients".into(), self.gradients.line()),
+            ("denormal AdamW m".into(), self.adam_moment1.line()),
+            ("denormal AdamW v".into(), self.adam_moment2.line()),
+        ]
+    }
+}
+
+fn yes(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
