@@ -3,9 +3,11 @@
 //! where it was measured.
 //!
 //! **Denormals.** Intel cores take a microcode assist, ~100 cycles, for every operation whose
-//! operand or result is a denormal (subnormal) float; a training step of clue makes many of them
-//! (tiny attention probabilities times values, squared gradients in AdamW's second moment, their
-//! products in the backward pass), which made `flex` 2.4× slower on a Sapphire Rapids Xeon. x86's
+//! operand or result is a denormal (subnormal) float. A training step on `flex` made them in every
+//! attention call (masked keys weighted e^-87, times the values; then the backward pass and
+//! AdamW's first moment), which made it 2.4× slower on a Sapphire Rapids Xeon; the kernels now
+//! give those keys an exact 0, but generic operations (the `ndarray` backend's backward pass,
+//! for one) still make some. `clue bench --denormal-census` shows where. x86's
 //! MXCSR has two bits that make the hardware treat them as zero instead: FTZ (a denormal result
 //! becomes 0) and DAZ (a denormal operand reads as 0). [`set_flush_denormals`] sets both on the
 //! calling thread and on every thread of rayon's global pool (where the gemm crate and clue's own

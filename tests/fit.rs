@@ -354,6 +354,15 @@ fn mistakes_exit_non_zero_with_one_clear_message_and_no_panic() {
             "unknown preset",
         ),
         (
+            vec![
+                "bench".into(),
+                "--backend".into(),
+                "wgpu".into(),
+                "--denormal-census".into(),
+            ],
+            "--backend flex or ndarray",
+        ),
+        (
             vec!["fit".into(), "--precision".into(), "bf16".into()],
             "needs --backend cuda",
         ),

@@ -411,6 +411,11 @@ fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
 }
 
 fn bench_cmd(a: BenchArgs) -> anyhow::Result<()> {
+    if a.denormal_census && matches!(a.device.backend, BackendName::Wgpu | BackendName::Cuda) {
+        anyhow::bail!(
+            "--denormal-census reads the CPU's floating-point flags: use it with --backend flex or ndarray"
+        );
+    }
     let job = Job::Bench {
         preset: preset(&a.preset)?,
         options: BenchOptions {
