@@ -10,17 +10,29 @@
 #
 # Settings (environment): CLUE (binary, default target/release/clue), BACKEND (flex), RUNS (3),
 # PRESETS ("tiny small"), THREADS (nproc), STEPS_<preset> / WARMUP_<preset> (timed and warm-up
-# steps; small and base default to 3 and 1), REF (the reference script), OUT (folder for the raw
-# JSON and table.md; default bench-out/<date>). Needs python3 with torch and numpy.
+# steps; small and base default to 3 and 1), REF (the reference script; default
+# ../shared/bench/torch_clue_ref.py beside the repository, or shared/ inside it), OUT (folder for
+# the raw JSON and table.md; default bench-out/<date>). Relative paths are taken from the current
+# directory. Needs python3 with torch and numpy.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-CLUE=${CLUE:-target/release/clue}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+absolute() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
+CLUE=$(absolute "${CLUE:-$ROOT/target/release/clue}")
 BACKEND=${BACKEND:-flex}
 RUNS=${RUNS:-3}
 PRESETS=${PRESETS:-tiny small}
 THREADS=${THREADS:-$(nproc)}
-REF=${REF:-../shared/bench/torch_clue_ref.py}
-OUT=${OUT:-bench-out/$(date +%Y%m%d-%H%M%S)}
+if [ -z "${REF:-}" ]; then
+  for REF in "$ROOT/../shared/bench/torch_clue_ref.py" "$ROOT/shared/bench/torch_clue_ref.py"; do
+    [ -f "$REF" ] && break
+  done
+fi
+REF=$(absolute "$REF")
+OUT=$(absolute "${OUT:-$ROOT/bench-out/$(date +%Y%m%d-%H%M%S)}")
+cd "$ROOT"
+for preset in $PRESETS; do
+  case $preset in tiny | small | base) ;; *) echo "unknown preset '$preset': use tiny, small or base" >&2; exit 2 ;; esac
+done
 
 [ -x "$CLUE" ] || { echo "no clue binary at $CLUE: run cargo build --release first" >&2; exit 2; }
 [ -f "$REF" ] || { echo "no reference script at $REF (set REF=...)" >&2; exit 2; }
@@ -33,7 +45,8 @@ for lib in /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 /usr/lib/aarch64-l
 done
 [ -n "$TCMALLOC" ] || echo "warning: tcmalloc not found; PyTorch runs with glibc malloc (slower on small)" >&2
 mkdir -p "$OUT"
-export RAYON_NUM_THREADS=$THREADS
+# rayon's pool (flex, gemm) and ndarray's matrix products (matrixmultiply's own threads).
+export RAYON_NUM_THREADS=$THREADS MATMUL_NUM_THREADS=$THREADS
 
 torch_run() { # json-out, then the reference's arguments
   local out=$1; shift
@@ -64,9 +77,9 @@ for preset in $PRESETS; do
     "$CLUE" --quiet bench --preset "$preset" --backend "$BACKEND" --steps "$steps" --warmup "$warmup" --json \
       > "$OUT/clue-$preset-$run.json"
     echo "[$preset $run/$RUNS] torch_clue_ref.py" >&2
-    # shellcheck disable=SC2046
-    torch_run "$OUT/torch-$preset-$run.json" $(ref_args "$OUT/clue-$preset-$run.json") \
-      --steps "$steps" --warmup "$warmup"
+    args=$(ref_args "$OUT/clue-$preset-$run.json")
+    # shellcheck disable=SC2086
+    torch_run "$OUT/torch-$preset-$run.json" $args --steps "$steps" --warmup "$warmup"
   done
 done
 
@@ -110,7 +123,7 @@ for p in presets:
     cm, tm = [x["peak_rss_mib"] for x in c], [x["rss_peak_mib"] for x in t]
     frac = med([x["train_peak_fraction"] or float("nan") for x in c])
     print(f"| {p} | training, s/step | **{med(ct):.3f}** ({fmt(ct, '{:.3f}')}) | **{med(tt):.3f}** ({fmt(tt, '{:.3f}')}) "
-          f"| {med(tt) / med(ct):.2f}× the speed ({100 * frac:.0f} % of clue's matmul peak) |")
+          f"| {med(tt) / med(ct):.2f}× the speed ({100 * frac:.0f} % of the matmul peak) |")
     print(f"| {p} | inference, embeddings/s | **{med(ci):.0f}** ({fmt(ci, '{:.0f}')}) | **{med(ti):.0f}** ({fmt(ti, '{:.0f}')}) "
           f"| {med(ci) / med(ti):.2f}× the speed |")
     print(f"| {p} | peak RSS, MiB | {med(cm):.0f} | {med(tm):.0f} | {med(cm) / med(tm):.2f}× the memory |")

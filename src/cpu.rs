@@ -11,10 +11,14 @@
 //! MXCSR has two bits that make the hardware treat them as zero instead: FTZ (a denormal result
 //! becomes 0) and DAZ (a denormal operand reads as 0). [`set_flush_denormals`] sets both on the
 //! calling thread and on every thread of rayon's global pool (where the gemm crate and clue's own
-//! kernels run). Threads created later (data loaders, Burn's learner threads) inherit the calling
-//! thread's bits, as POSIX threads inherit the floating-point environment. PyTorch offers the
+//! kernels run). Threads created later (data loaders, Burn's learner threads, ndarray's
+//! matrix-product pool) inherit the calling thread's bits: on Linux a new thread starts with a
+//! copy of its creator's floating-point environment (not so on Windows, where only the
+//! calling thread and rayon's pool are set). PyTorch offers the
 //! same switch (`torch.set_flush_denormal`); its own kernels avoid the penalty. The values that
 //! flush are below 1.2·10⁻³⁸, far under anything a float32 model's result depends on.
+//! (Rust and LLVM assume the default environment, so a value the compiler computes at build
+//! time can still be denormal; the bits govern what the CPU computes at run time.)
 //!
 //! Other architectures keep their default environment (the setter says so by returning `false`).
 
@@ -138,7 +142,7 @@ pub struct CpuInfo {
     pub kernels: &'static str,
     /// Threads of rayon's global pool (the matrix products and clue's kernels).
     pub threads: usize,
-    /// Whether compute threads flush denormals to zero.
+    /// Whether the calling thread and rayon's pool flush denormals to zero.
     pub flush_denormals: bool,
 }
 
@@ -164,7 +168,7 @@ impl CpuInfo {
             isa,
             kernels,
             threads: rayon::current_num_threads(),
-            flush_denormals: flushes_denormals(),
+            flush_denormals: flushes_denormals_everywhere().iter().all(|&b| b),
         }
     }
 

@@ -4,6 +4,11 @@
 //! step's gradients, AdamW's two moments). Run it with `--keep-denormals` to see them as the
 //! hardware would without flushing; with flushing on, the stored values hold none and the
 //! "underflow" flags still say where they would have been made.
+//!
+//! The flags are read on the calling thread and rayon's pool, where the Flex backend and clue's
+//! kernels compute; the `ndarray` backend's matrix products run on their own threads
+//! (`matrixmultiply`), whose flags are not read. The flags are best-effort: the compiler
+//! assumes the default floating-point environment and may fold or move float operations.
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::adaptor::OptimizerAdaptor;
@@ -29,9 +34,8 @@ impl Share {
     fn add<Bk: Backend, const D: usize>(&mut self, t: Tensor<Bk, D>) {
         let data = t.into_data();
         for v in data.iter::<f32>() {
-            // From the bits: a float comparison with a denormal would itself raise the flag.
-            let b = v.to_bits();
-            self.denormal += (b & 0x7f80_0000 == 0 && b & 0x007f_ffff != 0) as usize;
+            // `is_subnormal` looks at the bits (no float comparison to raise a flag itself).
+            self.denormal += v.is_subnormal() as usize;
             self.total += 1;
         }
     }
@@ -49,6 +53,9 @@ impl Share {
 /// The census of one training step.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct DenormalCensus {
+    /// Whether the step ran with denormals flushed (then the CPU reads denormal operands as
+    /// zero and never flags them; underflows are still flagged).
+    pub flushed: bool,
     /// Flags of an inference forward pass.
     pub forward: FpFlags,
     /// Flags of a training step: forward, loss, backward and gradient clipping.
@@ -139,6 +146,7 @@ pub fn census<B: AutodiffBackend>(
     (
         trainee,
         DenormalCensus {
+            flushed: crate::cpu::flushes_denormals(),
             forward,
             train_step,
             optimizer,
@@ -156,7 +164,10 @@ impl DenormalCensus {
         let flags = |f: &FpFlags| {
             format!(
                 "denormal operands {}, underflows {}",
-                yes(f.denormal_operand),
+                match self.flushed {
+                    true => "n/a (read as 0)",
+                    false => yes(f.denormal_operand),
+                },
                 yes(f.underflow)
             )
         };
@@ -174,4 +185,28 @@ impl DenormalCensus {
 
 fn yes(b: bool) -> &'static str {
     if b { "yes" } else { "no" }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::NdArray;
+
+    #[test]
+    fn share_counts_denormals_of_either_sign_only() {
+        let values = [
+            f32::from_bits(1),
+            -f32::from_bits(0x007f_ffff),
+            0.0,
+            -0.0,
+            f32::MIN_POSITIVE,
+            1.0,
+            f32::NAN,
+            f32::INFINITY,
+        ];
+        let t = Tensor::<NdArray, 1>::from_floats(values, &Default::default());
+        let mut share = Share::default();
+        share.add(t.reshape([2, 4]));
+        assert_eq!((share.denormal, share.total), (2, 8));
+    }
 }

@@ -298,7 +298,8 @@ pub fn bench<B: AutodiffBackend>(
         }
         losses.push(stats.loss);
     }
-    let denormals = o.denormal_census.then(|| {
+    // The census reads the CPU's flags: nothing to read on an accelerator.
+    let denormals = (o.denormal_census && cpu).then(|| {
         let last = batches.last().expect("at least one step");
         let (t, c) = census(
             trainee.clone(),

@@ -15,15 +15,21 @@ pub(super) fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
+/// Beyond this, [`exp_neg`] is exactly 0: e^−80 ≈ 1.8·10⁻³⁵ is invisible next to the largest
+/// softmax weight (1) in f32, and anything smaller is a step from the denormal range, where its
+/// products (a masked attention key's weight times the values, GELU's far tails) would cost
+/// Intel cores a slow path when denormals are not flushed.
+pub(super) const EXP_NEG_ZERO_BEYOND: f32 = 80.0;
+
 /// `e^(−a)` for `a ≥ 0`, branch-free so loops over it vectorise: `2^k` from the exponent bits
-/// times a degree-7 polynomial on the remainder (relative error < 10⁻⁷). Exactly 0 beyond
-/// `a = 87` (where `e^(−a)` nears the smallest normal float), as for a masked attention key:
-/// a tiny non-zero weight there would only make denormal products downstream, which cost
-/// Intel cores a slow path when they are not flushed.
+/// times a degree-7 polynomial on the remainder (relative error < 10⁻⁷); exactly 0 beyond
+/// [`EXP_NEG_ZERO_BEYOND`] (a masked key gets weight 0, as in Burn's generic softmax); NaN
+/// stays NaN.
 #[inline(always)]
 pub(super) fn exp_neg<const FMA: bool>(a: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0; // 1.5·2²³: adding it rounds to an integer
-    let v = -a.min(87.0);
+    // Not `a.min(87.0)`, which would turn a NaN into 87.
+    let v = -(if a > 87.0 { 87.0 } else { a });
     let shifted = madd::<FMA>(v, std::f32::consts::LOG2_E, MAGIC);
     let k = shifted - MAGIC;
     // k as an integer, from the bits (a float-to-int cast would not vectorise).
@@ -41,7 +47,7 @@ pub(super) fn exp_neg<const FMA: bool>(a: f32) -> f32 {
     .iter()
     .fold(1.0 / 5040.0, |acc, &c| madd::<FMA>(acc, r, c));
     let e = p * f32::from_bits(((k_int + 127) as u32) << 23);
-    if a > 87.0 { 0.0 } else { e }
+    if a > EXP_NEG_ZERO_BEYOND { 0.0 } else { e }
 }
 
 /// `out[j] = Σ_c x[c]·t[c, j]` for `t`: `[x.len(), len8]` (8 columns at a time, in registers).
@@ -141,19 +147,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn exp_neg_is_accurate_and_zero_beyond_87() {
-        for i in 0..=9000 {
-            let a = i as f32 / 100.0;
-            let want = (-(a as f64)).exp();
-            let got = exp_neg::<false>(a) as f64;
-            if a <= 87.0 {
-                assert!(
-                    (got - want).abs() <= 3e-7 * want,
-                    "e^-{a} = {got}, want {want}"
-                );
-            } else {
-                assert_eq!(got, 0.0, "e^-{a}");
+    fn exp_neg_is_accurate_then_zero_and_keeps_nan() {
+        fn check<const FMA: bool>() {
+            for i in 0..=9000 {
+                let a = i as f32 / 100.0;
+                let want = (-(a as f64)).exp();
+                let got = exp_neg::<FMA>(a) as f64;
+                if a <= EXP_NEG_ZERO_BEYOND {
+                    assert!(
+                        (got - want).abs() <= 3e-7 * want,
+                        "e^-{a} = {got}, want {want}"
+                    );
+                } else {
+                    assert_eq!(got, 0.0, "e^-{a}");
+                }
             }
+            for a in [1e4, f32::MAX, f32::INFINITY] {
+                assert_eq!(exp_neg::<FMA>(a), 0.0, "e^-{a}");
+            }
+            assert!(exp_neg::<FMA>(f32::NAN).is_nan());
         }
+        check::<false>();
+        check::<true>();
     }
 }
