@@ -460,8 +460,22 @@ fn keep_freed_memory() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn keep_freed_memory() {}
 
+/// Rust ignores SIGPIPE, so `println!` to a reader that has gone (`clue ... | head`, `grep -q`)
+/// panics. Restore the default: the process ends quietly, as any Unix tool.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn die_quietly_on_closed_pipe() {
+    // SAFETY: resetting a signal's disposition to its default, before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn die_quietly_on_closed_pipe() {}
+
 fn main() -> ExitCode {
     keep_freed_memory();
+    die_quietly_on_closed_pipe();
     let cli = Cli::parse();
     // Before any compute thread exists: loaders and Burn's threads inherit the bits.
     let keep = cli.keep_denormals || std::env::var("CLUE_KEEP_DENORMALS").is_ok_and(|v| v == "1");
