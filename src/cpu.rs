@@ -30,6 +30,8 @@ mod mxcsr {
     pub const FTZ: u32 = 1 << 15;
     /// Denormals-are-zero: a denormal operand is read as zero.
     pub const DAZ: u32 = 1 << 6;
+    /// Both: denormals neither made nor read.
+    pub const FLUSH: u32 = FTZ | DAZ;
     /// Sticky flag: an operand was denormal.
     pub const DENORMAL_FLAG: u32 = 1 << 1;
     /// Sticky flag: a result underflowed (was tiny and inexact), i.e. came out denormal or zero.
@@ -69,9 +71,12 @@ pub fn set_flush_denormals(on: bool) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         on_every_thread(|| {
-            let bits = mxcsr::FTZ | mxcsr::DAZ;
             let v = mxcsr::get();
-            mxcsr::set(if on { v | bits } else { v & !bits });
+            mxcsr::set(if on {
+                v | mxcsr::FLUSH
+            } else {
+                v & !mxcsr::FLUSH
+            });
         });
         true
     }
@@ -86,8 +91,7 @@ pub fn set_flush_denormals(on: bool) -> bool {
 pub fn flushes_denormals() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        let bits = mxcsr::FTZ | mxcsr::DAZ;
-        mxcsr::get() & bits == bits
+        mxcsr::get() & mxcsr::FLUSH == mxcsr::FLUSH
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
