@@ -1,6 +1,6 @@
 //! The CPU side of the machine: the floating-point environment every compute thread runs with,
-//! and what the machine is (model, instruction sets, threads) so that every figure can say
-//! where it was measured.
+//! what the machine is (model, instruction sets, threads) so that every figure can say
+//! where it was measured, and this process's peak resident memory.
 //!
 //! **Denormals.** Intel cores take a microcode assist, ~100 cycles, for every operation whose
 //! operand or result is a denormal (subnormal) float. A training step on `flex` made them in every
@@ -214,6 +214,25 @@ fn detect_isa() -> Vec<&'static str> {
 #[cfg(not(target_arch = "x86_64"))]
 fn detect_isa() -> Vec<&'static str> {
     Vec::new()
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), MiB.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kib| kib / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// Start a new peak for [`peak_rss_mib`] at the current resident memory (Linux ≥ 4.0:
+/// `/proc/self/clear_refs`); false where the kernel does not offer it.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
 #[cfg(test)]

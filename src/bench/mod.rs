@@ -17,7 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::backend::BackendKind;
-use crate::cpu::CpuInfo;
+use crate::cpu::{CpuInfo, peak_rss_mib};
 use crate::data::batcher::{Item, UserBatch, UserBatcher, UserSample};
 use crate::error::{ClueError, Result};
 use crate::model::{ClueModel, ModelConfig};
@@ -222,19 +222,6 @@ fn median(xs: &[f64]) -> f64 {
         n if n % 2 == 1 => v[n / 2],
         n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
-}
-
-/// Peak resident memory of this process (Linux `VmHWM`), MiB.
-pub fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map(|kib| kib / 1024.0)
-        .unwrap_or(f64::NAN)
 }
 
 /// Time `warmup + steps` training steps and as many inference calls of `preset` on `device`.

@@ -22,7 +22,7 @@ use crate::data::history::{Histories, HistoryBuilder, read_histories};
 use crate::data::log::{self, list_log_files};
 use crate::data::tokenize::ItemTokenizer;
 use crate::error::{ClueError, Result};
-use crate::model::{BackendKind, ClueEncoder};
+use crate::model::{BackendKind, ClueEncoder, ModelConfig};
 use crate::ui;
 use format::{EmbedManifest, Embeddings};
 
@@ -162,6 +162,8 @@ pub struct Embedder<B: Backend> {
     /// Lays out batches as training does (fixed shapes on accelerators).
     pub batcher: UserBatcher,
     pub device: B::Device,
+    /// The architecture, for an encoder of the same shape ([`Embedder::with_random_weights`]).
+    pub config: ModelConfig,
 }
 
 impl<B: Backend> Embedder<B> {
@@ -179,7 +181,16 @@ impl<B: Backend> Embedder<B> {
             info: bundle.info,
             bundle_sha256: bundle.sha256,
             device: device.clone(),
+            config: m.clone(),
         })
+    }
+
+    /// The same embedder with an encoder of the same architecture and fresh weights drawn with
+    /// `seed`: what the model gives before any training.
+    pub fn with_random_weights(mut self, seed: u64) -> Self {
+        B::seed(&self.device, seed);
+        self.encoder = ClueEncoder::new(&self.config, &self.device);
+        self
     }
 
     /// Token ids of items; a service the model was not trained on gets no prefix token unless

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::eval::metrics::Metrics;
-use crate::eval::task::Task;
+use crate::eval::task::{PROBED, TASK_SPECIFIC, Task};
 use crate::eval::task_data::TaskCounts;
 
 /// Sampled and full-catalogue metrics of one model on one split.
@@ -33,6 +33,44 @@ pub struct EvalResults {
     /// Best validation MRR (sampled) and its epoch, per probe model and seed.
     pub validation: BTreeMap<String, Vec<(f64, usize)>>,
     pub leakage_rule: String,
+    /// Test metrics within each user group (paper Table 4; mean over seeds).
+    #[serde(default)]
+    pub groups: BTreeMap<String, GroupResult>,
+    /// What each model cost (paper Table 2).
+    #[serde(default)]
+    pub costs: BTreeMap<String, Cost>,
+}
+
+/// One user group's test users, positives and per-model metrics.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GroupResult {
+    /// The group's rule, for the report.
+    pub rule: String,
+    pub users: usize,
+    pub positives: usize,
+    pub models: BTreeMap<String, ModelResult>,
+}
+
+/// A model's size and training cost.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct Cost {
+    /// Trained parameters (the probe's for the probe models; 0 for non-learned baselines).
+    pub parameters: usize,
+    /// Wall time per seed: features (encoding included), training and scoring.
+    pub seconds: f64,
+    /// This process's peak resident memory while the model ran (Linux; NaN elsewhere).
+    pub peak_rss_mib: f64,
+}
+
+/// Which column of the paper's Table 3 a model belongs to.
+pub fn kind(model: &str) -> &'static str {
+    if TASK_SPECIFIC.contains(&model) {
+        "task-specific"
+    } else if PROBED.contains(&model) {
+        "task-agnostic"
+    } else {
+        "baseline"
+    }
 }
 
 impl EvalResults {
@@ -44,17 +82,19 @@ impl EvalResults {
             self.task.name, c.users[2], c.positives[2], self.items, self.task.negatives.count
         );
         s.push_str(
-            "| model | HR@1 | HR@10 | NDCG@10 | MRR | full HR@10 | full NDCG@10 | full MRR |\n",
+            "| kind | model | HR@1 | HR@10 | NDCG@10 | MRR | full HR@10 | full NDCG@10 | full MRR |\n",
         );
-        s.push_str("|---|---|---|---|---|---|---|---|\n");
-        for (name, r) in &self.models {
+        s.push_str("|---|---|---|---|---|---|---|---|---|\n");
+        for name in self.in_table_order() {
+            let r = &self.models[name];
             let sd = self.std.get(name);
             let cell = |v: f64, f: &dyn Fn(&ModelResult) -> f64| match sd {
                 Some(d) => format!("{:.4} ± {:.4}", v, f(d)),
                 None => format!("{v:.4}"),
             };
             s.push_str(&format!(
-                "| {name} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {name} | {} | {} | {} | {} | {} | {} | {} |\n",
+                kind(name),
                 cell(r.sampled.hr1, &|d| d.sampled.hr1),
                 cell(r.sampled.hr10, &|d| d.sampled.hr10),
                 cell(r.sampled.ndcg10, &|d| d.sampled.ndcg10),
@@ -64,6 +104,8 @@ impl EvalResults {
                 cell(r.full.mrr, &|d| d.full.mrr),
             ));
         }
+        s.push_str(&self.groups_markdown());
+        s.push_str(&self.costs_markdown());
         s.push_str(&format!(
             "\nsplit {} · negatives {} · model {} · seeds {:?}\n",
             &self.split_sha256[..12],
@@ -71,6 +113,62 @@ impl EvalResults {
             &self.model_bundle_sha256[..12],
             self.seeds
         ));
+        s
+    }
+}
+
+impl EvalResults {
+    /// Model names as Table 3 orders them: task-specific, task-agnostic, baselines.
+    fn in_table_order(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.models.keys().map(String::as_str).collect();
+        names.sort_by_key(|m| crate::eval::task::MODELS.iter().position(|x| x == m));
+        names
+    }
+
+    /// Sampled MRR of every model within each user group (Table 4).
+    fn groups_markdown(&self) -> String {
+        if self.groups.is_empty() {
+            return String::new();
+        }
+        let names = self.in_table_order();
+        let mut s =
+            String::from("\n#### MRR by user group (test users)\n\n| group | users | positives |");
+        for n in &names {
+            s.push_str(&format!(" {n} |"));
+        }
+        s.push_str(&format!("\n|---|---|---|{}\n", "---|".repeat(names.len())));
+        for (g, r) in &self.groups {
+            s.push_str(&format!(
+                "| {g} ({}) | {} | {} |",
+                r.rule, r.users, r.positives
+            ));
+            for n in &names {
+                match r.models.get(*n) {
+                    Some(m) => s.push_str(&format!(" {:.4} |", m.sampled.mrr)),
+                    None => s.push_str(" – |"),
+                }
+            }
+            s.push('\n');
+        }
+        s
+    }
+
+    /// Parameters, time and memory of every model (Table 2).
+    fn costs_markdown(&self) -> String {
+        if self.costs.is_empty() {
+            return String::new();
+        }
+        let mut s = String::from(
+            "\n#### Cost\n\n| model | parameters | seconds per seed | peak RSS MiB |\n|---|---|---|---|\n",
+        );
+        for n in self.in_table_order() {
+            if let Some(c) = self.costs.get(n) {
+                s.push_str(&format!(
+                    "| {n} | {} | {:.1} | {:.0} |\n",
+                    c.parameters, c.seconds, c.peak_rss_mib
+                ));
+            }
+        }
         s
     }
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ClueError, Result};
-use crate::eval::probe::ProbeConfig;
+use crate::eval::train::ProbeConfig;
 
 /// Where the users' features come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,7 +80,105 @@ impl Default for NegativesConfig {
     }
 }
 
-pub const MODELS: [&str; 4] = ["clue", "text-mean", "toppop", "random"];
+/// Every model `clue eval` knows, in report order: task-specific (trained from scratch on the
+/// task), task-agnostic (user features into the probe), non-learned baselines.
+pub const MODELS: [&str; 9] = [
+    "bst",
+    "lightgcn",
+    "deepfm",
+    "clue",
+    "text-mean",
+    "untrained",
+    "noise",
+    "toppop",
+    "random",
+];
+
+/// Models trained from scratch on the task (paper Table 3, left).
+pub const TASK_SPECIFIC: [&str; 3] = ["bst", "lightgcn", "deepfm"];
+
+/// Models whose user features go into the probe (paper Table 3, middle).
+pub const PROBED: [&str; 4] = ["clue", "text-mean", "untrained", "noise"];
+
+/// `[model.bst]` in a task file. The paper: 4 layers, hidden 128, 4 heads; smaller by default so
+/// that a 2-core CPU trains it in minutes, and without dropout (early stopping regularises). The
+/// encoder is clue's own Transformer block stack (the Service Transformer's, with its CPU fast
+/// paths).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BstConfig {
+    pub dim: usize,
+    pub layers: usize,
+    pub heads: usize,
+    /// The most recent feature items read per user.
+    pub max_len: usize,
+    pub dropout: f64,
+    pub lr: f64,
+}
+
+impl Default for BstConfig {
+    fn default() -> Self {
+        Self {
+            dim: 64,
+            layers: 2,
+            heads: 4,
+            max_len: 50,
+            dropout: 0.0,
+            lr: 1e-3,
+        }
+    }
+}
+
+/// `[model.lightgcn]` in a task file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LightGcnConfig {
+    pub dim: usize,
+    /// Propagation steps.
+    pub layers: usize,
+    pub lr: f64,
+}
+
+impl Default for LightGcnConfig {
+    fn default() -> Self {
+        Self {
+            dim: 64,
+            layers: 2,
+            lr: 1e-2,
+        }
+    }
+}
+
+/// `[model.deepfm]` in a task file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeepFmConfig {
+    /// Width of every field's vector (the FM factors).
+    pub dim: usize,
+    /// Width of the deep part's two hidden layers.
+    pub hidden: usize,
+    pub lr: f64,
+}
+
+impl Default for DeepFmConfig {
+    fn default() -> Self {
+        Self {
+            dim: 32,
+            hidden: 128,
+            lr: 1e-3,
+        }
+    }
+}
+
+/// Hyperparameters of the task-specific models (`[model.bst]`, `[model.lightgcn]`,
+/// `[model.deepfm]`); each key has a default.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelTables {
+    pub bst: BstConfig,
+    pub lightgcn: LightGcnConfig,
+    pub deepfm: DeepFmConfig,
+}
 
 /// A task file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -100,9 +198,11 @@ pub struct Task {
     pub negatives: NegativesConfig,
     #[serde(default)]
     pub probe: ProbeConfig,
-    /// Models to compare (default: all of clue, text-mean, toppop, random).
+    /// Models to compare (default: all of [`MODELS`]).
     #[serde(default = "all_models")]
     pub models: Vec<String>,
+    #[serde(default)]
+    pub model: ModelTables,
 }
 
 fn all_models() -> Vec<String> {
@@ -128,7 +228,8 @@ impl Task {
         Ok(t)
     }
 
-    fn validate(&self, path: &Path) -> Result<()> {
+    /// Refuse what cannot work, naming `path` (the task file) and the key.
+    pub fn validate(&self, path: &Path) -> Result<()> {
         let bad = |m: String, hint: &str| Err(ClueError::bad_file(path, m, hint.to_string()));
         let f = &self.features;
         match f.source {
@@ -159,8 +260,28 @@ impl Task {
         if let Some(m) = self.models.iter().find(|m| !MODELS.contains(&m.as_str())) {
             return bad(
                 format!("unknown model `{m}`"),
-                "models are clue, text-mean, toppop, random",
+                &format!("models are {}", MODELS.join(", ")),
             );
+        }
+        if self.models.is_empty() {
+            return bad(
+                "`models` is empty".into(),
+                "list at least one model, or remove the key for all",
+            );
+        }
+        if let Some(m) = self
+            .models
+            .iter()
+            .enumerate()
+            .find(|(i, m)| self.models[..*i].contains(m))
+        {
+            return bad(
+                format!("model `{}` is listed twice", m.1),
+                "list each model once",
+            );
+        }
+        if let Err(m) = self.model.check() {
+            return bad(m, "fix the value or remove the key for its default");
         }
         let p = &self.probe;
         if p.epochs == 0 || p.batch_size == 0 || p.lr <= 0.0 || p.negatives == 0 {
@@ -170,5 +291,88 @@ impl Task {
             );
         }
         Ok(())
+    }
+}
+
+impl ModelTables {
+    /// Values that cannot train, named as `[model.NAME] key`.
+    fn check(&self) -> std::result::Result<(), String> {
+        let positive = |table: &str, key: &str, v: f64| {
+            if v > 0.0 && v.is_finite() {
+                Ok(())
+            } else {
+                Err(format!("[model.{table}] {key} = {v} must be > 0"))
+            }
+        };
+        let (b, l, d) = (&self.bst, &self.lightgcn, &self.deepfm);
+        for (table, key, v) in [
+            ("bst", "dim", b.dim as f64),
+            ("bst", "layers", b.layers as f64),
+            ("bst", "heads", b.heads as f64),
+            ("bst", "max_len", b.max_len as f64),
+            ("bst", "lr", b.lr),
+            ("lightgcn", "dim", l.dim as f64),
+            ("lightgcn", "lr", l.lr),
+            ("deepfm", "dim", d.dim as f64),
+            ("deepfm", "hidden", d.hidden as f64),
+            ("deepfm", "lr", d.lr),
+        ] {
+            positive(table, key, v)?;
+        }
+        if b.dim % b.heads != 0 {
+            return Err(format!(
+                "[model.bst] heads = {} does not divide dim = {}",
+                b.heads, b.dim
+            ));
+        }
+        if !(0.0..1.0).contains(&b.dropout) {
+            return Err(format!(
+                "[model.bst] dropout = {} must be in [0, 1)",
+                b.dropout
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The error of a task file with `extra` appended to a valid one.
+    fn refused(extra: &str) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.toml");
+        let text = format!(
+            "name = \"t\"\ninteractions = \"i.csv\"\nitems = \"t.csv\"\n{extra}\n\
+             [features]\nsource = \"history\"\nservice = \"x\"\n"
+        );
+        std::fs::write(&path, text).unwrap();
+        let e = Task::load(&path).map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains("t.toml"), "the file is named: {e}");
+        e
+    }
+
+    #[test]
+    fn model_lists_and_tables_that_cannot_work_are_refused_naming_the_key() {
+        assert!(refused("models = [\"xgboost\"]").contains("unknown model `xgboost`"));
+        assert!(refused("models = []").contains("`models` is empty"));
+        assert!(refused("models = [\"bst\", \"bst\"]").contains("`bst` is listed twice"));
+        for (table, needle) in [
+            ("[model.bst]\nlayers = 0", "[model.bst] layers = 0"),
+            ("[model.bst]\nlr = -0.1", "[model.bst] lr = -0.1"),
+            (
+                "[model.bst]\ndim = 30\nheads = 4",
+                "heads = 4 does not divide dim = 30",
+            ),
+            ("[model.bst]\ndropout = 1.0", "dropout = 1"),
+            ("[model.lightgcn]\ndim = 0", "[model.lightgcn] dim = 0"),
+            ("[model.deepfm]\nhidden = 0", "[model.deepfm] hidden = 0"),
+            ("[model.deepfm]\nwidth = 8", "unknown field `width`"),
+            ("[model.gbdt]\ndim = 8", "unknown field `gbdt`"),
+        ] {
+            let e = refused(&format!("models = [\"bst\"]\n{table}"));
+            assert!(e.contains(needle), "{table}: {e}");
+        }
     }
 }

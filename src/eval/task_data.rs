@@ -24,6 +24,10 @@ pub struct TaskData {
     pub targets: Vec<Vec<usize>>,
     pub split: Vec<Split>,
     pub features: Histories,
+    /// Each user's earlier behaviour, the activity user groups are cut by: feature log rows
+    /// before the first target (`source = "logs"`), or interactions before the targets
+    /// (`source = "history"`), before deduplication and the `max_items` cut.
+    pub activity: Vec<u64>,
     /// Counts for the report.
     pub counts: TaskCounts,
 }
@@ -46,7 +50,7 @@ pub fn load_task(task: &Task, max_items: usize) -> Result<TaskData> {
     let mut interactions = read_interactions(&task.interactions, &catalogue.index, &mut counts)?;
     let services = feature_services(&task.features);
     let mut builder = HistoryBuilder::new(&services, max_items);
-    let (targets, cutoff) = split_targets(
+    let (targets, cutoff, mut activity) = split_targets(
         &task.features,
         &services,
         &interactions.users,
@@ -60,11 +64,17 @@ pub fn load_task(task: &Task, max_items: usize) -> Result<TaskData> {
             &services,
             &interactions.index,
             &cutoff,
+            &mut activity,
             &mut builder,
         )?;
     }
-    let (features, targets) =
-        keep_users_with_features(&interactions.users, targets, builder.finish(), &mut counts);
+    let (features, targets, activity) = keep_users_with_features(
+        &interactions.users,
+        targets,
+        activity,
+        builder.finish(),
+        &mut counts,
+    );
     let split = assign_splits(task, &features.users, &targets, &mut counts)?;
     Ok(TaskData {
         item_ids: catalogue.ids,
@@ -73,6 +83,7 @@ pub fn load_task(task: &Task, max_items: usize) -> Result<TaskData> {
         targets,
         split,
         features,
+        activity,
         counts,
     })
 }
@@ -174,7 +185,8 @@ fn feature_services(f: &Features) -> Vec<String> {
 /// Sort each user's events and split them into distinct targets and a cutoff time: features
 /// must be strictly older than it. `source = "logs"`: every interaction is a target, the cutoff
 /// is the first one. `source = "history"`: the last `targets` interactions (at most all but
-/// one) are targets, the earlier ones go to `builder` as the user's features.
+/// one) are targets, the earlier ones go to `builder` as the user's features. The third list
+/// is each user's count of those earlier interactions (0 under `source = "logs"`).
 fn split_targets(
     f: &Features,
     services: &[String],
@@ -182,9 +194,10 @@ fn split_targets(
     events: &mut [Vec<Event>],
     item_texts: &[String],
     builder: &mut HistoryBuilder,
-) -> (Vec<Vec<usize>>, Vec<i64>) {
+) -> (Vec<Vec<usize>>, Vec<i64>, Vec<u64>) {
     let mut targets: Vec<Vec<usize>> = Vec::with_capacity(users.len());
     let mut cutoff: Vec<i64> = Vec::with_capacity(users.len());
+    let mut activity = vec![0u64; users.len()];
     for (u, ev) in events.iter_mut().enumerate() {
         ev.sort_unstable();
         match f.source {
@@ -195,6 +208,7 @@ fn split_targets(
             Source::History => {
                 let k = f.targets.min(ev.len().saturating_sub(1));
                 let first_target = ev.len() - k;
+                activity[u] = first_target as u64;
                 targets.push(distinct(ev[first_target..].iter().map(|e| e.2)));
                 for e in &ev[..first_target] {
                     builder.push(&users[u], &services[0], Some(e.0), &item_texts[e.2]);
@@ -203,17 +217,18 @@ fn split_targets(
             }
         }
     }
-    (targets, cutoff)
+    (targets, cutoff, activity)
 }
 
 /// `source = "logs"`: stream the feature logs into `builder`, keeping a task user's rows strictly
-/// before their cutoff. Returns how many rows of the embedded services were dropped for leakage
-/// (at or after the cutoff, or without a timestamp).
+/// before their cutoff, each counted in `activity`. Returns how many rows of the embedded services
+/// were dropped for leakage (at or after the cutoff, or without a timestamp).
 fn read_feature_logs(
     f: &Features,
     services: &[String],
     user_index: &HashMap<String, usize>,
     cutoff: &[i64],
+    activity: &mut [u64],
     builder: &mut HistoryBuilder,
 ) -> Result<u64> {
     let files = list_log_files(&f.logs)?;
@@ -224,9 +239,13 @@ fn read_feature_logs(
         false,
         |b| {
             if let Some(&u) = user_index.get(b.user) {
+                let embedded = services.iter().any(|s| s == b.service);
                 match b.timestamp {
-                    Some(t) if t < cutoff[u] => builder.push(b.user, b.service, Some(t), b.text),
-                    _ if services.iter().any(|s| s == b.service) => dropped += 1,
+                    Some(t) if t < cutoff[u] => {
+                        activity[u] += embedded as u64;
+                        builder.push(b.user, b.service, Some(t), b.text)
+                    }
+                    _ if embedded => dropped += 1,
                     _ => {}
                 }
             }
@@ -238,14 +257,15 @@ fn read_feature_logs(
 }
 
 /// Keep the users with targets and at least one feature behaviour, in the task's user order:
-/// their histories (over all of `hist`'s items and services) and their targets. The others are
-/// counted.
+/// their histories (over all of `hist`'s items and services), targets and activity. The others
+/// are counted.
 fn keep_users_with_features(
     users: &[String],
     mut targets: Vec<Vec<usize>>,
+    activity: Vec<u64>,
     hist: Histories,
     counts: &mut TaskCounts,
-) -> (Histories, Vec<Vec<usize>>) {
+) -> (Histories, Vec<Vec<usize>>, Vec<u64>) {
     let by_name: HashMap<&str, usize> = hist
         .users
         .iter()
@@ -255,10 +275,12 @@ fn keep_users_with_features(
     let mut keep_users = Vec::new();
     let mut keep_targets = Vec::new();
     let mut seqs = Vec::new();
+    let mut keep_activity = Vec::new();
     for (u, name) in users.iter().enumerate() {
         match by_name.get(name.as_str()) {
             Some(&h) if !targets[u].is_empty() => {
                 keep_users.push(name.clone());
+                keep_activity.push(activity[u]);
                 keep_targets.push(std::mem::take(&mut targets[u]));
                 seqs.push(hist.seqs[h].clone());
             }
@@ -270,7 +292,7 @@ fn keep_users_with_features(
         seqs,
         ..hist
     };
-    (kept, keep_targets)
+    (kept, keep_targets, keep_activity)
 }
 
 /// Each user's split from the seeded hash of their id; counts users and positives per split.
@@ -317,6 +339,7 @@ impl TaskData {
             targets,
             split,
             features: Default::default(),
+            activity: Vec::new(),
             counts: Default::default(),
         }
     }

@@ -64,7 +64,7 @@ pub enum Command {
     Embed(EmbedArgs),
     /// Evaluate user embeddings on a downstream task (CLUE probe vs baselines).
     #[command(
-        after_help = "Examples:\n  clue eval --task data/default/synth/tasks/news.toml --model runs/tiny --out eval/news\n  clue eval --task data/default/synth/tasks/market.toml --model runs/tiny --out eval/market --seeds 3\n  clue eval --task t.toml --model runs/tiny --embeddings emb/users.safetensors --out eval/t\n\nWrites DIR/results.json, DIR/results.md and DIR/negatives.csv. The task file (TOML) names\ninteractions (user_id,item_id,timestamp), items (item_id,text), [features] (source = \"logs\" with\nlogs/services, or source = \"history\" with service/targets), [split], [negatives], [probe], models.\n`clue synth` writes two under <out>/tasks/."
+        after_help = "Examples:\n  clue eval --task data/default/synth/tasks/news.toml --model runs/tiny --out eval/news\n  clue eval --task data/default/synth/tasks/market.toml --model runs/tiny --out eval/market --seeds 3\n  clue eval --task t.toml --model runs/tiny --embeddings emb/users.safetensors --out eval/t\n  clue eval --task t.toml --model runs/tiny --models lightgcn,clue,toppop --out eval/quick\n\nWrites DIR/results.json, DIR/results.md and DIR/negatives.csv. The task file (TOML) names\ninteractions (user_id,item_id,timestamp), items (item_id,text), [features] (source = \"logs\" with\nlogs/services, or source = \"history\" with service/targets), [split], [negatives], [probe]\n(training of every learned model), models, and [model.bst|lightgcn|deepfm] hyperparameters.\nModels: task-specific bst, lightgcn, deepfm (from scratch on the task); task-agnostic clue,\ntext-mean, untrained, noise (user features into the probe); baselines toppop, random.\n`clue synth` writes two task files under <out>/tasks/."
     )]
     Eval(EvalArgs),
     /// Measure training and inference throughput on the PyTorch reference's workload.
@@ -229,9 +229,13 @@ pub struct EvalArgs {
     /// Output directory.
     #[arg(long)]
     pub out: PathBuf,
-    /// Train the probes with this many seeds and report mean ± std.
+    /// Train every learned model with this many seeds and report mean ± std.
     #[arg(long, default_value_t = 1)]
     pub seeds: usize,
+    /// Run these models instead of the task file's list (comma-separated), e.g.
+    /// `--models bst,lightgcn,clue,toppop`.
+    #[arg(long, value_delimiter = ',')]
+    pub models: Option<Vec<String>>,
 }
 
 #[derive(Args)]

@@ -406,6 +406,7 @@ fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
         out: a.out.clone(),
         seeds: a.seeds.max(1),
         batch_size: USER_BATCH,
+        models: a.models.clone(),
     });
     dispatch(&a.device, &job)
 }

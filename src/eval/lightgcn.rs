@@ -1,0 +1,149 @@
+//! `lightgcn` (He et al., SIGIR 2020), a task-specific model: user and item vectors smoothed over
+//! the bipartite user–item graph by `layers` steps of normalised neighbour sums, the final vector
+//! the mean of every step's; score = dot product.
+//!
+//! The graph holds every user's **feature** interactions (all splits: a valid or test user enters
+//! the graph through their behaviour before their targets) and the **training** users' targets.
+//! A valid or test user's target is never an edge ([`Graph::new`]).
+
+use std::collections::BTreeSet;
+
+use burn::nn::{Embedding, EmbeddingConfig};
+use burn::prelude::*;
+use burn::tensor::IndexingUpdateOp;
+
+use crate::data::store::Split;
+use crate::eval::ids::{IdData, ItemTower, int_tensor};
+use crate::eval::task::LightGcnConfig;
+use crate::eval::task_data::TaskData;
+
+/// The interaction graph: distinct (user row, vocabulary item) edges and their weights
+/// 1/√(deg(user)·deg(item)).
+pub struct Graph {
+    pub edges: Vec<(u32, u32)>,
+    weights: Vec<f32>,
+    users: usize,
+}
+
+impl Graph {
+    pub fn new(ids: &IdData, data: &TaskData) -> Self {
+        let mut set = BTreeSet::new();
+        for (u, seq) in ids.seqs.iter().enumerate() {
+            set.extend(seq.iter().map(|&i| (u as u32, i)));
+            if data.split[u] == Split::Train {
+                set.extend(data.targets[u].iter().map(|&i| (u as u32, i as u32)));
+            }
+        }
+        let edges: Vec<(u32, u32)> = set.into_iter().collect();
+        let (mut du, mut di) = (vec![0f32; ids.seqs.len()], vec![0f32; ids.vocab]);
+        for &(u, i) in &edges {
+            du[u as usize] += 1.0;
+            di[i as usize] += 1.0;
+        }
+        let weights = edges
+            .iter()
+            .map(|&(u, i)| 1.0 / (du[u as usize] * di[i as usize]).sqrt())
+            .collect();
+        Self {
+            edges,
+            weights,
+            users: ids.seqs.len(),
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct LightGcn<B: Backend> {
+    users: Embedding<B>,
+    items: ItemTower<B>,
+    layers: usize,
+}
+
+impl<B: Backend> LightGcn<B> {
+    pub fn new(c: &LightGcnConfig, ids: &IdData, device: &B::Device) -> Self {
+        Self {
+            users: EmbeddingConfig::new(ids.seqs.len().max(1), c.dim).init(device),
+            items: ItemTower::new(ids, c.dim, device),
+            layers: c.layers,
+        }
+    }
+
+    /// Final user `[users, dim]` and item `[vocab, dim]` vectors.
+    pub fn propagate(&self, ids: &IdData, g: &Graph) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let device = self.users.weight.device();
+        let e = g.edges.len();
+        let u_idx = int_tensor(g.edges.iter().map(|&(u, _)| u as i64), [e], &device);
+        let i_idx = int_tensor(g.edges.iter().map(|&(_, i)| i as i64), [e], &device);
+        let w = Tensor::<B, 1>::from_data(TensorData::new(g.weights.clone(), [e]), &device)
+            .reshape([e, 1]);
+        let all: Vec<usize> = (0..ids.vocab).collect();
+        let (mut user, mut item) = (self.users.weight.val(), self.items.forward(ids, &all));
+        let d = user.dims()[1];
+        let (mut user_sum, mut item_sum) = (user.clone(), item.clone());
+        for _ in 0..self.layers {
+            let to_users = item.clone().select(0, i_idx.clone()) * w.clone();
+            let to_items = user.clone().select(0, u_idx.clone()) * w.clone();
+            user = Tensor::zeros([g.users, d], &device).select_assign(
+                0,
+                u_idx.clone(),
+                to_users,
+                IndexingUpdateOp::Add,
+            );
+            item = Tensor::zeros([ids.vocab, d], &device).select_assign(
+                0,
+                i_idx.clone(),
+                to_items,
+                IndexingUpdateOp::Add,
+            );
+            user_sum = user_sum + user.clone();
+            item_sum = item_sum + item.clone();
+        }
+        let k = (self.layers + 1) as f64;
+        (user_sum / k, item_sum / k)
+    }
+
+    /// Logits `[n]` of (user row, catalogue item) pairs.
+    pub fn score(&self, ids: &IdData, g: &Graph, users: &[usize], items: &[usize]) -> Tensor<B, 1> {
+        let device = self.users.weight.device();
+        let (u, i) = self.propagate(ids, g);
+        let n = users.len();
+        let u = u.select(0, int_tensor(users.iter().map(|&x| x as i64), [n], &device));
+        let i = i.select(0, int_tensor(items.iter().map(|&x| x as i64), [n], &device));
+        (u * i).sum_dim(1).reshape([n])
+    }
+
+    /// Scores `[rows, n_items]` of the users `rows` over the catalogue.
+    pub fn score_catalogue(&self, ids: &IdData, g: &Graph, rows: &[usize]) -> Vec<f32> {
+        let device = self.users.weight.device();
+        let (u, i) = self.propagate(ids, g);
+        let u = u.select(
+            0,
+            int_tensor(rows.iter().map(|&x| x as i64), [rows.len()], &device),
+        );
+        let i = i.narrow(0, 0, ids.n_items);
+        crate::eval::probe::host(u.matmul(i.transpose()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::task::Source;
+
+    #[test]
+    fn the_graph_holds_features_of_everyone_and_targets_of_training_users_only() {
+        let mut d = TaskData::for_test(
+            vec![vec![0], vec![1], vec![2]],
+            vec![Split::Train, Split::Valid, Split::Test],
+            4,
+        );
+        d.features.items = vec![(0, "x".into())];
+        d.features.seqs = vec![vec![vec![0]]; 3];
+        let ids = IdData::new(&d, Source::Logs);
+        let g = Graph::new(&ids, &d);
+        // Feature item "x" is vocabulary id 4 (after the 4 catalogue items).
+        assert_eq!(g.edges, [(0, 0), (0, 4), (1, 4), (2, 4)]);
+        // Item 4 has degree 3, user 0 degree 2.
+        assert!((g.weights[1] - 1.0 / 6f32.sqrt()).abs() < 1e-6);
+    }
+}

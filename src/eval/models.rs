@@ -1,0 +1,354 @@
+//! How each model a task file names is run under the [`Protocol`]: the non-learned baselines,
+//! the task-specific models trained from scratch, and the probe on each kind of user features
+//! (`clue`, `text-mean`, `untrained`, `noise`).
+
+use std::collections::HashMap;
+
+use burn::module::{AutodiffModule, Module};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::data::store::Split;
+use crate::embed::format::read_embeddings;
+use crate::embed::{Embedder, ITEM_CHUNK, ItemSource, embed_histories, item_vectors};
+use crate::error::Result;
+use crate::eval::EvalOptions;
+use crate::eval::baselines::{random_scores, standardise, text_mean, toppop_scores};
+use crate::eval::bst::Bst;
+use crate::eval::deepfm::DeepFm;
+use crate::eval::ids::IdData;
+use crate::eval::lightgcn::{Graph, LightGcn};
+use crate::eval::probe::{Matrix, Probe};
+use crate::eval::protocol::{Protocol, Scored};
+use crate::eval::task::Task;
+use crate::eval::task_data::TaskData;
+use crate::eval::train::train_ranker;
+
+/// Everything one model gave: per seed its test metrics and best validation (MRR, epoch), and
+/// its trained parameter count.
+#[derive(Default)]
+pub struct Runs {
+    pub per_seed: Vec<Scored>,
+    pub validation: Vec<(f64, usize)>,
+    pub parameters: usize,
+}
+
+/// A non-learned baseline (`toppop` or `random`) on the test split.
+pub fn baseline(name: &str, p: &Protocol) -> Runs {
+    let scored = if name == "toppop" {
+        let pop = toppop_scores(p.data, &p.train);
+        p.score_by_user(Split::Test, &|_| pop.clone())
+    } else {
+        let (seed, n_items) = (p.task.negatives.seed, p.data.item_ids.len());
+        p.score_by_user(Split::Test, &|u| random_scores(seed, u, n_items))
+    };
+    Runs {
+        per_seed: vec![scored],
+        ..Default::default()
+    }
+}
+
+/// Train `model` with learning rate `lr` and seed `seed` (early-stopped on validation MRR),
+/// then score the test split once with the best epoch's model; `catalogue(model, rows)` gives
+/// `[rows, items]` scores.
+#[allow(clippy::too_many_arguments)]
+fn fit_and_test<B: AutodiffBackend, M: AutodiffModule<B>>(
+    label: &str,
+    model: M,
+    p: &Protocol,
+    lr: f64,
+    seed: u64,
+    score: impl Fn(&M, &[usize], &[usize]) -> Tensor<B, 1>,
+    catalogue: impl Fn(&M::InnerModule, &[usize]) -> Vec<f32>,
+    runs: &mut Runs,
+) {
+    let t = train_ranker(
+        label,
+        model,
+        &p.training(),
+        &p.task.probe,
+        lr,
+        seed,
+        score,
+        |m| p.valid_mrr(&|rows| catalogue(m, rows)),
+    );
+    runs.validation.push((t.valid_mrr, t.epoch));
+    runs.parameters = t.model.num_params();
+    runs.per_seed
+        .push(p.score(Split::Test, &|rows| catalogue(&t.model, rows)));
+}
+
+/// A task-specific model (`bst`, `lightgcn`, `deepfm`) trained from scratch, once per seed.
+pub fn task_specific<B: AutodiffBackend>(
+    name: &str,
+    p: &Protocol,
+    ids: &IdData,
+    seeds: &[u64],
+    device: &B::Device,
+) -> Runs {
+    let mut runs = Runs::default();
+    let m = &p.task.model;
+    let graph = (name == "lightgcn").then(|| Graph::new(ids, p.data));
+    for &seed in seeds {
+        B::seed(device, seed);
+        match name {
+            "bst" => fit_and_test(
+                name,
+                Bst::<B>::new(&m.bst, ids, device),
+                p,
+                m.bst.lr,
+                seed,
+                |b, u, i| b.score(ids, u, i),
+                |b, rows| b.score_catalogue(ids, rows),
+                &mut runs,
+            ),
+            "lightgcn" => {
+                let g = graph.as_ref().expect("built for lightgcn");
+                fit_and_test(
+                    name,
+                    LightGcn::<B>::new(&m.lightgcn, ids, device),
+                    p,
+                    m.lightgcn.lr,
+                    seed,
+                    |l, u, i| l.score(ids, g, u, i),
+                    |l, rows| l.score_catalogue(ids, g, rows),
+                    &mut runs,
+                )
+            }
+            _ => fit_and_test(
+                name,
+                DeepFm::<B>::new(&m.deepfm, ids, device),
+                p,
+                m.deepfm.lr,
+                seed,
+                |d, u, i| d.score(ids, u, i),
+                |d, rows| d.score_catalogue(ids, rows),
+                &mut runs,
+            ),
+        }
+    }
+    runs
+}
+
+/// Frozen item vectors `[items, d_model]` of one encoder, each item encoded once.
+pub struct ItemVectors {
+    /// The items of the users' feature histories.
+    pub features: Vec<f32>,
+    /// The task's catalogue, in item order.
+    pub catalogue: Vec<f32>,
+}
+
+/// Encode the features' items and the task's catalogue with the model's Item Transformer.
+pub fn frozen_item_vectors<B: Backend>(
+    e: &Embedder<B>,
+    task: &Task,
+    data: &TaskData,
+) -> Result<ItemVectors> {
+    let alias: HashMap<String, String> = match (&task.features.service, &task.features.as_service) {
+        (Some(s), Some(a)) => HashMap::from([(s.clone(), a.clone())]),
+        _ => HashMap::new(),
+    };
+    let feature_tokens = e.tokens(&data.features.services, &data.features.items, &alias)?;
+    let features = item_vectors(&e.encoder, &feature_tokens, ITEM_CHUNK, &e.device);
+    let catalogue_items: Vec<(usize, String)> =
+        data.item_texts.iter().map(|t| (0, t.clone())).collect();
+    let item_service = vec![task.features.items_as_service.clone().unwrap_or_default()];
+    let catalogue_tokens = e.tokens(&item_service, &catalogue_items, &HashMap::new())?;
+    let catalogue = item_vectors(&e.encoder, &catalogue_tokens, ITEM_CHUNK, &e.device);
+    Ok(ItemVectors {
+        features,
+        catalogue,
+    })
+}
+
+/// A probe model: its standardised user features (training users' statistics), then one probe
+/// per seed on them and the catalogue's item vectors.
+pub fn probe_model_runs<B: AutodiffBackend>(
+    model: &str,
+    o: &EvalOptions,
+    e: &Embedder<B::InnerBackend>,
+    vectors: &ItemVectors,
+    p: &Protocol,
+    seeds: &[u64],
+    device: &B::Device,
+) -> Result<Runs> {
+    let (mut x, cols) = user_features(model, o, e, p, &vectors.features)?;
+    standardise(&mut x, cols, &p.train);
+    let users = Matrix { data: &x, cols };
+    let items = Matrix {
+        data: &vectors.catalogue,
+        cols: e.d_model,
+    };
+    let mut runs = Runs::default();
+    for &seed in seeds {
+        B::seed(device, seed);
+        fit_and_test(
+            model,
+            Probe::<B>::new(users.cols, items.cols, device),
+            p,
+            p.task.probe.lr,
+            seed,
+            |probe, u, i| probe.score(&users, &items, u, i),
+            |probe, rows| probe.score_catalogue(&users, rows, &items),
+            &mut runs,
+        );
+    }
+    Ok(runs)
+}
+
+/// A probe model's user features `[users, cols]`, unstandardised:
+/// - `clue` from `--embeddings` or embedded here from the feature histories (the user vectors
+///   of `e`, so `untrained` gets those of the encoder with random weights);
+/// - `text-mean` the mean item vector per service;
+/// - `noise` seeded uniform random features as wide as clue's (what the probe's item side
+///   learns alone).
+fn user_features<B: Backend>(
+    model: &str,
+    o: &EvalOptions,
+    e: &Embedder<B>,
+    p: &Protocol,
+    feature_cache: &[f32],
+) -> Result<(Vec<f32>, usize)> {
+    let data = p.data;
+    let clue_cols = e.dim * data.features.services.len();
+    Ok(match (model, &o.embeddings) {
+        ("clue", Some(path)) => read_embeddings(path, &data.users)?,
+        ("clue" | "untrained", _) => {
+            let (m, _) = embed_histories(
+                e,
+                &data.features,
+                &ItemSource::Cache(feature_cache),
+                o.batch_size,
+            );
+            (m, clue_cols)
+        }
+        ("noise", _) => {
+            let mut rng = ChaCha8Rng::seed_from_u64(p.task.split.seed);
+            let x = (0..data.users.len() * clue_cols)
+                .map(|_| rng.random_range(-1.0f32..1.0))
+                .collect();
+            (x, clue_cols)
+        }
+        _ => (
+            text_mean(&data.features, feature_cache, e.d_model),
+            e.d_model * data.features.services.len(),
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::history::Histories;
+    use crate::eval::negatives::draw_negatives;
+    use burn::backend::{Autodiff, Flex};
+
+    type B = Autodiff<Flex>;
+
+    /// A `source = "history"` task over `n_items` items named by `text`: `history(u, rng)` gives
+    /// user u's earlier items (oldest first) and target. Users split 7:1:2 by row.
+    fn planted(
+        users: usize,
+        n_items: usize,
+        text: impl Fn(usize) -> String,
+        history: impl Fn(usize, &mut ChaCha8Rng) -> (Vec<usize>, usize),
+    ) -> (Task, TaskData) {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let split = |u: usize| match u % 10 {
+            0..=6 => Split::Train,
+            7 => Split::Valid,
+            _ => Split::Test,
+        };
+        let (seqs, targets): (Vec<_>, Vec<_>) = (0..users)
+            .map(|u| {
+                let (h, t) = history(u, &mut rng);
+                (vec![h.into_iter().map(|i| i as u32).collect()], vec![t])
+            })
+            .unzip();
+        let mut d = TaskData::for_test(targets, (0..users).map(split).collect(), n_items);
+        d.item_texts = (0..n_items).map(text).collect();
+        d.features = Histories {
+            users: d.users.clone(),
+            services: vec!["market".into()],
+            items: d.item_texts.iter().map(|t| (0, t.clone())).collect(),
+            seqs,
+            ..Default::default()
+        };
+        d.activity = vec![1; users];
+        let task: Task = toml::from_str(
+            "name = \"planted\"\ninteractions = \"i.csv\"\nitems = \"t.csv\"\n\
+             [features]\nsource = \"history\"\nservice = \"market\"\n\
+             [probe]\nepochs = 30\nbatch_size = 64\npatience = 30\n\
+             [model.bst]\ndim = 32\nlayers = 1\nheads = 2\ndropout = 0.0\nlr = 0.003\n\
+             [model.lightgcn]\ndim = 32\nlr = 0.01\n\
+             [model.deepfm]\ndim = 16\nhidden = 32\nlr = 0.003\n",
+        )
+        .unwrap();
+        (task, d)
+    }
+
+    /// Test MRR (sampled, 20 negatives) of each named model.
+    fn mrr(task: &Task, d: &TaskData, models: &[&str]) -> Vec<f64> {
+        let negatives = draw_negatives(d, 20, 13).unwrap();
+        let p = Protocol::new(task, d, &negatives);
+        let ids = IdData::new(d, Source::History);
+        models
+            .iter()
+            .map(|&m| {
+                let runs = match m {
+                    "random" | "toppop" => baseline(m, &p),
+                    _ => task_specific::<B>(m, &p, &ids, &[0], &Default::default()),
+                };
+                runs.per_seed[0].all.sampled.mrr
+            })
+            .collect()
+    }
+
+    use crate::eval::task::Source;
+
+    /// Four clusters of ten items; a user's history and target come from one cluster, and
+    /// item texts share no word with their cluster: only co-occurrence tells the cluster.
+    #[test]
+    fn each_task_specific_model_learns_co_occurrence() {
+        let (task, d) = planted(
+            600,
+            40,
+            |i| format!("item{i}"),
+            |u, rng| {
+                let c = u % 4;
+                let mut pick = || c * 10 + rng.random_range(0..10);
+                ((0..5).map(|_| pick()).collect(), pick())
+            },
+        );
+        let m = mrr(&task, &d, &["random", "lightgcn", "deepfm", "bst"]);
+        // Random: about H(21)/21 ≈ 0.17. Knowing the cluster puts the positive among ~1 + 20/4
+        // same-cluster candidates: MRR ≈ (1 + 1/2 + … + 1/6)/6 ≈ 0.41 at best. Measured: random
+        // 0.19, lightgcn 0.33, deepfm 0.38, bst 0.38.
+        for (name, v) in ["lightgcn", "deepfm", "bst"].iter().zip(&m[1..]) {
+            assert!(*v > 1.6 * m[0], "{name}: MRR {v:.3} vs random {:.3}", m[0]);
+        }
+    }
+
+    /// The target follows the history's most recent item (item x → x + 1); the other items are
+    /// random. A bag of the history holds the answer but not which item it hangs on; a sequence
+    /// model sees the order.
+    #[test]
+    fn bst_sees_an_order_pattern_that_a_bag_of_items_cannot() {
+        let n = 24;
+        let (task, d) = planted(
+            1200,
+            n,
+            |i| format!("item{i}"),
+            |_, rng| {
+                let h: Vec<usize> = (0..6).map(|_| rng.random_range(0..n)).collect();
+                let t = (h[5] + 1) % n;
+                (h, t)
+            },
+        );
+        let m = mrr(&task, &d, &["random", "deepfm", "bst"]);
+        assert!(m[2] > 0.6, "bst MRR {:.3} (random {:.3})", m[2], m[0]);
+        assert!(m[2] > m[1] + 0.2, "bst {:.3} vs deepfm {:.3}", m[2], m[1]);
+    }
+}
