@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 use crate::data::store::{self, hex, publish_dir, sha256_file, temp_dir_beside};
 use crate::data::tokenize::ItemTokenizer;
 use crate::error::{ClueError, Result};
+use crate::model::init::Init;
 use crate::model::{ClueModel, ParamCounts};
 use crate::train::config::RunConfig;
 
@@ -150,7 +151,7 @@ impl<B: Backend> Bundle<B> {
             })?;
         let config = RunConfig::load(&dir.join(BUNDLE_CONFIG))?;
         let weights = dir.join(format!("{WEIGHTS}.mpk"));
-        let model = ClueModel::<B>::new(&config.model, device)
+        let model = ClueModel::<B>::new(&config.model, &mut Init::new(0, device))
             .load_file(
                 dir.join(WEIGHTS),
                 &NamedMpkFileRecorder::<FullPrecisionSettings>::new(),

@@ -9,6 +9,7 @@ use clue::bundle::{BundleInfo, SplitScore, save_bundle};
 use clue::data::store::PreparedDataset;
 use clue::embed::{EmbedOptions, embed};
 use clue::eval::{EvalOptions, Task, eval, load_task};
+use clue::model::init::Init;
 use clue::model::{ClueModel, ModelConfig};
 use clue::train::config::RunConfig;
 
@@ -39,8 +40,7 @@ fn bundle(dir: &Path) -> PathBuf {
         ..Default::default()
     };
     let device = Default::default();
-    B::seed(&device, 5);
-    let model = ClueModel::<B>::new(&model_config, &device);
+    let model = ClueModel::<B>::new(&model_config, &mut Init::new(5, &device));
     let config = RunConfig {
         model: model_config.clone(),
         ..Default::default()

@@ -11,6 +11,7 @@ use burn::prelude::*;
 use burn::train::TrainStep;
 use clue::data::batcher::{FixedShape, UserBatch, UserBatcher, UserDataset};
 use clue::data::store::{PreparedDataset, Split};
+use clue::model::init::Init;
 use clue::model::{ClueModel, LOGIT_SCALE_MAX, ModelConfig};
 use clue::train::step::{StepSettings, Trainee};
 
@@ -50,7 +51,7 @@ fn a_user_embeds_the_same_alone_and_padded_inside_a_batch() {
     let data = prepared();
     let c = small_config(data.manifest.vocab_size as usize);
     let dev = Default::default();
-    let model = ClueModel::<NdArray>::new(&c, &dev);
+    let model = ClueModel::<NdArray>::new(&c, &mut Init::new(0, &dev));
     let ds = UserDataset::new(data.clone(), Split::Train, c.max_items, c.max_item_tokens);
     // Pick the user with the fewest items, so the batch pads it in both dimensions.
     let samples: Vec<_> = (0..ds.len()).map(|i| ds.get(i).unwrap()).collect();
@@ -93,7 +94,7 @@ fn grouping_items_by_length_changes_no_embedding() {
     let data = prepared();
     let c = small_config(data.manifest.vocab_size as usize);
     let dev = Default::default();
-    let model = ClueModel::<NdArray>::new(&c, &dev);
+    let model = ClueModel::<NdArray>::new(&c, &mut Init::new(0, &dev));
     let ds = UserDataset::new(data.clone(), Split::Train, c.max_items, c.max_item_tokens);
     let samples: Vec<_> = (0..ds.len().min(96)).map(|i| ds.get(i).unwrap()).collect();
     let grouped: UserBatch<NdArray> = UserBatcher::default().batch(samples.clone(), &dev);
@@ -119,7 +120,7 @@ fn grouping_items_by_length_changes_no_embedding() {
 #[test]
 fn parameter_counts_separate_the_embedding_tables() {
     let c = small_config(1000);
-    let model = ClueModel::<NdArray>::new(&c, &Default::default());
+    let model = ClueModel::<NdArray>::new(&c, &mut Init::new(0, &Default::default()));
     let counts = model.param_counts();
     assert_eq!(counts.total - counts.non_embedding, 1000 * 32 + 16 * 32);
     assert!(counts.non_embedding > 0);
@@ -135,7 +136,7 @@ fn scale_of(t: &Trainee<A>) -> f64 {
 fn the_logit_scale_trains_never_exceeds_100_and_keeps_training_after_clamping() {
     let dev = Default::default();
     let mut trainee = Trainee {
-        model: ClueModel::<A>::new(&small_config(100), &dev),
+        model: ClueModel::<A>::new(&small_config(100), &mut Init::new(0, &dev)),
         settings: StepSettings::default(),
     };
     assert!(
@@ -186,7 +187,10 @@ fn a_training_step_produces_a_gradient_for_the_logit_scale() {
     let data = prepared();
     let dev = Default::default();
     let trainee = Trainee {
-        model: ClueModel::<A>::new(&small_config(data.manifest.vocab_size as usize), &dev),
+        model: ClueModel::<A>::new(
+            &small_config(data.manifest.vocab_size as usize),
+            &mut Init::new(0, &dev),
+        ),
         settings: StepSettings {
             clip_norm: 1e9,
             seed: 0,
@@ -210,7 +214,10 @@ fn a_non_finite_loss_skips_the_update_names_the_step_and_stops_training() {
     let dev = Default::default();
     let interrupter = burn::train::Interrupter::new();
     let guard = clue::train::step::StepGuard::new(interrupter.clone(), 41);
-    let mut model = ClueModel::<A>::new(&small_config(data.manifest.vocab_size as usize), &dev);
+    let mut model = ClueModel::<A>::new(
+        &small_config(data.manifest.vocab_size as usize),
+        &mut Init::new(0, &dev),
+    );
     let w = model.encoder.token_embedding.weight.val();
     model.encoder.token_embedding.weight = Param::from_tensor(w.mul_scalar(f32::NAN).detach());
     let trainee = Trainee {

@@ -20,6 +20,7 @@ use crate::backend::BackendKind;
 use crate::cpu::{CpuInfo, peak_rss_mib};
 use crate::data::batcher::{Item, UserBatch, UserBatcher, UserSample};
 use crate::error::{ClueError, Result};
+use crate::model::init::Init;
 use crate::model::{ClueModel, ModelConfig};
 use crate::train::config::TrainConfig;
 use crate::train::step::{StepGuard, StepSettings, Trainee};
@@ -245,7 +246,7 @@ pub fn bench<B: AutodiffBackend>(
         .collect();
     let config = p.model_config();
     let mut trainee = Trainee {
-        model: ClueModel::<B>::new(&config, &device),
+        model: ClueModel::<B>::new(&config, &mut Init::new(0, &device)),
         settings: StepSettings {
             clip_norm: train.grad_clip_norm,
             seed: 0,

@@ -22,6 +22,7 @@ use crate::data::history::{Histories, HistoryBuilder, read_histories};
 use crate::data::log::{self, list_log_files};
 use crate::data::tokenize::ItemTokenizer;
 use crate::error::{ClueError, Result};
+use crate::model::init::Init;
 use crate::model::{BackendKind, ClueEncoder, ModelConfig};
 use crate::ui;
 use format::{EmbedManifest, Embeddings};
@@ -188,8 +189,7 @@ impl<B: Backend> Embedder<B> {
     /// The same embedder with an encoder of the same architecture and fresh weights drawn with
     /// `seed`: what the model gives before any training.
     pub fn with_random_weights(mut self, seed: u64) -> Self {
-        B::seed(&self.device, seed);
-        self.encoder = ClueEncoder::new(&self.config, &self.device);
+        self.encoder = ClueEncoder::new(&self.config, &mut Init::new(seed, &self.device));
         self
     }
 

@@ -7,13 +7,14 @@
 //! candidate; attending from the candidate over the encoded history keeps the score
 //! target-aware while one encoder pass per user serves the whole catalogue.
 
-use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, Relu};
+use burn::nn::{Embedding, Linear, Relu};
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
 use crate::eval::ids::{IdData, ItemTower, int_tensor};
 use crate::eval::task::BstConfig;
 use crate::model::block::Encoder;
+use crate::model::init::Init;
 
 #[derive(Module, Debug)]
 pub struct Bst<B: Backend> {
@@ -35,15 +36,15 @@ struct Encoded<B: Backend> {
 }
 
 impl<B: Backend> Bst<B> {
-    pub fn new(c: &BstConfig, ids: &IdData, device: &B::Device) -> Self {
+    pub fn new(c: &BstConfig, ids: &IdData, init: &mut Init<B>) -> Self {
         let d = c.dim;
         Self {
-            items: ItemTower::new(ids, d, device),
-            position: EmbeddingConfig::new(c.max_len, d).init(device),
-            encoder: Encoder::new(d, 4 * d, c.heads, c.layers, c.dropout, device),
-            query: LinearConfig::new(d, d).init(device),
-            hidden: LinearConfig::new(3 * d, d).init(device),
-            out: LinearConfig::new(d, 1).init(device),
+            items: ItemTower::new(ids, d, init),
+            position: init.embedding(c.max_len, d),
+            encoder: Encoder::new(d, 4 * d, c.heads, c.layers, c.dropout, init),
+            query: init.linear(d, d),
+            hidden: init.linear(3 * d, d),
+            out: init.linear(d, 1),
             activation: Relu::new(),
             max_len: c.max_len,
         }

@@ -4,11 +4,12 @@
 //! terms + the factorisation machine's pairwise interactions of the four field vectors + an MLP
 //! over them (the deep part).
 
-use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, Relu};
+use burn::nn::{Embedding, Linear, Relu};
 use burn::prelude::*;
 
 use crate::eval::ids::{IdData, bag_mean};
 use crate::eval::task::DeepFmConfig;
+use crate::model::init::Init;
 
 /// One field: a vector table and a first-order weight table.
 #[derive(Module, Debug)]
@@ -18,10 +19,10 @@ struct Field<B: Backend> {
 }
 
 impl<B: Backend> Field<B> {
-    fn new(n: usize, d: usize, device: &B::Device) -> Self {
+    fn new(n: usize, d: usize, init: &mut Init<B>) -> Self {
         Self {
-            v: EmbeddingConfig::new(n.max(1), d).init(device),
-            w: EmbeddingConfig::new(n.max(1), 1).init(device),
+            v: init.embedding(n.max(1), d),
+            w: init.embedding(n.max(1), 1),
         }
     }
 
@@ -62,16 +63,16 @@ fn user_bags(ids: &IdData, users: &[usize]) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
 }
 
 impl<B: Backend> DeepFm<B> {
-    pub fn new(c: &DeepFmConfig, ids: &IdData, device: &B::Device) -> Self {
+    pub fn new(c: &DeepFmConfig, ids: &IdData, init: &mut Init<B>) -> Self {
         let d = c.dim;
         Self {
-            history_items: Field::new(ids.vocab, d, device),
-            history_words: Field::new(ids.n_words, d, device),
-            item: Field::new(ids.n_items, d, device),
-            item_words: Field::new(ids.n_words, d, device),
+            history_items: Field::new(ids.vocab, d, init),
+            history_words: Field::new(ids.n_words, d, init),
+            item: Field::new(ids.n_items, d, init),
+            item_words: Field::new(ids.n_words, d, init),
             deep: [(4 * d, c.hidden), (c.hidden, c.hidden), (c.hidden, 1)]
                 .into_iter()
-                .map(|(i, o)| LinearConfig::new(i, o).init(device))
+                .map(|(i, o)| init.linear(i, o))
                 .collect(),
             activation: Relu::new(),
         }

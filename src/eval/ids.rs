@@ -6,12 +6,13 @@
 
 use std::collections::HashMap;
 
-use burn::nn::{Embedding, EmbeddingConfig};
+use burn::nn::Embedding;
 use burn::prelude::*;
 use burn::tensor::IndexingUpdateOp;
 
 use crate::eval::task::Source;
 use crate::eval::task_data::TaskData;
+use crate::model::init::Init;
 
 /// Words kept per item text (distinct, in order).
 pub const MAX_WORDS: usize = 16;
@@ -124,10 +125,10 @@ pub struct ItemTower<B: Backend> {
 }
 
 impl<B: Backend> ItemTower<B> {
-    pub fn new(ids: &IdData, dim: usize, device: &B::Device) -> Self {
+    pub fn new(ids: &IdData, dim: usize, init: &mut Init<B>) -> Self {
         Self {
-            id: EmbeddingConfig::new(ids.vocab, dim).init(device),
-            word: EmbeddingConfig::new(ids.n_words, dim).init(device),
+            id: init.embedding(ids.vocab, dim),
+            word: init.embedding(ids.n_words, dim),
         }
     }
 

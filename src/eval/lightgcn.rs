@@ -8,7 +8,7 @@
 
 use std::collections::BTreeSet;
 
-use burn::nn::{Embedding, EmbeddingConfig};
+use burn::nn::Embedding;
 use burn::prelude::*;
 use burn::tensor::IndexingUpdateOp;
 
@@ -16,6 +16,7 @@ use crate::data::store::Split;
 use crate::eval::ids::{IdData, ItemTower, int_tensor};
 use crate::eval::task::LightGcnConfig;
 use crate::eval::task_data::TaskData;
+use crate::model::init::Init;
 
 /// The interaction graph: distinct (user row, vocabulary item) edges and their weights
 /// 1/√(deg(user)·deg(item)).
@@ -60,10 +61,10 @@ pub struct LightGcn<B: Backend> {
 }
 
 impl<B: Backend> LightGcn<B> {
-    pub fn new(c: &LightGcnConfig, ids: &IdData, device: &B::Device) -> Self {
+    pub fn new(c: &LightGcnConfig, ids: &IdData, init: &mut Init<B>) -> Self {
         Self {
-            users: EmbeddingConfig::new(ids.seqs.len().max(1), c.dim).init(device),
-            items: ItemTower::new(ids, c.dim, device),
+            users: init.embedding(ids.seqs.len().max(1), c.dim),
+            items: ItemTower::new(ids, c.dim, init),
             layers: c.layers,
         }
     }

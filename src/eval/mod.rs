@@ -106,7 +106,8 @@ pub fn eval<B: AutodiffBackend>(device: &B::Device, o: &EvalOptions) -> Result<E
         })
         .collect();
     let mut costs = BTreeMap::new();
-    let ids = IdData::new(&data, task.features.source);
+    // Built on first use: the id view only the task-specific models need.
+    let mut ids = None;
     for name in &task.models {
         ui::detail(format!("model {name}"));
         reset_peak_rss();
@@ -114,7 +115,8 @@ pub fn eval<B: AutodiffBackend>(device: &B::Device, o: &EvalOptions) -> Result<E
         let runs = match name.as_str() {
             "toppop" | "random" => baseline(name, &protocol),
             "bst" | "lightgcn" | "deepfm" => {
-                task_specific::<B>(name, &protocol, &ids, &seeds, device)
+                let ids = ids.get_or_insert_with(|| IdData::new(&data, task.features.source));
+                task_specific::<B>(name, &protocol, ids, &seeds, device)
             }
             "untrained" => {
                 let random = Embedder::<B::InnerBackend>::load(&o.model, device)?

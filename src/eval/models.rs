@@ -25,6 +25,7 @@ use crate::eval::protocol::{Protocol, Scored};
 use crate::eval::task::Task;
 use crate::eval::task_data::TaskData;
 use crate::eval::train::train_ranker;
+use crate::model::init::Init;
 
 /// Everything one model gave: per seed its test metrics and best validation (MRR, epoch), and
 /// its trained parameter count.
@@ -92,11 +93,11 @@ pub fn task_specific<B: AutodiffBackend>(
     let m = &p.task.model;
     let graph = (name == "lightgcn").then(|| Graph::new(ids, p.data));
     for &seed in seeds {
-        B::seed(device, seed);
+        let init = &mut Init::new(seed, device);
         match name {
             "bst" => fit_and_test(
                 name,
-                Bst::<B>::new(&m.bst, ids, device),
+                Bst::<B>::new(&m.bst, ids, init),
                 p,
                 m.bst.lr,
                 seed,
@@ -108,7 +109,7 @@ pub fn task_specific<B: AutodiffBackend>(
                 let g = graph.as_ref().expect("built for lightgcn");
                 fit_and_test(
                     name,
-                    LightGcn::<B>::new(&m.lightgcn, ids, device),
+                    LightGcn::<B>::new(&m.lightgcn, ids, init),
                     p,
                     m.lightgcn.lr,
                     seed,
@@ -119,7 +120,7 @@ pub fn task_specific<B: AutodiffBackend>(
             }
             _ => fit_and_test(
                 name,
-                DeepFm::<B>::new(&m.deepfm, ids, device),
+                DeepFm::<B>::new(&m.deepfm, ids, init),
                 p,
                 m.deepfm.lr,
                 seed,
@@ -183,10 +184,9 @@ pub fn probe_model_runs<B: AutodiffBackend>(
     };
     let mut runs = Runs::default();
     for &seed in seeds {
-        B::seed(device, seed);
         fit_and_test(
             model,
-            Probe::<B>::new(users.cols, items.cols, device),
+            Probe::<B>::new(users.cols, items.cols, &mut Init::new(seed, device)),
             p,
             p.task.probe.lr,
             seed,
@@ -324,11 +324,11 @@ mod tests {
         );
         let m = mrr(&task, &d, &["random", "lightgcn", "deepfm", "bst"]);
         // Random: about H(21)/21 ≈ 0.17. Knowing the cluster puts the positive among ~1 + 20/4
-        // same-cluster candidates: MRR ≈ (1 + 1/2 + … + 1/6)/6 ≈ 0.41 at best. Measured: random
-        // 0.19, lightgcn 0.27–0.33 (weights drawn from the backend's one global seed, which
-        // tests running in parallel share), deepfm 0.38, bst 0.38.
+        // same-cluster candidates: MRR ≈ (1 + 1/2 + … + 1/6)/6 ≈ 0.41 at best. Measured (the
+        // same alone or beside other tests: each model draws its weights from its own seed):
+        // random 0.187, lightgcn 0.289, deepfm 0.350, bst 0.347.
         for (name, v) in ["lightgcn", "deepfm", "bst"].iter().zip(&m[1..]) {
-            assert!(*v > 1.3 * m[0], "{name}: MRR {v:.3} vs random {:.3}", m[0]);
+            assert!(*v > 1.4 * m[0], "{name}: MRR {v:.3} vs random {:.3}", m[0]);
         }
     }
 

@@ -3,8 +3,10 @@
 //! against sampled negative items, early-stopped on validation MRR (the loop of
 //! [`crate::eval::train`]).
 
-use burn::nn::{Linear, LinearConfig, Relu};
+use burn::nn::{Linear, Relu};
 use burn::prelude::*;
+
+use crate::model::init::Init;
 
 /// Widths after the input layer (paper §4.1).
 pub const WIDTHS: [usize; 4] = [512, 256, 128, 64];
@@ -16,14 +18,11 @@ pub struct Mlp<B: Backend> {
 }
 
 impl<B: Backend> Mlp<B> {
-    pub fn new(input: usize, device: &B::Device) -> Self {
+    pub fn new(input: usize, init: &mut Init<B>) -> Self {
         let mut dims = vec![input];
         dims.extend(WIDTHS);
         Self {
-            layers: dims
-                .windows(2)
-                .map(|w| LinearConfig::new(w[0], w[1]).init(device))
-                .collect(),
+            layers: dims.windows(2).map(|w| init.linear(w[0], w[1])).collect(),
             activation: Relu::new(),
         }
     }
@@ -48,10 +47,10 @@ pub struct Probe<B: Backend> {
 }
 
 impl<B: Backend> Probe<B> {
-    pub fn new(user_cols: usize, item_cols: usize, device: &B::Device) -> Self {
+    pub fn new(user_cols: usize, item_cols: usize, init: &mut Init<B>) -> Self {
         Self {
-            user: Mlp::new(user_cols, device),
-            item: Mlp::new(item_cols, device),
+            user: Mlp::new(user_cols, init),
+            item: Mlp::new(item_cols, init),
         }
     }
 

@@ -7,9 +7,10 @@
 //! with dropout on the attention weights, after the attention projection, inside the feed-forward
 //! block and after it (the layout of `shared/bench/torch_clue_ref.py`).
 
-use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{LayerNorm, Linear};
 use burn::prelude::*;
 
+use crate::model::init::Init;
 use crate::model::ops::{Padding, attention, dropout, gelu, linear};
 
 /// One pre-norm encoder layer.
@@ -28,16 +29,16 @@ pub struct Block<B: Backend> {
 }
 
 impl<B: Backend> Block<B> {
-    pub fn new(d: usize, d_ff: usize, heads: usize, dropout: f64, device: &B::Device) -> Self {
+    pub fn new(d: usize, d_ff: usize, heads: usize, dropout: f64, init: &mut Init<B>) -> Self {
         Self {
-            norm_attention: LayerNormConfig::new(d).init(device),
-            query: LinearConfig::new(d, d).init(device),
-            key: LinearConfig::new(d, d).init(device),
-            value: LinearConfig::new(d, d).init(device),
-            attention_out: LinearConfig::new(d, d).init(device),
-            norm_ff: LayerNormConfig::new(d).init(device),
-            ff_in: LinearConfig::new(d, d_ff).init(device),
-            ff_out: LinearConfig::new(d_ff, d).init(device),
+            norm_attention: init.layer_norm(d),
+            query: init.linear(d, d),
+            key: init.linear(d, d),
+            value: init.linear(d, d),
+            attention_out: init.linear(d, d),
+            norm_ff: init.layer_norm(d),
+            ff_in: init.linear(d, d_ff),
+            ff_out: init.linear(d_ff, d),
             heads,
             dropout,
         }
@@ -82,11 +83,11 @@ impl<B: Backend> Encoder<B> {
         heads: usize,
         layers: usize,
         dropout: f64,
-        device: &B::Device,
+        init: &mut Init<B>,
     ) -> Self {
         Self {
             layers: (0..layers)
-                .map(|_| Block::new(d, d_ff, heads, dropout, device))
+                .map(|_| Block::new(d, d_ff, heads, dropout, init))
                 .collect(),
         }
     }
@@ -113,7 +114,7 @@ mod tests {
         use crate::model::ops::GENERIC;
         use burn::backend::Flex;
         let dev = Default::default();
-        let encoder = Encoder::<Flex>::new(24, 48, 4, 2, 0.1, &dev);
+        let encoder = Encoder::<Flex>::new(24, 48, 4, 2, 0.1, &mut Init::new(0, &dev));
         let (n, len) = (4, 6);
         let x: Vec<f32> = (0..n * len * 24)
             .map(|i| ((i * 29 % 97) as f32 - 48.0) / 24.0)
@@ -148,7 +149,7 @@ mod tests {
         let dev = Default::default();
         // With dropout: both paths draw the same masks (the fast attention's in the layout of
         // the generic path's `[n, heads, len, len]` weights).
-        let encoder = Encoder::<Fx>::new(16, 32, 4, 2, 0.2, &dev);
+        let encoder = Encoder::<Fx>::new(16, 32, 4, 2, 0.2, &mut Init::new(0, &dev));
         let (n, len) = (3, 5);
         let x: Vec<f32> = (0..n * len * 16)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)

@@ -1,12 +1,13 @@
 //! The CLUE encoder (paper §2.1): tokens → Item Transformer → item vectors → Service
 //! Transformer → user embedding z, one encoder for every service.
 
-use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{Embedding, LayerNorm, Linear};
 use burn::prelude::*;
 
 use crate::data::batcher::UserBatch;
 use crate::model::block::Encoder;
 use crate::model::config::ModelConfig;
+use crate::model::init::Init;
 
 /// Mean of `x` over the positions that are not padding.
 ///
@@ -26,8 +27,8 @@ pub fn masked_mean<B: Backend>(x: Tensor<B, 3>, pad: Tensor<B, 2, Bool>) -> Tens
     (sum / count).squeeze_dim::<2>(1)
 }
 
-fn transformer<B: Backend>(c: &ModelConfig, layers: usize, device: &B::Device) -> Encoder<B> {
-    Encoder::new(c.d_model, c.d_ff, c.heads, layers, c.dropout, device)
+fn transformer<B: Backend>(c: &ModelConfig, layers: usize, init: &mut Init<B>) -> Encoder<B> {
+    Encoder::new(c.d_model, c.d_ff, c.heads, layers, c.dropout, init)
 }
 
 /// T_item: a pre-norm Transformer over one item's tokens, mean-pooled (paper eq. 1).
@@ -78,20 +79,19 @@ pub struct ClueEncoder<B: Backend> {
 }
 
 impl<B: Backend> ClueEncoder<B> {
-    pub fn new(c: &ModelConfig, device: &B::Device) -> Self {
+    pub fn new(c: &ModelConfig, init: &mut Init<B>) -> Self {
         Self {
-            token_embedding: EmbeddingConfig::new(c.vocab_size, c.d_model).init(device),
+            token_embedding: init.embedding(c.vocab_size, c.d_model),
             item: ItemTransformer {
-                encoder: transformer(c, c.item_layers, device),
-                norm: LayerNormConfig::new(c.d_model).init(device),
+                encoder: transformer(c, c.item_layers, init),
+                norm: init.layer_norm(c.d_model),
             },
             service: ServiceTransformer {
-                position: EmbeddingConfig::new(c.max_items, c.d_model).init(device),
-                encoder: transformer(c, c.service_layers, device),
-                norm: LayerNormConfig::new(c.d_model).init(device),
+                position: init.embedding(c.max_items, c.d_model),
+                encoder: transformer(c, c.service_layers, init),
+                norm: init.layer_norm(c.d_model),
             },
-            output: (c.output_dim > 0)
-                .then(|| LinearConfig::new(c.d_model, c.output_dim).init(device)),
+            output: (c.output_dim > 0).then(|| init.linear(c.d_model, c.output_dim)),
         }
     }
 

@@ -5,10 +5,11 @@ pub mod config;
 pub mod dropout;
 pub mod encoder;
 pub mod flex;
+pub mod init;
 pub mod ops;
 
 use burn::module::Param;
-use burn::nn::{Linear, LinearConfig, Relu};
+use burn::nn::{Linear, Relu};
 use burn::prelude::*;
 
 pub use crate::backend::BackendKind;
@@ -16,6 +17,7 @@ pub use config::ModelConfig;
 pub use encoder::{ClueEncoder, ItemTransformer, ServiceTransformer};
 
 use crate::data::batcher::UserBatch;
+use crate::model::init::Init;
 
 /// Initial logit scale (paper §2.2: "initialized to 14.27").
 pub const LOGIT_SCALE_INIT: f64 = 14.27;
@@ -31,11 +33,11 @@ pub struct ProjectionHead<B: Backend> {
 }
 
 impl<B: Backend> ProjectionHead<B> {
-    pub fn new(dim: usize, device: &B::Device) -> Self {
+    pub fn new(dim: usize, init: &mut Init<B>) -> Self {
         Self {
-            w1: LinearConfig::new(dim, dim).with_bias(false).init(device),
+            w1: init.linear_no_bias(dim, dim),
             activation: Relu::new(),
-            w2: LinearConfig::new(dim, dim).with_bias(false).init(device),
+            w2: init.linear_no_bias(dim, dim),
         }
     }
 
@@ -63,13 +65,14 @@ pub struct ParamCounts {
 }
 
 impl<B: Backend> ClueModel<B> {
-    pub fn new(c: &ModelConfig, device: &B::Device) -> Self {
+    /// A model with weights drawn from `init`'s stream.
+    pub fn new(c: &ModelConfig, init: &mut Init<B>) -> Self {
         Self {
-            encoder: ClueEncoder::new(c, device),
-            head: ProjectionHead::new(c.embedding_dim(), device),
+            encoder: ClueEncoder::new(c, init),
+            head: ProjectionHead::new(c.embedding_dim(), init),
             log_logit_scale: Param::from_tensor(Tensor::from_floats(
                 [LOGIT_SCALE_INIT.ln() as f32],
-                device,
+                init.device,
             )),
         }
     }

@@ -18,6 +18,7 @@ use crate::bundle::{BUNDLE_DIR, BundleInfo, SplitScore, read_json, save_bundle};
 use crate::data::batcher::{UserBatch, UserBatcher, UserDataset};
 use crate::data::store::{PreparedDataset, Split, write_atomic};
 use crate::error::{ClueError, Result};
+use crate::model::init::Init;
 use crate::model::{ClueModel, ParamCounts};
 use crate::train::checkpoint::{AtomicRecorder, ResumedLogs};
 use crate::train::config::RunConfig;
@@ -293,7 +294,7 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
         plan.steps_before(resume_period.unwrap_or(0)),
     );
     let trainee = Trainee {
-        model: ClueModel::new(&config.model, &device),
+        model: ClueModel::new(&config.model, &mut Init::new(config.train.seed, &device)),
         settings: StepSettings {
             clip_norm: config.train.grad_clip_norm,
             seed: config.train.seed,
