@@ -87,7 +87,14 @@ pub fn save_bundle<B: Backend>(
             .map_err(|e| ClueError::io(&weights, std::io::Error::other(e.to_string())))?;
         let st = tmp.join("model.safetensors");
         model
-            .save_into(&mut SafetensorsStore::from_file(&st).overwrite(true))
+            // One metadata entry: Burn's default set is a hash map, written in a different order
+            // by every process, so identical weights gave different files.
+            .save_into(
+                &mut SafetensorsStore::from_file(&st)
+                    .overwrite(true)
+                    .clear_metadata()
+                    .metadata("producer", format!("clue {}", env!("CARGO_PKG_VERSION"))),
+            )
             .map_err(|e| ClueError::io(&st, std::io::Error::other(e.to_string())))?;
         std::fs::write(tmp.join(BUNDLE_CONFIG), config.to_toml())
             .map_err(|e| ClueError::io(tmp.join(BUNDLE_CONFIG), e))?;

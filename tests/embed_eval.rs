@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use burn::backend::{Autodiff, NdArray};
-use burn::prelude::*;
 use clue::bundle::{BundleInfo, SplitScore, save_bundle};
 use clue::data::store::PreparedDataset;
 use clue::embed::{EmbedOptions, embed};

@@ -254,6 +254,24 @@ fn a_killed_run_resumes_with_the_same_steps_schedule_and_weights_as_an_uninterru
         worst.0,
         worst.1
     );
+    // The same command again: a byte-identical bundle (parameter ids and file metadata included),
+    // so `model_bundle_sha256` names the weights, not the process that wrote them.
+    let again = dir.path().join("again");
+    assert!(fit_cmd(&again).status().unwrap().success());
+    let (a, b) = (
+        common::dir_bytes(&whole.join("model")),
+        common::dir_bytes(&again.join("model")),
+    );
+    assert!(
+        a.len() >= 4,
+        "{:?}",
+        a.iter().map(|f| &f.0).collect::<Vec<_>>()
+    );
+    for ((name, x), (other, y)) in a.iter().zip(&b) {
+        assert_eq!(name, other);
+        assert!(x == y, "{name} differs between two identical runs");
+    }
+    assert_eq!(a.len(), b.len());
 }
 
 /// Every tensor of a run's exported model, as f32s by name.

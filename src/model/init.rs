@@ -3,33 +3,46 @@
 //! whatever else the process draws meanwhile (tests in parallel threads, several models in one
 //! `clue eval`). The distributions are Burn's defaults: a linear layer's weight and bias
 //! `U(−k, k)` with `k = 1/√d_input`, an embedding table `N(0, 1)`, layer norms ones and zeros.
+//! Parameter ids come from a second stream of the same seed (Burn draws them at random and writes
+//! them into the weights file), so identical weights give a byte-identical `model.mpk`.
 
-use burn::module::Param;
+use burn::module::{Param, ParamId};
 use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear};
 use burn::prelude::*;
-use rand::{Rng, SeedableRng};
+use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
 /// The random stream of one model's parameters, on `device`.
 pub struct Init<'a, B: Backend> {
     rng: ChaCha8Rng,
+    ids: ChaCha8Rng,
     pub device: &'a B::Device,
 }
 
 impl<'a, B: Backend> Init<'a, B> {
     pub fn new(seed: u64, device: &'a B::Device) -> Self {
+        let mut ids = ChaCha8Rng::seed_from_u64(seed);
+        ids.set_stream(1);
         Self {
             rng: ChaCha8Rng::seed_from_u64(seed),
+            ids,
             device,
         }
     }
 
-    fn tensor<const D: usize>(&self, values: Vec<f32>, shape: [usize; D]) -> Param<Tensor<B, D>> {
-        Param::from_tensor(Tensor::from_data(
-            TensorData::new(values, shape),
-            self.device,
-        ))
+    /// A trainable parameter holding `value`, with the next id of the stream.
+    pub fn param<const D: usize>(&mut self, value: Tensor<B, D>) -> Param<Tensor<B, D>> {
+        Param::initialized(ParamId::from(self.ids.next_u64()), value.require_grad())
+    }
+
+    fn tensor<const D: usize>(
+        &mut self,
+        values: Vec<f32>,
+        shape: [usize; D],
+    ) -> Param<Tensor<B, D>> {
+        let value = Tensor::from_data(TensorData::new(values, shape), self.device);
+        self.param(value)
     }
 
     fn uniform<const D: usize>(&mut self, shape: [usize; D], k: f32) -> Param<Tensor<B, D>> {
@@ -66,8 +79,11 @@ impl<'a, B: Backend> Init<'a, B> {
     }
 
     /// A layer norm over `d` features (nothing random: γ = 1, β = 0).
-    pub fn layer_norm(&self, d: usize) -> LayerNorm<B> {
-        LayerNormConfig::new(d).init(self.device)
+    pub fn layer_norm(&mut self, d: usize) -> LayerNorm<B> {
+        let mut norm = LayerNormConfig::new(d).init(self.device);
+        norm.gamma = self.param(norm.gamma.val());
+        norm.beta = norm.beta.map(|beta| self.param(beta.val()));
+        norm
     }
 }
 
@@ -93,6 +109,12 @@ mod tests {
         assert_eq!(values(a.0.weight.val()), values(b.0.weight.val()));
         assert_eq!(values(a.1.weight.val()), values(b.1.weight.val()));
         assert_ne!(values(a.0.weight.val()), values(c.0.weight.val()));
+        // Parameter ids too (Burn writes them into the weights file), all distinct.
+        assert_eq!(a.0.weight.id, b.0.weight.id);
+        assert_eq!(a.1.weight.id, b.1.weight.id);
+        assert_ne!(a.0.weight.id, c.0.weight.id);
+        let bias = a.0.bias.as_ref().unwrap();
+        assert!(a.0.weight.id != bias.id && bias.id != a.1.weight.id);
     }
 
     #[test]

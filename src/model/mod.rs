@@ -70,7 +70,7 @@ impl<B: Backend> ClueModel<B> {
         Self {
             encoder: ClueEncoder::new(c, init),
             head: ProjectionHead::new(c.embedding_dim(), init),
-            log_logit_scale: Param::from_tensor(Tensor::from_floats(
+            log_logit_scale: init.param(Tensor::from_floats(
                 [LOGIT_SCALE_INIT.ln() as f32],
                 init.device,
             )),
