@@ -325,7 +325,7 @@ fn eval_compares_models_on_one_split_and_one_set_of_negatives() {
     let out = dir.path().join("eval");
     let o = EvalOptions {
         task: task_path,
-        model: run,
+        model: run.clone(),
         embeddings: None,
         out: out.clone(),
         seeds: 1,
@@ -336,8 +336,26 @@ fn eval_compares_models_on_one_split_and_one_set_of_negatives() {
                 .map(String::from)
                 .to_vec(),
         ),
+        // The same run again under another name: `--compare` must give clue's figures exactly.
+        compare: vec![("again".into(), run.clone())],
     };
+    // A compared name that is taken, or a directory that holds no run, fails before training.
+    for (name, model) in [
+        ("toppop", o.model.clone()),
+        ("other", dir.path().join("nothing")),
+    ] {
+        let bad = EvalOptions {
+            compare: vec![(name.into(), model)],
+            out: dir.path().join("bad"),
+            ..o.clone()
+        };
+        let err = eval::<Autodiff<B>>(&Default::default(), &bad).unwrap_err();
+        assert!(!bad.out.join("results.json").exists(), "{name}: {err}");
+    }
     let r = eval::<Autodiff<B>>(&Default::default(), &o).unwrap();
+    let json = |m: &str| serde_json::to_value(r.models[m]).unwrap();
+    assert_eq!(json("again"), json("clue"));
+    assert_eq!(r.costs["again"].parameters, r.costs["clue"].parameters);
     // Table 2's costs: learned models count their parameters, baselines have none.
     for (m, c) in &r.costs {
         let learned = !["toppop", "random"].contains(&m.as_str());
@@ -351,7 +369,7 @@ fn eval_compares_models_on_one_split_and_one_set_of_negatives() {
             group.users > 0 && group.users < r.counts.users[2],
             "{g}: {group:?}"
         );
-        assert_eq!(group.models.len(), 6);
+        assert_eq!(group.models.len(), 7);
         assert_eq!(group.models["random"].sampled.n, group.positives);
     }
     for m in ["lightgcn", "clue", "text-mean", "noise", "toppop", "random"] {
@@ -399,6 +417,13 @@ fn eval_compares_models_on_one_split_and_one_set_of_negatives() {
             .unwrap()
             .contains("| task-agnostic | text-mean |")
     );
+    let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+    let at = |row: &str| {
+        md.find(row)
+            .unwrap_or_else(|| panic!("{row} missing:\n{md}"))
+    };
+    assert!(at("| task-agnostic | noise |") < at("| task-agnostic | again |"));
+    assert!(at("| task-agnostic | again |") < at("| baseline | toppop |"));
 }
 
 /// `clue embed` (its own reader, item cache and inference batches) gives, for every user of the

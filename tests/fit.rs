@@ -11,6 +11,7 @@ use std::sync::Arc;
 use burn::backend::{Autodiff, NdArray};
 use burn::data::dataloader::DataLoader;
 use clue::data::batcher::UserBatcher;
+use clue::data::prepare::{Objective, PrepareOptions, prepare};
 use clue::data::store::{PreparedDataset, Split};
 use clue::train::config::RunConfig;
 use clue::train::fit::{FitOptions, FitSummary, fit};
@@ -91,6 +92,63 @@ fn tiny_clue_learns_to_match_a_users_two_services() {
         s.valid_retrieval_top1
     );
     assert_eq!(on_disk["chance_top1"].as_f64().unwrap(), 1.0 / 32.0);
+}
+
+/// The SimCLR objective: one service is enough to prepare and pretrain, the cross-service
+/// objective refuses it with the fix, and the model learns to match two augmented views of a
+/// user's sequence (validation draws its own fixed views).
+#[test]
+fn simclr_pretrains_on_one_service_and_learns_to_match_two_views() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = common::fixture(1000, 0, 16, 16).join("s/logs");
+    let one = |objective| PrepareOptions {
+        max_items: 16,
+        max_item_tokens: 16,
+        services: Some(vec!["shop".into()]),
+        objective,
+        ..Default::default()
+    };
+    let no = dir.path().join("no");
+    let err = prepare(
+        std::slice::from_ref(&logs),
+        &no,
+        &one(Objective::CrossService),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("--objective simclr"), "{err}");
+    assert!(!no.exists());
+    let data = dir.path().join("p");
+    let report = prepare(&[logs], &data, &one(Objective::Simclr)).unwrap();
+    assert_eq!(report.manifest.services, vec!["shop".to_string()]);
+    let options = |config: RunConfig, out: &str| FitOptions {
+        config,
+        data: data.clone(),
+        out: dir.path().join(out),
+        tui: false,
+        resume: false,
+        backend: "ndarray".into(),
+    };
+    let err = fit::<Autodiff<NdArray>>(Default::default(), &options(tiny(), "cross")).unwrap_err();
+    assert!(err.to_string().contains("train.objective=simclr"), "{err}");
+    let config = tiny()
+        .with_overrides(&["train.epochs=3".into(), "train.objective=simclr".into()])
+        .unwrap();
+    let s = fit::<Autodiff<NdArray>>(Default::default(), &options(config, "simclr")).unwrap();
+    eprintln!(
+        "simclr: valid top-1 {:.4} (chance {:.4}), valid loss {:.4}",
+        s.valid_retrieval_top1, s.chance_top1, s.valid_loss_final
+    );
+    assert!(
+        s.valid_retrieval_top1 > 3.0 * s.chance_top1,
+        "top-1 {} vs chance {}",
+        s.valid_retrieval_top1,
+        s.chance_top1
+    );
+    let first = s.history.train.first().and_then(|e| e.loss).unwrap();
+    let last = s.history.train.last().and_then(|e| e.loss).unwrap();
+    assert!(last < first, "train loss falls: {first} → {last}");
+    let saved = RunConfig::load(&dir.path().join("simclr/model/config.toml")).unwrap();
+    assert_eq!(saved.train.objective, Objective::Simclr);
 }
 
 fn first_lr(run: &Path, epoch: usize) -> f64 {

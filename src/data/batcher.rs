@@ -8,6 +8,7 @@ use burn::data::dataset::Dataset;
 use burn::prelude::*;
 
 use crate::backend::BackendKind;
+use crate::data::augment::Views;
 use crate::data::store::{PreparedDataset, Split};
 
 /// One item of a user's sequence: its index in the item table and its tokens (prefix first).
@@ -25,12 +26,14 @@ pub struct UserSample {
 }
 
 /// The users of one split of a prepared dataset, each cut to `max_items` items per service and
-/// `max_item_tokens` tokens per item.
+/// `max_item_tokens` tokens per item; with [`Views`], two augmented views of one service in place
+/// of the services (the SimCLR objective).
 pub struct UserDataset {
     data: Arc<PreparedDataset>,
     users: Vec<u32>,
     max_items: usize,
     max_item_tokens: usize,
+    views: Option<Views>,
 }
 
 impl UserDataset {
@@ -55,7 +58,14 @@ impl UserDataset {
             users,
             max_items,
             max_item_tokens,
+            views: None,
         }
+    }
+
+    /// Serve two views of each user (`None`: the services as they are).
+    pub fn with_views(mut self, views: Option<Views>) -> Self {
+        self.views = views;
+        self
     }
 }
 
@@ -75,7 +85,11 @@ impl Dataset<UserSample> for UserDataset {
                     })
                     .collect()
             })
-            .collect();
+            .collect::<Vec<Vec<Item>>>();
+        let services = match &self.views {
+            Some(views) => views.apply(user, &services),
+            None => services,
+        };
         Some(UserSample { user, services })
     }
 

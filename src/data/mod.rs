@@ -1,6 +1,7 @@
 //! The data pipeline: read logs into histories, synthesise, convert, tokenise, prepare, and
 //! batch for the encoder.
 
+pub mod augment;
 pub mod batcher;
 pub mod convert;
 pub mod history;

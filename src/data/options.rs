@@ -7,6 +7,50 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ClueError, Result};
 
+/// The pretraining objective: what makes a user's positive pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Objective {
+    /// CLUE (paper eq. 4): the user's sequences in two different services.
+    #[default]
+    CrossService,
+    /// The paper's SimCLR baseline: two random augmentations of one service's sequence
+    /// (`data::augment`); needs only one service.
+    Simclr,
+}
+
+impl Objective {
+    /// The fewest services a prepared dataset needs for this objective.
+    pub fn min_services(self) -> usize {
+        match self {
+            Objective::CrossService => 2,
+            Objective::Simclr => 1,
+        }
+    }
+}
+
+impl std::fmt::Display for Objective {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Objective::CrossService => "cross-service",
+            Objective::Simclr => "simclr",
+        })
+    }
+}
+
+impl std::str::FromStr for Objective {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cross-service" => Ok(Objective::CrossService),
+            "simclr" => Ok(Objective::Simclr),
+            other => Err(format!(
+                "unknown objective `{other}`: use cross-service or simclr"
+            )),
+        }
+    }
+}
+
 /// Options of `clue prepare` (also the `[prepare]` table of a config file).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -21,7 +65,7 @@ pub struct PrepareOptions {
     pub vocab_size: Option<usize>,
     /// Use this `tokenizer.json` instead of training one.
     pub tokenizer: Option<PathBuf>,
-    /// Services to keep (at least two); `None` keeps every service in the logs.
+    /// Services to keep (at least two; one for `simclr`); `None` keeps every service in the logs.
     pub services: Option<Vec<String>>,
     /// Skip and count bad rows instead of stopping at the first.
     pub skip_bad_rows: bool,
@@ -30,6 +74,8 @@ pub struct PrepareOptions {
     pub test_fraction: f64,
     /// Seed of the user split.
     pub seed: u64,
+    /// The objective the data is prepared for: `simclr` accepts a single service.
+    pub objective: Objective,
 }
 
 impl Default for PrepareOptions {
@@ -45,6 +91,7 @@ impl Default for PrepareOptions {
             valid_fraction: 0.1,
             test_fraction: 0.1,
             seed: 0,
+            objective: Objective::CrossService,
         }
     }
 }
@@ -71,10 +118,14 @@ impl PrepareOptions {
                 "e.g. --valid-fraction 0.1 --test-fraction 0.1",
             );
         }
-        if self.services.as_ref().is_some_and(|s| s.len() < 2) {
+        if self
+            .services
+            .as_ref()
+            .is_some_and(|s| s.len() < self.objective.min_services())
+        {
             return fail(
-                "pretraining needs at least two services",
-                "name two or more with --services a,b",
+                "the cross-service objective needs at least two services",
+                "name two or more with --services a,b, or prepare one service for SimCLR with --objective simclr",
             );
         }
         if self.vocab_size.is_some_and(|v| v < 300) {

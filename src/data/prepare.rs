@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 
 use crate::data::history::{Histories, HistoryBuilder, read_histories};
 use crate::data::log::{self, BadRows};
-pub use crate::data::options::{Dropped, PrepareOptions};
+pub use crate::data::options::{Dropped, Objective, PrepareOptions};
 use crate::data::store::{self, Manifest, Split};
 use crate::data::tokenize::{ItemTokenizer, default_vocab_size};
 use crate::error::{ClueError, Result};
@@ -54,7 +54,7 @@ pub fn prepare(inputs: &[PathBuf], out: &Path, options: &PrepareOptions) -> Resu
         None => HistoryBuilder::any_service(options.max_items),
     };
     let (histories, stats) = read_histories(&files, builder, options.skip_bad_rows)?;
-    check_services(&histories)?;
+    check_services(&histories, options.objective)?;
     let (kept, dropped) = keep_users(&histories, options.min_behaviors)?;
     let table = ItemTable::new(&histories, &kept);
     let tokenizer = tokenizer(options, &histories.services, &table)?;
@@ -111,16 +111,16 @@ pub fn prepare(inputs: &[PathBuf], out: &Path, options: &PrepareOptions) -> Resu
     })
 }
 
-/// Pretraining pairs services: at least two, each with rows.
-fn check_services(h: &Histories) -> Result<()> {
-    if h.services.len() < 2 {
+/// The cross-service objective pairs services: at least two, each with rows (SimCLR: one).
+fn check_services(h: &Histories, objective: Objective) -> Result<()> {
+    if h.services.len() < objective.min_services() {
         return Err(ClueError::config(
             format!(
-                "the logs hold {} service(s) ({}); pretraining pairs two services of each user",
+                "the logs hold {} service(s) ({}); the cross-service objective pairs two services of each user",
                 h.services.len(),
                 h.services.join(", ")
             ),
-            "give logs with at least two services, or split one service into two pseudo-services",
+            "give logs with at least two services, or prepare for the SimCLR objective with --objective simclr",
         ));
     }
     let mut has_rows = vec![false; h.services.len()];
@@ -393,7 +393,6 @@ pub fn format_count(x: u64) -> String {
     out
 }
 
-#[cfg(test)]
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -69,6 +69,9 @@ pub struct EvalOptions {
     pub batch_size: usize,
     /// Run these models instead of the task file's `models`.
     pub models: Option<Vec<String>>,
+    /// More task-agnostic feature sources (`--compare NAME=DIR`): other clue runs (e.g. one
+    /// pretrained with the SimCLR objective), each probed as `clue` is, reported as NAME.
+    pub compare: Vec<(String, PathBuf)>,
 }
 
 /// Run `clue eval`.
@@ -78,7 +81,19 @@ pub fn eval<B: AutodiffBackend>(device: &B::Device, o: &EvalOptions) -> Result<E
         task.models = models.clone();
         task.validate(&o.task)?;
     }
+    check_compare(&task, o)?;
     let e = Embedder::<B::InnerBackend>::load(&o.model, device)?;
+    // Every compared run loads before any training: a wrong directory fails at once.
+    let compared = o
+        .compare
+        .iter()
+        .map(|(name, dir)| {
+            Ok((
+                name.clone(),
+                Embedder::<B::InnerBackend>::load(dir, device)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let data = load_task(&task, e.max_items)?;
     let negatives = draw_negatives(&data, task.negatives.count, task.negatives.seed)?;
     std::fs::create_dir_all(&o.out).map_err(|err| ClueError::io(&o.out, err))?;
@@ -108,7 +123,12 @@ pub fn eval<B: AutodiffBackend>(device: &B::Device, o: &EvalOptions) -> Result<E
     let mut costs = BTreeMap::new();
     // Built on first use: the id view only the task-specific models need.
     let mut ids = None;
-    for name in &task.models {
+    let names: Vec<&String> = task
+        .models
+        .iter()
+        .chain(o.compare.iter().map(|c| &c.0))
+        .collect();
+    for name in names {
         ui::detail(format!("model {name}"));
         reset_peak_rss();
         let started = Instant::now();
@@ -124,13 +144,19 @@ pub fn eval<B: AutodiffBackend>(device: &B::Device, o: &EvalOptions) -> Result<E
                 let v = frozen_item_vectors(&random, &task, &data)?;
                 probe_model_runs::<B>(name, o, &random, &v, &protocol, &seeds, device)?
             }
-            probed => {
-                if vectors.is_none() {
-                    vectors = Some(frozen_item_vectors(&e, &task, &data)?);
+            probed => match compared.iter().find(|c| c.0 == probed) {
+                Some((_, other)) => {
+                    let v = frozen_item_vectors(other, &task, &data)?;
+                    probe_model_runs::<B>(probed, o, other, &v, &protocol, &seeds, device)?
                 }
-                let vectors = vectors.as_ref().expect("set");
-                probe_model_runs::<B>(probed, o, &e, vectors, &protocol, &seeds, device)?
-            }
+                None => {
+                    if vectors.is_none() {
+                        vectors = Some(frozen_item_vectors(&e, &task, &data)?);
+                    }
+                    let vectors = vectors.as_ref().expect("set");
+                    probe_model_runs::<B>(probed, o, &e, vectors, &protocol, &seeds, device)?
+                }
+            },
         };
         costs.insert(
             name.clone(),
@@ -172,6 +198,25 @@ pub fn eval<B: AutodiffBackend>(device: &B::Device, o: &EvalOptions) -> Result<E
     };
     write_results(&o.out, &out)?;
     Ok(out)
+}
+
+/// `--compare` names: new (not a model of the task or [`MODELS`]), distinct, non-empty.
+fn check_compare(task: &Task, o: &EvalOptions) -> Result<()> {
+    for (i, (name, dir)) in o.compare.iter().enumerate() {
+        let taken = MODELS.contains(&name.as_str())
+            || task.models.contains(name)
+            || o.compare[..i].iter().any(|c| &c.0 == name);
+        if name.is_empty() || taken {
+            return Err(ClueError::config(
+                format!(
+                    "--compare `{name}={}`: the name is empty or already names a model",
+                    dir.display()
+                ),
+                "give each compared run its own name, e.g. --compare simclr=runs/simclr",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Write `negatives.csv` (`user_id,positive,negatives`, negatives space-separated) into `out`;

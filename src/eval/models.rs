@@ -199,8 +199,9 @@ pub fn probe_model_runs<B: AutodiffBackend>(
 }
 
 /// A probe model's user features `[users, cols]`, unstandardised:
-/// - `clue` from `--embeddings` or embedded here from the feature histories (the user vectors
-///   of `e`, so `untrained` gets those of the encoder with random weights);
+/// - `clue` from `--embeddings`, else (and every other name: `untrained`, the `--compare` runs)
+///   embedded here from the feature histories by `e` (so `untrained` gets the user vectors of
+///   the encoder with random weights, a compared run those of its own encoder);
 /// - `text-mean` the mean item vector per service;
 /// - `noise` seeded uniform random features as wide as clue's (what the probe's item side
 ///   learns alone).
@@ -215,7 +216,18 @@ fn user_features<B: Backend>(
     let clue_cols = e.dim * data.features.services.len();
     Ok(match (model, &o.embeddings) {
         ("clue", Some(path)) => read_embeddings(path, &data.users)?,
-        ("clue" | "untrained", _) => {
+        ("noise", _) => {
+            let mut rng = ChaCha8Rng::seed_from_u64(p.task.split.seed);
+            let x = (0..data.users.len() * clue_cols)
+                .map(|_| rng.random_range(-1.0f32..1.0))
+                .collect();
+            (x, clue_cols)
+        }
+        ("text-mean", _) => (
+            text_mean(&data.features, feature_cache, e.d_model),
+            e.d_model * data.features.services.len(),
+        ),
+        _ => {
             let (m, _) = embed_histories(
                 e,
                 &data.features,
@@ -224,17 +236,6 @@ fn user_features<B: Backend>(
             );
             (m, clue_cols)
         }
-        ("noise", _) => {
-            let mut rng = ChaCha8Rng::seed_from_u64(p.task.split.seed);
-            let x = (0..data.users.len() * clue_cols)
-                .map(|_| rng.random_range(-1.0f32..1.0))
-                .collect();
-            (x, clue_cols)
-        }
-        _ => (
-            text_mean(&data.features, feature_cache, e.d_model),
-            e.d_model * data.features.services.len(),
-        ),
     })
 }
 

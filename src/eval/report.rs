@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::eval::metrics::Metrics;
-use crate::eval::task::{PROBED, TASK_SPECIFIC, Task};
+use crate::eval::task::{BASELINES, MODELS, PROBED, TASK_SPECIFIC, Task};
 use crate::eval::task_data::TaskCounts;
 
 /// Sampled and full-catalogue metrics of one model on one split.
@@ -66,10 +66,10 @@ pub struct Cost {
 pub fn kind(model: &str) -> &'static str {
     if TASK_SPECIFIC.contains(&model) {
         "task-specific"
-    } else if PROBED.contains(&model) {
-        "task-agnostic"
-    } else {
+    } else if BASELINES.contains(&model) {
         "baseline"
+    } else {
+        "task-agnostic"
     }
 }
 
@@ -118,10 +118,21 @@ impl EvalResults {
 }
 
 impl EvalResults {
-    /// Model names as Table 3 orders them: task-specific, task-agnostic, baselines.
+    /// Model names as Table 3 orders them: task-specific, task-agnostic (`--compare` runs after
+    /// the built-in ones, by name), baselines.
     fn in_table_order(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.models.keys().map(String::as_str).collect();
-        names.sort_by_key(|m| crate::eval::task::MODELS.iter().position(|x| x == m));
+        let compared = 2 * MODELS
+            .iter()
+            .position(|x| *x == PROBED[PROBED.len() - 1])
+            .expect("listed")
+            + 1;
+        names.sort_by_key(|m| {
+            MODELS
+                .iter()
+                .position(|x| x == m)
+                .map_or(compared, |p| 2 * p)
+        });
         names
     }
 

@@ -100,6 +100,9 @@ pub const TASK_SPECIFIC: [&str; 3] = ["bst", "lightgcn", "deepfm"];
 /// Models whose user features go into the probe (paper Table 3, middle).
 pub const PROBED: [&str; 4] = ["clue", "text-mean", "untrained", "noise"];
 
+/// Non-learned baselines (paper Table 3, right).
+pub const BASELINES: [&str; 2] = ["toppop", "random"];
+
 /// `[model.bst]` in a task file. The paper: 4 layers, hidden 128, 4 heads; smaller by default so
 /// that a 2-core CPU trains it in minutes, and without dropout (early stopping regularises). The
 /// encoder is clue's own Transformer block stack (the Service Transformer's, with its CPU fast

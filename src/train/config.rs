@@ -6,6 +6,8 @@ use std::path::Path;
 use burn::optim::AdamWConfig;
 use serde::{Deserialize, Serialize};
 
+use crate::data::augment::Views;
+use crate::data::options::Objective;
 use crate::error::{ClueError, Result};
 use crate::model::ModelConfig;
 
@@ -31,11 +33,24 @@ pub struct TrainConfig {
     pub workers: usize,
     /// Also checkpoint (and validate) every this many steps; 0 = at the end of each epoch only.
     pub checkpoint_every: usize,
+    /// `cross-service` (CLUE: a user's two services are the positive pair) or `simclr` (two
+    /// augmented views of one service; also trains on single-service data).
+    pub objective: Objective,
 }
 
 impl TrainConfig {
     /// AdamW with this config's moments, epsilon and weight decay (the learning rate comes
     /// from the schedule at each step).
+    /// The seed of the SimCLR views; `None` under the cross-service objective.
+    pub fn views_seed(&self) -> Option<u64> {
+        (self.objective == Objective::Simclr).then_some(self.seed)
+    }
+
+    /// The views of `round` under the SimCLR objective.
+    pub fn views(&self, round: u64) -> Option<Views> {
+        self.views_seed().map(|seed| Views::new(seed, round))
+    }
+
     pub fn optimizer(&self) -> AdamWConfig {
         AdamWConfig::new()
             .with_beta_1(self.beta1 as f32)
@@ -61,6 +76,7 @@ impl Default for TrainConfig {
             seed: 42,
             workers: 2,
             checkpoint_every: 0,
+            objective: Objective::CrossService,
         }
     }
 }

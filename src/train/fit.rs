@@ -15,6 +15,7 @@ use burn::train::{Learner, SupervisedTraining};
 use serde::{Deserialize, Serialize};
 
 use crate::bundle::{BUNDLE_DIR, BundleInfo, SplitScore, read_json, save_bundle};
+use crate::data::augment::VALID_ROUND;
 use crate::data::batcher::{UserBatch, UserBatcher, UserDataset};
 use crate::data::store::{PreparedDataset, Split, write_atomic};
 use crate::error::{ClueError, Result};
@@ -135,6 +136,17 @@ fn resolve(options: &FitOptions) -> Result<(RunConfig, PathBuf, Arc<PreparedData
     }
     config.model.vocab_size = vocab;
     config.validate()?;
+    let services = &data.manifest.services;
+    if services.len() < config.train.objective.min_services() {
+        return Err(ClueError::config(
+            format!(
+                "{} holds one service ({}); the cross-service objective pairs two services of each user",
+                data_dir.display(),
+                services.join(", ")
+            ),
+            "pretrain on it with the SimCLR objective (--set train.objective=simclr), or prepare logs with two services",
+        ));
+    }
     Ok((config, data_dir, data))
 }
 
@@ -236,16 +248,19 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
     let resume_period = resume_period(options)?;
 
     let m = &config.model;
-    let train_loader: Arc<dyn DataLoader<B, UserBatch<B>>> = Arc::new(PlanLoader::new(
-        plan.clone(),
-        data.clone(),
-        UserBatcher::of::<B>(m.max_items, m.max_item_tokens),
-        m.max_items,
-        m.max_item_tokens,
-        config.train.workers,
-        device.clone(),
-        resume_period.unwrap_or(0),
-    ));
+    let train_loader: Arc<dyn DataLoader<B, UserBatch<B>>> = Arc::new(
+        PlanLoader::new(
+            plan.clone(),
+            data.clone(),
+            UserBatcher::of::<B>(m.max_items, m.max_item_tokens),
+            m.max_items,
+            m.max_item_tokens,
+            config.train.workers,
+            device.clone(),
+            resume_period.unwrap_or(0),
+        )
+        .with_views(config.train.views_seed()),
+    );
     let valid_loader =
         DataLoaderBuilder::<B::InnerBackend, _, _>::new(UserBatcher::of::<B::InnerBackend>(
             m.max_items,
@@ -254,12 +269,15 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
         .batch_size(bs)
         .num_workers(config.train.workers)
         .set_device(device.clone())
-        .build(UserDataset::with_users(
-            data.clone(),
-            valid_users.clone(),
-            m.max_items,
-            m.max_item_tokens,
-        ));
+        .build(
+            UserDataset::with_users(
+                data.clone(),
+                valid_users.clone(),
+                m.max_items,
+                m.max_item_tokens,
+            )
+            .with_views(config.train.views(VALID_ROUND)),
+        );
 
     let history: SharedHistory = Arc::new(Mutex::new(History::default()));
     let stats = [

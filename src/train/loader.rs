@@ -23,6 +23,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
+use crate::data::augment::Views;
 use crate::data::batcher::{UserBatch, UserBatcher, UserDataset};
 use crate::data::store::PreparedDataset;
 
@@ -132,6 +133,8 @@ pub struct PlanLoader<B: Backend> {
     next: Arc<AtomicUsize>,
     /// `slice(start, end)`: only these positions of each period (multi-device splits).
     range: Option<(usize, usize)>,
+    /// SimCLR: views drawn with this seed, one round per period.
+    views_seed: Option<u64>,
 }
 
 impl<B: Backend> PlanLoader<B> {
@@ -157,7 +160,14 @@ impl<B: Backend> PlanLoader<B> {
             device,
             next: Arc::new(AtomicUsize::new(first)),
             range: None,
+            views_seed: None,
         }
+    }
+
+    /// Serve two augmented views of each user, drawn with `seed` (the SimCLR objective).
+    pub fn with_views(mut self, seed: Option<u64>) -> Self {
+        self.views_seed = seed;
+        self
     }
 
     fn users(&self, period: usize) -> Vec<u32> {
@@ -179,6 +189,7 @@ impl<B: Backend> PlanLoader<B> {
             device,
             next: self.next.clone(),
             range,
+            views_seed: self.views_seed,
         }
     }
 }
@@ -186,12 +197,15 @@ impl<B: Backend> PlanLoader<B> {
 impl<B: Backend> DataLoader<B, UserBatch<B>> for PlanLoader<B> {
     fn iter<'a>(&'a self) -> Box<dyn DataLoaderIterator<UserBatch<B>> + 'a> {
         let period = self.next.fetch_add(1, Ordering::SeqCst);
-        let dataset = Arc::new(UserDataset::with_users(
-            self.data.clone(),
-            self.users(period),
-            self.max_items,
-            self.max_item_tokens,
-        ));
+        let dataset = Arc::new(
+            UserDataset::with_users(
+                self.data.clone(),
+                self.users(period),
+                self.max_items,
+                self.max_item_tokens,
+            )
+            .with_views(self.views_seed.map(|s| Views::new(s, period as u64))),
+        );
         Box::new(OrderedBatches::start(
             dataset,
             self.plan.batch_size,

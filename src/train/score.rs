@@ -10,6 +10,7 @@ use burn::train::{InferenceStep, ItemLazy};
 use serde::{Deserialize, Serialize};
 
 use crate::bundle::{Bundle, SplitScore};
+use crate::data::augment::VALID_ROUND;
 use crate::data::batcher::{UserBatcher, UserDataset};
 use crate::data::store::{PreparedDataset, Split};
 use crate::error::{ClueError, Result};
@@ -35,7 +36,8 @@ pub fn score<B: Backend>(
         users,
         config.model.max_items,
         config.model.max_item_tokens,
-    );
+    )
+    .with_views(config.train.views(VALID_ROUND));
     let loader = DataLoaderBuilder::<B, _, _>::new(UserBatcher::of::<B>(
         config.model.max_items,
         config.model.max_item_tokens,

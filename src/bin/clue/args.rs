@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use clue::data::prepare::PrepareOptions;
+use clue::data::prepare::{Objective, PrepareOptions};
 use clue::error::ClueError;
 
 #[derive(Parser)]
@@ -64,7 +64,7 @@ pub enum Command {
     Embed(EmbedArgs),
     /// Evaluate user embeddings on a downstream task (CLUE probe vs baselines).
     #[command(
-        after_help = "Examples:\n  clue eval --task data/default/synth/tasks/news.toml --model runs/tiny --out eval/news\n  clue eval --task data/default/synth/tasks/market.toml --model runs/tiny --out eval/market --seeds 3\n  clue eval --task t.toml --model runs/tiny --embeddings emb/users.safetensors --out eval/t\n  clue eval --task t.toml --model runs/tiny --models lightgcn,clue,toppop --out eval/quick\n\nWrites DIR/results.json, DIR/results.md and DIR/negatives.csv. The task file (TOML) names\ninteractions (user_id,item_id,timestamp), items (item_id,text), [features] (source = \"logs\" with\nlogs/services, or source = \"history\" with service/targets), [split], [negatives], [probe]\n(training of every learned model), models, and [model.bst|lightgcn|deepfm] hyperparameters.\nModels: task-specific bst, lightgcn, deepfm (from scratch on the task); task-agnostic clue,\ntext-mean, untrained, noise (user features into the probe); baselines toppop, random.\n`clue synth` writes two task files under <out>/tasks/."
+        after_help = "Examples:\n  clue eval --task data/default/synth/tasks/news.toml --model runs/tiny --out eval/news\n  clue eval --task data/default/synth/tasks/market.toml --model runs/tiny --out eval/market --seeds 3\n  clue eval --task t.toml --model runs/tiny --embeddings emb/users.safetensors --out eval/t\n  clue eval --task t.toml --model runs/tiny --models lightgcn,clue,toppop --out eval/quick\n  clue eval --task t.toml --model runs/tiny --compare simclr=runs/simclr --out eval/vs-simclr\n\nWrites DIR/results.json, DIR/results.md and DIR/negatives.csv. The task file (TOML) names\ninteractions (user_id,item_id,timestamp), items (item_id,text), [features] (source = \"logs\" with\nlogs/services, or source = \"history\" with service/targets), [split], [negatives], [probe]\n(training of every learned model), models, and [model.bst|lightgcn|deepfm] hyperparameters.\nModels: task-specific bst, lightgcn, deepfm (from scratch on the task); task-agnostic clue,\ntext-mean, untrained, noise (user features into the probe); baselines toppop, random.\n`clue synth` writes two task files under <out>/tasks/."
     )]
     Eval(EvalArgs),
     /// Measure training and inference throughput on the PyTorch reference's workload.
@@ -236,6 +236,10 @@ pub struct EvalArgs {
     /// `--models bst,lightgcn,clue,toppop`.
     #[arg(long, value_delimiter = ',')]
     pub models: Option<Vec<String>>,
+    /// Also probe another clue run's user features, reported as NAME (repeatable), e.g.
+    /// `--compare simclr=runs/simclr` for a run pretrained with the SimCLR objective.
+    #[arg(long, value_name = "NAME=DIR")]
+    pub compare: Vec<String>,
 }
 
 #[derive(Args)]
@@ -315,6 +319,10 @@ pub struct PrepareArgs {
     /// Seed of the user split [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Objective the data is for: cross-service (two or more services) or simclr (one is
+    /// enough) [default: cross-service].
+    #[arg(long)]
+    pub objective: Option<Objective>,
 }
 
 impl PrepareArgs {
@@ -349,7 +357,8 @@ impl PrepareArgs {
             min_behaviors,
             valid_fraction,
             test_fraction,
-            seed
+            seed,
+            objective
         );
         if self.tokenizer.is_some() {
             o.tokenizer = self.tokenizer.clone();

@@ -399,6 +399,16 @@ fn embed_cmd(a: EmbedArgs) -> anyhow::Result<()> {
 }
 
 fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
+    let compare = a
+        .compare
+        .iter()
+        .map(|c| match c.split_once('=') {
+            Some((name, dir)) => Ok((name.trim().to_string(), PathBuf::from(dir))),
+            None => {
+                anyhow::bail!("--compare `{c}` is not NAME=DIR: e.g. --compare simclr=runs/simclr")
+            }
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let job = Job::Eval(EvalOptions {
         task: a.task.clone(),
         model: a.model.clone(),
@@ -407,6 +417,7 @@ fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
         seeds: a.seeds.max(1),
         batch_size: USER_BATCH,
         models: a.models.clone(),
+        compare,
     });
     dispatch(&a.device, &job)
 }
