@@ -314,13 +314,24 @@ fn eval_features_never_see_behaviour_after_the_first_target() {
     assert!(e.to_string().contains("unknown model `xgboost`"), "{e}");
 }
 
+/// The models the eval test runs (the task-specific models' own tests train bst and deepfm).
+const PROBED_MODELS: [&str; 7] = [
+    "hybrid",
+    "lightgcn",
+    "clue",
+    "text-mean",
+    "noise",
+    "toppop",
+    "random",
+];
+
 #[test]
 fn eval_compares_models_on_one_split_and_one_set_of_negatives() {
     let dir = tempfile::tempdir().unwrap();
     let run = bundle(dir.path());
     let task_path = data_root().join("s/tasks/news.toml");
     let mut text = std::fs::read_to_string(&task_path).unwrap();
-    text.push_str("\n[probe]\nepochs = 30\npatience = 5\n");
+    text.push_str("\n[probe]\nepochs = 30\npatience = 5\n[model.hybrid]\nbase = \"lightgcn\"\n");
     std::fs::write(&task_path, text).unwrap();
     let out = dir.path().join("eval");
     let o = EvalOptions {
@@ -330,12 +341,7 @@ fn eval_compares_models_on_one_split_and_one_set_of_negatives() {
         out: out.clone(),
         seeds: 1,
         batch_size: 64,
-        // The synth task lists all nine; the task-specific models' own tests train them.
-        models: Some(
-            ["lightgcn", "clue", "text-mean", "noise", "toppop", "random"]
-                .map(String::from)
-                .to_vec(),
-        ),
+        models: Some(PROBED_MODELS.map(String::from).to_vec()),
         // The same run again under another name: `--compare` must give clue's figures exactly.
         compare: vec![("again".into(), run.clone())],
     };
@@ -369,10 +375,14 @@ fn eval_compares_models_on_one_split_and_one_set_of_negatives() {
             group.users > 0 && group.users < r.counts.users[2],
             "{g}: {group:?}"
         );
-        assert_eq!(group.models.len(), 7);
+        assert_eq!(group.models.len(), 8);
         assert_eq!(group.models["random"].sampled.n, group.positives);
     }
-    for m in ["lightgcn", "clue", "text-mean", "noise", "toppop", "random"] {
+    // The hybrid: the configured base with a projection of the CLUE features added.
+    let base = r.hybrid_base.as_deref().unwrap_or_default();
+    assert!(base.starts_with("lightgcn + CLUE features"), "{base}");
+    assert!(r.costs["hybrid"].parameters > r.costs["lightgcn"].parameters);
+    for m in PROBED_MODELS {
         assert!(r.models.contains_key(m), "{m} missing");
         assert_eq!(
             r.models[m].sampled.n, r.counts.positives[2],
@@ -423,7 +433,21 @@ fn eval_compares_models_on_one_split_and_one_set_of_negatives() {
             .unwrap_or_else(|| panic!("{row} missing:\n{md}"))
     };
     assert!(at("| task-agnostic | noise |") < at("| task-agnostic | again |"));
-    assert!(at("| task-agnostic | again |") < at("| baseline | toppop |"));
+    assert!(at("| task-agnostic | again |") < at("| hybrid | hybrid |"));
+    assert!(at("| hybrid | hybrid |") < at("| baseline | toppop |"));
+    assert!(md.contains("hybrid: lightgcn + CLUE features"));
+
+    // A history task with prefix rows cannot take CLUE features from a file of whole users.
+    let market = EvalOptions {
+        task: data_root().join("s/tasks/market.toml"),
+        embeddings: Some(dir.path().join("users.safetensors")),
+        models: Some(vec!["clue".into()]),
+        compare: Vec::new(),
+        out: dir.path().join("market"),
+        ..o.clone()
+    };
+    let err = eval::<Autodiff<B>>(&Default::default(), &market).unwrap_err();
+    assert!(err.to_string().contains("`prefixes` rows"), "{err}");
 }
 
 /// `clue embed` (its own reader, item cache and inference batches) gives, for every user of the

@@ -220,7 +220,7 @@ fn lastfm_into(input: &Path, dir: &Path, cutoff: i64) -> Result<ConvertReport> {
          description = \"Artists a Last.fm user tags on or after {cutoff}. User features: the user's tag service strictly before their first target (listening has no timestamps, so it cannot be shown to precede the targets and is left out).\"\n\
          interactions = \"tag-artist/interactions.csv\"\n\
          items = \"tag-artist/items.csv\"\n\
-         models = [\"bst\", \"lightgcn\", \"deepfm\", \"clue\", \"text-mean\", \"untrained\", \"noise\", \"toppop\", \"random\"]\n\n\
+         models = [\"bst\", \"lightgcn\", \"deepfm\", \"clue\", \"text-mean\", \"untrained\", \"noise\", \"hybrid\", \"toppop\", \"random\"]\n\n\
          [features]\nsource = \"logs\"\nlogs = [\"../logs/tag.csv\"]\nservices = [\"tag\"]\nitems_as_service = \"listen\"\n\n\
          [split]\nseed = 7\nvalid = 0.1\ntest = 0.2\n\n\
          [negatives]\ncount = 100\nseed = 13\n",
@@ -252,8 +252,8 @@ fn history_task(dir: &Path, name: &str, service: &str, description: &str) -> Res
          description = \"{description}\"\n\
          interactions = \"{name}/interactions.csv\"\n\
          items = \"{name}/items.csv\"\n\
-         models = [\"bst\", \"lightgcn\", \"deepfm\", \"clue\", \"text-mean\", \"untrained\", \"noise\", \"toppop\", \"random\"]\n\n\
-         [features]\nsource = \"history\"\nservice = \"{service}\"\ntargets = 1\n\n\
+         models = [\"bst\", \"lightgcn\", \"deepfm\", \"clue\", \"text-mean\", \"untrained\", \"noise\", \"hybrid\", \"toppop\", \"random\"]\n\n\
+         [features]\nsource = \"history\"\nservice = \"{service}\"\ntargets = 1\nprefixes = 10\n\n\
          [split]\nseed = 7\nvalid = 0.1\ntest = 0.2\n\n\
          [negatives]\ncount = 100\nseed = 13\n"
     );

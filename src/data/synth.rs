@@ -455,7 +455,7 @@ name = "news"
 description = "News a user reads next: a held-out service of the same company. User features: the user's search and shop logs strictly before their first news read."
 interactions = "news/interactions.csv"
 items = "news/items.csv"
-models = ["bst", "lightgcn", "deepfm", "clue", "text-mean", "untrained", "noise", "toppop", "random"]
+models = ["bst", "lightgcn", "deepfm", "clue", "text-mean", "untrained", "noise", "hybrid", "toppop", "random"]
 
 [features]
 source = "logs"
@@ -469,7 +469,7 @@ name = "market"
 description = "Next product at another company (other user ids, other title templates). User features: the frozen encoder reads the user's earlier products there as one service (inter-company transfer)."
 interactions = "market/interactions.csv"
 items = "market/items.csv"
-models = ["bst", "lightgcn", "deepfm", "clue", "text-mean", "untrained", "noise", "toppop", "random"]
+models = ["bst", "lightgcn", "deepfm", "clue", "text-mean", "untrained", "noise", "hybrid", "toppop", "random"]
 
 [features]
 source = "history"
@@ -477,6 +477,8 @@ service = "market"
 as_service = "shop"
 items_as_service = "shop"
 targets = 1
+# Training users also learn from (earlier products → the next one) pairs, their last 10.
+prefixes = 10
 "#;
 
 /// Item ids of a task catalogue: `n<topic>_<index>`.

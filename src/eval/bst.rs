@@ -11,7 +11,9 @@ use burn::nn::{Embedding, Linear, Relu};
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
+use crate::eval::hybrid::{FeatureTower, user_side};
 use crate::eval::ids::{IdData, ItemTower, int_tensor};
+use crate::eval::probe::Matrix;
 use crate::eval::task::BstConfig;
 use crate::model::block::Encoder;
 use crate::model::init::Init;
@@ -26,6 +28,8 @@ pub struct Bst<B: Backend> {
     out: Linear<B>,
     activation: Relu,
     max_len: usize,
+    /// `hybrid`: CLUE user features, added to the attended history.
+    clue: Option<FeatureTower<B>>,
 }
 
 /// Encoded histories `[b, max_len, dim]` and their padding as an additive bias `[b, 1, max_len]`
@@ -36,7 +40,8 @@ struct Encoded<B: Backend> {
 }
 
 impl<B: Backend> Bst<B> {
-    pub fn new(c: &BstConfig, ids: &IdData, init: &mut Init<B>) -> Self {
+    /// `clue_cols`: the width of the user features of a `hybrid` (`None`: plain BST).
+    pub fn new(c: &BstConfig, ids: &IdData, clue_cols: Option<usize>, init: &mut Init<B>) -> Self {
         let d = c.dim;
         Self {
             items: ItemTower::new(ids, d, init),
@@ -47,6 +52,7 @@ impl<B: Backend> Bst<B> {
             out: init.linear(d, 1),
             activation: Relu::new(),
             max_len: c.max_len,
+            clue: FeatureTower::new(clue_cols, d, init),
         }
     }
 
@@ -78,12 +84,17 @@ impl<B: Backend> Bst<B> {
         Encoded { h, bias }
     }
 
-    /// Logits `[b·m]` of `m` candidates `t` `[b, m, dim]` against each of `b` encoded histories.
-    fn head(&self, e: Encoded<B>, t: Tensor<B, 3>) -> Tensor<B, 1> {
+    /// Logits `[b·m]` of `m` candidates `t` `[b, m, dim]` against each of `b` encoded histories;
+    /// `clue` `[b, dim]`: a hybrid's projected user features, added to the attended history.
+    fn head(&self, e: Encoded<B>, t: Tensor<B, 3>, clue: Option<Tensor<B, 2>>) -> Tensor<B, 1> {
         let [b, m, d] = t.dims();
         let q = self.query.forward(t.clone());
         let logits = q.matmul(e.h.clone().swap_dims(1, 2)) / (d as f64).sqrt() + e.bias;
-        let a = softmax(logits, 2).matmul(e.h).reshape([b * m, d]);
+        let mut a = softmax(logits, 2).matmul(e.h);
+        if let Some(c) = clue {
+            a = a + c.reshape([b, 1, d]);
+        }
+        let a = a.reshape([b * m, d]);
         let t = t.reshape([b * m, d]);
         let x = Tensor::cat(vec![a.clone(), t.clone(), a.clone() * t.clone()], 1);
         let mlp = self
@@ -93,8 +104,15 @@ impl<B: Backend> Bst<B> {
         mlp + (a * t).sum_dim(1).reshape([b * m])
     }
 
-    /// Logits `[n]` of (user row, catalogue item) pairs; each distinct user encoded once.
-    pub fn score(&self, ids: &IdData, users: &[usize], items: &[usize]) -> Tensor<B, 1> {
+    /// Logits `[n]` of (user row, catalogue item) pairs; each distinct user encoded once. `clue`:
+    /// a hybrid's user features.
+    pub fn score(
+        &self,
+        ids: &IdData,
+        clue: Option<&Matrix>,
+        users: &[usize],
+        items: &[usize],
+    ) -> Tensor<B, 1> {
         let device = self.position.weight.device();
         let mut distinct: Vec<usize> = users.to_vec();
         distinct.sort_unstable();
@@ -110,11 +128,11 @@ impl<B: Backend> Bst<B> {
         };
         let t = self.items.forward(ids, items);
         let [n, d] = t.dims();
-        self.head(e, t.reshape([n, 1, d]))
+        self.head(e, t.reshape([n, 1, d]), user_side(&self.clue, clue, users))
     }
 
     /// Scores `[rows, n_items]` of the users `rows` over the catalogue.
-    pub fn score_catalogue(&self, ids: &IdData, rows: &[usize]) -> Vec<f32> {
+    pub fn score_catalogue(&self, ids: &IdData, clue: Option<&Matrix>, rows: &[usize]) -> Vec<f32> {
         let catalogue: Vec<usize> = (0..ids.n_items).collect();
         let t = self.items.forward(ids, &catalogue);
         let [n, d] = t.dims();
@@ -122,12 +140,14 @@ impl<B: Backend> Bst<B> {
         let mut out = Vec::with_capacity(rows.len() * n);
         for chunk in rows.chunks(64) {
             let e = self.encode(ids, chunk);
+            let side = user_side(&self.clue, clue, chunk);
             for r in 0..chunk.len() {
                 let one = Encoded {
                     h: e.h.clone().narrow(0, r, 1),
                     bias: e.bias.clone().narrow(0, r, 1),
                 };
-                out.extend(crate::eval::probe::host(self.head(one, t.clone())));
+                let c = side.as_ref().map(|s| s.clone().narrow(0, r, 1));
+                out.extend(crate::eval::probe::host(self.head(one, t.clone(), c)));
             }
         }
         out

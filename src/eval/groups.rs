@@ -10,13 +10,13 @@
 
 use crate::eval::task_data::TaskData;
 
-/// `(name, user rows)` of each group, over all task users.
+/// `(name, user rows)` of each group, over all task users (not the training prefix rows).
 pub fn user_groups(data: &TaskData) -> Vec<(&'static str, Vec<usize>)> {
-    let n = data.activity.len();
+    let n = data.task_users.min(data.activity.len());
     if n == 0 {
         return Vec::new();
     }
-    let mut sorted = data.activity.clone();
+    let mut sorted = data.activity[..n].to_vec();
     sorted.sort_unstable();
     let at = |q: f64| sorted[((n - 1) as f64 * q).round() as usize];
     let (low, high) = (at(0.1), at(0.9));

@@ -13,7 +13,9 @@ use burn::prelude::*;
 use burn::tensor::IndexingUpdateOp;
 
 use crate::data::store::Split;
+use crate::eval::hybrid::{FeatureTower, user_side};
 use crate::eval::ids::{IdData, ItemTower, int_tensor};
+use crate::eval::probe::Matrix;
 use crate::eval::task::LightGcnConfig;
 use crate::eval::task_data::TaskData;
 use crate::model::init::Init;
@@ -58,14 +60,40 @@ pub struct LightGcn<B: Backend> {
     users: Embedding<B>,
     items: ItemTower<B>,
     layers: usize,
+    /// `hybrid`: CLUE user features, added to the propagated user vector.
+    clue: Option<FeatureTower<B>>,
 }
 
 impl<B: Backend> LightGcn<B> {
-    pub fn new(c: &LightGcnConfig, ids: &IdData, init: &mut Init<B>) -> Self {
+    /// `clue_cols`: the width of the user features of a `hybrid` (`None`: plain LightGCN).
+    pub fn new(
+        c: &LightGcnConfig,
+        ids: &IdData,
+        clue_cols: Option<usize>,
+        init: &mut Init<B>,
+    ) -> Self {
         Self {
             users: init.embedding(ids.seqs.len().max(1), c.dim),
             items: ItemTower::new(ids, c.dim, init),
             layers: c.layers,
+            clue: FeatureTower::new(clue_cols, c.dim, init),
+        }
+    }
+
+    /// The final vectors `[users.len(), dim]` of the user rows `users` (with a hybrid's
+    /// projected features added).
+    fn user_vectors(
+        &self,
+        all: Tensor<B, 2>,
+        clue: Option<&Matrix>,
+        users: &[usize],
+    ) -> Tensor<B, 2> {
+        let device = all.device();
+        let n = users.len();
+        let u = all.select(0, int_tensor(users.iter().map(|&x| x as i64), [n], &device));
+        match user_side(&self.clue, clue, users) {
+            Some(c) => u + c,
+            None => u,
         }
     }
 
@@ -103,24 +131,33 @@ impl<B: Backend> LightGcn<B> {
         (user_sum / k, item_sum / k)
     }
 
-    /// Logits `[n]` of (user row, catalogue item) pairs.
-    pub fn score(&self, ids: &IdData, g: &Graph, users: &[usize], items: &[usize]) -> Tensor<B, 1> {
+    /// Logits `[n]` of (user row, catalogue item) pairs; `clue`: a hybrid's user features.
+    pub fn score(
+        &self,
+        ids: &IdData,
+        g: &Graph,
+        clue: Option<&Matrix>,
+        users: &[usize],
+        items: &[usize],
+    ) -> Tensor<B, 1> {
         let device = self.users.weight.device();
         let (u, i) = self.propagate(ids, g);
         let n = users.len();
-        let u = u.select(0, int_tensor(users.iter().map(|&x| x as i64), [n], &device));
+        let u = self.user_vectors(u, clue, users);
         let i = i.select(0, int_tensor(items.iter().map(|&x| x as i64), [n], &device));
         (u * i).sum_dim(1).reshape([n])
     }
 
     /// Scores `[rows, n_items]` of the users `rows` over the catalogue.
-    pub fn score_catalogue(&self, ids: &IdData, g: &Graph, rows: &[usize]) -> Vec<f32> {
-        let device = self.users.weight.device();
+    pub fn score_catalogue(
+        &self,
+        ids: &IdData,
+        g: &Graph,
+        clue: Option<&Matrix>,
+        rows: &[usize],
+    ) -> Vec<f32> {
         let (u, i) = self.propagate(ids, g);
-        let u = u.select(
-            0,
-            int_tensor(rows.iter().map(|&x| x as i64), [rows.len()], &device),
-        );
+        let u = self.user_vectors(u, clue, rows);
         let i = i.narrow(0, 0, ids.n_items);
         crate::eval::probe::host(u.matmul(i.transpose()))
     }

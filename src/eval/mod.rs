@@ -17,13 +17,17 @@
 //! Models (paper Table 3): task-specific ones learned from scratch on the task ([`bst`],
 //! [`lightgcn`], [`deepfm`] over the ids and words of [`ids`]); task-agnostic user features fed to
 //! the same [`probe`] (`clue`, `text-mean`, `untrained` — the encoder with random weights — and
-//! `noise`); non-learned baselines (`toppop`, `random`). [`models`] runs each under the
-//! [`protocol`]; [`groups`] cuts the test users by activity (Table 4).
+//! `noise`); the [`hybrid`] of CLUE features and the better task-specific model; non-learned
+//! baselines (`toppop`, `random`). [`models`] runs each under the [`protocol`]; [`groups`] cuts
+//! the test users by activity (Table 4). Under `source = "history"`, `prefixes` adds training
+//! rows (history prefix → next item) that every trained model learns from
+//! ([`TaskData::add_prefix_rows`]).
 
 pub mod baselines;
 pub mod bst;
 pub mod deepfm;
 pub mod groups;
+pub mod hybrid;
 pub mod ids;
 pub mod lightgcn;
 pub mod metrics;
@@ -38,7 +42,7 @@ pub mod train;
 
 pub use negatives::draw_negatives;
 pub use report::{Cost, EvalResults, GroupResult, ModelResult};
-pub use task::{Features, MODELS, NegativesConfig, Source, SplitConfig, Task};
+pub use task::{Features, HYBRID, MODELS, NegativesConfig, Source, SplitConfig, Task};
 pub use task_data::{TaskCounts, TaskData, load_task};
 
 use std::collections::BTreeMap;
@@ -52,10 +56,16 @@ use crate::cpu::{peak_rss_mib, reset_peak_rss};
 use crate::data::store::{hex, write_atomic};
 use crate::embed::Embedder;
 use crate::error::{ClueError, Result};
+use crate::eval::hybrid::pick_base;
 use crate::eval::ids::IdData;
-use crate::eval::models::{baseline, frozen_item_vectors, probe_model_runs, task_specific};
+use crate::eval::models::{
+    ItemVectors, baseline, frozen_item_vectors, probe_model_runs, standardised_features,
+    task_specific,
+};
+use crate::eval::probe::Matrix;
 use crate::eval::protocol::Protocol;
 use crate::eval::report::mean_std;
+use crate::eval::task::{BASELINES, PROBED, TASK_SPECIFIC};
 use crate::ui;
 
 /// What `clue eval` is asked to do.
@@ -81,7 +91,7 @@ pub fn eval<B: AutodiffBackend>(device: &B::Device, o: &EvalOptions) -> Result<E
         task.models = models.clone();
         task.validate(&o.task)?;
     }
-    check_compare(&task, o)?;
+    check_options(&task, o)?;
     let e = Embedder::<B::InnerBackend>::load(&o.model, device)?;
     // Every compared run loads before any training: a wrong directory fails at once.
     let compared = o
@@ -94,15 +104,18 @@ pub fn eval<B: AutodiffBackend>(device: &B::Device, o: &EvalOptions) -> Result<E
             ))
         })
         .collect::<Result<Vec<_>>>()?;
-    let data = load_task(&task, e.max_items)?;
+    let mut data = load_task(&task, e.max_items)?;
     let negatives = draw_negatives(&data, task.negatives.count, task.negatives.seed)?;
     std::fs::create_dir_all(&o.out).map_err(|err| ClueError::io(&o.out, err))?;
     let negatives_sha256 = write_negatives(&o.out, &data, &negatives)?;
     let split_sha256 = split_hash(&data);
+    // After the split and negatives are fixed: the added rows are training rows only.
+    data.add_prefix_rows(task.features.prefixes);
 
     let protocol = Protocol::new(&task, &data, &negatives);
     let seeds: Vec<u64> = (0..o.seeds.max(1) as u64).collect();
-    let mut vectors = None;
+    let mut vectors: Option<ItemVectors> = None;
+    let mut hybrid_base = None;
     let mut results = BTreeMap::new();
     let mut stds = BTreeMap::new();
     let mut validation = BTreeMap::new();
@@ -123,20 +136,38 @@ pub fn eval<B: AutodiffBackend>(device: &B::Device, o: &EvalOptions) -> Result<E
     let mut costs = BTreeMap::new();
     // Built on first use: the id view only the task-specific models need.
     let mut ids = None;
-    let names: Vec<&String> = task
+    let mut names: Vec<&String> = task
         .models
         .iter()
         .chain(o.compare.iter().map(|c| &c.0))
         .collect();
+    // The hybrid picks its base on the other models' validation results: it runs last.
+    names.sort_by_key(|n| *n == HYBRID);
     for name in names {
         ui::detail(format!("model {name}"));
         reset_peak_rss();
         let started = Instant::now();
+        // The run's own frozen item vectors, encoded once for every model that uses them.
+        let own_encoder =
+            name == HYBRID || (PROBED.contains(&name.as_str()) && name != "untrained");
+        if vectors.is_none() && own_encoder {
+            vectors = Some(frozen_item_vectors(&e, &task, &data)?);
+        }
         let runs = match name.as_str() {
-            "toppop" | "random" => baseline(name, &protocol),
-            "bst" | "lightgcn" | "deepfm" => {
+            b if BASELINES.contains(&b) => baseline(name, &protocol),
+            t if TASK_SPECIFIC.contains(&t) => {
                 let ids = ids.get_or_insert_with(|| IdData::new(&data, task.features.source));
-                task_specific::<B>(name, &protocol, ids, &seeds, device)
+                task_specific::<B>(name, &protocol, ids, None, &seeds, device)
+            }
+            HYBRID => {
+                let (base, why) = pick_base(task.model.hybrid.base, &validation);
+                ui::detail(format!("hybrid: {why}"));
+                hybrid_base = Some(why);
+                let v = vectors.as_ref().expect("encoded above");
+                let (x, cols) = standardised_features("clue", o, &e, &protocol, &v.features)?;
+                let x = Matrix { data: &x, cols };
+                let ids = ids.get_or_insert_with(|| IdData::new(&data, task.features.source));
+                task_specific::<B>(base, &protocol, ids, Some(&x), &seeds, device)
             }
             "untrained" => {
                 let random = Embedder::<B::InnerBackend>::load(&o.model, device)?
@@ -150,11 +181,8 @@ pub fn eval<B: AutodiffBackend>(device: &B::Device, o: &EvalOptions) -> Result<E
                     probe_model_runs::<B>(probed, o, other, &v, &protocol, &seeds, device)?
                 }
                 None => {
-                    if vectors.is_none() {
-                        vectors = Some(frozen_item_vectors(&e, &task, &data)?);
-                    }
-                    let vectors = vectors.as_ref().expect("set");
-                    probe_model_runs::<B>(probed, o, &e, vectors, &protocol, &seeds, device)?
+                    let v = vectors.as_ref().expect("encoded above");
+                    probe_model_runs::<B>(probed, o, &e, v, &protocol, &seeds, device)?
                 }
             },
         };
@@ -195,13 +223,26 @@ pub fn eval<B: AutodiffBackend>(device: &B::Device, o: &EvalOptions) -> Result<E
         leakage_rule: leakage_rule(&task.features),
         groups,
         costs,
+        hybrid_base,
     };
     write_results(&o.out, &out)?;
     Ok(out)
 }
 
-/// `--compare` names: new (not a model of the task or [`MODELS`]), distinct, non-empty.
-fn check_compare(task: &Task, o: &EvalOptions) -> Result<()> {
+/// `--compare` names: new (not a model of the task or [`MODELS`]), distinct, non-empty; and
+/// `--embeddings` only where no prefix row needs CLUE features (the file holds whole users).
+fn check_options(task: &Task, o: &EvalOptions) -> Result<()> {
+    let uses_clue = task.models.iter().any(|m| m == "clue" || m == HYBRID);
+    if let (Some(path), true) = (&o.embeddings, task.features.prefixes > 0 && uses_clue) {
+        return Err(ClueError::config(
+            format!(
+                "--embeddings {}: the task's `prefixes` rows need CLUE features of history \
+                 prefixes, which a file of whole users does not hold",
+                path.display()
+            ),
+            "leave out --embeddings (clue eval embeds the prefixes itself), or set prefixes = 0",
+        ));
+    }
     for (i, (name, dir)) in o.compare.iter().enumerate() {
         let taken = MODELS.contains(&name.as_str())
             || task.models.contains(name)

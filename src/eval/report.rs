@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::eval::metrics::Metrics;
-use crate::eval::task::{BASELINES, MODELS, PROBED, TASK_SPECIFIC, Task};
+use crate::eval::task::{BASELINES, HYBRID, MODELS, TASK_SPECIFIC, Task};
 use crate::eval::task_data::TaskCounts;
 
 /// Sampled and full-catalogue metrics of one model on one split.
@@ -39,6 +39,9 @@ pub struct EvalResults {
     /// What each model cost (paper Table 2).
     #[serde(default)]
     pub costs: BTreeMap<String, Cost>,
+    /// The task-specific model `hybrid` added CLUE features to, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hybrid_base: Option<String>,
 }
 
 /// One user group's test users, positives and per-model metrics.
@@ -62,14 +65,17 @@ pub struct Cost {
     pub peak_rss_mib: f64,
 }
 
-/// Which column of the paper's Table 3 a model belongs to.
-pub fn kind(model: &str) -> &'static str {
+/// Which column of the paper's Table 3 a model belongs to, in table order: task-specific,
+/// task-agnostic (the `--compare` runs among them), hybrid, baselines.
+pub fn kind(model: &str) -> (usize, &'static str) {
     if TASK_SPECIFIC.contains(&model) {
-        "task-specific"
+        (0, "task-specific")
+    } else if model == HYBRID {
+        (2, "hybrid")
     } else if BASELINES.contains(&model) {
-        "baseline"
+        (3, "baseline")
     } else {
-        "task-agnostic"
+        (1, "task-agnostic")
     }
 }
 
@@ -94,7 +100,7 @@ impl EvalResults {
             };
             s.push_str(&format!(
                 "| {} | {name} | {} | {} | {} | {} | {} | {} | {} |\n",
-                kind(name),
+                kind(name).1,
                 cell(r.sampled.hr1, &|d| d.sampled.hr1),
                 cell(r.sampled.hr10, &|d| d.sampled.hr10),
                 cell(r.sampled.ndcg10, &|d| d.sampled.ndcg10),
@@ -103,6 +109,9 @@ impl EvalResults {
                 cell(r.full.ndcg10, &|d| d.full.ndcg10),
                 cell(r.full.mrr, &|d| d.full.mrr),
             ));
+        }
+        if let Some(base) = &self.hybrid_base {
+            s.push_str(&format!("\nhybrid: {base}\n"));
         }
         s.push_str(&self.groups_markdown());
         s.push_str(&self.costs_markdown());
@@ -118,22 +127,9 @@ impl EvalResults {
 }
 
 impl EvalResults {
-    /// Model names as Table 3 orders them: task-specific, task-agnostic (`--compare` runs after
-    /// the built-in ones, by name), baselines.
+    /// The models, in [`table_order`].
     fn in_table_order(&self) -> Vec<&str> {
-        let mut names: Vec<&str> = self.models.keys().map(String::as_str).collect();
-        let compared = 2 * MODELS
-            .iter()
-            .position(|x| *x == PROBED[PROBED.len() - 1])
-            .expect("listed")
-            + 1;
-        names.sort_by_key(|m| {
-            MODELS
-                .iter()
-                .position(|x| x == m)
-                .map_or(compared, |p| 2 * p)
-        });
-        names
+        table_order(self.models.keys().map(String::as_str).collect())
     }
 
     /// Sampled MRR of every model within each user group (Table 4).
@@ -184,6 +180,16 @@ impl EvalResults {
     }
 }
 
+/// Model names as Table 3 orders them: by [`kind`], then as [`MODELS`] lists them; names
+/// outside it (the `--compare` runs) after the built-in task-agnostic models, in the given order.
+fn table_order(mut names: Vec<&str>) -> Vec<&str> {
+    names.sort_by_key(|m| {
+        let listed = MODELS.iter().position(|x| x == m);
+        (kind(m).0, listed.unwrap_or(MODELS.len()))
+    });
+    names
+}
+
 /// Mean and standard deviation over runs (seeds) of every metric; `n` is the first run's.
 pub fn mean_std(runs: &[ModelResult]) -> (ModelResult, ModelResult) {
     let n = runs.len().max(1) as f64;
@@ -232,6 +238,19 @@ pub fn mean_std(runs: &[ModelResult]) -> (ModelResult, ModelResult) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tables_list_task_specific_agnostic_compared_hybrid_then_baselines() {
+        let names = vec![
+            "random", "hybrid", "again", "clue", "toppop", "noise", "bst", "simclr",
+        ];
+        assert_eq!(
+            table_order(names),
+            [
+                "bst", "clue", "noise", "again", "simclr", "hybrid", "toppop", "random"
+            ]
+        );
+    }
 
     #[test]
     fn mean_std_is_over_seeds_with_population_sd() {

@@ -40,6 +40,11 @@ pub struct Features {
     /// `source = "history"`: how many of a user's last interactions are targets.
     #[serde(default = "one")]
     pub targets: usize,
+    /// `source = "history"`: besides their targets, each training user contributes up to this
+    /// many (history prefix → next item) pairs, the most recent ones, as sequential recommenders
+    /// train; every trained model learns from the same pairs. 0: targets only.
+    #[serde(default)]
+    pub prefixes: usize,
 }
 
 fn one() -> usize {
@@ -81,8 +86,8 @@ impl Default for NegativesConfig {
 }
 
 /// Every model `clue eval` knows, in report order: task-specific (trained from scratch on the
-/// task), task-agnostic (user features into the probe), non-learned baselines.
-pub const MODELS: [&str; 9] = [
+/// task), task-agnostic (user features into the probe), hybrid, non-learned baselines.
+pub const MODELS: [&str; 10] = [
     "bst",
     "lightgcn",
     "deepfm",
@@ -90,6 +95,7 @@ pub const MODELS: [&str; 9] = [
     "text-mean",
     "untrained",
     "noise",
+    "hybrid",
     "toppop",
     "random",
 ];
@@ -100,7 +106,10 @@ pub const TASK_SPECIFIC: [&str; 3] = ["bst", "lightgcn", "deepfm"];
 /// Models whose user features go into the probe (paper Table 3, middle).
 pub const PROBED: [&str; 4] = ["clue", "text-mean", "untrained", "noise"];
 
-/// Non-learned baselines (paper Table 3, right).
+/// CLUE features in the user tower of a task-specific model (paper Table 3, right).
+pub const HYBRID: &str = "hybrid";
+
+/// Non-learned baselines.
 pub const BASELINES: [&str; 2] = ["toppop", "random"];
 
 /// `[model.bst]` in a task file. The paper: 4 layers, hidden 128, 4 heads; smaller by default so
@@ -173,14 +182,44 @@ impl Default for DeepFmConfig {
     }
 }
 
-/// Hyperparameters of the task-specific models (`[model.bst]`, `[model.lightgcn]`,
-/// `[model.deepfm]`); each key has a default.
+/// The task-specific model whose user tower `hybrid` adds CLUE features to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HybridBase {
+    /// The better of `bst` and `lightgcn` by mean validation MRR in this evaluation, as the
+    /// paper picks per task (both must be among the models).
+    #[default]
+    Auto,
+    Bst,
+    Lightgcn,
+}
+
+impl HybridBase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Bst => "bst",
+            Self::Lightgcn => "lightgcn",
+        }
+    }
+}
+
+/// `[model.hybrid]` in a task file: the base's own table gives its hyperparameters.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HybridConfig {
+    pub base: HybridBase,
+}
+
+/// Hyperparameters of the trained models (`[model.bst]`, `[model.lightgcn]`, `[model.deepfm]`,
+/// `[model.hybrid]`); each key has a default.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelTables {
     pub bst: BstConfig,
     pub lightgcn: LightGcnConfig,
     pub deepfm: DeepFmConfig,
+    pub hybrid: HybridConfig,
 }
 
 /// A task file.
@@ -248,6 +287,14 @@ impl Task {
                     "e.g. service = \"market\", targets = 1",
                 );
             }
+            Source::Logs if f.prefixes > 0 => {
+                return bad(
+                    "`prefixes` needs source = \"history\" (under source = \"logs\" every \
+                     interaction in the task's service is already a target)"
+                        .into(),
+                    "remove `prefixes` from [features]",
+                );
+            }
             _ => {}
         }
         let s = &self.split;
@@ -281,6 +328,19 @@ impl Task {
             return bad(
                 format!("model `{}` is listed twice", m.1),
                 "list each model once",
+            );
+        }
+        let listed = |m: &str| self.models.iter().any(|x| x == m);
+        if listed(HYBRID)
+            && self.model.hybrid.base == HybridBase::Auto
+            && !(listed("bst") && listed("lightgcn"))
+        {
+            return bad(
+                "`hybrid` with [model.hybrid] base = \"auto\" picks the better of bst and \
+                 lightgcn on validation, but they are not both among the models"
+                    .into(),
+                "add \"bst\" and \"lightgcn\" to the models, or set [model.hybrid] base = \"bst\" \
+                 or \"lightgcn\"",
             );
         }
         if let Err(m) = self.model.check() {
@@ -373,9 +433,40 @@ mod tests {
             ("[model.deepfm]\nhidden = 0", "[model.deepfm] hidden = 0"),
             ("[model.deepfm]\nwidth = 8", "unknown field `width`"),
             ("[model.gbdt]\ndim = 8", "unknown field `gbdt`"),
+            (
+                "[model.hybrid]\nbase = \"deepfm\"",
+                "unknown variant `deepfm`",
+            ),
         ] {
             let e = refused(&format!("models = [\"bst\"]\n{table}"));
             assert!(e.contains(needle), "{table}: {e}");
         }
+        let e = refused("models = [\"bst\", \"hybrid\"]");
+        assert!(e.contains("not both among the models"), "{e}");
+        assert!(e.contains("base = \"bst\""), "the fix is named: {e}");
+        let chosen = "models = [\"hybrid\"]\n[model.hybrid]\nbase = \"lightgcn\"";
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.toml");
+        let ok = format!(
+            "name = \"t\"\ninteractions = \"i.csv\"\nitems = \"t.csv\"\n{chosen}\n\
+             [features]\nsource = \"history\"\nservice = \"x\"\nprefixes = 5\n"
+        );
+        std::fs::write(&path, ok).unwrap();
+        let t = Task::load(&path).unwrap();
+        assert_eq!(
+            (t.model.hybrid.base, t.features.prefixes),
+            (HybridBase::Lightgcn, 5)
+        );
+    }
+
+    #[test]
+    fn prefixes_are_refused_under_logs_features() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.toml");
+        let text = "name = \"t\"\ninteractions = \"i.csv\"\nitems = \"t.csv\"\n\
+             [features]\nsource = \"logs\"\nlogs = [\"l\"]\nservices = [\"a\"]\nprefixes = 3\n";
+        std::fs::write(&path, text).unwrap();
+        let e = Task::load(&path).map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains("`prefixes` needs source = \"history\""), "{e}");
     }
 }

@@ -16,6 +16,7 @@ use crate::eval::task::{Features, Source, Task};
 use crate::ui;
 
 /// One task's users, targets and item catalogue, features not yet encoded.
+#[derive(Clone)]
 pub struct TaskData {
     pub item_ids: Vec<String>,
     pub item_texts: Vec<String>,
@@ -30,6 +31,9 @@ pub struct TaskData {
     pub activity: Vec<u64>,
     /// Counts for the report.
     pub counts: TaskCounts,
+    /// Rows `0..task_users` are the task's users; the rows after them are training users'
+    /// history prefixes ([`TaskData::add_prefix_rows`]).
+    pub task_users: usize,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -41,6 +45,9 @@ pub struct TaskCounts {
     pub users_without_features_dropped: u64,
     pub users: [usize; 3],
     pub positives: [usize; 3],
+    /// (history prefix → next item) training rows added (`prefixes` in `[features]`).
+    #[serde(default)]
+    pub prefix_pairs: usize,
 }
 
 /// Read a task's files and build its users, targets, split and feature histories.
@@ -77,6 +84,7 @@ pub fn load_task(task: &Task, max_items: usize) -> Result<TaskData> {
     );
     let split = assign_splits(task, &features.users, &targets, &mut counts)?;
     Ok(TaskData {
+        task_users: targets.len(),
         item_ids: catalogue.ids,
         item_texts: catalogue.texts,
         users: features.users.clone(),
@@ -323,6 +331,48 @@ fn assign_splits(
     Ok(split)
 }
 
+impl TaskData {
+    /// `source = "history"`: give every training user up to `per_user` more training rows, one
+    /// per (prefix of their feature history → the item that followed it), the longest
+    /// prefixes; e.g. features a b c → rows (a → b) and (a b → c). Rows are appended after the
+    /// task's users (named `user#k`, `k` the prefix length), so valid and test users, their
+    /// negatives and the split are unchanged. A prefix target whose text names several
+    /// catalogue items is the first of them.
+    pub fn add_prefix_rows(&mut self, per_user: usize) {
+        let mut by_text: HashMap<&str, usize> = HashMap::new();
+        for (i, t) in self.item_texts.iter().enumerate() {
+            by_text.entry(t.as_str()).or_insert(i);
+        }
+        let mut rows = Vec::new();
+        for u in 0..self.task_users {
+            let Some(seq) = self.features.seqs[u].first() else {
+                continue;
+            };
+            if self.split[u] != Split::Train || seq.len() < 2 {
+                continue;
+            }
+            let first = seq.len().saturating_sub(per_user).max(1);
+            for (k, &item) in seq.iter().enumerate().skip(first) {
+                let text = self.features.items[item as usize].1.as_str();
+                if let Some(&target) = by_text.get(text) {
+                    rows.push((u, k, target));
+                }
+            }
+        }
+        for (u, k, target) in rows {
+            let name = format!("{}#{k}", self.users[u]);
+            let prefix = self.features.seqs[u][0][..k].to_vec();
+            self.features.users.push(name.clone());
+            self.features.seqs.push(vec![prefix]);
+            self.users.push(name);
+            self.targets.push(vec![target]);
+            self.split.push(Split::Train);
+            self.activity.push(k as u64);
+            self.counts.prefix_pairs += 1;
+        }
+    }
+}
+
 fn distinct(items: impl Iterator<Item = usize>) -> Vec<usize> {
     let mut seen = HashSet::new();
     items.filter(|i| seen.insert(*i)).collect()
@@ -333,6 +383,7 @@ impl TaskData {
     /// Users `u0, u1, …` with these targets and splits over items `i0, i1, …`, no features.
     pub(crate) fn for_test(targets: Vec<Vec<usize>>, split: Vec<Split>, items: usize) -> Self {
         TaskData {
+            task_users: targets.len(),
             item_ids: (0..items).map(|i| format!("i{i}")).collect(),
             item_texts: vec![String::new(); items],
             users: (0..targets.len()).map(|u| format!("u{u}")).collect(),
@@ -444,5 +495,58 @@ rex,i6,2
         }
         assert_eq!(d.split, splits);
         assert_eq!((c.users, c.positives), ([2, 1, 2], [4, 2, 3]));
+    }
+
+    #[test]
+    fn prefix_rows_are_training_pairs_appended_after_the_task_users() {
+        use crate::data::history::Histories;
+        use crate::eval::groups::user_groups;
+        // a (train): x y z → target w; b (test): x y; c (train): one item; e (train): y x.
+        let mut d = TaskData::for_test(
+            vec![vec![3], vec![2], vec![0], vec![2]],
+            vec![Split::Train, Split::Test, Split::Train, Split::Train],
+            4,
+        );
+        d.item_texts = ["x", "y", "z", "w"].map(String::from).to_vec();
+        d.features = Histories {
+            users: d.users.clone(),
+            services: vec!["market".into()],
+            // Feature items in another order than the catalogue: the targets map by text.
+            items: ["z", "x", "y"].map(|t| (0, t.to_string())).to_vec(),
+            seqs: vec![
+                vec![vec![1, 2, 0]],
+                vec![vec![1, 2]],
+                vec![vec![2]],
+                vec![vec![2, 1]],
+            ],
+            ..Default::default()
+        };
+        d.activity = vec![3, 2, 1, 9];
+        let groups = user_groups(&d);
+        let mut all = d.clone();
+        all.add_prefix_rows(10);
+        // a: (x → y), (x y → z); e: (y → x); b is a test user, c has no prefix with a next item.
+        assert_eq!(all.users[4..], ["u0#1", "u0#2", "u3#1"]);
+        assert_eq!(all.features.users, all.users);
+        assert_eq!(all.targets[4..], [vec![1], vec![2], vec![0]]);
+        assert_eq!(
+            all.features.seqs[4..],
+            [vec![vec![1]], vec![vec![1, 2]], vec![vec![2]]]
+        );
+        assert_eq!(all.split[4..], [Split::Train; 3]);
+        assert_eq!((all.task_users, all.counts.prefix_pairs), (4, 3));
+        // The task's own rows, their split and the user groups are unchanged.
+        assert_eq!(
+            (&all.users[..4], &all.split[..4]),
+            (&d.users[..], &d.split[..])
+        );
+        assert_eq!(user_groups(&all), groups);
+        // At most the longest `per_user` prefixes.
+        let mut one = d.clone();
+        one.add_prefix_rows(1);
+        assert_eq!(one.users[4..], ["u0#2", "u3#1"]);
+        let mut none = d.clone();
+        none.add_prefix_rows(0);
+        assert_eq!(none.users.len(), 4);
     }
 }
