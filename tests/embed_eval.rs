@@ -26,7 +26,7 @@ fn data_root() -> PathBuf {
 }
 
 fn bundle(dir: &Path) -> PathBuf {
-    let data = Arc::new(PreparedDataset::open(&data_root().join("p")).unwrap());
+    let data = Arc::new(PreparedDataset::open(&data_root().join("p"), true).unwrap());
     let model_config = ModelConfig {
         vocab_size: data.manifest.vocab_size as usize,
         d_model: 32,
@@ -469,7 +469,7 @@ fn embed_vectors_equal_the_training_paths_encoder_output() {
     )
     .unwrap();
 
-    let data = Arc::new(PreparedDataset::open(&data_root().join("p")).unwrap());
+    let data = Arc::new(PreparedDataset::open(&data_root().join("p"), true).unwrap());
     let b = Bundle::<B>::load(&run, &device).unwrap();
     let m = &b.config.model;
     let n = data.num_users().min(48);

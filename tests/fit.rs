@@ -49,6 +49,7 @@ fn tiny_clue_learns_to_match_a_users_two_services() {
         tui: false,
         resume: false,
         backend: "ndarray".into(),
+        verify: true,
     };
     let s: FitSummary = fit::<Autodiff<NdArray>>(Default::default(), &options).unwrap();
     assert!(
@@ -127,6 +128,7 @@ fn simclr_pretrains_on_one_service_and_learns_to_match_two_views() {
         tui: false,
         resume: false,
         backend: "ndarray".into(),
+        verify: true,
     };
     let err = fit::<Autodiff<NdArray>>(Default::default(), &options(tiny(), "cross")).unwrap_err();
     assert!(err.to_string().contains("train.objective=simclr"), "{err}");
@@ -352,7 +354,7 @@ fn weights(run: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
 #[test]
 fn the_training_loader_serves_each_period_in_the_plans_order() {
     let path = prepared(300, 8);
-    let data = Arc::new(PreparedDataset::open(&path).unwrap());
+    let data = Arc::new(PreparedDataset::open(&path, true).unwrap());
     let users = data.users_in(Split::Train);
     let plan = Arc::new(EpochPlan::new(users, 16, 2, 42, 5));
     let loader = |first| {

@@ -35,7 +35,7 @@ mod common;
 /// One prepared synthetic dataset for every test here.
 fn prepared() -> Arc<PreparedDataset> {
     let root = common::fixture(200, 11, 512, 32);
-    Arc::new(PreparedDataset::open(&root.join("p")).unwrap())
+    Arc::new(PreparedDataset::open(&root.join("p"), true).unwrap())
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {

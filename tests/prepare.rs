@@ -78,7 +78,7 @@ fn dedupe_order_truncation_and_activity_filter_follow_the_paper() {
     assert_eq!(m.users_dropped.missing_service, 1);
     assert_eq!(m.users_dropped.too_few_behaviors, 1);
     assert_eq!(m.users, 1);
-    let ds = PreparedDataset::open(&out).unwrap();
+    let ds = PreparedDataset::open(&out, true).unwrap();
     // Distinct search items by latest time: green 100, socks 250, blue 400 (max_items 3 keeps all);
     // the repeat of "blue shoes" counts at its most recent time.
     assert_eq!(
@@ -95,7 +95,7 @@ fn dedupe_order_truncation_and_activity_filter_follow_the_paper() {
         ..opts()
     };
     prepare(&[dir.path().to_path_buf()], &out, &o).unwrap();
-    let ds = PreparedDataset::open(&out).unwrap();
+    let ds = PreparedDataset::open(&out, true).unwrap();
     assert_eq!(
         texts(&ds, "u1", 0),
         vec!["red socks", "blue shoes"],
@@ -118,7 +118,7 @@ fn items_are_stored_once_with_their_service_prefix() {
     );
     let out = dir.path().join("p");
     prepare(&[dir.path().join("a.csv")], &out, &opts()).unwrap();
-    let ds = PreparedDataset::open(&out).unwrap();
+    let ds = PreparedDataset::open(&out, true).unwrap();
     assert_eq!(ds.num_items(), 3, "one item per (service, text)");
     let (a_search, b_search) = (ds.sequence(0, 0), ds.sequence(1, 0));
     assert_eq!(a_search, b_search, "two users share the one stored item");
@@ -181,7 +181,7 @@ fn split_is_by_user_disjoint_and_seeded() {
     let m = prepare(&[dir.path().join("s/logs")], &out, &o)
         .unwrap()
         .manifest;
-    let ds = PreparedDataset::open(&out).unwrap();
+    let ds = PreparedDataset::open(&out, true).unwrap();
     let (tr, va, te) = (
         ds.users_in(Split::Train),
         ds.users_in(Split::Valid),
@@ -198,7 +198,7 @@ fn split_is_by_user_disjoint_and_seeded() {
     assert!(va.len() > 50 && te.len() > 50 && tr.len() > 200);
     let o2 = PrepareOptions { seed: 10, ..o };
     prepare(&[dir.path().join("s/logs")], &dir.path().join("q"), &o2).unwrap();
-    let other = PreparedDataset::open(&dir.path().join("q")).unwrap();
+    let other = PreparedDataset::open(&dir.path().join("q"), true).unwrap();
     assert_ne!(
         other.users_in(Split::Valid),
         va,
@@ -347,7 +347,7 @@ fn dataset_and_batcher_give_the_encoder_its_input() {
         },
     )
     .unwrap();
-    let data = Arc::new(PreparedDataset::open(&out).unwrap());
+    let data = Arc::new(PreparedDataset::open(&out, true).unwrap());
     let ds = UserDataset::new(data.clone(), Split::Train, 5, 8);
     let samples: Vec<_> = (0..4).map(|i| ds.get(i).unwrap()).collect();
     for s in &samples {

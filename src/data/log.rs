@@ -3,9 +3,12 @@
 //! Files are streamed row by row; nothing here keeps rows. Bad rows either stop the read with
 //! `file:line: what is wrong` or, with `skip_bad_rows`, are counted by kind.
 
+use std::cell::Cell;
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{ClueError, Result};
 
@@ -196,28 +199,11 @@ pub fn read_logs(
 ) -> Result<ReadStats> {
     let mut stats = ReadStats::default();
     for path in files {
-        let file = File::open(path).map_err(|e| ClueError::io(path, e))?;
-        let mut reader = csv::ReaderBuilder::new()
-            .flexible(true)
-            .has_headers(true)
-            .from_reader(BufReader::with_capacity(1 << 20, file));
-        let columns = header_columns(path, &mut reader)?;
+        let mut rows = Rows::open(path)?;
+        let columns = header_columns(path, &mut rows.reader)?;
         let mut record = csv::ByteRecord::new();
         let base = stats.bytes;
-        loop {
-            match reader.read_byte_record(&mut record) {
-                Ok(true) => {}
-                Ok(false) => break,
-                Err(e) => {
-                    let line = e.position().map(|p| p.line()).unwrap_or(0);
-                    return Err(ClueError::BadRow {
-                        path: path.clone(),
-                        line,
-                        message: format!("cannot parse CSV: {e}"),
-                        hint: "check the quoting of this line",
-                    });
-                }
-            }
+        while rows.next(&mut record)? {
             stats.rows += 1;
             let line = record.position().map(|p| p.line()).unwrap_or(0);
             match parse_row(&record, &columns) {
@@ -248,7 +234,7 @@ pub fn read_logs(
                 on_progress(base + record.position().map(|p| p.byte()).unwrap_or(0));
             }
         }
-        stats.bytes = base + reader.position().byte();
+        stats.bytes = base + rows.reader.position().byte();
         stats.files += 1;
         on_progress(stats.bytes);
     }
@@ -263,11 +249,8 @@ pub fn read_table(
     columns: &[&str],
     mut on_row: impl FnMut(u64, &[&str]) -> Result<()>,
 ) -> Result<u64> {
-    let file = File::open(path).map_err(|e| ClueError::io(path, e))?;
-    let mut reader = csv::ReaderBuilder::new()
-        .flexible(true)
-        .from_reader(BufReader::with_capacity(1 << 20, file));
-    let header = header_names(path, reader.byte_headers(), "check the file".into())?;
+    let mut rows = Rows::open(path)?;
+    let header = header_names(path, rows.reader.byte_headers(), "check the file".into())?;
     let index = columns
         .iter()
         .map(|c| {
@@ -284,19 +267,8 @@ pub fn read_table(
         })
         .collect::<Result<Vec<usize>>>()?;
     let mut record = csv::ByteRecord::new();
-    let mut rows = 0;
-    loop {
-        let more = reader
-            .read_byte_record(&mut record)
-            .map_err(|e| ClueError::BadRow {
-                path: path.to_path_buf(),
-                line: e.position().map(|p| p.line()).unwrap_or(0),
-                message: format!("cannot parse CSV: {e}"),
-                hint: "check the quoting of this line",
-            })?;
-        if !more {
-            break;
-        }
+    let mut count = 0;
+    while rows.next(&mut record)? {
         let line = record.position().map(|p| p.line()).unwrap_or(0);
         let bad = |message: String, hint: &'static str| ClueError::BadRow {
             path: path.to_path_buf(),
@@ -320,10 +292,159 @@ pub fn read_table(
             })?);
         }
         on_row(line, &fields)?;
-        rows += 1;
+        count += 1;
     }
-    Ok(rows)
+    Ok(count)
 }
+
+/// Default of `--max-row-bytes`.
+pub const DEFAULT_MAX_ROW_BYTES: u64 = 64 * 1024;
+
+static MAX_ROW_BYTES: AtomicU64 = AtomicU64::new(DEFAULT_MAX_ROW_BYTES);
+
+/// The longest CSV row (in bytes) the readers accept (`--max-row-bytes`).
+pub fn set_max_row_bytes(bytes: u64) {
+    MAX_ROW_BYTES.store(bytes.max(1), Ordering::Relaxed);
+}
+
+/// The error a [`RowBound`] reader stops with.
+#[derive(Debug)]
+struct RowTooLong;
+
+impl std::fmt::Display for RowTooLong {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("row too long")
+    }
+}
+
+impl std::error::Error for RowTooLong {}
+
+/// A reader that fails once it is asked for more than `limit` bytes past the start of the row
+/// being read, so a quote that is never closed cannot pull the rest of a file into one row.
+struct RowBound<R> {
+    inner: R,
+    read: u64,
+    row_start: Rc<Cell<u64>>,
+    limit: u64,
+}
+
+impl<R: Read> Read for RowBound<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.read > self.row_start.get() + self.limit {
+            return Err(std::io::Error::other(RowTooLong));
+        }
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
+/// The CSV records of one file, each at most `--max-row-bytes` long, with a check at the end
+/// that the last row does not hold a quote that was never closed.
+struct Rows {
+    reader: csv::Reader<RowBound<BufReader<File>>>,
+    path: PathBuf,
+    row_start: Rc<Cell<u64>>,
+    limit: u64,
+    /// (first line, start byte, end byte) of the last row that spans several lines.
+    multiline: Option<(u64, u64, u64)>,
+}
+
+impl Rows {
+    fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| ClueError::io(path, e))?;
+        let limit = MAX_ROW_BYTES.load(Ordering::Relaxed);
+        let row_start = Rc::new(Cell::new(0));
+        let bound = RowBound {
+            inner: BufReader::with_capacity(1 << 20, file),
+            read: 0,
+            row_start: row_start.clone(),
+            // csv reads ahead in pieces of its buffer: allow one beyond the row.
+            limit: limit + CSV_BUFFER as u64,
+        };
+        let reader = csv::ReaderBuilder::new()
+            .flexible(true)
+            .buffer_capacity(CSV_BUFFER)
+            .from_reader(bound);
+        Ok(Self {
+            reader,
+            path: path.to_path_buf(),
+            row_start,
+            limit,
+            multiline: None,
+        })
+    }
+
+    /// Read the next row into `record`; `false` at the end of the file.
+    fn next(&mut self, record: &mut csv::ByteRecord) -> Result<bool> {
+        let at = self.reader.position().clone();
+        self.row_start.set(at.byte());
+        let more = self.reader.read_byte_record(record).map_err(|e| {
+            let too_long = matches!(e.kind(), csv::ErrorKind::Io(io)
+                if io.get_ref().is_some_and(|inner| inner.is::<RowTooLong>()));
+            if too_long {
+                self.too_long(at.line())
+            } else {
+                ClueError::BadRow {
+                    path: self.path.clone(),
+                    line: e.position().map(|p| p.line()).unwrap_or(at.line()),
+                    message: format!("cannot parse CSV: {e}"),
+                    hint: "check the quoting of this line",
+                }
+            }
+        })?;
+        if !more {
+            return match self.multiline {
+                Some((line, start, end)) if !self.quotes_balanced(start, end)? => {
+                    Err(ClueError::BadRow {
+                        path: self.path.clone(),
+                        line,
+                        message: "a quoted text that opens on this line is never closed: it runs to the end of the file".into(),
+                        hint: "close the quote (a quote inside a quoted text is written \"\")",
+                    })
+                }
+                _ => Ok(false),
+            };
+        }
+        let (start, end) = (
+            record.position().map_or(at.byte(), |p| p.byte()),
+            self.reader.position().byte(),
+        );
+        if end - start > self.limit {
+            return Err(self.too_long(at.line()));
+        }
+        let first_line = record.position().map_or(at.line(), |p| p.line());
+        if self.reader.position().line() > first_line + 1 {
+            self.multiline = Some((first_line, start, end));
+        }
+        Ok(true)
+    }
+
+    fn too_long(&self, line: u64) -> ClueError {
+        ClueError::BadRow {
+            path: self.path.clone(),
+            line,
+            message: format!(
+                "the row that starts on this line is longer than {} bytes: most likely a quoted text whose closing quote is missing swallowed the lines after it",
+                self.limit
+            ),
+            hint: "close the quote (a quote inside a quoted text is written \"\"), or raise --max-row-bytes if rows really are this long",
+        }
+    }
+
+    /// Whether the bytes `start..end` of the file hold an even number of quotes.
+    fn quotes_balanced(&self, start: u64, end: u64) -> Result<bool> {
+        let io = |e| ClueError::io(&self.path, e);
+        let mut file = File::open(&self.path).map_err(io)?;
+        file.seek(SeekFrom::Start(start)).map_err(io)?;
+        let mut bytes = Vec::new();
+        file.take(end - start).read_to_end(&mut bytes).map_err(io)?;
+        Ok(bytes.iter().filter(|&&b| b == b'"').count() % 2 == 0)
+    }
+}
+
+/// csv's own buffer (its default).
+const CSV_BUFFER: usize = 8 * 1024;
 
 /// Positions of the four canonical columns in a file's header, and its width.
 struct Columns {

@@ -24,6 +24,7 @@ use sha2::{Digest, Sha256};
 use crate::data::options::{Dropped, PrepareOptions};
 use crate::data::tokenize::ItemTokenizer;
 use crate::error::{ClueError, Result};
+use crate::ui;
 
 pub const FORMAT_VERSION: u32 = 1;
 pub const MANIFEST: &str = "manifest.json";
@@ -133,9 +134,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| ClueError::io(path, e))
 }
 
+/// SHA-256 of a file, read in pieces (datasets can be larger than memory).
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| ClueError::io(path, e))?;
-    Ok(hex(&Sha256::digest(bytes)))
+    let mut file = File::open(path).map_err(|e| ClueError::io(path, e))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).map_err(|e| ClueError::io(path, e))?;
+    Ok(hex(&hasher.finalize()))
 }
 
 /// Make `tmp` the directory `out`, replacing an earlier prepared dataset there. Anything else
@@ -284,7 +288,10 @@ pub struct PreparedDataset {
 }
 
 impl PreparedDataset {
-    pub fn open(dir: &Path) -> Result<Self> {
+    /// Open a prepared dataset. File sizes are always checked against the manifest; with
+    /// `verify`, every file's SHA-256 too (a flipped item id or a damaged tokenizer would
+    /// otherwise surface as a panic mid-training, or not at all).
+    pub fn open(dir: &Path, verify: bool) -> Result<Self> {
         let manifest_path = dir.join(MANIFEST);
         let text = std::fs::read_to_string(&manifest_path).map_err(|e| {
             ClueError::bad_file(
@@ -334,7 +341,40 @@ impl PreparedDataset {
                 "run clue prepare again",
             ));
         }
+        if verify {
+            ds.verify()?;
+        }
         Ok(ds)
+    }
+
+    /// Compare every data file and the tokenizer with the SHA-256 the manifest records.
+    fn verify(&self) -> Result<()> {
+        let expected = DATA_FILES
+            .iter()
+            .map(|name| (*name, self.manifest.files.get(*name)))
+            .chain([(TOKENIZER, Some(&self.manifest.tokenizer_sha256))]);
+        let files: Vec<(&str, Option<&String>)> = expected.collect();
+        let bytes: u64 = files
+            .iter()
+            .filter_map(|(name, _)| std::fs::metadata(self.dir.join(name)).ok())
+            .map(|m| m.len())
+            .sum();
+        let bar = ui::bar(bytes, "verify", true);
+        for (name, want) in files {
+            let path = self.dir.join(name);
+            let got = sha256_file(&path)?;
+            bar.inc(std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0));
+            if want != Some(&got) {
+                bar.finish_and_clear();
+                return Err(ClueError::bad_file(
+                    &path,
+                    "its SHA-256 differs from the one in manifest.json: the file was changed or damaged after `clue prepare`",
+                    "run clue prepare again (or pass --no-verify to skip this check, at your own risk)",
+                ));
+            }
+        }
+        bar.finish_and_clear();
+        Ok(())
     }
 
     pub fn num_users(&self) -> usize {

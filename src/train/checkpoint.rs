@@ -4,17 +4,57 @@
 //! leaves a truncated `model-N.mpk` that `--resume` would then fail to load. [`AtomicRecorder`]
 //! wraps any file recorder: it writes `.partial-<name>` beside the target, flushes it to disk and
 //! renames it over the target, so a checkpoint file is either complete or absent.
+//!
+//! A write that fails (a full disk, a directory that vanished) removes its partial file and is
+//! reported to the run's [`StepGuard`], which stops the learner before its next checkpoint; `clue
+//! fit` then fails naming the file, and the last complete checkpoint stays usable. Burn's
+//! checkpointer thread is told the write succeeded: an error would panic that thread and every
+//! later save and the learner's shutdown with it, hiding the cause.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use burn::prelude::*;
 use burn::record::{FileRecorder, Recorder, RecorderError};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::train::step::StepGuard;
+
 #[derive(Debug, Default, Clone)]
-pub struct AtomicRecorder<R>(pub R);
+pub struct AtomicRecorder<R> {
+    inner: R,
+    /// Where a failed write is reported; without one, the error goes back to the caller.
+    guard: Option<Arc<StepGuard>>,
+}
+
+impl<R> AtomicRecorder<R> {
+    pub fn new(inner: R, guard: Option<Arc<StepGuard>>) -> Self {
+        Self { inner, guard }
+    }
+
+    /// Write the file `partial` (through `save`), check it, sync it and rename it to `target`.
+    /// `check` reads the file back: Burn's recorders write through a `BufWriter` whose last
+    /// flush, and so a full disk, goes unreported.
+    fn replace(
+        target: &Path,
+        partial: &Path,
+        save: impl FnOnce() -> Result<(), RecorderError>,
+        check: impl FnOnce() -> Result<(), RecorderError>,
+    ) -> Result<(), RecorderError> {
+        let result = save().and_then(|()| check()).and_then(|()| {
+            let io =
+                |e: std::io::Error| RecorderError::Unknown(format!("{}: {e}", target.display()));
+            File::open(partial).and_then(|f| f.sync_all()).map_err(io)?;
+            std::fs::rename(partial, target).map_err(io)
+        });
+        if result.is_err() {
+            let _ = std::fs::remove_file(partial);
+        }
+        result
+    }
+}
 
 impl<B: Backend, R: FileRecorder<B>> Recorder<B> for AtomicRecorder<R> {
     type Settings = R::Settings;
@@ -31,13 +71,30 @@ impl<B: Backend, R: FileRecorder<B>> Recorder<B> for AtomicRecorder<R> {
             .to_string();
         // No dot after the leading one, so the inner recorder appends its extension to it.
         let partial = target.with_file_name(format!(".partial-{}", name.replace('.', "-")));
-        self.0.save_item(item, partial.clone())?;
         let written = partial.with_extension(<R as FileRecorder<B>>::file_extension());
-        let io = |e: std::io::Error| RecorderError::Unknown(format!("{written:?}: {e}"));
-        File::open(&written)
-            .and_then(|f| f.sync_all())
-            .map_err(io)?;
-        std::fs::rename(&written, &target).map_err(io)?;
+        let result = Self::replace(
+            &target,
+            &written,
+            || self.inner.save_item(item, partial.clone()),
+            || {
+                let mut file = partial.clone();
+                self.inner
+                    .load_item::<serde::de::IgnoredAny>(&mut file)
+                    .map(|_| ())
+            },
+        );
+        if let Err(e) = result {
+            return match &self.guard {
+                Some(guard) => {
+                    guard.fail(format!(
+                        "cannot write the checkpoint {}: {e}",
+                        target.display()
+                    ));
+                    Ok(())
+                }
+                None => Err(e),
+            };
+        }
         if let Some(dir) = target.parent() {
             // Make the rename itself durable; not every filesystem lets a directory be synced.
             let _ = File::open(dir).and_then(|d| d.sync_all());
@@ -46,7 +103,7 @@ impl<B: Backend, R: FileRecorder<B>> Recorder<B> for AtomicRecorder<R> {
     }
 
     fn load_item<I: DeserializeOwned>(&self, file: &mut PathBuf) -> Result<I, RecorderError> {
-        self.0.load_item(file)
+        self.inner.load_item(file)
     }
 }
 
@@ -127,7 +184,7 @@ mod tests {
         type B = NdArray;
         let device = Default::default();
         let dir = tempfile::tempdir().unwrap();
-        let recorder = AtomicRecorder(DefaultRecorder::new());
+        let recorder = AtomicRecorder::new(DefaultRecorder::new(), None);
         let base = dir.path().join("model-3");
         for step in [1usize, 2] {
             let record = Numbers::<B> {

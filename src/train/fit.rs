@@ -11,7 +11,7 @@ use burn::record::DefaultRecorder;
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::checkpoint::KeepLastNCheckpoints;
 use burn::train::metric::LearningRateMetric;
-use burn::train::{Learner, SupervisedTraining};
+use burn::train::{Interrupter, Learner, SupervisedTraining};
 use serde::{Deserialize, Serialize};
 
 use crate::bundle::{BUNDLE_DIR, BundleInfo, SplitScore, read_json, save_bundle};
@@ -57,6 +57,8 @@ pub struct FitOptions {
     pub resume: bool,
     /// Backend name, recorded in the summary.
     pub backend: String,
+    /// Check the prepared data's SHA-256 against its manifest before training.
+    pub verify: bool,
 }
 
 /// Where a run's data lives, recorded so `--resume` needs nothing else.
@@ -64,6 +66,9 @@ pub struct FitOptions {
 pub struct RunInfo {
     pub data: PathBuf,
     pub manifest_sha256: String,
+    /// The backend the run started on (`--resume` without `--backend` keeps it).
+    #[serde(default)]
+    pub backend: Option<String>,
 }
 
 /// `summary.json`.
@@ -123,7 +128,7 @@ fn resolve(options: &FitOptions) -> Result<(RunConfig, PathBuf, Arc<PreparedData
     } else {
         (options.config.clone(), options.data.clone())
     };
-    let data = Arc::new(PreparedDataset::open(&data_dir)?);
+    let data = Arc::new(PreparedDataset::open(&data_dir, options.verify)?);
     let vocab = data.manifest.vocab_size as usize;
     if config.model.vocab_size != 0 && config.model.vocab_size != vocab {
         return Err(ClueError::config(
@@ -188,17 +193,25 @@ fn init_run_dir(
         return Ok(());
     }
     if run.join(RUN_INFO).exists() {
-        return Err(ClueError::bad_file(
-            run,
-            "already holds a run",
-            "continue it with --resume, or choose another --out",
+        if run.join(SUMMARY).exists() || last_checkpoint(run).is_some() {
+            return Err(ClueError::bad_file(
+                run,
+                "already holds a run",
+                "continue it with --resume, or choose another --out",
+            ));
+        }
+        ui::say(format!(
+            "{} holds a run that stopped before its first checkpoint: starting it again",
+            run.display()
         ));
+        clear_progress(run)?;
     }
     std::fs::create_dir_all(run).map_err(|e| ClueError::io(run, e))?;
     write_atomic(&run.join(RUN_CONFIG), config.to_toml().as_bytes())?;
     let info = RunInfo {
         data: std::fs::canonicalize(data_dir).unwrap_or(data_dir.to_path_buf()),
         manifest_sha256: manifest_sha256.to_string(),
+        backend: Some(options.backend.clone()),
     };
     write_atomic(
         &run.join(RUN_INFO),
@@ -213,13 +226,59 @@ fn resume_period(options: &FitOptions) -> Result<Option<usize>> {
     if !options.resume {
         return Ok(None);
     }
-    last_checkpoint(&options.out).map(Some).ok_or_else(|| {
-        ClueError::bad_file(
-            &options.out,
-            "has no complete checkpoint to resume from",
-            "start the run again without --resume",
-        )
-    })
+    let last = last_checkpoint(&options.out);
+    if last.is_none() {
+        ui::say(format!(
+            "{} has no complete checkpoint yet: starting it from its first step",
+            options.out.display()
+        ));
+        clear_progress(&options.out)?;
+    }
+    Ok(last)
+}
+
+/// Remove what a run that never completed a checkpoint left: its checkpoint files and metric
+/// logs (a new start would mix its own with them).
+fn clear_progress(run: &Path) -> Result<()> {
+    for dir in ["checkpoint", "train", "valid"] {
+        let path = run.join(dir);
+        if path.exists() {
+            std::fs::remove_dir_all(&path).map_err(|e| ClueError::io(&path, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Hold the run directory (`.lock`, an OS lock that dies with the process) until the returned
+/// file is dropped: a second `clue fit` on the same run fails naming this one.
+fn lock_run(run: &Path) -> Result<std::fs::File> {
+    std::fs::create_dir_all(run).map_err(|e| ClueError::io(run, e))?;
+    let path = run.join(".lock");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| ClueError::io(&path, e))?;
+    match file.try_lock() {
+        Ok(()) => {
+            use std::io::Write;
+            file.set_len(0)
+                .and_then(|()| write!(file, "{}", std::process::id()))
+                .map_err(|e| ClueError::io(&path, e))?;
+            Ok(file)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let pid = std::fs::read_to_string(&path).unwrap_or_default();
+            Err(ClueError::bad_file(
+                run,
+                format!("is in use by another clue fit (PID {})", pid.trim()),
+                "wait for it to finish or stop it; two runs cannot share a directory",
+            ))
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(ClueError::io(&path, e)),
+    }
 }
 
 /// Train a CLUE model on `device` as `options` say. Generic over every Burn autodiff backend.
@@ -232,6 +291,15 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
     let bs = config.train.batch_size;
     check_users(train_users.len(), valid_users.len(), bs)?;
     let manifest_sha256 = data.manifest.hash();
+    let _lock = lock_run(run)?;
+    if options.resume && run.join(SUMMARY).exists() {
+        ui::say(format!(
+            "{} has finished: nothing to resume (its model is in {})",
+            run.display(),
+            run.join(BUNDLE_DIR).display()
+        ));
+        return read_json(&run.join(SUMMARY));
+    }
     init_run_dir(options, &config, &data_dir, &manifest_sha256)?;
 
     B::seed(&device, config.train.seed);
@@ -246,6 +314,12 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
     let total_steps = plan.total_steps();
     // Burn's "epochs" are the plan's periods: each ends with validation and a checkpoint.
     let resume_period = resume_period(options)?;
+    // Counts steps and collects failures (a non-finite loss, a checkpoint write, a loader thread).
+    let interrupter = Interrupter::new();
+    let guard = StepGuard::new(
+        interrupter.clone(),
+        plan.steps_before(resume_period.unwrap_or(0)),
+    );
 
     let m = &config.model;
     let train_loader: Arc<dyn DataLoader<B, UserBatch<B>>> = Arc::new(
@@ -259,7 +333,8 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
             device.clone(),
             resume_period.unwrap_or(0),
         )
-        .with_views(config.train.views_seed()),
+        .with_views(config.train.views_seed())
+        .with_guard(guard.clone()),
     );
     let valid_loader =
         DataLoaderBuilder::<B::InnerBackend, _, _>::new(UserBatcher::of::<B::InnerBackend>(
@@ -289,7 +364,11 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
         Stat::UsersPerSecond,
     ];
     let mut training = SupervisedTraining::new(run, train_loader, valid_loader)
-        .with_file_checkpointer(AtomicRecorder(DefaultRecorder::new()))
+        .with_interrupter(interrupter)
+        .with_file_checkpointer(AtomicRecorder::new(
+            DefaultRecorder::new(),
+            Some(guard.clone()),
+        ))
         .with_checkpointing_strategy(KeepLastNCheckpoints::new(2))
         .metric_train_numeric(LearningRateMetric::new())
         .num_epochs(plan.periods());
@@ -307,10 +386,6 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
         let lines = if ui::verbosity() == 0 { 0 } else { 4 };
         training = training.renderer(LogRenderer::new(lines, plan.clone()));
     }
-    let guard = StepGuard::new(
-        training.interrupter(),
-        plan.steps_before(resume_period.unwrap_or(0)),
-    );
     let trainee = Trainee {
         model: ClueModel::new(&config.model, &mut Init::new(config.train.seed, &device)),
         settings: StepSettings {
@@ -361,6 +436,7 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
     }
 
     stopped_on_non_finite_loss(&guard, run, &plan)?;
+    stopped_early(&guard, run, &plan)?;
     let model: ClueModel<B::InnerBackend> = result.model.model;
     let steps = guard.steps();
     let valid = score::<B::InnerBackend>(&model, &data, valid_users, &config);
@@ -406,6 +482,30 @@ fn stopped_on_non_finite_loss(guard: &StepGuard, run: &Path, plan: &EpochPlan) -
             "training stopped: the loss became NaN or infinite at step {step} (last good checkpoint: {last})"
         ),
         "lower train.lr or raise train.grad_clip_norm; `clue fit --resume` continues from the last checkpoint",
+    ))
+}
+
+/// The error of a run that stopped before its last step: a failure reported to the guard (a
+/// checkpoint write, a data-loading thread) or an interruption.
+fn stopped_early(guard: &StepGuard, run: &Path, plan: &EpochPlan) -> Result<()> {
+    let (steps, total) = (guard.steps(), plan.total_steps());
+    let why = match guard.failure() {
+        Some(what) => what,
+        None if steps < total => "training was interrupted".to_string(),
+        None => return Ok(()),
+    };
+    let last = match last_checkpoint(run) {
+        Some(k) => format!(
+            "the last complete checkpoint (after step {}) is kept: fix the cause and run `clue fit --resume --out {}`",
+            plan.steps_before(k),
+            run.display()
+        ),
+        None => "no checkpoint was completed: fix the cause and start the run again".to_string(),
+    };
+    Err(ClueError::bad_file(
+        run,
+        format!("training stopped after {steps} of {total} steps: {why}"),
+        last,
     ))
 }
 

@@ -8,7 +8,9 @@
 //! have seen.
 //!
 //! [`PlanLoader`] is the Burn `DataLoader` that serves one period per `iter()` call, with worker
-//! threads that build batches ahead, in order.
+//! threads that build batches ahead, in order. A loading thread that dies (a panic on damaged
+//! data) is reported to the run's [`StepGuard`], which stops the learner before the period's
+//! checkpoint, instead of ending the period early as if its data had run out.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,6 +28,8 @@ use rand_chacha::ChaCha8Rng;
 use crate::data::augment::Views;
 use crate::data::batcher::{UserBatch, UserBatcher, UserDataset};
 use crate::data::store::PreparedDataset;
+use crate::error::panic_message;
+use crate::train::step::StepGuard;
 
 /// Which users each training step sees, epoch after epoch.
 #[derive(Debug, Clone, PartialEq)]
@@ -135,6 +139,8 @@ pub struct PlanLoader<B: Backend> {
     range: Option<(usize, usize)>,
     /// SimCLR: views drawn with this seed, one round per period.
     views_seed: Option<u64>,
+    /// Told when a loading thread dies.
+    guard: Option<Arc<StepGuard>>,
 }
 
 impl<B: Backend> PlanLoader<B> {
@@ -161,7 +167,14 @@ impl<B: Backend> PlanLoader<B> {
             next: Arc::new(AtomicUsize::new(first)),
             range: None,
             views_seed: None,
+            guard: None,
         }
+    }
+
+    /// Report a dead loading thread to `guard` (which stops the learner).
+    pub fn with_guard(mut self, guard: Arc<StepGuard>) -> Self {
+        self.guard = Some(guard);
+        self
     }
 
     /// Serve two augmented views of each user, drawn with `seed` (the SimCLR objective).
@@ -190,6 +203,7 @@ impl<B: Backend> PlanLoader<B> {
             next: self.next.clone(),
             range,
             views_seed: self.views_seed,
+            guard: self.guard.clone(),
         }
     }
 }
@@ -212,6 +226,7 @@ impl<B: Backend> DataLoader<B, UserBatch<B>> for PlanLoader<B> {
             self.workers,
             self.batcher.clone(),
             self.device.clone(),
+            self.guard.clone(),
         ))
     }
 
@@ -237,7 +252,8 @@ impl<B: Backend> DataLoader<B, UserBatch<B>> for PlanLoader<B> {
 /// robin — the order is fixed and at most `2 × workers` batches wait in memory.
 struct OrderedBatches<B: Backend> {
     channels: Vec<Receiver<UserBatch<B>>>,
-    workers: Vec<JoinHandle<()>>,
+    workers: Vec<Option<JoinHandle<()>>>,
+    guard: Option<Arc<StepGuard>>,
     next: usize,
     batches: usize,
     items: usize,
@@ -251,6 +267,7 @@ impl<B: Backend> OrderedBatches<B> {
         workers: usize,
         batcher: UserBatcher,
         device: B::Device,
+        guard: Option<Arc<StepGuard>>,
     ) -> Self {
         let items = dataset.len();
         let batches = items.div_ceil(batch_size);
@@ -275,11 +292,12 @@ impl<B: Backend> OrderedBatches<B> {
                     }
                 })
                 .expect("spawn a data-loading thread");
-            handles.push(handle);
+            handles.push(Some(handle));
         }
         Self {
             channels,
             workers: handles,
+            guard,
             next: 0,
             batches,
             items,
@@ -293,14 +311,38 @@ impl<B: Backend> Iterator for OrderedBatches<B> {
 
     fn next(&mut self) -> Option<UserBatch<B>> {
         if self.next >= self.batches {
-            for handle in self.workers.drain(..) {
+            for handle in self.workers.drain(..).flatten() {
                 let _ = handle.join();
             }
             return None;
         }
-        let batch = self.channels[self.next % self.channels.len()].recv().ok()?;
-        self.next += 1;
-        Some(batch)
+        let w = self.next % self.channels.len();
+        match self.channels[w].recv() {
+            Ok(batch) => {
+                self.next += 1;
+                Some(batch)
+            }
+            Err(_) => {
+                // The worker hung up before its last batch: it panicked.
+                let why = match self.workers[w].take().map(JoinHandle::join) {
+                    Some(Err(payload)) => panic_message(payload.as_ref()),
+                    _ => "it stopped early".to_string(),
+                };
+                let what = format!(
+                    "the data-loading thread clue-loader-{w} failed at batch {} of {}: {why}",
+                    self.next + 1,
+                    self.batches
+                );
+                match &self.guard {
+                    Some(guard) => guard.fail(what),
+                    None => panic!("{what}"),
+                }
+                // Hang up on the other workers (so joining them cannot wait on a full channel).
+                self.channels.clear();
+                self.next = self.batches;
+                None
+            }
+        }
     }
 }
 

@@ -87,7 +87,7 @@ pub fn score_bundle<B: Backend>(
     device: &B::Device,
 ) -> Result<ScoreReport> {
     let Bundle { model, config, .. } = Bundle::<B>::load(model_dir, device)?;
-    let data = Arc::new(PreparedDataset::open(data_dir)?);
+    let data = Arc::new(PreparedDataset::open(data_dir, true)?);
     if data.manifest.vocab_size as usize != config.model.vocab_size {
         return Err(ClueError::config(
             "the dataset's tokenizer does not match the model's vocabulary",

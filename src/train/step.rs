@@ -19,10 +19,14 @@ use crate::train::metrics::ClueOutput;
 
 /// Watches every training step for a non-finite loss. The first bad step skips its update,
 /// records its number and stops the learner, so the last checkpoint stays a good one.
+/// The checkpoint writer and the data-loading threads report their failures here too
+/// ([`StepGuard::fail`]): the learner stops before the period's checkpoint and `clue fit` fails.
 pub struct StepGuard {
     steps: AtomicUsize,
     first_bad: AtomicUsize,
     interrupter: std::sync::Mutex<Option<Interrupter>>,
+    /// The first failure outside the step (a checkpoint write, a loader thread).
+    failure: std::sync::Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for StepGuard {
@@ -30,6 +34,7 @@ impl std::fmt::Debug for StepGuard {
         f.debug_struct("StepGuard")
             .field("steps", &self.steps)
             .field("first_bad", &self.bad_step())
+            .field("failure", &self.failure())
             .finish()
     }
 }
@@ -40,7 +45,33 @@ impl StepGuard {
             steps: AtomicUsize::new(start_step),
             first_bad: AtomicUsize::new(usize::MAX),
             interrupter: std::sync::Mutex::new(Some(interrupter)),
+            failure: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Record a failure outside the step (the first one is kept) and stop the learner.
+    pub fn fail(&self, what: impl Into<String>) {
+        let what = what.into();
+        let mut failure = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+        if failure.is_none() {
+            *failure = Some(what.clone());
+        }
+        self.stop(&what);
+    }
+
+    /// The first failure recorded by [`StepGuard::fail`].
+    pub fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn stop(&self, reason: &str) {
+        let interrupter = self.interrupter.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = interrupter.as_ref() {
+            i.stop(Some(reason));
+        }
     }
 
     /// Step (1-based) whose loss was not finite, if any.
@@ -103,9 +134,7 @@ impl<B: AutodiffBackend> TrainStep for Trainee<B> {
             let step = guard.steps.fetch_add(1, Ordering::Relaxed) + 1;
             if !loss_value.is_finite() && guard.bad_step().is_none() {
                 guard.first_bad.store(step, Ordering::Relaxed);
-                if let Some(i) = guard.interrupter.lock().expect("guard lock").as_ref() {
-                    i.stop(Some(&format!("non-finite loss at step {step}")));
-                }
+                guard.stop(&format!("non-finite loss at step {step}"));
             }
         }
         clip_global_norm(self, &mut grads, self.settings.clip_norm);

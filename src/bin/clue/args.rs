@@ -26,6 +26,10 @@ pub struct Cli {
     /// which spares Intel cores a slow path (2.4x on training). Also: CLUE_KEEP_DENORMALS=1.
     #[arg(long, global = true)]
     pub keep_denormals: bool,
+    /// Longest CSV row (bytes) read from logs, tables and task files. A longer row stops the
+    /// read with its line: usually a quoted text whose closing quote is missing.
+    #[arg(long, global = true, value_name = "BYTES", default_value_t = clue::data::log::DEFAULT_MAX_ROW_BYTES)]
+    pub max_row_bytes: u64,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -74,7 +78,7 @@ pub enum Command {
     Bench(BenchArgs),
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
 pub enum BackendName {
     /// CPU, burn-ndarray (multi-threaded).
     Ndarray,
@@ -95,15 +99,21 @@ pub enum Precision {
 
 #[derive(Args)]
 pub struct DeviceArgs {
-    /// Where to train.
-    #[arg(long, value_enum, default_value = "ndarray")]
-    pub backend: BackendName,
+    /// Where to train [default: ndarray; with --resume, the run's own backend].
+    #[arg(long, value_enum)]
+    pub backend: Option<BackendName>,
     /// GPU index for --backend cuda.
     #[arg(long, default_value_t = 0)]
     pub device: usize,
     /// Float precision (bf16 only on cuda).
     #[arg(long, value_enum, default_value = "f32")]
     pub precision: Precision,
+}
+
+impl DeviceArgs {
+    pub fn backend(&self) -> BackendName {
+        self.backend.unwrap_or(BackendName::Ndarray)
+    }
 }
 
 #[derive(Args)]
@@ -128,6 +138,10 @@ pub struct FitArgs {
     /// Plain log lines instead of the dashboard, even on a terminal.
     #[arg(long)]
     pub no_tui: bool,
+    /// Skip the SHA-256 check of the prepared data against its manifest (file sizes are still
+    /// checked). Saves a read of the data on large datasets; damage then shows up mid-training.
+    #[arg(long)]
+    pub no_verify: bool,
 }
 
 #[derive(Args)]

@@ -160,20 +160,16 @@ fn probe<B: burn::tensor::backend::Backend>(device: &B::Device, what: &str) -> a
     }));
     std::panic::set_hook(hook);
     ok.map_err(|e| {
-        let msg = e
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_default();
+        let msg = clue::error::panic_message(e.as_ref());
         anyhow::anyhow!("no usable {what} device: {msg}\n  hint: check the driver (nvidia-smi / vulkaninfo), or use --backend ndarray")
     })
 }
 
 fn dispatch(d: &DeviceArgs, job: &Job) -> anyhow::Result<()> {
-    if d.precision == Precision::Bf16 && d.backend != BackendName::Cuda {
+    if d.precision == Precision::Bf16 && d.backend() != BackendName::Cuda {
         anyhow::bail!("--precision bf16 needs --backend cuda\n  hint: CPU backends train in f32");
     }
-    match d.backend {
+    match d.backend() {
         #[cfg(feature = "ndarray")]
         BackendName::Ndarray => {
             run_job::<Autodiff<burn::backend::NdArray>>(Default::default(), job)
@@ -215,7 +211,7 @@ fn dispatch(d: &DeviceArgs, job: &Job) -> anyhow::Result<()> {
 fn fit_options(a: &FitArgs) -> anyhow::Result<FitOptions> {
     let backend = a
         .device
-        .backend
+        .backend()
         .to_possible_value()
         .map(|v| v.get_name().to_string())
         .unwrap_or_default();
@@ -227,6 +223,7 @@ fn fit_options(a: &FitArgs) -> anyhow::Result<FitOptions> {
             tui: !a.no_tui,
             resume: true,
             backend,
+            verify: !a.no_verify,
         });
     }
     let (base, name) = match &a.config {
@@ -258,6 +255,7 @@ fn fit_options(a: &FitArgs) -> anyhow::Result<FitOptions> {
         tui: !a.no_tui,
         resume: false,
         backend,
+        verify: !a.no_verify,
     })
 }
 
@@ -348,7 +346,15 @@ fn convert_cmd(a: ConvertArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn fit_cmd(a: FitArgs) -> anyhow::Result<()> {
+fn fit_cmd(mut a: FitArgs) -> anyhow::Result<()> {
+    if let (Some(run), None) = (&a.resume, a.device.backend) {
+        // Resume on the backend the run started on.
+        let info: clue::train::fit::RunInfo =
+            clue::bundle::read_json(&run.join(clue::train::fit::RUN_INFO))?;
+        a.device.backend = info
+            .backend
+            .and_then(|name| BackendName::from_str(&name, true).ok());
+    }
     let options = fit_options(&a)?;
     if !options.resume {
         ui::detail(format!("resolved config:\n{}", options.config.to_toml()));
@@ -423,7 +429,7 @@ fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
 }
 
 fn bench_cmd(a: BenchArgs) -> anyhow::Result<()> {
-    if a.denormal_census && matches!(a.device.backend, BackendName::Wgpu | BackendName::Cuda) {
+    if a.denormal_census && matches!(a.device.backend(), BackendName::Wgpu | BackendName::Cuda) {
         anyhow::bail!(
             "--denormal-census reads the CPU's floating-point flags: use it with --backend flex or ndarray"
         );
@@ -492,6 +498,7 @@ fn main() -> ExitCode {
     // Before any compute thread exists: loaders and Burn's threads inherit the bits.
     let keep = cli.keep_denormals || std::env::var("CLUE_KEEP_DENORMALS").is_ok_and(|v| v == "1");
     clue::cpu::set_flush_denormals(!keep);
+    clue::data::log::set_max_row_bytes(cli.max_row_bytes);
     ui::set_verbosity(if cli.quiet {
         0
     } else if cli.verbose {
