@@ -236,6 +236,9 @@ fn a_quote_that_is_never_closed_stops_prepare_at_the_line_it_opens() {
     let log = log_with(dir.path(), 60, "u7,news,9,\"unclosed\nu8,news,9,more\n");
     assert_fails(&prepare(&log, &[]), &["logs.csv:362", "never closed"]);
     assert!(!dir.path().join("p").exists());
+    // ... also when it opens on the very last line.
+    let log = log_with(dir.path(), 60, "u8,news,9,\"unclosed\n");
+    assert_fails(&prepare(&log, &[]), &["logs.csv:362", "never closed"]);
 
     // A closed multi-line quoted text is legal.
     let log = log_with(dir.path(), 60, "u7,news,9,\"two\nlines\"\n");

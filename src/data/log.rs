@@ -346,8 +346,8 @@ struct Rows {
     path: PathBuf,
     row_start: Rc<Cell<u64>>,
     limit: u64,
-    /// (first line, start byte, end byte) of the last row that spans several lines.
-    multiline: Option<(u64, u64, u64)>,
+    /// (first line, start byte, end byte) of the last row read.
+    last: Option<(u64, u64, u64)>,
 }
 
 impl Rows {
@@ -371,7 +371,7 @@ impl Rows {
             path: path.to_path_buf(),
             row_start,
             limit,
-            multiline: None,
+            last: None,
         })
     }
 
@@ -394,8 +394,8 @@ impl Rows {
             }
         })?;
         if !more {
-            return match self.multiline {
-                Some((line, start, end)) if !self.quotes_balanced(start, end)? => {
+            return match self.last {
+                Some((line, start, end)) if self.ends_inside_quotes(start, end)? => {
                     Err(ClueError::BadRow {
                         path: self.path.clone(),
                         line,
@@ -414,9 +414,7 @@ impl Rows {
             return Err(self.too_long(at.line()));
         }
         let first_line = record.position().map_or(at.line(), |p| p.line());
-        if self.reader.position().line() > first_line + 1 {
-            self.multiline = Some((first_line, start, end));
-        }
+        self.last = Some((first_line, start, end));
         Ok(true)
     }
 
@@ -432,15 +430,40 @@ impl Rows {
         }
     }
 
-    /// Whether the bytes `start..end` of the file hold an even number of quotes.
-    fn quotes_balanced(&self, start: u64, end: u64) -> Result<bool> {
+    /// Whether the row at bytes `start..end` of the file (its last) ends inside a quoted field.
+    fn ends_inside_quotes(&self, start: u64, end: u64) -> Result<bool> {
         let io = |e| ClueError::io(&self.path, e);
         let mut file = File::open(&self.path).map_err(io)?;
         file.seek(SeekFrom::Start(start)).map_err(io)?;
         let mut bytes = Vec::new();
         file.take(end - start).read_to_end(&mut bytes).map_err(io)?;
-        Ok(bytes.iter().filter(|&&b| b == b'"').count() % 2 == 0)
+        Ok(inside_quotes_at_end(&bytes))
     }
+}
+
+/// Whether CSV text ends inside a quoted field, read as the csv crate reads it: a quote opens
+/// a quoted field only at the field's start, `""` inside one is a literal quote, and any other
+/// quote closes it.
+fn inside_quotes_at_end(bytes: &[u8]) -> bool {
+    let (mut quoted, mut at_field_start) = (false, true);
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if quoted {
+            if b == b'"' {
+                if bytes.get(i + 1) == Some(&b'"') {
+                    i += 1;
+                } else {
+                    quoted = false;
+                }
+            }
+        } else if b == b'"' && at_field_start {
+            quoted = true;
+        }
+        at_field_start = !quoted && matches!(b, b',' | b'\n' | b'\r');
+        i += 1;
+    }
+    quoted
 }
 
 /// csv's own buffer (its default).
@@ -523,6 +546,22 @@ fn parse_row<'r>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_row_ends_inside_quotes_only_when_a_quoted_field_is_left_open() {
+        for (text, open) in [
+            ("u,s,1,plain\n", false),
+            ("u,s,1,\"two\nlines\"\n", false),
+            ("u,s,1,\"say \"\"hi\"\"\"\n", false),
+            ("u,s,1,12\" pizza\n", false),
+            ("u\"1,s,1,\"a\nb\"\n", false),
+            ("u,s,1,\"unclosed\n", true),
+            ("u,s,1,\"unclosed", true),
+            ("u,s,1,\"a \"\"quote\"\" and more\nlines\n", true),
+        ] {
+            assert_eq!(inside_quotes_at_end(text.as_bytes()), open, "{text:?}");
+        }
+    }
 
     #[test]
     fn timestamps_parse_in_all_three_forms() {

@@ -10,6 +10,11 @@
 //! fit` then fails naming the file, and the last complete checkpoint stays usable. Burn's
 //! checkpointer thread is told the write succeeded: an error would panic that thread and every
 //! later save and the learner's shutdown with it, hiding the cause.
+//!
+//! Old checkpoints are deleted here too, not by Burn's strategy: Burn's writes run on a thread
+//! behind the learner, so a strategy's `Delete(k-1)` could run after checkpoints k and k+1 both
+//! failed. With [`SaveEveryPeriod`] as the strategy, the recorder removes `X-(k-2)` only after `X-k`
+//! was written and no write has failed, keeping the last two as before.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -17,6 +22,8 @@ use std::sync::Arc;
 
 use burn::prelude::*;
 use burn::record::{FileRecorder, Recorder, RecorderError};
+use burn::train::checkpoint::{CheckpointingAction, CheckpointingStrategy};
+use burn::train::metric::store::EventStoreClient;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -99,6 +106,11 @@ impl<B: Backend, R: FileRecorder<B>> Recorder<B> for AtomicRecorder<R> {
             // Make the rename itself durable; not every filesystem lets a directory be synced.
             let _ = File::open(dir).and_then(|d| d.sync_all());
         }
+        if self.guard.as_ref().is_some_and(|g| g.failure().is_none())
+            && let Some(old) = two_before(&target)
+        {
+            let _ = std::fs::remove_file(old);
+        }
         Ok(())
     }
 
@@ -110,6 +122,25 @@ impl<B: Backend, R: FileRecorder<B>> Recorder<B> for AtomicRecorder<R> {
 impl<B: Backend, R: FileRecorder<B>> FileRecorder<B> for AtomicRecorder<R> {
     fn file_extension() -> &'static str {
         R::file_extension()
+    }
+}
+
+/// `dir/X-(k-2).ext` for `dir/X-k.ext` (k > 2): the checkpoint file that keeping two retires.
+fn two_before(target: &Path) -> Option<PathBuf> {
+    let stem = target.file_stem()?.to_str()?;
+    let (kind, k) = stem.rsplit_once('-')?;
+    let k: usize = k.parse().ok()?;
+    let ext = target.extension()?.to_str()?;
+    (k > 2).then(|| target.with_file_name(format!("{kind}-{}.{ext}", k - 2)))
+}
+
+/// Save at the end of every period and delete nothing (the guarded recorder retires old files).
+#[derive(Debug, Clone, Copy)]
+pub struct SaveEveryPeriod;
+
+impl CheckpointingStrategy for SaveEveryPeriod {
+    fn checkpointing(&mut self, _: usize, _: &EventStoreClient) -> Vec<CheckpointingAction> {
+        vec![CheckpointingAction::Save]
     }
 }
 
@@ -177,6 +208,17 @@ mod tests {
     struct Numbers<B: Backend> {
         values: Tensor<B, 1>,
         step: usize,
+    }
+
+    #[test]
+    fn keeping_two_retires_the_file_two_periods_back() {
+        let dir = Path::new("/r/checkpoint");
+        assert_eq!(
+            two_before(&dir.join("optim-7.mpk")),
+            Some(dir.join("optim-5.mpk"))
+        );
+        assert_eq!(two_before(&dir.join("model-2.mpk")), None);
+        assert_eq!(two_before(&dir.join("model.mpk")), None);
     }
 
     #[test]

@@ -9,7 +9,6 @@ use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
 use burn::prelude::*;
 use burn::record::DefaultRecorder;
 use burn::tensor::backend::AutodiffBackend;
-use burn::train::checkpoint::KeepLastNCheckpoints;
 use burn::train::metric::LearningRateMetric;
 use burn::train::{Interrupter, Learner, SupervisedTraining};
 use serde::{Deserialize, Serialize};
@@ -21,7 +20,7 @@ use crate::data::store::{PreparedDataset, Split, write_atomic};
 use crate::error::{ClueError, Result};
 use crate::model::init::Init;
 use crate::model::{ClueModel, ParamCounts};
-use crate::train::checkpoint::{AtomicRecorder, ResumedLogs};
+use crate::train::checkpoint::{AtomicRecorder, ResumedLogs, SaveEveryPeriod};
 use crate::train::config::RunConfig;
 use crate::train::loader::{EpochPlan, PlanLoader};
 use crate::train::metrics::{History, SharedHistory, Stat, StatMetric};
@@ -369,7 +368,7 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
             DefaultRecorder::new(),
             Some(guard.clone()),
         ))
-        .with_checkpointing_strategy(KeepLastNCheckpoints::new(2))
+        .with_checkpointing_strategy(SaveEveryPeriod)
         .metric_train_numeric(LearningRateMetric::new())
         .num_epochs(plan.periods());
     for stat in stats {

@@ -26,7 +26,7 @@ pub struct Cli {
     /// which spares Intel cores a slow path (2.4x on training). Also: CLUE_KEEP_DENORMALS=1.
     #[arg(long, global = true)]
     pub keep_denormals: bool,
-    /// Longest CSV row (bytes) read from logs, tables and task files. A longer row stops the
+    /// Longest CSV row (bytes, line ending included) read from logs, tables and task files. A longer row stops the
     /// read with its line: usually a quoted text whose closing quote is missing.
     #[arg(long, global = true, value_name = "BYTES", default_value_t = clue::data::log::DEFAULT_MAX_ROW_BYTES)]
     pub max_row_bytes: u64,
@@ -53,7 +53,7 @@ pub enum Command {
     Prepare(PrepareArgs),
     /// Pretrain CLUE on a prepared dataset (with no argument: the embedded default run).
     #[command(
-        after_help = "Examples:\n  clue fit --backend ndarray                     # embedded default: synth + prepare + tiny config\n  clue fit --backend flex --config config/small.toml --data data/prepared --out runs/small\n  clue fit --backend cuda --precision bf16 --config config/base.toml --data data/p --out runs/base\n  clue fit --backend ndarray --set train.epochs=2 --set train.lr=1e-3\n  clue fit --resume runs/small                   # continue a killed run from its last checkpoint\n\nOn a terminal, Burn's dashboard shows progress (q to stop); otherwise plain log lines."
+        after_help = "Examples:\n  clue fit --backend ndarray                     # embedded default: synth + prepare + tiny config\n  clue fit --backend flex --config config/small.toml --data data/prepared --out runs/small\n  clue fit --backend cuda --precision bf16 --config config/base.toml --data data/p --out runs/base\n  clue fit --backend ndarray --set train.epochs=2 --set train.lr=1e-3\n  clue fit --resume runs/small                   # continue a killed run from its last checkpoint\n\nOn a terminal, Burn's dashboard shows progress (q stops the run: it exits non-zero and --resume continues it); otherwise plain log lines."
     )]
     Fit(FitArgs),
     /// Contrastive loss and retrieval of a trained model on held-out users.
