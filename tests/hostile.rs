@@ -197,17 +197,8 @@ fn a_run_directory_in_use_is_refused_naming_the_process() {
 
 /// `rows` canonical log rows of two services for users u0.., then `extra` appended.
 fn log_with(dir: &Path, users: usize, extra: &str) -> PathBuf {
-    let mut text = String::from("user_id,service,timestamp,text\n");
-    for u in 0..users {
-        for (s, t) in [("news", "tennis final report"), ("shop", "racket strings")] {
-            for k in 0..3 {
-                text.push_str(&format!("u{u},{s},{},{t} {k}\n", 1_700_000_000 + k));
-            }
-        }
-    }
-    text.push_str(extra);
     let path = dir.join("logs.csv");
-    std::fs::write(&path, text).unwrap();
+    std::fs::write(&path, common::log_text(users, extra)).unwrap();
     path
 }
 

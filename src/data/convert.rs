@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use crate::data::log::{parse_timestamp, read_table};
-use crate::data::store::{publish_dir, temp_dir_beside};
+use crate::data::store::{lock_output, publish_dir, temp_dir_beside};
 use crate::error::{ClueError, Result};
 
 /// What a conversion wrote and dropped.
@@ -267,6 +267,7 @@ fn convert_into(
     what: &str,
     body: impl FnOnce(&Path) -> Result<ConvertReport>,
 ) -> Result<ConvertReport> {
+    let _lock = lock_output(out, "convert")?;
     let tmp = temp_dir_beside(out)?;
     let result = body(&tmp).and_then(|r| {
         let marker = serde_json::json!({

@@ -96,6 +96,20 @@ impl Default for PrepareOptions {
     }
 }
 
+/// The largest BPE vocabulary `clue prepare` trains.
+pub const MAX_VOCAB_SIZE: usize = 1 << 20;
+/// The longest sequence of items, or of tokens per item, `clue prepare` stores.
+pub const MAX_SEQUENCE: usize = 1 << 16;
+
+/// The first name `names` holds twice.
+pub fn repeated(names: &[String]) -> Option<&str> {
+    names
+        .iter()
+        .enumerate()
+        .find(|(i, n)| names[..*i].contains(n))
+        .map(|(_, n)| n.as_str())
+}
+
 impl PrepareOptions {
     pub fn validate(&self) -> Result<()> {
         let fail = |m: &str, h: &str| Err(ClueError::config(m, h));
@@ -126,6 +140,24 @@ impl PrepareOptions {
             return fail(
                 "the cross-service objective needs at least two services",
                 "name two or more with --services a,b, or prepare one service for SimCLR with --objective simclr",
+            );
+        }
+        if let Some(s) = self.services.as_ref().and_then(|s| repeated(s)) {
+            return fail(
+                &format!("service `{s}` is named twice in --services"),
+                "name each service once",
+            );
+        }
+        if self.vocab_size.is_some_and(|v| v > MAX_VOCAB_SIZE) {
+            return fail(
+                &format!("vocab_size must be at most {MAX_VOCAB_SIZE}"),
+                "the paper uses 50,257; larger tables cost memory without better items",
+            );
+        }
+        if self.max_items > MAX_SEQUENCE || self.max_item_tokens > MAX_SEQUENCE {
+            return fail(
+                &format!("max_items and max_item_tokens must be at most {MAX_SEQUENCE}"),
+                "the paper uses 512 items of 32 tokens",
             );
         }
         if self.vocab_size.is_some_and(|v| v < 300) {

@@ -47,6 +47,7 @@ pub fn assign_split(seed: u64, user: &str, valid: f64, test: f64) -> Split {
 /// Run `clue prepare` on `inputs` (files or directories) into `out`.
 pub fn prepare(inputs: &[PathBuf], out: &Path, options: &PrepareOptions) -> Result<PrepareReport> {
     options.validate()?;
+    let _lock = store::lock_output(out, "prepare")?;
     let start = Instant::now();
     let files = log::list_log_files(inputs)?;
     let builder = match &options.services {
@@ -113,6 +114,12 @@ pub fn prepare(inputs: &[PathBuf], out: &Path, options: &PrepareOptions) -> Resu
 
 /// The cross-service objective pairs services: at least two, each with rows (SimCLR: one).
 fn check_services(h: &Histories, objective: Objective) -> Result<()> {
+    if h.items.is_empty() {
+        return Err(ClueError::config(
+            "the logs hold no behaviour rows (only a header, or nothing)",
+            "give logs with rows `user_id,service,timestamp,text` under the header",
+        ));
+    }
     if h.services.len() < objective.min_services() {
         return Err(ClueError::config(
             format!(

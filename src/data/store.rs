@@ -130,8 +130,167 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| ClueError::io(dir, e))?;
     }
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| ClueError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| ClueError::io(path, e))
+    if let (Some(dir), Some(stem)) = (tmp.parent(), path.file_stem()) {
+        remove_stale(dir, &stem.to_string_lossy(), false);
+    }
+    let result = std::fs::write(&tmp, bytes)
+        .map_err(|e| ClueError::io(&tmp, e))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| ClueError::io(path, e)));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Whether process `pid` still runs (Linux: `/proc/PID`; elsewhere every process is assumed
+/// to, so nothing is cleaned).
+fn process_alive(pid: u32) -> bool {
+    !cfg!(target_os = "linux") || Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// What clue processes that died (a kill, a power cut) left in `dir` while writing `<base>`:
+/// each path, and whether it is a replaced output `<base>.old-PID` rather than a temporary
+/// `<base>.tmp-PID`.
+fn dead_leftovers(dir: &Path, base: &str) -> Vec<(PathBuf, bool)> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name();
+            let rest = name.to_str()?.strip_prefix(base)?;
+            let (old, pid) = match rest.strip_prefix(".tmp-") {
+                Some(pid) => (false, pid),
+                None => (true, rest.strip_prefix(".old-")?),
+            };
+            let pid: u32 = pid.parse().ok()?;
+            (pid != std::process::id() && !process_alive(pid)).then(|| (entry.path(), old))
+        })
+        .collect()
+}
+
+/// Remove the temporary files or directories dead writers of `<base>` left in `dir` (with
+/// `old`, their replaced outputs too). Best effort: what cannot be removed stays.
+fn remove_stale(dir: &Path, base: &str, old: bool) {
+    for (path, is_old) in dead_leftovers(dir, base) {
+        if old || !is_old {
+            let _ = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+        }
+    }
+}
+
+/// `.<name>.old-PID` beside `out`: where [`publish_dir`] moves the output it replaces.
+fn old_dir(out: &Path, pid: u32) -> PathBuf {
+    let name = out.file_name().map(|n| n.to_string_lossy().to_string());
+    out.with_file_name(format!(".{}.old-{pid}", name.unwrap_or_default()))
+}
+
+/// A process killed between [`publish_dir`]'s two renames left no `out`, and the old output
+/// under `.<name>.old-PID`: put it back.
+fn restore_replaced(out: &Path) {
+    let (Some(parent), Some(name)) = (out.parent(), out.file_name()) else {
+        return;
+    };
+    if out.exists() {
+        return;
+    }
+    let base = format!(".{}", name.to_string_lossy());
+    if let Some((old, _)) = dead_leftovers(parent, &base).into_iter().find(|(_, o)| *o) {
+        let _ = std::fs::rename(old, out);
+    }
+}
+
+/// Hold the OS lock on `lock` (created if missing; released when the returned file is dropped
+/// or the process ends, also by a kill) for a `clue <command>` writing `target`; the PID goes
+/// in the file. A second writer fails naming the first one's PID.
+pub fn hold_lock(lock: &Path, target: &Path, command: &str) -> Result<File> {
+    if let Some(dir) = lock.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| ClueError::io(dir, e))?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(lock)
+        .map_err(|e| ClueError::io(lock, e))?;
+    match file.try_lock() {
+        Ok(()) => {
+            file.set_len(0)
+                .and_then(|()| write!(file, "{}", std::process::id()))
+                .map_err(|e| ClueError::io(lock, e))?;
+            Ok(file)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let pid = std::fs::read_to_string(lock).unwrap_or_default();
+            Err(ClueError::bad_file(
+                target,
+                format!("is in use by another clue {command} (PID {})", pid.trim()),
+                "wait for it to finish or stop it; two writers cannot share an output",
+            ))
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(ClueError::io(lock, e)),
+    }
+}
+
+/// The lock on an output ([`lock_output`]); its file is removed when the lock is dropped.
+pub struct OutputLock {
+    _file: File,
+    path: PathBuf,
+}
+
+impl Drop for OutputLock {
+    fn drop(&mut self) {
+        // Removed while still held: a writer that opened it meanwhile sees it is stale.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// [`hold_lock`] on `.<name>.lock` beside the output `out` (a file or a directory), held until
+/// the returned guard is dropped.
+pub fn lock_output(out: &Path, command: &str) -> Result<OutputLock> {
+    let name = out.file_name().map(|n| n.to_string_lossy().to_string());
+    let path = out.with_file_name(format!(".{}.lock", name.unwrap_or_default()));
+    for _ in 0..8 {
+        let file = hold_lock(&path, out, command)?;
+        // The holder before us may have removed the file between our open and our lock: then
+        // ours is on a file no later writer finds, so take the lock again on the new one.
+        if same_file(&file, &path) {
+            return Ok(OutputLock { _file: file, path });
+        }
+    }
+    Err(ClueError::bad_file(
+        out,
+        format!("cannot hold its lock {}", path.display()),
+        "another clue keeps taking it; try again when it is done",
+    ))
+}
+
+/// Whether the open `file` is the file at `path` now.
+fn same_file(file: &File, path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        match (file.metadata(), std::fs::metadata(path)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (file, path);
+        true
+    }
 }
 
 /// SHA-256 of a file, read in pieces (datasets can be larger than memory).
@@ -157,7 +316,7 @@ pub fn publish_dir(tmp: &Path, out: &Path, marker: &str) -> Result<()> {
                 "choose another --out directory, or remove this one",
             ));
         }
-        let old = out.with_extension(format!("old-{}", std::process::id()));
+        let old = old_dir(out, std::process::id());
         std::fs::rename(out, &old).map_err(|e| ClueError::io(out, e))?;
         std::fs::rename(tmp, out).map_err(|e| ClueError::io(out, e))?;
         let _ = std::fs::remove_dir_all(&old);
@@ -178,6 +337,8 @@ pub fn temp_dir_beside(out: &Path) -> Result<PathBuf> {
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
+    restore_replaced(out);
+    remove_stale(&parent, &format!(".{name}"), true);
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(|e| ClueError::io(&tmp, e))?;
@@ -425,5 +586,50 @@ impl PreparedDataset {
 
     pub fn tokenizer_path(&self) -> PathBuf {
         self.dir.join(TOKENIZER)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a killed writer left (no living PID owns it) is cleaned by the next writer, and an
+    /// output moved aside by a publish cut short between its two renames is put back.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn leftovers_of_dead_writers_are_cleaned_and_a_replaced_output_restored() {
+        let dir = tempfile::tempdir().unwrap();
+        let dead = 999_999_999; // above Linux's largest PID
+        let out = dir.path().join("p");
+        let old = old_dir(&out, dead);
+        std::fs::create_dir(&old).unwrap();
+        std::fs::write(old.join("manifest.json"), "old").unwrap();
+        let stale = dir.path().join(format!(".p.tmp-{dead}"));
+        std::fs::create_dir(&stale).unwrap();
+        let alive = dir.path().join(format!(".p.tmp-{}", std::process::id()));
+        let tmp = temp_dir_beside(&out).unwrap();
+        assert_eq!(tmp, alive);
+        assert!(!stale.exists() && !old.exists());
+        assert_eq!(
+            std::fs::read_to_string(out.join("manifest.json")).unwrap(),
+            "old"
+        );
+
+        let file = dir.path().join("emb.users.csv");
+        let stale = dir.path().join(format!("emb.users.tmp-{dead}"));
+        let other = dir.path().join(format!("emb.tmp-{dead}"));
+        std::fs::write(&stale, "x").unwrap();
+        std::fs::write(&other, "x").unwrap();
+        write_atomic(&file, b"new").unwrap();
+        assert!(!stale.exists(), "its own leftover is removed");
+        assert!(
+            other.exists(),
+            "another file's leftover is that writer's to clean"
+        );
+        assert_eq!(std::fs::read(&file).unwrap(), b"new");
+        let other_name = dir.path().join(format!("emb2.tmp-{dead}"));
+        std::fs::write(&other_name, "x").unwrap();
+        write_atomic(&dir.path().join("emb.npy"), b"npy").unwrap();
+        assert!(!other.exists() && other_name.exists(), "only `emb`'s own");
     }
 }

@@ -24,7 +24,7 @@ use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::data::store::{publish_dir, temp_dir_beside};
+use crate::data::store::{lock_output, publish_dir, temp_dir_beside};
 use crate::error::{ClueError, Result};
 use crate::ui;
 
@@ -45,6 +45,8 @@ pub struct SynthReport {
 }
 
 pub const MARKER: &str = "synth.json";
+/// The most users `clue synth` writes.
+pub const MAX_SYNTH_USERS: usize = 10_000_000;
 pub const PRETRAIN_SERVICES: [&str; 2] = ["search", "shop"];
 
 /// Number of latent topics for a population.
@@ -337,12 +339,16 @@ fn writer(path: &Path, header: &[&str]) -> Result<csv::Writer<BufWriter<File>>> 
 
 /// Write `clue synth` output into `out` (atomically: a temporary directory renamed at the end).
 pub fn synth(out: &Path, options: &SynthOptions) -> Result<SynthReport> {
-    if options.users < 10 {
+    if !(10..=MAX_SYNTH_USERS).contains(&options.users) {
         return Err(ClueError::config(
-            "--users must be at least 10",
+            format!(
+                "--users must be between 10 and {MAX_SYNTH_USERS} (each user writes ~4 KB of \
+                 logs and tasks: the limit is ~40 GB)"
+            ),
             "e.g. --users 2000",
         ));
     }
+    let _lock = lock_output(out, "synth")?;
     let tmp = temp_dir_beside(out)?;
     let result = write_all(&tmp, options).and_then(|report| {
         publish_dir(&tmp, out, MARKER)?;

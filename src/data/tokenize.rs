@@ -101,6 +101,9 @@ impl ItemTokenizer {
             .map(|t| AddedToken::from(t, true))
             .collect();
         tokenizer.add_special_tokens(&missing);
+        // Text is only ever text: `<svc:shop>` or `<pad>` written in a log is encoded as its
+        // characters, never as the reserved token (the prefix is added by id).
+        tokenizer.set_encode_special_tokens(true);
         let service_ids = services
             .iter()
             .map(|s| {
@@ -203,6 +206,20 @@ mod tests {
         assert!(
             items.iter().flatten().all(|&id| id != 0),
             "0 is reserved for padding"
+        );
+    }
+
+    #[test]
+    fn reserved_tokens_cannot_come_from_text() {
+        let tok = trained();
+        let ids = tok
+            .encode_items(&[(0, "<svc:shop> red <pad> shoes")], 64)
+            .unwrap();
+        assert_eq!(ids[0][0], tok.service_ids[0], "the item's own prefix");
+        assert!(
+            !ids[0][1..].contains(&tok.service_ids[1]) && !ids[0][1..].contains(&0),
+            "{:?}",
+            ids[0]
         );
     }
 

@@ -1,15 +1,21 @@
 //! The files of `clue embed`, written and read here only: `<stem>.safetensors` (tensors
 //! `user_embeddings` `[users, services × dim]` and `service_mask` `[users, services]`) and/or
 //! `<stem>.npy` (the matrix alone), `<stem>.users.csv` (which user each row is) and, written
-//! last, `<stem>.manifest.json` (model, data and shape).
+//! last, `<stem>.manifest.json` (model, data, shape and the SHA-256 of every file of the set).
+//!
+//! The set is committed as one unit: `write` removes the old manifest before it replaces any
+//! file and writes the new one last, and [`read_embeddings`] refuses a matrix or `users.csv`
+//! whose hash is not the manifest's. A set cut short between two renames (a kill, a full disk)
+//! therefore has no manifest or a mismatched one, and is refused instead of mapping rows to the
+//! wrong users.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::data::log::read_table;
-use crate::data::store::write_atomic;
+use crate::data::store::{hex, write_atomic};
 use crate::error::{ClueError, Result};
 
 /// The embedding matrix's tensor name in the safetensors file.
@@ -36,6 +42,9 @@ pub struct EmbedManifest {
     pub bad_rows_skipped: u64,
     pub rows_other_services: u64,
     pub files: Vec<String>,
+    /// SHA-256 of each data file of the set, by file name (the manifest itself excluded).
+    #[serde(default)]
+    pub sha256: BTreeMap<String, String>,
 }
 
 fn view(
@@ -110,6 +119,20 @@ pub fn write(
         (safetensors::Dtype::F32, "<f4", b)
     };
     let mut written = Vec::new();
+    let manifest_path = manifest_path(out);
+    // From here until the new manifest is written, the set has none: readers refuse it.
+    match std::fs::remove_file(&manifest_path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(ClueError::io(&manifest_path, e));
+        }
+        _ => {}
+    }
+    let mut put = |path: PathBuf, bytes: &[u8]| -> Result<()> {
+        write_atomic(&path, bytes)?;
+        manifest.sha256.insert(file_name(&path), sha256(bytes));
+        written.push(path);
+        Ok(())
+    };
     let is = |ext: &str| out.extension().is_some_and(|e| e == ext);
     if is("safetensors") {
         let st_path = out.with_extension("safetensors");
@@ -124,18 +147,15 @@ pub fn write(
         let meta = HashMap::from([("services".to_string(), e.services.join(","))]);
         let data = safetensors::serialize(tensors, Some(meta))
             .map_err(|err| ClueError::io(&st_path, std::io::Error::other(err.to_string())))?;
-        write_atomic(&st_path, &data)?;
-        written.push(st_path);
+        put(st_path, &data)?;
     }
     if npy || is("npy") {
-        let npy_path = out.with_extension("npy");
-        write_atomic(&npy_path, &npy_bytes(descr, [n, width], &bytes))?;
-        written.push(npy_path);
+        put(
+            out.with_extension("npy"),
+            &npy_bytes(descr, [n, width], &bytes),
+        )?;
     }
-    let users_path = users_csv_path(out);
-    write_atomic(&users_path, users_csv(e).as_bytes())?;
-    written.push(users_path);
-    let manifest_path = manifest_path(out);
+    put(users_csv_path(out), users_csv(e).as_bytes())?;
     manifest.files = written.iter().map(|p| p.display().to_string()).collect();
     write_atomic(
         &manifest_path,
@@ -143,6 +163,39 @@ pub fn write(
     )?;
     written.push(manifest_path);
     Ok(written)
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex(&sha2::Sha256::digest(bytes))
+}
+
+/// Check that `bytes`, read from `path`, are the file the set's manifest names.
+fn check_in_set(path: &Path, bytes: &[u8], manifest: &EmbedManifest, at: &Path) -> Result<()> {
+    let name = file_name(path);
+    match manifest.sha256.get(&name) {
+        Some(h) if *h == sha256(bytes) => Ok(()),
+        Some(_) => Err(ClueError::bad_file(
+            path,
+            format!(
+                "is not the file {} lists (its SHA-256 differs): the embedding set is mixed, \
+                 e.g. a clue embed was interrupted between its files or one was copied in",
+                at.display()
+            ),
+            "run clue embed again to write the whole set",
+        )),
+        None => Err(ClueError::bad_file(
+            path,
+            format!("is not listed in {}", at.display()),
+            "run clue embed again to write the whole set",
+        )),
+    }
 }
 
 /// `row,user_id,has_<service>...`
@@ -165,9 +218,29 @@ fn users_csv(e: &Embeddings) -> String {
 }
 
 /// Read an embedding file (safetensors with `user_embeddings`, or a little-endian f32 `.npy`)
-/// and its `users.csv`; returns the rows of `users`, in that order, and the row width.
+/// and its `users.csv`, both checked against the set's manifest; returns the rows of `users`, in
+/// that order, and the row width. A row that is not finite is refused, naming its user.
 pub fn read_embeddings(path: &Path, users: &[String]) -> Result<(Vec<f32>, usize)> {
+    let at = manifest_path(path);
+    let manifest: EmbedManifest = match std::fs::read_to_string(&at) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| {
+            ClueError::bad_file(&at, e.to_string(), "run clue embed again to write the set")
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ClueError::bad_file(
+                path,
+                format!(
+                    "has no {} beside it: the embedding set is incomplete (clue embed writes \
+                     its manifest last) or was not written by clue embed",
+                    at.display()
+                ),
+                "run clue embed again to write the whole set",
+            ));
+        }
+        Err(e) => return Err(ClueError::io(&at, e)),
+    };
     let bytes = std::fs::read(path).map_err(|e| ClueError::io(path, e))?;
+    check_in_set(path, &bytes, &manifest, &at)?;
     let bad = |m: String| ClueError::bad_file(path, m, "give a file written by `clue embed`");
     let (data, shape) = if path.extension().is_some_and(|e| e == "npy") {
         read_npy(&bytes).map_err(bad)?
@@ -180,6 +253,8 @@ pub fn read_embeddings(path: &Path, users: &[String]) -> Result<(Vec<f32>, usize
         )));
     }
     let ids_path = users_csv_path(path);
+    let ids = std::fs::read(&ids_path).map_err(|e| ClueError::io(&ids_path, e))?;
+    check_in_set(&ids_path, &ids, &manifest, &at)?;
     let mut row_of: HashMap<String, usize> = HashMap::new();
     read_table(&ids_path, &["row", "user_id"], |_, f| {
         row_of.insert(f[1].to_string(), f[0].parse().unwrap_or(usize::MAX));
@@ -195,7 +270,13 @@ pub fn read_embeddings(path: &Path, users: &[String]) -> Result<(Vec<f32>, usize
                 "embed the task's users (clue embed on the task's feature logs)",
             )
         })?;
-        out.extend_from_slice(&data[r * dim..(r + 1) * dim]);
+        let row = &data[r * dim..(r + 1) * dim];
+        if let Some(x) = row.iter().find(|x| !x.is_finite()) {
+            return Err(bad(format!(
+                "the embedding of user `{u}` (row {r}) holds {x}: the model that wrote it diverged"
+            )));
+        }
+        out.extend_from_slice(row);
     }
     Ok((out, dim))
 }
@@ -282,6 +363,7 @@ mod tests {
             bad_rows_skipped: 0,
             rows_other_services: 0,
             files: Vec::new(),
+            sha256: BTreeMap::new(),
         }
     }
 
@@ -322,5 +404,52 @@ mod tests {
         std::fs::write(dir.path().join("bad.npy"), b"\x93NU").unwrap();
         std::fs::copy(users_csv_path(&out), dir.path().join("bad.users.csv")).unwrap();
         assert!(read_embeddings(&dir.path().join("bad.npy"), &ask).is_err());
+    }
+
+    /// A set whose files do not belong together, or that lacks its manifest, is refused; so is a
+    /// row that is not finite.
+    #[test]
+    fn mixed_or_incomplete_sets_and_non_finite_rows_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let users: Vec<String> = ["u1", "u2", "u3"].iter().map(|s| s.to_string()).collect();
+        let services = vec!["a".to_string(), "b".to_string()];
+        let mask = vec![1; 6];
+        let write_set = |stem: &str, matrix: &[f32], users: &[String]| {
+            let e = Embeddings {
+                users,
+                services: &services,
+                matrix,
+                mask: &mask,
+            };
+            let out = dir.path().join(format!("{stem}.safetensors"));
+            write(&out, &e, manifest(4), false, false).unwrap();
+            out
+        };
+        let matrix: Vec<f32> = (0..12).map(|x| x as f32).collect();
+        let out = write_set("emb", &matrix, &users);
+        assert!(read_embeddings(&out, &users).is_ok());
+        // The same users in another order: a users.csv of another set.
+        let shuffled: Vec<String> = users.iter().rev().cloned().collect();
+        let other = write_set("other", &matrix, &shuffled);
+        std::fs::copy(users_csv_path(&other), users_csv_path(&out)).unwrap();
+        let err = read_embeddings(&out, &users).unwrap_err().to_string();
+        assert!(
+            err.contains("mixed") && err.contains("emb.users.csv"),
+            "{err}"
+        );
+        // Rewriting the set mends it; losing the manifest (cut short before it) is refused.
+        let out = write_set("emb", &matrix, &users);
+        std::fs::remove_file(manifest_path(&out)).unwrap();
+        let err = read_embeddings(&out, &users).unwrap_err().to_string();
+        assert!(err.contains("incomplete"), "{err}");
+        let mut nan = matrix.clone();
+        nan[5] = f32::NAN;
+        let out = write_set("emb", &nan, &users);
+        let err = read_embeddings(&out, &users).unwrap_err().to_string();
+        assert!(err.contains("`u2`") && err.contains("NaN"), "{err}");
+        assert!(
+            read_embeddings(&out, &users[..1]).is_ok(),
+            "u1's row is finite"
+        );
     }
 }

@@ -20,6 +20,8 @@ use crate::bundle::{Bundle, BundleInfo};
 use crate::data::batcher::UserBatcher;
 use crate::data::history::{Histories, HistoryBuilder, read_histories};
 use crate::data::log::{self, list_log_files};
+use crate::data::options::repeated;
+use crate::data::store::lock_output;
 use crate::data::tokenize::ItemTokenizer;
 use crate::error::{ClueError, Result};
 use crate::model::init::Init;
@@ -313,6 +315,8 @@ pub fn embed<B: Backend>(
             "e.g. --out embeddings/users.safetensors (add --npy for a .npy copy)",
         ));
     }
+    // Held until the set is written: a second clue embed to the same stem fails at once.
+    let _lock = lock_output(&o.out.with_extension(""), "embed")?;
     let e = Embedder::<B>::load(model, device)?;
     let services = o
         .services
@@ -324,6 +328,7 @@ pub fn embed<B: Backend>(
             "e.g. --services search,shop",
         ));
     }
+    check_services(&services, &o.alias, &e.info.services)?;
     let files = list_log_files(&o.inputs)?;
     let builder = HistoryBuilder::new(&services, e.max_items);
     let (h, stats) = read_histories(&files, builder, o.skip_bad_rows)?;
@@ -372,6 +377,44 @@ pub fn embed<B: Backend>(
     })
 }
 
+/// `--services` names each service once, and every `--alias NEW=KNOWN` maps a service being
+/// embedded to one the model was trained on.
+fn check_services(
+    services: &[String],
+    alias: &HashMap<String, String>,
+    known: &[String],
+) -> Result<()> {
+    if let Some(s) = repeated(services) {
+        return Err(ClueError::config(
+            format!("service `{s}` is named twice in --services"),
+            "name each service once",
+        ));
+    }
+    let mut pairs: Vec<_> = alias.iter().collect();
+    pairs.sort();
+    for (new, to) in pairs {
+        if !known.contains(to) {
+            return Err(ClueError::config(
+                format!(
+                    "--alias {new}={to}: the model knows no service `{to}` (it was trained on {})",
+                    known.join(", ")
+                ),
+                "alias to one of the model's services",
+            ));
+        }
+        if !services.contains(new) {
+            return Err(ClueError::config(
+                format!(
+                    "--alias {new}={to}: `{new}` is not among the services embedded ({})",
+                    services.join(", ")
+                ),
+                "add it to --services, or drop the alias",
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn manifest<B: Backend>(
     e: &Embedder<B>,
     h: &Histories,
@@ -397,6 +440,7 @@ fn manifest<B: Backend>(
         bad_rows_skipped: stats.bad.total(),
         rows_other_services: h.other_service_rows,
         files: Vec::new(),
+        sha256: Default::default(),
     }
 }
 

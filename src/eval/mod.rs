@@ -53,8 +53,9 @@ use burn::tensor::backend::AutodiffBackend;
 use sha2::{Digest, Sha256};
 
 use crate::cpu::{peak_rss_mib, reset_peak_rss};
-use crate::data::store::{hex, write_atomic};
+use crate::data::store::{hex, lock_output, write_atomic};
 use crate::embed::Embedder;
+use crate::embed::format::read_embeddings;
 use crate::error::{ClueError, Result};
 use crate::eval::hybrid::pick_base;
 use crate::eval::ids::IdData;
@@ -92,6 +93,7 @@ pub fn eval<B: AutodiffBackend>(device: &B::Device, o: &EvalOptions) -> Result<E
         task.validate(&o.task)?;
     }
     check_options(&task, o)?;
+    let _lock = lock_output(&o.out, "eval")?;
     let e = Embedder::<B::InnerBackend>::load(&o.model, device)?;
     // Every compared run loads before any training: a wrong directory fails at once.
     let compared = o
@@ -106,8 +108,12 @@ pub fn eval<B: AutodiffBackend>(device: &B::Device, o: &EvalOptions) -> Result<E
         .collect::<Result<Vec<_>>>()?;
     let mut data = load_task(&task, e.max_items)?;
     let negatives = draw_negatives(&data, task.negatives.count, task.negatives.seed)?;
-    std::fs::create_dir_all(&o.out).map_err(|err| ClueError::io(&o.out, err))?;
-    let negatives_sha256 = write_negatives(&o.out, &data, &negatives)?;
+    if let Some(path) = &o.embeddings {
+        // A damaged or mixed set fails before any training.
+        read_embeddings(path, &data.users)?;
+    }
+    let negatives_csv = negatives_csv(&data, &negatives);
+    let negatives_sha256 = hex(&Sha256::digest(negatives_csv.as_bytes()));
     let split_sha256 = split_hash(&data);
     // After the split and negatives are fixed: the added rows are training rows only.
     data.add_prefix_rows(task.features.prefixes);
@@ -225,7 +231,7 @@ pub fn eval<B: AutodiffBackend>(device: &B::Device, o: &EvalOptions) -> Result<E
         costs,
         hybrid_base,
     };
-    write_results(&o.out, &out)?;
+    write_results(&o.out, &out, &negatives_csv)?;
     Ok(out)
 }
 
@@ -260,13 +266,8 @@ fn check_options(task: &Task, o: &EvalOptions) -> Result<()> {
     Ok(())
 }
 
-/// Write `negatives.csv` (`user_id,positive,negatives`, negatives space-separated) into `out`;
-/// returns its SHA-256.
-fn write_negatives(
-    out: &Path,
-    data: &TaskData,
-    negatives: &[(usize, usize, Vec<usize>)],
-) -> Result<String> {
+/// `negatives.csv`: `user_id,positive,negatives`, negatives space-separated.
+fn negatives_csv(data: &TaskData, negatives: &[(usize, usize, Vec<usize>)]) -> String {
     let mut neg_csv = String::from("user_id,positive,negatives\n");
     for (u, p, negs) in negatives {
         let ids: Vec<&str> = negs.iter().map(|&j| data.item_ids[j].as_str()).collect();
@@ -277,8 +278,7 @@ fn write_negatives(
             ids.join(" ")
         ));
     }
-    write_atomic(&out.join("negatives.csv"), neg_csv.as_bytes())?;
-    Ok(hex(&Sha256::digest(neg_csv.as_bytes())))
+    neg_csv
 }
 
 /// SHA-256 of the split, as `user_id,split` lines (0 train, 1 valid, 2 test).
@@ -305,11 +305,20 @@ fn leakage_rule(f: &Features) -> String {
     }
 }
 
-/// Write `results.json` and `results.md` into `out`.
-fn write_results(out: &Path, results: &EvalResults) -> Result<()> {
+/// Write `negatives.csv`, `results.md` and, last, `results.json` (which names the negatives'
+/// hash) into `out`, all at the end of the run: the old `results.json` goes first, so a run cut
+/// short never leaves one beside files of another run.
+fn write_results(out: &Path, results: &EvalResults, negatives_csv: &str) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| ClueError::io(out, e))?;
+    let json = out.join("results.json");
+    match std::fs::remove_file(&json) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(ClueError::io(&json, e)),
+        _ => {}
+    }
+    write_atomic(&out.join("negatives.csv"), negatives_csv.as_bytes())?;
+    write_atomic(&out.join("results.md"), results.markdown().as_bytes())?;
     write_atomic(
-        &out.join("results.json"),
+        &json,
         (serde_json::to_string_pretty(results).expect("json") + "\n").as_bytes(),
-    )?;
-    write_atomic(&out.join("results.md"), results.markdown().as_bytes())
+    )
 }

@@ -346,6 +346,12 @@ impl Task {
         if let Err(m) = self.model.check() {
             return bad(m, "fix the value or remove the key for its default");
         }
+        if self.negatives.count == 0 {
+            return bad(
+                "[negatives] count = 0: every ranking would hold the positive alone".into(),
+                "use e.g. count = 100 (the paper's sampled metrics), or remove the table",
+            );
+        }
         let p = &self.probe;
         if p.epochs == 0 || p.batch_size == 0 || p.lr <= 0.0 || p.negatives == 0 {
             return bad(

@@ -4,6 +4,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ClueError, Result};
 
+/// The largest model clue builds (4·10¹⁰ bytes of f32 weights; training needs ~4× that).
+const MAX_PARAMS: f64 = 1e10;
+
 /// Shape of a CLUE encoder. The Item and Service Transformers share width, heads and FFN size
 /// (paper Table 7) but may have different depths.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -64,6 +67,36 @@ impl ModelConfig {
                 );
             }
         }
+        for (name, v, max) in [
+            ("d_model", self.d_model, 1 << 16),
+            ("d_ff", self.d_ff, 1 << 18),
+            ("heads", self.heads, 1 << 10),
+            ("item_layers", self.item_layers, 1 << 8),
+            ("service_layers", self.service_layers, 1 << 8),
+            ("max_items", self.max_items, 1 << 16),
+            ("max_item_tokens", self.max_item_tokens, 1 << 16),
+            ("output_dim", self.output_dim, 1 << 16),
+            ("vocab_size", self.vocab_size, 1 << 20),
+        ] {
+            if v > max {
+                return bad(
+                    format!("model.{name} = {v} is above the limit of {max}"),
+                    "choose a size a machine can hold (the paper's largest model: d_model 2,048)",
+                );
+            }
+        }
+        let params = self.approx_params();
+        if params > MAX_PARAMS {
+            return bad(
+                format!(
+                    "the model would have ~{:.1e} parameters ({:.0} GB of weights alone), above \
+                     the limit of {MAX_PARAMS:.0e}",
+                    params,
+                    params * 4.0 / 1e9
+                ),
+                "lower d_model, d_ff or the number of layers",
+            );
+        }
         if !self.d_model.is_multiple_of(self.heads) {
             return bad(
                 format!(
@@ -80,6 +113,13 @@ impl ModelConfig {
             );
         }
         Ok(())
+    }
+
+    /// Parameters of the encoder, roughly (embeddings and the Transformer layers' matrices).
+    fn approx_params(&self) -> f64 {
+        let d = self.d_model as f64;
+        let layers = (self.item_layers + self.service_layers) as f64;
+        self.vocab_size.max(1) as f64 * d + layers * (4.0 * d * d + 2.0 * d * self.d_ff as f64)
     }
 
     /// Width of the user embedding handed to downstream models.

@@ -2,7 +2,7 @@
 //! the model bundle and `summary.json`.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
@@ -16,14 +16,14 @@ use serde::{Deserialize, Serialize};
 use crate::bundle::{BUNDLE_DIR, BundleInfo, SplitScore, read_json, save_bundle};
 use crate::data::augment::VALID_ROUND;
 use crate::data::batcher::{UserBatch, UserBatcher, UserDataset};
-use crate::data::store::{PreparedDataset, Split, write_atomic};
+use crate::data::store::{PreparedDataset, Split, hold_lock, write_atomic};
 use crate::error::{ClueError, Result};
 use crate::model::init::Init;
 use crate::model::{ClueModel, ParamCounts};
 use crate::train::checkpoint::{AtomicRecorder, ResumedLogs, SaveEveryPeriod};
 use crate::train::config::RunConfig;
 use crate::train::loader::{EpochPlan, PlanLoader};
-use crate::train::metrics::{History, SharedHistory, Stat, StatMetric};
+use crate::train::metrics::{HISTORY_FILE, History, HistoryLog, Stat, StatMetric};
 use crate::train::renderer::LogRenderer;
 use crate::train::schedule::WarmupCosine;
 use crate::train::score::score;
@@ -245,6 +245,7 @@ fn clear_progress(run: &Path) -> Result<()> {
             std::fs::remove_dir_all(&path).map_err(|e| ClueError::io(&path, e))?;
         }
     }
+    let _ = std::fs::remove_file(run.join(HISTORY_FILE));
     Ok(())
 }
 
@@ -252,32 +253,7 @@ fn clear_progress(run: &Path) -> Result<()> {
 /// file is dropped: a second `clue fit` on the same run fails naming this one.
 fn lock_run(run: &Path) -> Result<std::fs::File> {
     std::fs::create_dir_all(run).map_err(|e| ClueError::io(run, e))?;
-    let path = run.join(".lock");
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .map_err(|e| ClueError::io(&path, e))?;
-    match file.try_lock() {
-        Ok(()) => {
-            use std::io::Write;
-            file.set_len(0)
-                .and_then(|()| write!(file, "{}", std::process::id()))
-                .map_err(|e| ClueError::io(&path, e))?;
-            Ok(file)
-        }
-        Err(std::fs::TryLockError::WouldBlock) => {
-            let pid = std::fs::read_to_string(&path).unwrap_or_default();
-            Err(ClueError::bad_file(
-                run,
-                format!("is in use by another clue fit (PID {})", pid.trim()),
-                "wait for it to finish or stop it; two runs cannot share a directory",
-            ))
-        }
-        Err(std::fs::TryLockError::Error(e)) => Err(ClueError::io(&path, e)),
-    }
+    hold_lock(&run.join(".lock"), run, "fit")
 }
 
 /// Train a CLUE model on `device` as `options` say. Generic over every Burn autodiff backend.
@@ -353,7 +329,8 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
             .with_views(config.train.views(VALID_ROUND)),
         );
 
-    let history: SharedHistory = Arc::new(Mutex::new(History::default()));
+    let done = resume_period.unwrap_or(0);
+    let history = HistoryLog::open(run, done)?;
     let stats = [
         Stat::Loss,
         Stat::Top1AB,
@@ -373,8 +350,8 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
         .num_epochs(plan.periods());
     for stat in stats {
         training = training
-            .metric_train_numeric(StatMetric::new(stat, false, history.clone()))
-            .metric_valid_numeric(StatMetric::new(stat, true, history.clone()));
+            .metric_train_numeric(StatMetric::new(stat, false, history.clone(), done))
+            .metric_valid_numeric(StatMetric::new(stat, true, history.clone(), done));
     }
     if let Some(k) = resume_period {
         training = training.checkpoint(k);
@@ -439,7 +416,14 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
     let model: ClueModel<B::InnerBackend> = result.model.model;
     let steps = guard.steps();
     let valid = score::<B::InnerBackend>(&model, &data, valid_users, &config);
-    let history = history.lock().expect("history").clone();
+    if let Some(e) = history.write_error() {
+        return Err(ClueError::bad_file(
+            run,
+            e,
+            "free space in the run directory, then --resume",
+        ));
+    }
+    let history = history.history();
     let logit_scale = model.logit_scale().into_scalar().elem();
     let mut summary = summarise(&config, history, valid, logit_scale, params, steps, options);
     summary.wall_seconds = start.elapsed().as_secs_f64();

@@ -2,6 +2,7 @@
 //! users/s. Computed on the host from one small read per batch, and kept per epoch in a shared
 //! [`History`] for `summary.json`.
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -14,6 +15,10 @@ use burn::train::metric::{
     NumericEntry, SerializedEntry,
 };
 use serde::{Deserialize, Serialize};
+
+use crate::bundle::read_json;
+use crate::data::store::write_atomic;
+use crate::error::Result;
 
 /// What one batch produced, read back from the device.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -138,7 +143,61 @@ pub struct EpochStats {
     pub batch_size: Option<usize>,
 }
 
-pub type SharedHistory = Arc<Mutex<History>>;
+/// `history.json` in a run directory: the per-period means so far, rewritten at every period's
+/// end, so that a resumed run's summary keeps the periods before the kill.
+pub const HISTORY_FILE: &str = "history.json";
+
+/// The run's [`History`], shared by its metrics and kept in `<run>/history.json`.
+pub struct HistoryLog {
+    inner: Mutex<(History, Option<String>)>,
+    path: PathBuf,
+}
+
+pub type SharedHistory = Arc<HistoryLog>;
+
+impl HistoryLog {
+    /// The history of `run` with its first `periods_done` periods kept (a resumed run; 0 for a
+    /// fresh one, which starts empty).
+    pub fn open(run: &Path, periods_done: usize) -> Result<SharedHistory> {
+        let path = run.join(HISTORY_FILE);
+        let mut history = History::default();
+        if periods_done > 0 && path.exists() {
+            history = read_json(&path)?;
+            history.train.truncate(periods_done);
+            history.valid.truncate(periods_done);
+        }
+        Ok(Arc::new(Self {
+            inner: Mutex::new((history, None)),
+            path,
+        }))
+    }
+
+    pub fn history(&self) -> History {
+        self.inner.lock().expect("history lock").0.clone()
+    }
+
+    /// The first failure to write `history.json`, if any.
+    pub fn write_error(&self) -> Option<String> {
+        self.inner.lock().expect("history lock").1.clone()
+    }
+
+    fn record(&self, valid: bool, epoch: usize, stat: Stat, mean: f64, batch_size: usize) {
+        let mut inner = self.inner.lock().expect("history lock");
+        let (h, error) = &mut *inner;
+        let epochs = if valid { &mut h.valid } else { &mut h.train };
+        if epochs.len() <= epoch {
+            epochs.resize_with(epoch + 1, EpochStats::default);
+        }
+        *epochs[epoch].slot(stat) = Some(mean);
+        epochs[epoch].batch_size = Some(batch_size);
+        let json = serde_json::to_string_pretty(h).expect("json") + "\n";
+        if let Err(e) = write_atomic(&self.path, json.as_bytes())
+            && error.is_none()
+        {
+            *error = Some(e.to_string());
+        }
+    }
+}
 
 /// A numeric Burn metric over one [`Stat`]; at each epoch end its mean goes into the history.
 #[derive(Clone)]
@@ -156,8 +215,8 @@ pub struct StatMetric {
 
 impl StatMetric {
     /// A metric of `stat` for the train (or `valid`) split; the first epoch it sees is history
-    /// entry 0 (history of a resumed run starts at the resumed epoch).
-    pub fn new(stat: Stat, valid: bool, history: SharedHistory) -> Self {
+    /// entry `first_epoch` (the periods a resumed run has done).
+    pub fn new(stat: Stat, valid: bool, history: SharedHistory, first_epoch: usize) -> Self {
         Self {
             stat,
             valid,
@@ -166,7 +225,7 @@ impl StatMetric {
             history,
             started: None,
             max_users: 0,
-            epoch: 0,
+            epoch: first_epoch,
         }
     }
 
@@ -224,18 +283,8 @@ impl Metric for StatMetric {
             } => (count > 0).then_some(aggregated_value),
         };
         if let Some(mean) = mean.filter(|m| m.is_finite()) {
-            let mut h = self.history.lock().expect("history lock");
-            let epochs = if self.valid {
-                &mut h.valid
-            } else {
-                &mut h.train
-            };
-            if epochs.len() <= self.epoch {
-                epochs.resize_with(self.epoch + 1, EpochStats::default);
-            }
-            let e = &mut epochs[self.epoch];
-            *e.slot(self.stat) = Some(mean);
-            e.batch_size = Some(self.max_users);
+            self.history
+                .record(self.valid, self.epoch, self.stat, mean, self.max_users);
         }
         self.epoch += 1;
         self.state.reset();

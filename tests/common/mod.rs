@@ -16,6 +16,21 @@ pub fn write_log(dir: &Path, name: &str, rows: &[&str]) -> PathBuf {
     path
 }
 
+/// A legal log of two services (`news`, `shop`) for users u0.. (3 rows each per service),
+/// then `extra` appended.
+pub fn log_text(users: usize, extra: &str) -> String {
+    let mut text = String::from("user_id,service,timestamp,text\n");
+    for u in 0..users {
+        for (s, t) in [("news", "tennis final report"), ("shop", "racket strings")] {
+            for k in 0..3 {
+                text.push_str(&format!("u{u},{s},{},{t} {k}\n", 1_700_000_000 + k));
+            }
+        }
+    }
+    text.push_str(extra);
+    text
+}
+
 /// Every file of a directory with its bytes, sorted by name.
 pub fn dir_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
