@@ -362,6 +362,9 @@ fn eval_compares_models_on_one_split_and_one_set_of_negatives() {
     let json = |m: &str| serde_json::to_value(r.models[m]).unwrap();
     assert_eq!(json("again"), json("clue"));
     assert_eq!(r.costs["again"].parameters, r.costs["clue"].parameters);
+    // The compared run's bundle is recorded by its name: here the same bundle as the model's.
+    assert_eq!(r.compared_bundle_sha256.len(), 1);
+    assert_eq!(r.compared_bundle_sha256["again"], r.model_bundle_sha256);
     // Table 2's costs: learned models count their parameters, baselines have none.
     for (m, c) in &r.costs {
         let learned = !["toppop", "random"].contains(&m.as_str());

@@ -4,7 +4,10 @@
 //!
 //! The graph holds every user's **feature** interactions (all splits: a valid or test user enters
 //! the graph through their behaviour before their targets) and the **training** users' targets.
-//! A valid or test user's target is never an edge ([`Graph::new`]).
+//! A valid or test user's target is never an edge ([`Graph::new`]). A training user's history
+//! prefix rows (`prefixes` in a task) are no nodes of their own: each is scored and trained
+//! through its user's node, which already holds the prefix's items, so the graph and its
+//! degrees are those without prefixes plus the prefix targets as edges of their user.
 
 use std::collections::BTreeSet;
 
@@ -20,25 +23,31 @@ use crate::eval::task::LightGcnConfig;
 use crate::eval::task_data::TaskData;
 use crate::model::init::Init;
 
-/// The interaction graph: distinct (user row, vocabulary item) edges and their weights
-/// 1/√(deg(user)·deg(item)).
+/// The interaction graph: distinct (user node, vocabulary item) edges and their weights
+/// 1/√(deg(user)·deg(item)). User nodes are the task's users; `node` maps every row (prefix
+/// rows included) to its user's node.
 pub struct Graph {
     pub edges: Vec<(u32, u32)>,
     weights: Vec<f32>,
     users: usize,
+    pub node: Vec<usize>,
 }
 
 impl Graph {
     pub fn new(ids: &IdData, data: &TaskData) -> Self {
+        let users = data.task_users;
+        let node: Vec<usize> = (0..ids.seqs.len()).map(|r| data.owner(r)).collect();
         let mut set = BTreeSet::new();
-        for (u, seq) in ids.seqs.iter().enumerate() {
+        for (u, seq) in ids.seqs.iter().enumerate().take(users) {
             set.extend(seq.iter().map(|&i| (u as u32, i)));
-            if data.split[u] == Split::Train {
-                set.extend(data.targets[u].iter().map(|&i| (u as u32, i as u32)));
+        }
+        for (r, &n) in node.iter().enumerate() {
+            if data.split[r] == Split::Train {
+                set.extend(data.targets[r].iter().map(|&i| (n as u32, i as u32)));
             }
         }
         let edges: Vec<(u32, u32)> = set.into_iter().collect();
-        let (mut du, mut di) = (vec![0f32; ids.seqs.len()], vec![0f32; ids.vocab]);
+        let (mut du, mut di) = (vec![0f32; users], vec![0f32; ids.vocab]);
         for &(u, i) in &edges {
             du[u as usize] += 1.0;
             di[i as usize] += 1.0;
@@ -50,7 +59,8 @@ impl Graph {
         Self {
             edges,
             weights,
-            users: ids.seqs.len(),
+            users,
+            node,
         }
     }
 }
@@ -69,28 +79,31 @@ impl<B: Backend> LightGcn<B> {
     pub fn new(
         c: &LightGcnConfig,
         ids: &IdData,
+        g: &Graph,
         clue_cols: Option<usize>,
         init: &mut Init<B>,
     ) -> Self {
         Self {
-            users: init.embedding(ids.seqs.len().max(1), c.dim),
+            users: init.embedding(g.users.max(1), c.dim),
             items: ItemTower::new(ids, c.dim, init),
             layers: c.layers,
             clue: FeatureTower::new(clue_cols, c.dim, init),
         }
     }
 
-    /// The final vectors `[users.len(), dim]` of the user rows `users` (with a hybrid's
-    /// projected features added).
+    /// The final vectors `[users.len(), dim]` of the user rows `users`: their user's node
+    /// (with a hybrid's projected features of the row itself added).
     fn user_vectors(
         &self,
+        g: &Graph,
         all: Tensor<B, 2>,
         clue: Option<&Matrix>,
         users: &[usize],
     ) -> Tensor<B, 2> {
         let device = all.device();
         let n = users.len();
-        let u = all.select(0, int_tensor(users.iter().map(|&x| x as i64), [n], &device));
+        let nodes = users.iter().map(|&x| g.node[x] as i64);
+        let u = all.select(0, int_tensor(nodes, [n], &device));
         match user_side(&self.clue, clue, users) {
             Some(c) => u + c,
             None => u,
@@ -143,7 +156,7 @@ impl<B: Backend> LightGcn<B> {
         let device = self.users.weight.device();
         let (u, i) = self.propagate(ids, g);
         let n = users.len();
-        let u = self.user_vectors(u, clue, users);
+        let u = self.user_vectors(g, u, clue, users);
         let i = i.select(0, int_tensor(items.iter().map(|&x| x as i64), [n], &device));
         (u * i).sum_dim(1).reshape([n])
     }
@@ -157,7 +170,7 @@ impl<B: Backend> LightGcn<B> {
         rows: &[usize],
     ) -> Vec<f32> {
         let (u, i) = self.propagate(ids, g);
-        let u = self.user_vectors(u, clue, rows);
+        let u = self.user_vectors(g, u, clue, rows);
         let i = i.narrow(0, 0, ids.n_items);
         crate::eval::probe::host(u.matmul(i.transpose()))
     }
@@ -183,5 +196,30 @@ mod tests {
         assert_eq!(g.edges, [(0, 0), (0, 4), (1, 4), (2, 4)]);
         // Item 4 has degree 3, user 0 degree 2.
         assert!((g.weights[1] - 1.0 / 6f32.sqrt()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn prefix_rows_are_scored_through_their_users_node_and_add_no_node_or_feature_edge() {
+        use crate::data::history::Histories;
+        // History task: a (train) x y z → target w; b (test) y x → target z.
+        let mut d = TaskData::for_test(vec![vec![3], vec![2]], vec![Split::Train, Split::Test], 4);
+        d.item_texts = ["x", "y", "z", "w"].map(String::from).to_vec();
+        d.features = Histories {
+            users: d.users.clone(),
+            services: vec!["market".into()],
+            items: ["x", "y", "z"].map(|t| (0, t.to_string())).to_vec(),
+            seqs: vec![vec![vec![0, 1, 2]], vec![vec![1, 0]]],
+            ..Default::default()
+        };
+        d.activity = vec![3, 2];
+        let plain = Graph::new(&IdData::new(&d, Source::History), &d);
+        d.add_prefix_rows(10);
+        assert_eq!(d.counts.prefix_pairs, 2, "a: (x → y), (x y → z)");
+        let g = Graph::new(&IdData::new(&d, Source::History), &d);
+        assert_eq!((g.users, &g.node[..]), (2, &[0, 1, 0, 0][..]));
+        // The prefix targets y and z are already a's items: the graph is the same, and b's
+        // target z is no edge.
+        assert_eq!(g.edges, plain.edges);
+        assert_eq!(g.edges, [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1)]);
     }
 }

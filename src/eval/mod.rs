@@ -222,6 +222,10 @@ pub fn eval<B: AutodiffBackend>(device: &B::Device, o: &EvalOptions) -> Result<E
         split_sha256,
         negatives_sha256,
         model_bundle_sha256: e.bundle_sha256.clone(),
+        compared_bundle_sha256: compared
+            .iter()
+            .map(|(name, c)| (name.clone(), c.bundle_sha256.clone()))
+            .collect(),
         seeds,
         models: results,
         std: stds,

@@ -115,7 +115,7 @@ pub fn task_specific<B: AutodiffBackend>(
                 let g = graph.as_ref().expect("built for lightgcn");
                 fit_and_test(
                     label,
-                    LightGcn::<B>::new(&m.lightgcn, ids, cols, init),
+                    LightGcn::<B>::new(&m.lightgcn, ids, g, cols, init),
                     p,
                     m.lightgcn.lr,
                     seed,

@@ -25,6 +25,9 @@ pub struct EvalResults {
     pub split_sha256: String,
     pub negatives_sha256: String,
     pub model_bundle_sha256: String,
+    /// The bundle hash of each `--compare` run, by its name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub compared_bundle_sha256: BTreeMap<String, String>,
     pub seeds: Vec<u64>,
     /// Test-split metrics; the mean over seeds for the probe models.
     pub models: BTreeMap<String, ModelResult>,
@@ -122,6 +125,9 @@ impl EvalResults {
             &self.model_bundle_sha256[..12],
             self.seeds
         ));
+        for (name, hash) in &self.compared_bundle_sha256 {
+            s.push_str(&format!("{name}: model {}\n", &hash[..12.min(hash.len())]));
+        }
         s
     }
 }

@@ -34,6 +34,9 @@ pub struct TaskData {
     /// Rows `0..task_users` are the task's users; the rows after them are training users'
     /// history prefixes ([`TaskData::add_prefix_rows`]).
     pub task_users: usize,
+    /// The task user (row) each prefix row was cut from, in the order of the rows after
+    /// `task_users`.
+    pub prefix_owner: Vec<usize>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -93,6 +96,7 @@ pub fn load_task(task: &Task, max_items: usize) -> Result<TaskData> {
         features,
         activity,
         counts,
+        prefix_owner: Vec::new(),
     })
 }
 
@@ -368,8 +372,15 @@ impl TaskData {
             self.targets.push(vec![target]);
             self.split.push(Split::Train);
             self.activity.push(k as u64);
+            self.prefix_owner.push(u);
             self.counts.prefix_pairs += 1;
         }
+    }
+
+    /// The task user a row belongs to: itself, or the user a prefix row was cut from.
+    pub fn owner(&self, row: usize) -> usize {
+        row.checked_sub(self.task_users)
+            .map_or(row, |k| self.prefix_owner[k])
     }
 }
 
@@ -392,6 +403,7 @@ impl TaskData {
             features: Default::default(),
             activity: Vec::new(),
             counts: Default::default(),
+            prefix_owner: Vec::new(),
         }
     }
 }
@@ -535,6 +547,8 @@ rex,i6,2
         );
         assert_eq!(all.split[4..], [Split::Train; 3]);
         assert_eq!((all.task_users, all.counts.prefix_pairs), (4, 3));
+        assert_eq!((4..7).map(|r| all.owner(r)).collect::<Vec<_>>(), [0, 0, 3]);
+        assert_eq!(all.owner(1), 1);
         // The task's own rows, their split and the user groups are unchanged.
         assert_eq!(
             (&all.users[..4], &all.split[..4]),
