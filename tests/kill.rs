@@ -86,7 +86,7 @@ fn tiny_fit<'a>(data: &'a str, out: &'a str, sets: &[&'a str]) -> Vec<&'a str> {
 
 fn synthetic_logs(dir: &Path, users: usize) -> PathBuf {
     let s = dir.join("s");
-    clue::data::synth::synth(&s, &clue::data::synth::SynthOptions { users, seed: 2 }).unwrap();
+    clue::data::synth::synth(&s, &clue::data::synth::SynthOptions::new(users, 2)).unwrap();
     s.join("logs")
 }
 

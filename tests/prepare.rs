@@ -134,14 +134,7 @@ fn items_are_stored_once_with_their_service_prefix() {
 #[test]
 fn same_input_gives_byte_identical_output_and_replaces_atomically() {
     let dir = tempfile::tempdir().unwrap();
-    synth(
-        &dir.path().join("s"),
-        &SynthOptions {
-            users: 300,
-            seed: 3,
-        },
-    )
-    .unwrap();
+    synth(&dir.path().join("s"), &SynthOptions::new(300, 3)).unwrap();
     let logs = dir.path().join("s/logs");
     let o = PrepareOptions::default();
     prepare(std::slice::from_ref(&logs), &dir.path().join("p1"), &o).unwrap();
@@ -163,14 +156,7 @@ fn same_input_gives_byte_identical_output_and_replaces_atomically() {
 #[test]
 fn split_is_by_user_disjoint_and_seeded() {
     let dir = tempfile::tempdir().unwrap();
-    synth(
-        &dir.path().join("s"),
-        &SynthOptions {
-            users: 500,
-            seed: 1,
-        },
-    )
-    .unwrap();
+    synth(&dir.path().join("s"), &SynthOptions::new(500, 1)).unwrap();
     let o = PrepareOptions {
         valid_fraction: 0.2,
         test_fraction: 0.2,
@@ -329,14 +315,7 @@ fn one_service_or_an_empty_requested_service_is_refused() {
 #[test]
 fn dataset_and_batcher_give_the_encoder_its_input() {
     let dir = tempfile::tempdir().unwrap();
-    synth(
-        &dir.path().join("s"),
-        &SynthOptions {
-            users: 200,
-            seed: 5,
-        },
-    )
-    .unwrap();
+    synth(&dir.path().join("s"), &SynthOptions::new(200, 5)).unwrap();
     let out = dir.path().join("p");
     prepare(
         &[dir.path().join("s/logs")],

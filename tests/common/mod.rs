@@ -66,7 +66,7 @@ pub fn fixture(users: usize, seed: u64, max_items: usize, max_item_tokens: usize
     let dir = root.join(format!("{users}-{seed}-{max_items}-{max_item_tokens}"));
     clue::data::synth::synth(
         &dir.join("s"),
-        &clue::data::synth::SynthOptions { users, seed },
+        &clue::data::synth::SynthOptions::new(users, seed),
     )
     .unwrap();
     let options = clue::data::prepare::PrepareOptions {

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use clue::data::prepare::{Objective, PrepareOptions};
+use clue::data::synth::WorldKind;
 use clue::error::ClueError;
 
 #[derive(Parser)]
@@ -38,7 +39,7 @@ pub struct Cli {
 pub enum Command {
     /// Write seeded synthetic multi-service logs and downstream task files.
     #[command(
-        after_help = "Example:\n  clue synth --users 2000 --seed 7 --out data/synth\n\nWrites DIR/logs/{search,shop}.csv, DIR/tasks/{news,market}/{interactions,items}.csv and DIR/truth/users.csv."
+        after_help = "Examples:\n  clue synth --users 2000 --seed 7 --out data/synth\n  clue synth --users 20000 --world dynamic --topics 64 --out data/dynamic\n\nWrites DIR/logs/{search,shop}.csv, DIR/tasks/{news,market}/{interactions,items}.csv and DIR/truth/users.csv\n(dynamic: also each user's end mixture and groups, and DIR/truth/topics.csv). datasets/README.md tells the story."
     )]
     Synth(SynthArgs),
     /// Convert a public dataset into canonical logs and task files.
@@ -287,6 +288,14 @@ pub struct SynthArgs {
     /// Random seed: the same seed gives the same bytes.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Generative story: static (fixed topic mixtures; the embedded default) or dynamic
+    /// (sub-topics, interest drift, sequential patterns, users new to a service).
+    #[arg(long, default_value_t = WorldKind::Static)]
+    pub world: WorldKind,
+    /// Latent topics (dynamic: parent topics, each with 4 sub-topics) [default: 24 + users/200,
+    /// at most 512].
+    #[arg(long)]
+    pub topics: Option<usize>,
     /// Output directory.
     #[arg(long)]
     pub out: PathBuf,

@@ -14,7 +14,7 @@ use args::*;
 use clue::bench::{BenchOptions, bench, preset};
 use clue::data::prepare::{PrepareOptions, format_count, prepare};
 use clue::data::store::Split;
-use clue::data::synth::{SynthOptions, synth};
+use clue::data::synth::{SUBTOPICS, SynthOptions, WorldKind, synth};
 use clue::embed::{EmbedOptions, USER_BATCH, embed};
 use clue::eval::{EvalOptions, eval};
 use clue::train::config::RunConfig;
@@ -270,13 +270,7 @@ fn default_data(config: &RunConfig) -> anyhow::Result<PathBuf> {
         "no --data given: synthesising {DEFAULT_USERS} users into {}",
         root.display()
     ));
-    synth(
-        &root.join("synth"),
-        &SynthOptions {
-            users: DEFAULT_USERS,
-            seed: 0,
-        },
-    )?;
+    synth(&root.join("synth"), &SynthOptions::new(DEFAULT_USERS, 0))?;
     let options = PrepareOptions {
         max_items: config.model.max_items,
         max_item_tokens: config.model.max_item_tokens,
@@ -289,16 +283,20 @@ fn default_data(config: &RunConfig) -> anyhow::Result<PathBuf> {
 
 fn synth_cmd(a: SynthArgs) -> anyhow::Result<()> {
     let start = std::time::Instant::now();
-    let report = synth(
-        &a.out,
-        &SynthOptions {
-            users: a.users,
-            seed: a.seed,
-        },
-    )?;
+    let options = SynthOptions {
+        world: a.world,
+        topics: a.topics,
+        ..SynthOptions::new(a.users, a.seed)
+    };
+    let report = synth(&a.out, &options)?;
+    let topics = match a.world {
+        WorldKind::Static => report.topics.to_string(),
+        WorldKind::Dynamic => format!("{} × {SUBTOPICS} sub-topics", report.topics),
+    };
     let mut rows = vec![
         ("users".to_string(), format_count(report.users as u64)),
-        ("latent topics".to_string(), report.topics.to_string()),
+        ("world".to_string(), a.world.to_string()),
+        ("latent topics".to_string(), topics),
     ];
     for (s, n) in &report.rows_per_service {
         rows.push((format!("log {s}"), format!("{} rows", format_count(*n))));

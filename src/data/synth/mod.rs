@@ -13,6 +13,11 @@
 //!   logs) and `market` (another company whose product titles use other templates and a partly
 //!   different vocabulary; its users have their own ids).
 //!
+//! `--world dynamic` ([`dynamic`]) adds what more capacity, longer sequences and more data can
+//! keep learning: sub-topics sharing words with their parent, interest drift, sequential
+//! patterns within and across services, and users new to a service; the default `static` world
+//! is the one above, byte for byte.
+//!
 //! Users are written in chunks whose rows are shuffled, so a user's rows are not contiguous.
 //! The same seed gives the same bytes.
 
@@ -28,11 +33,64 @@ use crate::data::store::{lock_output, publish_dir, temp_dir_beside};
 use crate::error::{ClueError, Result};
 use crate::ui;
 
+mod dynamic;
+mod tasks;
+mod words;
+
+use tasks::{MARKET_TASK, NEWS_TASK, TASK_PROTOCOL};
+use words::{ADJECTIVES, MARKET_SPECS, MODIFIERS, NEWS_VERBS, SPECS, capitalise, word};
+
 /// What `clue synth` writes.
 #[derive(Debug, Clone)]
 pub struct SynthOptions {
     pub users: usize,
     pub seed: u64,
+    pub world: WorldKind,
+    /// Latent topics (`dynamic`: parent topics, each with [`SUBTOPICS`] sub-topics); `None`:
+    /// [`topic_count`] of the users.
+    pub topics: Option<usize>,
+}
+
+impl SynthOptions {
+    /// `users` users of the static world (the embedded default's) with this seed.
+    pub fn new(users: usize, seed: u64) -> Self {
+        Self {
+            users,
+            seed,
+            world: WorldKind::Static,
+            topics: None,
+        }
+    }
+}
+
+/// Which generative story `clue synth` follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WorldKind {
+    /// Fixed topic mixtures: order carries nothing (the embedded default).
+    #[default]
+    Static,
+    /// Sub-topics, interest drift, sequential patterns, users new to a service.
+    Dynamic,
+}
+
+impl std::fmt::Display for WorldKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WorldKind::Static => "static",
+            WorldKind::Dynamic => "dynamic",
+        })
+    }
+}
+
+impl std::str::FromStr for WorldKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "static" => Ok(WorldKind::Static),
+            "dynamic" => Ok(WorldKind::Dynamic),
+            other => Err(format!("unknown world `{other}`: use static or dynamic")),
+        }
+    }
 }
 
 /// Counts of what was written.
@@ -54,73 +112,20 @@ pub fn topic_count(users: usize) -> usize {
     (24 + users / 200).min(512)
 }
 
-const SYLLABLES: [&str; 40] = [
-    "ka", "lo", "mi", "ta", "re", "su", "no", "vi", "ba", "de", "po", "lu", "zi", "fa", "ge", "ho",
-    "ri", "sa", "tu", "ne", "mo", "ki", "la", "pe", "do", "ra", "si", "ve", "nu", "ga", "bo", "li",
-    "te", "ma", "ju", "co", "xa", "wi", "ye", "qu",
-];
-const MODIFIERS: [&str; 14] = [
-    "best", "cheap", "near me", "review", "how to", "price", "vs", "new", "used", "2024", "guide",
-    "for kids", "sale", "top 10",
-];
-const ADJECTIVES: [&str; 16] = [
-    "Premium",
-    "Classic",
-    "Compact",
-    "Deluxe",
-    "Essential",
-    "Portable",
-    "Lightweight",
-    "Pro",
-    "Original",
-    "Eco",
-    "Ultra",
-    "Mini",
-    "Smart",
-    "Soft",
-    "Heavy Duty",
-    "Vintage",
-];
-const SPECS: [&str; 12] = [
-    "Set of 2",
-    "500ml",
-    "XL",
-    "Black",
-    "White",
-    "1kg",
-    "Pack of 10",
-    "Large",
-    "Size M",
-    "Blue",
-    "30cm",
-    "Gift Box",
-];
-const MARKET_SPECS: [&str; 8] = [
-    "50ml",
-    "Travel Size",
-    "Refill",
-    "2-pack",
-    "Limited",
-    "Trial Kit",
-    "No.3",
-    "Matte",
-];
-const NEWS_VERBS: [&str; 10] = [
-    "surges",
-    "faces",
-    "meets",
-    "unveils",
-    "boosts",
-    "questions",
-    "wins",
-    "delays",
-    "joins",
-    "tops",
-];
+/// Sub-topics per topic in the dynamic world.
+pub const SUBTOPICS: usize = 4;
+/// The most topics `--topics` takes.
+pub const MAX_TOPICS: usize = 4096;
 
 /// The latent world: per-topic vocabularies and item catalogues for every text style.
 struct World {
+    /// Leaf topics (the dynamic world's sub-topics), which users' interests are over.
     topics: usize,
+    /// The dynamic world: the parent of each leaf topic (`leaf / SUBTOPICS`); empty when static.
+    parents: usize,
+    /// The dynamic world: the item that tends to follow each item, per style (search, shop,
+    /// market), leaf topic and item; empty when static.
+    next: Vec<Vec<Vec<usize>>>,
     search: Vec<Vec<String>>,
     shop: Vec<Vec<String>>,
     news: Vec<Vec<String>>,
@@ -129,35 +134,39 @@ struct World {
     trending: Vec<(usize, usize)>,
 }
 
-fn word(rng: &mut ChaCha8Rng) -> String {
-    let n = rng.random_range(2..=3);
-    (0..n)
-        .map(|_| *SYLLABLES.choose(rng).expect("non-empty"))
-        .collect()
-}
-
-fn capitalise(w: &str) -> String {
-    let mut c = w.chars();
-    c.next()
-        .map(|f| f.to_uppercase().chain(c).collect())
-        .unwrap_or_default()
-}
-
 fn pick<'a>(rng: &mut ChaCha8Rng, words: &'a [String]) -> &'a str {
     words.choose(rng).expect("non-empty")
 }
 
 impl World {
-    fn new(seed: u64, topics: usize) -> Self {
+    /// `parents` = 0: the static world of `topics` flat topics; otherwise `topics` parents with
+    /// [`SUBTOPICS`] leaves each, whose cores share half their words with the parent's.
+    fn new(seed: u64, topics: usize, hierarchical: bool) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         rng.set_stream(u64::MAX);
         let brands: Vec<String> = (0..40).map(|_| capitalise(&word(&mut rng))).collect();
         let market_brands: Vec<String> = (0..20).map(|_| word(&mut rng).to_uppercase()).collect();
+        let parent_cores: Vec<Vec<String>> = match hierarchical {
+            true => (0..topics)
+                .map(|_| (0..6).map(|_| word(&mut rng)).collect())
+                .collect(),
+            false => Vec::new(),
+        };
+        let leaves = topics * if hierarchical { SUBTOPICS } else { 1 };
         let (mut search, mut shop, mut news, mut market) = (vec![], vec![], vec![], vec![]);
-        for _ in 0..topics {
+        for leaf in 0..leaves {
             // Each style sees 12 words of the topic; styles share only some of them, so a model
-            // must learn which query words go with which product words.
-            let core: Vec<String> = (0..6).map(|_| word(&mut rng)).collect();
+            // must learn which query words go with which product words. A sub-topic's core
+            // holds 3 of its parent's 6 words: siblings share words a larger model must tell
+            // apart.
+            let core: Vec<String> = match parent_cores.get(leaf / SUBTOPICS) {
+                Some(parent) => {
+                    let mut c: Vec<String> = parent.choose_multiple(&mut rng, 3).cloned().collect();
+                    c.extend((0..3).map(|_| word(&mut rng)));
+                    c
+                }
+                None => (0..6).map(|_| word(&mut rng)).collect(),
+            };
             let style = |rng: &mut ChaCha8Rng, shared: usize| -> Vec<String> {
                 let mut w: Vec<String> = core.choose_multiple(rng, shared).cloned().collect();
                 w.extend((0..12 - shared).map(|_| word(rng)));
@@ -226,10 +235,19 @@ impl World {
             );
         }
         let trending = (0..20)
-            .map(|_| (rng.random_range(0..topics), rng.random_range(0..10)))
+            .map(|_| (rng.random_range(0..leaves), rng.random_range(0..10)))
             .collect();
+        let next = match hierarchical {
+            true => [&search, &shop, &market]
+                .iter()
+                .map(|c: &&Vec<Vec<String>>| c.iter().map(|x| cycle(&mut rng, x.len())).collect())
+                .collect(),
+            false => Vec::new(),
+        };
         Self {
-            topics,
+            topics: leaves,
+            parents: if hierarchical { topics } else { 0 },
+            next,
             search,
             shop,
             news,
@@ -237,6 +255,17 @@ impl World {
             trending,
         }
     }
+}
+
+/// A seeded cycle through `0..n`: `next[i]` is the item after `i`.
+fn cycle(rng: &mut ChaCha8Rng, n: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(rng);
+    let mut next = vec![0; n];
+    for k in 0..n {
+        next[order[k]] = order[(k + 1) % n];
+    }
+    next
 }
 
 /// One user's latent profile.
@@ -276,17 +305,17 @@ fn profile(rng: &mut ChaCha8Rng, topics: usize) -> Profile {
 }
 
 /// Draw one item of a catalogue family for a user: mostly from the user's own topics (skewed
-/// to each catalogue's head), sometimes off-interest, sometimes trending.
-fn draw<'w>(
+/// to each catalogue's head), sometimes off-interest, sometimes trending. Returns (topic, index).
+fn draw(
     rng: &mut ChaCha8Rng,
     profile: &Profile,
     world: &World,
-    catalogue: &'w [Vec<String>],
-) -> (usize, &'w str) {
+    catalogue: &[Vec<String>],
+) -> (usize, usize) {
     let r: f64 = rng.random();
     let topic = if r < 0.08 {
         let (t, i) = *world.trending.choose(rng).expect("non-empty");
-        return (t, &catalogue[t][i % catalogue[t].len()]);
+        return (t, i % catalogue[t].len());
     } else if r < 0.18 {
         rng.random_range(0..world.topics)
     } else {
@@ -301,9 +330,21 @@ fn draw<'w>(
         }
         t
     };
-    let items = &catalogue[topic];
+    (topic, head(rng, catalogue[topic].len()))
+}
+
+/// The first index of the text at `index`: a task item is named by the first id of its text.
+fn first_index(items: &[String], index: usize) -> usize {
+    items
+        .iter()
+        .position(|x| *x == items[index])
+        .unwrap_or(index)
+}
+
+/// An index into a catalogue of `n` items, skewed to its head (popular items).
+fn head(rng: &mut ChaCha8Rng, n: usize) -> usize {
     let u: f64 = rng.random();
-    (topic, &items[((u * u) * items.len() as f64) as usize])
+    ((u * u) * n as f64) as usize
 }
 
 fn typo(rng: &mut ChaCha8Rng, text: &str) -> String {
@@ -339,6 +380,14 @@ fn writer(path: &Path, header: &[&str]) -> Result<csv::Writer<BufWriter<File>>> 
 
 /// Write `clue synth` output into `out` (atomically: a temporary directory renamed at the end).
 pub fn synth(out: &Path, options: &SynthOptions) -> Result<SynthReport> {
+    if let Some(t) = options.topics
+        && !(1..=MAX_TOPICS).contains(&t)
+    {
+        return Err(ClueError::config(
+            format!("--topics {t} is not between 1 and {MAX_TOPICS}"),
+            "e.g. --topics 64, or leave it out for 24 + users/200",
+        ));
+    }
     if !(10..=MAX_SYNTH_USERS).contains(&options.users) {
         return Err(ClueError::config(
             format!(
@@ -364,8 +413,13 @@ fn write_all(dir: &Path, options: &SynthOptions) -> Result<SynthReport> {
     for sub in ["logs", "tasks/news", "tasks/market", "truth"] {
         std::fs::create_dir_all(dir.join(sub)).map_err(|e| ClueError::io(dir.join(sub), e))?;
     }
-    let topics = topic_count(options.users);
-    let world = World::new(options.seed, topics);
+    let topics = options.topics.unwrap_or(topic_count(options.users));
+    let dynamic = options.world == WorldKind::Dynamic;
+    let world = World::new(options.seed, topics, dynamic);
+    let truth_header: &[&str] = match dynamic {
+        true => &dynamic::TRUTH_HEADER,
+        false => &["user_id", "topics"],
+    };
     let log_header = ["user_id", "service", "timestamp", "text"];
     let task_header = ["user_id", "item_id", "timestamp"];
     let mut w = Writers {
@@ -373,7 +427,7 @@ fn write_all(dir: &Path, options: &SynthOptions) -> Result<SynthReport> {
         shop: writer(&dir.join("logs/shop.csv"), &log_header)?,
         news: writer(&dir.join("tasks/news/interactions.csv"), &task_header)?,
         market: writer(&dir.join("tasks/market/interactions.csv"), &task_header)?,
-        truth: writer(&dir.join("truth/users.csv"), &["user_id", "topics"])?,
+        truth: writer(&dir.join("truth/users.csv"), truth_header)?,
     };
     let mut counts = [0u64; 4];
     let chunk = 1_000;
@@ -382,7 +436,10 @@ fn write_all(dir: &Path, options: &SynthOptions) -> Result<SynthReport> {
     for start in (0..options.users).step_by(chunk) {
         rows.clear();
         for u in start..(start + chunk).min(options.users) {
-            user_rows(u, options.seed, &world, &mut rows);
+            match dynamic {
+                true => dynamic::user_rows(u, options.seed, &world, &mut rows),
+                false => user_rows(u, options.seed, &world, &mut rows),
+            }
         }
         let mut shuffle = user_rng(options.seed, usize::MAX - start);
         rows.shuffle(&mut shuffle);
@@ -397,7 +454,7 @@ fn write_all(dir: &Path, options: &SynthOptions) -> Result<SynthReport> {
             let columns = match kind {
                 0 | 1 => 4,
                 2 | 3 => 3,
-                _ => 2,
+                _ => truth_header.len(),
             };
             target
                 .write_record(&row[..columns])
@@ -415,6 +472,9 @@ fn write_all(dir: &Path, options: &SynthOptions) -> Result<SynthReport> {
     write_items(&dir.join("tasks/news/items.csv"), &world.news)?;
     write_items(&dir.join("tasks/market/items.csv"), &world.market)?;
     write_truth_items(&dir.join("truth/items.csv"), &world)?;
+    if dynamic {
+        dynamic::write_topics(&dir.join("truth/topics.csv"), &world)?;
+    }
     for (name, text) in [("news", NEWS_TASK), ("market", MARKET_TASK)] {
         let path = dir.join(format!("tasks/{name}.toml"));
         std::fs::write(&path, format!("{text}{TASK_PROTOCOL}"))
@@ -431,7 +491,9 @@ fn write_all(dir: &Path, options: &SynthOptions) -> Result<SynthReport> {
         "version": env!("CARGO_PKG_VERSION"),
         "users": options.users,
         "seed": options.seed,
+        "world": options.world.to_string(),
         "topics": topics,
+        "leaf_topics": world.topics,
         "rows": {"search": counts[0], "shop": counts[1]},
         "task_interactions": {"news": counts[2], "market": counts[3]},
     });
@@ -442,50 +504,6 @@ fn write_all(dir: &Path, options: &SynthOptions) -> Result<SynthReport> {
     .map_err(|e| ClueError::io(dir.join(MARKER), e))?;
     Ok(report)
 }
-
-/// The split and negatives of both synthetic tasks.
-const TASK_PROTOCOL: &str = "
-[split]
-seed = 7
-valid = 0.1
-test = 0.2
-
-[negatives]
-count = 100
-seed = 13
-";
-
-/// `tasks/news.toml`: the paper's setting (features from the pretraining services).
-const NEWS_TASK: &str = r#"# Written by `clue synth`. Run: clue eval --task <this file> --model runs/<name> --out DIR
-name = "news"
-description = "News a user reads next: a held-out service of the same company. User features: the user's search and shop logs strictly before their first news read."
-interactions = "news/interactions.csv"
-items = "news/items.csv"
-models = ["bst", "lightgcn", "deepfm", "clue", "text-mean", "untrained", "noise", "hybrid", "toppop", "random"]
-
-[features]
-source = "logs"
-logs = ["../logs"]
-services = ["search", "shop"]
-"#;
-
-/// `tasks/market.toml`: inter-company transfer (features from the task's own history).
-const MARKET_TASK: &str = r#"# Written by `clue synth`. Run: clue eval --task <this file> --model runs/<name> --out DIR
-name = "market"
-description = "Next product at another company (other user ids, other title templates). User features: the frozen encoder reads the user's earlier products there as one service (inter-company transfer)."
-interactions = "market/interactions.csv"
-items = "market/items.csv"
-models = ["bst", "lightgcn", "deepfm", "clue", "text-mean", "untrained", "noise", "hybrid", "toppop", "random"]
-
-[features]
-source = "history"
-service = "market"
-as_service = "shop"
-items_as_service = "shop"
-targets = 1
-# Training users also learn from (earlier products → the next one) pairs, their last 10.
-prefixes = 10
-"#;
 
 /// Item ids of a task catalogue: `n<topic>_<index>`.
 fn item_id(prefix: char, topic: usize, index: usize) -> String {
@@ -537,7 +555,8 @@ fn user_rows(u: usize, seed: u64, world: &World, rows: &mut Vec<(u8, [String; 4]
             let text = if !history.is_empty() && rng.random_bool(0.12) {
                 history.choose(&mut rng).expect("non-empty").clone()
             } else {
-                let (_, t) = draw(&mut rng, &p, world, catalogue);
+                let (topic, i) = draw(&mut rng, &p, world, catalogue);
+                let t = &catalogue[topic][i];
                 if kind == 0 && rng.random_bool(0.05) {
                     typo(&mut rng, t)
                 } else {
@@ -566,11 +585,8 @@ fn user_rows(u: usize, seed: u64, world: &World, rows: &mut Vec<(u8, [String; 4]
     let mut t = last;
     for _ in 0..rng.random_range(3..=10) {
         t += rng.random_range(600..86_400);
-        let (topic, text) = draw(&mut rng, &p, world, &world.news);
-        let index = world.news[topic]
-            .iter()
-            .position(|x| x == text)
-            .expect("from the catalogue");
+        let (topic, index) = draw(&mut rng, &p, world, &world.news);
+        let index = first_index(&world.news[topic], index);
         rows.push((
             2,
             [
@@ -586,11 +602,8 @@ fn user_rows(u: usize, seed: u64, world: &World, rows: &mut Vec<(u8, [String; 4]
         let mut t = p.start;
         for _ in 0..rng.random_range(5..=15) {
             t += rng.random_range(3_600..86_400 * 7);
-            let (topic, text) = draw(&mut rng, &p, world, &world.market);
-            let index = world.market[topic]
-                .iter()
-                .position(|x| x == text)
-                .expect("from the catalogue");
+            let (topic, index) = draw(&mut rng, &p, world, &world.market);
+            let index = first_index(&world.market[topic], index);
             rows.push((
                 3,
                 [
