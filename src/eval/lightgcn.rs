@@ -30,7 +30,7 @@ pub struct Graph {
     pub edges: Vec<(u32, u32)>,
     weights: Vec<f32>,
     users: usize,
-    pub node: Vec<usize>,
+    node: Vec<usize>,
 }
 
 impl Graph {

@@ -121,8 +121,6 @@ pub const MAX_TOPICS: usize = 4096;
 struct World {
     /// Leaf topics (the dynamic world's sub-topics), which users' interests are over.
     topics: usize,
-    /// The dynamic world: the parent of each leaf topic (`leaf / SUBTOPICS`); empty when static.
-    parents: usize,
     /// The dynamic world: the item that tends to follow each item, per style (search, shop,
     /// market), leaf topic and item; empty when static.
     next: Vec<Vec<Vec<usize>>>,
@@ -139,7 +137,7 @@ fn pick<'a>(rng: &mut ChaCha8Rng, words: &'a [String]) -> &'a str {
 }
 
 impl World {
-    /// `parents` = 0: the static world of `topics` flat topics; otherwise `topics` parents with
+    /// Not `hierarchical`: the static world of `topics` flat topics; otherwise `topics` parents with
     /// [`SUBTOPICS`] leaves each, whose cores share half their words with the parent's.
     fn new(seed: u64, topics: usize, hierarchical: bool) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -246,7 +244,6 @@ impl World {
         };
         Self {
             topics: leaves,
-            parents: if hierarchical { topics } else { 0 },
             next,
             search,
             shop,
