@@ -5,6 +5,7 @@
 //! vector plus the mean of its words' vectors, both trained on the task alone.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use burn::nn::Embedding;
 use burn::prelude::*;
@@ -13,6 +14,7 @@ use burn::tensor::IndexingUpdateOp;
 use crate::eval::task::Source;
 use crate::eval::task_data::TaskData;
 use crate::model::init::Init;
+use crate::model::ops::{SparseMatrix, sparse_times};
 
 /// Words kept per item text (distinct, in order).
 pub const MAX_WORDS: usize = 16;
@@ -74,6 +76,17 @@ impl IdData {
             n_words,
             seqs,
         }
+    }
+
+    /// Every vocabulary item's word bag as a `[vocab, n_words]` matrix of weights 1/|bag|, so
+    /// that its product with a word table gives every item's mean word vector
+    /// ([`ItemTower::all`]).
+    pub fn word_bags(&self) -> SparseMatrix {
+        let mut entries = Vec::new();
+        for (i, bag) in self.words.iter().enumerate() {
+            entries.extend(bag.iter().map(|&w| (i as u32, w, 1.0 / bag.len() as f32)));
+        }
+        SparseMatrix::new(self.vocab, self.n_words, &entries)
     }
 }
 
@@ -144,6 +157,13 @@ impl<B: Backend> ItemTower<B> {
             self.word.weight.val(),
             items.iter().map(|&i| &ids.words[i][..]),
         )
+    }
+
+    /// `[vocab, dim]`: every vocabulary item's vector, the whole id table plus the word bags
+    /// `bags` ([`IdData::word_bags`]) times the word table: the same as `forward` over all items,
+    /// without gathering the id table or scattering its gradient.
+    pub fn all(&self, bags: &Arc<SparseMatrix>) -> Tensor<B, 2> {
+        self.id.weight.val() + sparse_times(bags, self.word.weight.val())
     }
 }
 
@@ -220,5 +240,39 @@ mod tests {
         assert_eq!(h.words[3], [1, 2]);
         assert_eq!(h.n_words, 3);
         assert_eq!(l.words[3], [3]);
+    }
+
+    #[test]
+    fn the_whole_vocabulary_at_once_matches_the_tower_item_by_item() {
+        use burn::backend::{Flex, NdArray};
+        fn check<B: Backend>(ids: &IdData) {
+            let tower = ItemTower::<B>::new(ids, 4, &mut Init::new(3, &Default::default()));
+            let all: Vec<usize> = (0..ids.vocab).collect();
+            let want: Vec<f32> = tower
+                .forward(ids, &all)
+                .into_data()
+                .convert::<f32>()
+                .to_vec()
+                .unwrap();
+            let bags = Arc::new(ids.word_bags());
+            let got: Vec<f32> = tower
+                .all(&bags)
+                .into_data()
+                .convert::<f32>()
+                .to_vec()
+                .unwrap();
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-6, "{got:?} vs {want:?}");
+            }
+        }
+        let mut d = TaskData::for_test(vec![vec![0], vec![1]], vec![Split::Train; 2], 3);
+        d.item_texts = vec!["red apple".into(), "green apple pie".into(), "plum".into()];
+        d.features.seqs = vec![vec![]; 2];
+        let ids = IdData::new(&d, Source::History);
+        // Item 2 ("plum") has no word: its vector is its id's alone.
+        assert!(ids.words[2].is_empty() && ids.words[1].len() == 1);
+        check::<NdArray>(&ids);
+        check::<Flex>(&ids);
     }
 }

@@ -10,10 +10,10 @@
 //! degrees are those without prefixes plus the prefix targets as edges of their user.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use burn::nn::Embedding;
 use burn::prelude::*;
-use burn::tensor::IndexingUpdateOp;
 
 use crate::data::store::Split;
 use crate::eval::hybrid::{FeatureTower, user_side};
@@ -22,13 +22,17 @@ use crate::eval::probe::Matrix;
 use crate::eval::task::LightGcnConfig;
 use crate::eval::task_data::TaskData;
 use crate::model::init::Init;
+use crate::model::ops::{SparseMatrix, sparse_times};
 
-/// The interaction graph: distinct (user node, vocabulary item) edges and their weights
-/// 1/√(deg(user)·deg(item)). User nodes are the task's users; `node` maps every row (prefix
-/// rows included) to its user's node.
+/// The interaction graph: distinct (user node, vocabulary item) edges, as the normalised
+/// adjacency `[users, vocab]` of weights 1/√(deg(user)·deg(item)) and its transpose. User nodes
+/// are the task's users; `node` maps every row (prefix rows included) to its user's node.
 pub struct Graph {
     pub edges: Vec<(u32, u32)>,
-    weights: Vec<f32>,
+    to_users: Arc<SparseMatrix>,
+    to_items: Arc<SparseMatrix>,
+    /// Every vocabulary item's word bag ([`IdData::word_bags`]).
+    bags: Arc<SparseMatrix>,
     users: usize,
     node: Vec<usize>,
 }
@@ -52,13 +56,16 @@ impl Graph {
             du[u as usize] += 1.0;
             di[i as usize] += 1.0;
         }
-        let weights = edges
+        let weighted: Vec<(u32, u32, f32)> = edges
             .iter()
-            .map(|&(u, i)| 1.0 / (du[u as usize] * di[i as usize]).sqrt())
+            .map(|&(u, i)| (u, i, 1.0 / (du[u as usize] * di[i as usize]).sqrt()))
             .collect();
+        let to_users = SparseMatrix::new(users, ids.vocab, &weighted);
         Self {
             edges,
-            weights,
+            to_items: Arc::new(to_users.transpose()),
+            to_users: Arc::new(to_users),
+            bags: Arc::new(ids.word_bags()),
             users,
             node,
         }
@@ -111,31 +118,13 @@ impl<B: Backend> LightGcn<B> {
     }
 
     /// Final user `[users, dim]` and item `[vocab, dim]` vectors.
-    pub fn propagate(&self, ids: &IdData, g: &Graph) -> (Tensor<B, 2>, Tensor<B, 2>) {
-        let device = self.users.weight.device();
-        let e = g.edges.len();
-        let u_idx = int_tensor(g.edges.iter().map(|&(u, _)| u as i64), [e], &device);
-        let i_idx = int_tensor(g.edges.iter().map(|&(_, i)| i as i64), [e], &device);
-        let w = Tensor::<B, 1>::from_data(TensorData::new(g.weights.clone(), [e]), &device)
-            .reshape([e, 1]);
-        let all: Vec<usize> = (0..ids.vocab).collect();
-        let (mut user, mut item) = (self.users.weight.val(), self.items.forward(ids, &all));
-        let d = user.dims()[1];
+    pub fn propagate(&self, g: &Graph) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let (mut user, mut item) = (self.users.weight.val(), self.items.all(&g.bags));
         let (mut user_sum, mut item_sum) = (user.clone(), item.clone());
         for _ in 0..self.layers {
-            let to_users = item.clone().select(0, i_idx.clone()) * w.clone();
-            let to_items = user.clone().select(0, u_idx.clone()) * w.clone();
-            user = Tensor::zeros([g.users, d], &device).select_assign(
-                0,
-                u_idx.clone(),
-                to_users,
-                IndexingUpdateOp::Add,
-            );
-            item = Tensor::zeros([ids.vocab, d], &device).select_assign(
-                0,
-                i_idx.clone(),
-                to_items,
-                IndexingUpdateOp::Add,
+            (user, item) = (
+                sparse_times(&g.to_users, item),
+                sparse_times(&g.to_items, user),
             );
             user_sum = user_sum + user.clone();
             item_sum = item_sum + item.clone();
@@ -147,14 +136,13 @@ impl<B: Backend> LightGcn<B> {
     /// Logits `[n]` of (user row, catalogue item) pairs; `clue`: a hybrid's user features.
     pub fn score(
         &self,
-        ids: &IdData,
         g: &Graph,
         clue: Option<&Matrix>,
         users: &[usize],
         items: &[usize],
     ) -> Tensor<B, 1> {
         let device = self.users.weight.device();
-        let (u, i) = self.propagate(ids, g);
+        let (u, i) = self.propagate(g);
         let n = users.len();
         let u = self.user_vectors(g, u, clue, users);
         let i = i.select(0, int_tensor(items.iter().map(|&x| x as i64), [n], &device));
@@ -169,7 +157,7 @@ impl<B: Backend> LightGcn<B> {
         clue: Option<&Matrix>,
         rows: &[usize],
     ) -> Vec<f32> {
-        let (u, i) = self.propagate(ids, g);
+        let (u, i) = self.propagate(g);
         let u = self.user_vectors(g, u, clue, rows);
         let i = i.narrow(0, 0, ids.n_items);
         crate::eval::probe::host(u.matmul(i.transpose()))
@@ -195,7 +183,9 @@ mod tests {
         // Feature item "x" is vocabulary id 4 (after the 4 catalogue items).
         assert_eq!(g.edges, [(0, 0), (0, 4), (1, 4), (2, 4)]);
         // Item 4 has degree 3, user 0 degree 2.
-        assert!((g.weights[1] - 1.0 / 6f32.sqrt()).abs() < 1e-6);
+        let (user, item, w) = g.to_users.entries().nth(1).unwrap();
+        assert_eq!((user, item), (0, 4));
+        assert!((w - 1.0 / 6f32.sqrt()).abs() < 1e-6);
     }
 
     #[test]

@@ -119,7 +119,7 @@ pub fn task_specific<B: AutodiffBackend>(
                     p,
                     m.lightgcn.lr,
                     seed,
-                    |l, u, i| l.score(ids, g, clue, u, i),
+                    |l, u, i| l.score(g, clue, u, i),
                     |l, rows| l.score_catalogue(ids, g, clue, rows),
                     &mut runs,
                 )

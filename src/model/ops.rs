@@ -3,15 +3,17 @@
 //! `candle_nn::ops`. The path is chosen by [`BackendKind::of`] and nowhere else.
 
 use std::cell::OnceCell;
+use std::sync::Arc;
 
 use burn::nn::Linear;
 use burn::prelude::*;
-use burn::tensor::activation;
+use burn::tensor::{IndexingUpdateOp, activation};
 
 use crate::backend::BackendKind;
 use crate::model::flex;
 
 pub use crate::model::dropout::dropout;
+pub use crate::model::flex::SparseMatrix;
 
 /// Score given to padding keys before the softmax (Burn's multi-head attention uses the same).
 pub const MASKED_SCORE: f64 = -1.0e4;
@@ -55,6 +57,37 @@ pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
         x
     };
     activation::gelu(x)
+}
+
+/// `a · x`: a fixed sparse matrix `[rows, cols]` times `x` `[cols, d]` → `[rows, d]`
+/// (differentiable in `x`). The generic path gathers a row of `x` per entry, scales it by the
+/// entry and scatter-adds it into the output.
+pub fn sparse_times<B: Backend>(a: &Arc<SparseMatrix>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let x = if fast::<B>() {
+        match flex::sparse_times(a, x) {
+            Ok(y) => return y,
+            Err(x) => x,
+        }
+    } else {
+        x
+    };
+    let device = x.device();
+    let ([rows, _], d) = (a.shape(), x.dims()[1]);
+    let (mut at, mut from, mut weight) = (Vec::new(), Vec::new(), Vec::new());
+    for (r, c, w) in a.entries() {
+        at.push(r as i64);
+        from.push(c as i64);
+        weight.push(w);
+    }
+    let m = weight.len();
+    let out = Tensor::<B, 2>::zeros([rows, d], &device);
+    if m == 0 {
+        return out;
+    }
+    let index = |v: Vec<i64>| Tensor::<B, 1, Int>::from_data(TensorData::new(v, [m]), &device);
+    let weight = Tensor::<B, 1>::from_data(TensorData::new(weight, [m]), &device).reshape([m, 1]);
+    let values = x.select(0, index(from)) * weight;
+    out.select_assign(0, index(at), values, IndexingUpdateOp::Add)
 }
 
 /// Which positions of an encoder's input are padding (`pad`: `[n, len]`, true = padding), and

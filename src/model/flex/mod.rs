@@ -6,6 +6,8 @@
 //!   bias, and a backward step that writes the gradients straight from their products.
 //! - **Attention** ([`attention()`]): per sequence and head, all in cache, without the
 //!   `[n, heads, len, len]` tensors or the head split and merge of the generic path.
+//! - **Sparse products** ([`sparse_times()`]): a fixed sparse matrix times a dense one in
+//!   compressed rows (LightGCN's propagation), instead of a gather and a scatter-add.
 //!
 //! Each lives in its own module with its kernels and its backward step; the pieces the attention
 //! and GELU kernels share (the FMA multiply-add, a vectorisable `e^(−a)`, the AVX2 + FMA
@@ -15,7 +17,7 @@
 //! its own backward step) by their primitive's type, so the model stays generic over
 //! `B: Backend`; other backends (and float types other than f32) get their input back, and the
 //! caller takes Burn's generic path. This file holds that recognition and the small helpers the
-//! three modules share.
+//! modules share.
 
 use std::any::Any;
 
@@ -29,11 +31,13 @@ mod attention;
 mod gelu;
 mod linear;
 mod simd;
+mod sparse;
 
 pub use attention::attention;
 pub use gelu::gelu;
 pub use linear::linear;
 pub(crate) use linear::product;
+pub use sparse::{SparseMatrix, sparse_times};
 
 /// `Autodiff<Flex>`'s float tensor (its type is not exported under a name).
 type FlexAutodiffTensor = <Autodiff<Flex> as BackendTypes>::FloatTensorPrimitive;
