@@ -625,28 +625,37 @@ fn every_hostile_input_fails_its_command_cleanly_and_the_legal_look_alikes_pass(
     }
     assert!(CASES.len() >= 40, "the corpus holds {} cases", CASES.len());
 
-    // An output another writer holds (its lock taken here) is refused, naming the holder.
-    for (args, command) in [
-        ("prepare {W}/ok.csv --out held", "prepare"),
+    // An output another writer holds (its lock taken here) is refused, naming the holder: the
+    // command its lock file records (another than the refused one's), or its PID alone.
+    for (args, command, held, says) in [
+        (
+            "prepare {W}/ok.csv --out held",
+            "prepare",
+            "4242 embed",
+            "in use by clue embed (PID 4242)",
+        ),
         (
             "embed --model {RUN} --logs {S} --out held.safetensors",
             "embed",
+            "4242 eval",
+            "in use by clue eval (PID 4242)",
         ),
-        ("eval --task {W}/news.toml --model {RUN} --out held", "eval"),
+        (
+            "eval --task {W}/news.toml --model {RUN} --out held",
+            "eval",
+            "4242",
+            "in use by another clue (PID 4242)",
+        ),
     ] {
         let cwd = w.join(format!("held-{command}"));
         std::fs::create_dir_all(&cwd).unwrap();
         let lock = cwd.join(".held.lock");
         let file = std::fs::File::create(&lock).unwrap();
         file.lock().unwrap();
-        std::fs::write(&lock, "4242").unwrap();
+        std::fs::write(&lock, held).unwrap();
         let out = clue(&cwd, &expand(args, &vars));
         let err = String::from_utf8_lossy(&out.stderr);
-        let says = format!("in use by another clue {command} (PID 4242)");
-        assert!(
-            !out.status.success() && err.contains(&says),
-            "{args}: {err}"
-        );
+        assert!(!out.status.success() && err.contains(says), "{args}: {err}");
         assert!(!cwd.join("held").exists() && !cwd.join("held.safetensors").exists());
     }
 }

@@ -185,12 +185,12 @@ fn a_run_directory_in_use_is_refused_naming_the_process() {
     std::fs::create_dir_all(dir.path().join("run")).unwrap();
     let lock = std::fs::File::create(dir.path().join("run/.lock")).unwrap();
     lock.try_lock().unwrap();
-    std::fs::write(dir.path().join("run/.lock"), "4242").unwrap();
+    std::fs::write(dir.path().join("run/.lock"), "4242 fit").unwrap();
     let out = clue(
         dir.path(),
         &fit_args(&data.display().to_string(), "run", &[]),
     );
-    assert_fails(&out, &["in use by another clue fit (PID 4242)"]);
+    assert_fails(&out, &["in use by clue fit (PID 4242)"]);
     assert!(!dir.path().join("run/run.json").exists());
     drop(lock);
 }

@@ -227,19 +227,29 @@ pub fn hold_lock(lock: &Path, target: &Path, command: &str) -> Result<File> {
     match file.try_lock() {
         Ok(()) => {
             file.set_len(0)
-                .and_then(|()| write!(file, "{}", std::process::id()))
+                .and_then(|()| write!(file, "{} {command}", std::process::id()))
                 .map_err(|e| ClueError::io(lock, e))?;
             Ok(file)
         }
         Err(std::fs::TryLockError::WouldBlock) => {
-            let pid = std::fs::read_to_string(lock).unwrap_or_default();
+            let held = std::fs::read_to_string(lock).unwrap_or_default();
             Err(ClueError::bad_file(
                 target,
-                format!("is in use by another clue {command} (PID {})", pid.trim()),
+                format!("is in use by {}", holder(&held)),
                 "wait for it to finish or stop it; two writers cannot share an output",
             ))
         }
         Err(std::fs::TryLockError::Error(e)) => Err(ClueError::io(lock, e)),
+    }
+}
+
+/// Who holds a lock, from its file's "PID command" (a bare PID: an older clue; empty: a
+/// writer that has not written it yet).
+fn holder(held: &str) -> String {
+    match held.trim().split_once(' ') {
+        Some((pid, command)) => format!("clue {} (PID {pid})", command.trim()),
+        None if held.trim().is_empty() => "another clue".to_string(),
+        None => format!("another clue (PID {})", held.trim()),
     }
 }
 
