@@ -176,7 +176,8 @@ impl HistoryLog {
         self.inner.lock().expect("history lock").0.clone()
     }
 
-    /// The first failure to write `history.json`, if any.
+    /// Why the latest write of `history.json` failed, if it did (a later write that succeeds
+    /// holds the whole history, so it clears the failure).
     pub fn write_error(&self) -> Option<String> {
         self.inner.lock().expect("history lock").1.clone()
     }
@@ -191,11 +192,9 @@ impl HistoryLog {
         *epochs[epoch].slot(stat) = Some(mean);
         epochs[epoch].batch_size = Some(batch_size);
         let json = serde_json::to_string_pretty(h).expect("json") + "\n";
-        if let Err(e) = write_atomic(&self.path, json.as_bytes())
-            && error.is_none()
-        {
-            *error = Some(e.to_string());
-        }
+        *error = write_atomic(&self.path, json.as_bytes())
+            .err()
+            .map(|e| e.to_string());
     }
 }
 
@@ -329,5 +328,25 @@ mod tests {
         assert_eq!(retrieval_accuracy(&logits, 3, 1, true), 0.0);
         let constant = [1.0f32; 16];
         assert_eq!(retrieval_accuracy(&constant, 4, 1, false), 0.0);
+    }
+
+    #[test]
+    fn a_failed_history_write_is_reported_until_a_later_write_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path();
+        let log = HistoryLog::open(run, 0).unwrap();
+        // A directory stands where history.json goes: the write fails.
+        std::fs::create_dir_all(run.join(HISTORY_FILE).join("x")).unwrap();
+        log.record(false, 0, Stat::Loss, 2.5, 8);
+        assert!(log.write_error().is_some());
+        std::fs::remove_dir_all(run.join(HISTORY_FILE)).unwrap();
+        log.record(false, 0, Stat::Top1AB, 40.0, 8);
+        assert_eq!(log.write_error(), None);
+        let saved: History = read_json(&run.join(HISTORY_FILE)).unwrap();
+        assert_eq!(
+            saved.train[0].loss,
+            Some(2.5),
+            "the later write holds the earlier record"
+        );
     }
 }
