@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduce the README's Table 3 (the paper's comparison): five tasks, every model, three seeds,
-# on the CPU with --backend flex. About 1.5 hours on 2 cores for the README's three tasks, and
-# as long again for news and next-product.
+# on the CPU with --backend flex. About 1.5 hours on a 2-core AMD Zen 5 (news, tag-artist and
+# next-product with their encoders: 66 minutes); the 2-core Intel Xeon the first two tasks were
+# measured on is slower.
 #
 #   scripts/table3.sh DATASETS [WORK]
 #
@@ -54,11 +55,7 @@ ev() { # NAME TASK MODEL [MORE EVAL OPTIONS]
 }
 ev market data/default/synth/tasks/market.toml runs/syn
 ev next-movie data/ml/tasks/next-movie.toml runs/ml
-# LightGCN propagates the 53,000-item graph (artists and tag texts) every batch: a first run spent
-# 50 minutes in BST and LightGCN on 2 cores without finishing LightGCN, so it and the hybrid on it are left out here.
-ev tag-artist data/lastfm/tasks/tag-artist.toml runs/lastfm \
-  --models bst,deepfm,clue,text-mean,untrained,noise,toppop,random
-# Not yet in the README: about 45 minutes and over an hour on 2 cores.
 ev news data/default/synth/tasks/news.toml runs/syn
+ev tag-artist data/lastfm/tasks/tag-artist.toml runs/lastfm
 ev next-product data/sci/tasks/next-product-lastfm.toml runs/lastfm
 stage done
