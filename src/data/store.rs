@@ -211,8 +211,8 @@ fn restore_replaced(out: &Path) {
 }
 
 /// Hold the OS lock on `lock` (created if missing; released when the returned file is dropped
-/// or the process ends, also by a kill) for a `clue <command>` writing `target`; the PID goes
-/// in the file. A second writer fails naming the first one's PID.
+/// or the process ends, also by a kill) for a `clue <command>` writing `target`; "PID command"
+/// goes in the file. A second writer fails naming the first one's command and PID.
 pub fn hold_lock(lock: &Path, target: &Path, command: &str) -> Result<File> {
     if let Some(dir) = lock.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| ClueError::io(dir, e))?;
@@ -227,7 +227,9 @@ pub fn hold_lock(lock: &Path, target: &Path, command: &str) -> Result<File> {
     match file.try_lock() {
         Ok(()) => {
             file.set_len(0)
-                .and_then(|()| write!(file, "{} {command}", std::process::id()))
+                .and_then(|()| {
+                    file.write_all(format!("{} {command}", std::process::id()).as_bytes())
+                })
                 .map_err(|e| ClueError::io(lock, e))?;
             Ok(file)
         }

@@ -267,11 +267,16 @@ mod tests {
             }
         }
         let mut d = TaskData::for_test(vec![vec![0], vec![1]], vec![Split::Train; 2], 3);
-        d.item_texts = vec!["red apple".into(), "green apple pie".into(), "plum".into()];
+        d.item_texts = vec![
+            "red apple pie".into(),
+            "green apple pie".into(),
+            "plum".into(),
+        ];
         d.features.seqs = vec![vec![]; 2];
         let ids = IdData::new(&d, Source::History);
-        // Item 2 ("plum") has no word: its vector is its id's alone.
-        assert!(ids.words[2].is_empty() && ids.words[1].len() == 1);
+        // Items 0 and 1 hold two words each ("apple", "pie": weights 1/2); item 2 ("plum") none:
+        // its vector is its id's alone.
+        assert!(ids.words[0].len() == 2 && ids.words[1].len() == 2 && ids.words[2].is_empty());
         check::<NdArray>(&ids);
         check::<Flex>(&ids);
     }

@@ -63,6 +63,13 @@ pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
 /// (differentiable in `x`). The generic path gathers a row of `x` per entry, scales it by the
 /// entry and scatter-adds it into the output.
 pub fn sparse_times<B: Backend>(a: &Arc<SparseMatrix>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    assert_eq!(
+        x.dims()[0],
+        a.shape()[1],
+        "sparse_times: x has {} rows, the matrix {} columns",
+        x.dims()[0],
+        a.shape()[1]
+    );
     let x = if fast::<B>() {
         match flex::sparse_times(a, x) {
             Ok(y) => return y,

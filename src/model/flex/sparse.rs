@@ -231,6 +231,7 @@ mod tests {
             (&generic.0, &want_y),
             (&generic.1, &want_dx),
         ] {
+            assert_eq!(got.len(), want.len());
             for (g, w) in got.iter().zip(want) {
                 assert!((g - w).abs() < 1e-5, "{got:?} vs {want:?}");
             }
