@@ -124,6 +124,27 @@ fn a_damaged_tokenizer_is_refused() {
     assert!(!dir.path().join("run/model").exists());
 }
 
+#[test]
+fn score_checks_the_data_unless_told_not_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = prepared_copy(dir.path());
+    let d = data.display().to_string();
+    assert_succeeds(&clue(
+        dir.path(),
+        &fit_args(&d, "run", &["--backend", "flex"]),
+    ));
+    // A changed byte that leaves the tokenizer the same (a trailing newline): only the hash
+    // can tell.
+    let path = data.join("tokenizer.json");
+    let mut text = std::fs::read(&path).unwrap();
+    text.push(b'\n');
+    std::fs::write(&path, text).unwrap();
+    let score = ["score", "--backend", "flex", "--model", "run", "--data", &d];
+    assert_fails(&clue(dir.path(), &score), &["tokenizer.json", "SHA-256"]);
+    let text = said(&clue(dir.path(), &[&score[..], &["--no-verify"]].concat()));
+    assert!(text.contains("loss"), "{text}");
+}
+
 /// stdout and stderr of a command that succeeded.
 fn said(out: &Output) -> String {
     assert_succeeds(out);

@@ -84,10 +84,11 @@ pub fn score_bundle<B: Backend>(
     model_dir: &Path,
     data_dir: &Path,
     split: Split,
+    verify: bool,
     device: &B::Device,
 ) -> Result<ScoreReport> {
     let Bundle { model, config, .. } = Bundle::<B>::load(model_dir, device)?;
-    let data = Arc::new(PreparedDataset::open(data_dir, true)?);
+    let data = Arc::new(PreparedDataset::open(data_dir, verify)?);
     if data.manifest.vocab_size as usize != config.model.vocab_size {
         return Err(ClueError::config(
             "the dataset's tokenizer does not match the model's vocabulary",

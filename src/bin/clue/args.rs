@@ -161,6 +161,10 @@ pub struct ScoreArgs {
     /// Print the figures (and the first users' embeddings) as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Skip the SHA-256 check of the prepared data against its manifest (file sizes are still
+    /// checked). Saves a read of the data on large datasets.
+    #[arg(long)]
+    pub no_verify: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

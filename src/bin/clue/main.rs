@@ -45,6 +45,7 @@ enum Job {
         data: PathBuf,
         split: Split,
         json: bool,
+        verify: bool,
     },
 }
 
@@ -71,8 +72,9 @@ fn run_job<B: AutodiffBackend>(device: B::Device, job: &Job) -> anyhow::Result<(
             data,
             split,
             json,
+            verify,
         } => {
-            let report = score_bundle::<B::InnerBackend>(model, data, *split, &device)?;
+            let report = score_bundle::<B::InnerBackend>(model, data, *split, *verify, &device)?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -371,6 +373,7 @@ fn score_cmd(a: ScoreArgs) -> anyhow::Result<()> {
         data: a.data.clone(),
         split,
         json: a.json,
+        verify: !a.no_verify,
     };
     dispatch(&a.device, &job)
 }
