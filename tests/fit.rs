@@ -49,6 +49,7 @@ fn tiny_clue_learns_to_match_a_users_two_services() {
         tui: false,
         resume: false,
         backend: "ndarray".into(),
+        precision: "f32".into(),
         verify: true,
     };
     let s: FitSummary = fit::<Autodiff<NdArray>>(Default::default(), &options).unwrap();
@@ -128,6 +129,7 @@ fn simclr_pretrains_on_one_service_and_learns_to_match_two_views() {
         tui: false,
         resume: false,
         backend: "ndarray".into(),
+        precision: "f32".into(),
         verify: true,
     };
     let err = fit::<Autodiff<NdArray>>(Default::default(), &options(tiny(), "cross")).unwrap_err();

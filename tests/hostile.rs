@@ -173,8 +173,18 @@ fn a_checkpoint_that_cannot_be_written_fails_the_run_which_can_then_resume_or_re
         std::fs::remove_file(dir.path().join(run).join("checkpoint")).unwrap();
     };
 
-    // Resumed without --backend: from the first step, on the run's own backend.
+    // Resumed without --backend: from the first step, on the run's own backend. Its precision
+    // is kept too: a run recorded as bf16 stays bf16 (which flex refuses).
     blocked("run");
+    let info_path = dir.path().join("run/run.json");
+    let info = std::fs::read_to_string(&info_path).unwrap();
+    assert!(info.contains("\"precision\": \"f32\""), "{info}");
+    std::fs::write(&info_path, info.replace("\"f32\"", "\"bf16\"")).unwrap();
+    assert_fails(
+        &clue(dir.path(), &["fit", "--no-tui", "--resume", "run"]),
+        &["--precision bf16 needs --backend cuda"],
+    );
+    std::fs::write(&info_path, &info).unwrap();
     let text = said(&clue(dir.path(), &["fit", "--no-tui", "--resume", "run"]));
     assert!(text.contains("no complete checkpoint yet"), "{text}");
     let summary = std::fs::read(dir.path().join("run/summary.json")).unwrap();

@@ -56,6 +56,8 @@ pub struct FitOptions {
     pub resume: bool,
     /// Backend name, recorded in the summary.
     pub backend: String,
+    /// Float precision (`f32`, `bf16`), recorded for `--resume`.
+    pub precision: String,
     /// Check the prepared data's SHA-256 against its manifest before training.
     pub verify: bool,
 }
@@ -68,6 +70,9 @@ pub struct RunInfo {
     /// The backend the run started on (`--resume` without `--backend` keeps it).
     #[serde(default)]
     pub backend: Option<String>,
+    /// Its float precision (`--resume` without `--precision` keeps it).
+    #[serde(default)]
+    pub precision: Option<String>,
 }
 
 /// `summary.json`.
@@ -211,6 +216,7 @@ fn init_run_dir(
         data: std::fs::canonicalize(data_dir).unwrap_or(data_dir.to_path_buf()),
         manifest_sha256: manifest_sha256.to_string(),
         backend: Some(options.backend.clone()),
+        precision: Some(options.precision.clone()),
     };
     write_atomic(
         &run.join(RUN_INFO),

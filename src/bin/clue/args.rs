@@ -106,14 +106,18 @@ pub struct DeviceArgs {
     /// GPU index for --backend cuda.
     #[arg(long, default_value_t = 0)]
     pub device: usize,
-    /// Float precision (bf16 only on cuda).
-    #[arg(long, value_enum, default_value = "f32")]
-    pub precision: Precision,
+    /// Float precision (bf16 only on cuda) [default: f32; with --resume, the run's own].
+    #[arg(long, value_enum)]
+    pub precision: Option<Precision>,
 }
 
 impl DeviceArgs {
     pub fn backend(&self) -> BackendName {
         self.backend.unwrap_or(BackendName::Ndarray)
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision.unwrap_or(Precision::F32)
     }
 }
 

@@ -168,7 +168,7 @@ fn probe<B: burn::tensor::backend::Backend>(device: &B::Device, what: &str) -> a
 }
 
 fn dispatch(d: &DeviceArgs, job: &Job) -> anyhow::Result<()> {
-    if d.precision == Precision::Bf16 && d.backend() != BackendName::Cuda {
+    if d.precision() == Precision::Bf16 && d.backend() != BackendName::Cuda {
         anyhow::bail!("--precision bf16 needs --backend cuda\n  hint: CPU backends train in f32");
     }
     match d.backend() {
@@ -189,7 +189,7 @@ fn dispatch(d: &DeviceArgs, job: &Job) -> anyhow::Result<()> {
             let device = burn::backend::cuda::CudaDevice::new(d.device);
             kernel_cache();
             probe::<burn::backend::Cuda>(&device, "CUDA")?;
-            match d.precision {
+            match d.precision() {
                 Precision::F32 => run_job::<Autodiff<burn::backend::Cuda>>(device, job),
                 Precision::Bf16 => {
                     run_job::<Autodiff<burn::backend::Cuda<burn::tensor::bf16>>>(device, job)
@@ -209,14 +209,17 @@ fn dispatch(d: &DeviceArgs, job: &Job) -> anyhow::Result<()> {
     }
 }
 
+/// A command-line value's name (`flex`, `bf16`).
+fn value_name(v: impl ValueEnum) -> String {
+    v.to_possible_value()
+        .map(|p| p.get_name().to_string())
+        .unwrap_or_default()
+}
+
 /// Options of `clue fit`, making the embedded default data when no --data is given.
 fn fit_options(a: &FitArgs) -> anyhow::Result<FitOptions> {
-    let backend = a
-        .device
-        .backend()
-        .to_possible_value()
-        .map(|v| v.get_name().to_string())
-        .unwrap_or_default();
+    let backend = value_name(a.device.backend());
+    let precision = value_name(a.device.precision());
     if let Some(run) = &a.resume {
         return Ok(FitOptions {
             config: RunConfig::default(),
@@ -225,6 +228,7 @@ fn fit_options(a: &FitArgs) -> anyhow::Result<FitOptions> {
             tui: !a.no_tui,
             resume: true,
             backend,
+            precision,
             verify: !a.no_verify,
         });
     }
@@ -257,6 +261,7 @@ fn fit_options(a: &FitArgs) -> anyhow::Result<FitOptions> {
         tui: !a.no_tui,
         resume: false,
         backend,
+        precision,
         verify: !a.no_verify,
     })
 }
@@ -347,13 +352,20 @@ fn convert_cmd(a: ConvertArgs) -> anyhow::Result<()> {
 }
 
 fn fit_cmd(mut a: FitArgs) -> anyhow::Result<()> {
-    if let (Some(run), None) = (&a.resume, a.device.backend) {
-        // Resume on the backend the run started on.
+    if let Some(run) = &a.resume {
+        // Resume on the backend and in the precision the run started with, unless told.
         let info: clue::train::fit::RunInfo =
             clue::bundle::read_json(&run.join(clue::train::fit::RUN_INFO))?;
-        a.device.backend = info
-            .backend
-            .and_then(|name| BackendName::from_str(&name, true).ok());
+        if a.device.backend.is_none() {
+            a.device.backend = info
+                .backend
+                .and_then(|name| BackendName::from_str(&name, true).ok());
+        }
+        if a.device.precision.is_none() {
+            a.device.precision = info
+                .precision
+                .and_then(|name| Precision::from_str(&name, true).ok());
+        }
     }
     let options = fit_options(&a)?;
     if !options.resume {
