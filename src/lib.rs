@@ -3,7 +3,7 @@
 //! The pipeline follows the paper: `data` (read logs, synthesise, tokenise, prepare, batch) →
 //! `model` (Item Transformer, Service Transformer, projection head) → `train` (contrastive loss,
 //! schedule, clipping, learner, `fit`) → `embed` (frozen user embeddings) → `eval` (downstream
-//! tasks) → `bench`.
+//! tasks) → `scaling` (sweeps and scaling laws) → `bench`.
 
 pub mod backend;
 pub mod bench;
@@ -14,6 +14,7 @@ pub mod embed;
 pub mod error;
 pub mod eval;
 pub mod model;
+pub mod scaling;
 pub mod train;
 pub mod ui;
 

@@ -3,19 +3,11 @@
 //! report — or, where the input is legal, succeed.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 mod common;
 
-const CLUE: &str = env!("CARGO_BIN_EXE_clue");
-
-fn clue(dir: &Path, args: &[&str]) -> Output {
-    Command::new(CLUE)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap()
-}
+use common::clue;
 
 /// The command failed, without a panic, with a message holding every one of `needles`.
 fn assert_fails(out: &Output, needles: &[&str]) -> String {

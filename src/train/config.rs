@@ -33,6 +33,14 @@ pub struct TrainConfig {
     pub workers: usize,
     /// Also checkpoint (and validate) every this many steps; 0 = at the end of each epoch only.
     pub checkpoint_every: usize,
+    /// Train on this fraction of the training users (nested subsets: 0.1 ⊂ 0.5 ⊂ 1; paper
+    /// Figure 3).
+    pub data_fraction: f64,
+    /// Reshuffle the users every epoch (the paper); `false` repeats the first epoch's batches.
+    pub shuffle: bool,
+    /// Batch size of validation; 0 = `batch_size`. InfoNCE depends on it (chance is ln B), so
+    /// a sweep fixes it to compare runs trained with different batches.
+    pub eval_batch_size: usize,
     /// `cross-service` (CLUE: a user's two services are the positive pair) or `simclr` (two
     /// augmented views of one service; also trains on single-service data).
     pub objective: Objective,
@@ -49,6 +57,14 @@ impl TrainConfig {
     /// The views of `round` under the SimCLR objective.
     pub fn views(&self, round: u64) -> Option<Views> {
         self.views_seed().map(|seed| Views::new(seed, round))
+    }
+
+    /// The batch size of validation and scoring.
+    pub fn eval_batch(&self) -> usize {
+        match self.eval_batch_size {
+            0 => self.batch_size,
+            n => n,
+        }
     }
 
     pub fn optimizer(&self) -> AdamWConfig {
@@ -76,6 +92,9 @@ impl Default for TrainConfig {
             seed: 42,
             workers: 2,
             checkpoint_every: 0,
+            data_fraction: 1.0,
+            shuffle: true,
+            eval_batch_size: 0,
             objective: Objective::CrossService,
         }
     }
@@ -169,6 +188,21 @@ impl RunConfig {
                 "see config/tiny.toml",
             ));
         }
+        if !(t.data_fraction > 0.0 && t.data_fraction <= 1.0) {
+            return Err(ClueError::config(
+                format!(
+                    "train.data_fraction = {} is outside (0, 1]",
+                    t.data_fraction
+                ),
+                "e.g. 0.1 trains on a tenth of the training users",
+            ));
+        }
+        if t.eval_batch_size == 1 {
+            return Err(ClueError::config(
+                "train.eval_batch_size = 1 leaves no negatives",
+                "use 0 (the training batch size) or at least 2",
+            ));
+        }
         if !(0.0..1.0).contains(&t.warmup_fraction) || !(0.0..=1.0).contains(&t.final_lr_fraction) {
             return Err(ClueError::config(
                 "train.warmup_fraction must be in [0, 1) and final_lr_fraction in [0, 1]",
@@ -208,5 +242,11 @@ mod tests {
         let mut c = RunConfig::default();
         c.train.batch_size = 1;
         assert!(c.validate().is_err());
+        for f in [0.0, 1.5, f64::NAN] {
+            let mut c = RunConfig::default();
+            c.train.data_fraction = f;
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("data_fraction"), "{e}");
+        }
     }
 }

@@ -22,7 +22,7 @@ use crate::model::init::Init;
 use crate::model::{ClueModel, ParamCounts};
 use crate::train::checkpoint::{AtomicRecorder, ResumedLogs, SaveEveryPeriod};
 use crate::train::config::RunConfig;
-use crate::train::loader::{EpochPlan, PlanLoader};
+use crate::train::loader::{EpochPlan, PlanLoader, nested_subset};
 use crate::train::metrics::{HISTORY_FILE, History, HistoryLog, Stat, StatMetric};
 use crate::train::renderer::LogRenderer;
 use crate::train::schedule::WarmupCosine;
@@ -34,6 +34,9 @@ use crate::ui;
 pub const RUN_CONFIG: &str = "config.toml";
 pub const RUN_INFO: &str = "run.json";
 pub const SUMMARY: &str = "summary.json";
+
+/// What the error of a run stopped by a non-finite loss says.
+pub const DIVERGED: &str = "the loss became NaN or infinite";
 
 /// One PF-day in floating-point operations.
 pub const PF_DAY: f64 = 8.64e19;
@@ -90,7 +93,7 @@ pub struct FitSummary {
     pub valid_retrieval_top1: f64,
     pub valid_retrieval_top1_ba: f64,
     pub valid_retrieval_top10: Option<f64>,
-    /// 1 / batch size: what a model that knows nothing scores.
+    /// 1 / evaluation batch size: what a model that knows nothing scores.
     pub chance_top1: f64,
     pub logit_scale: f64,
     pub params: ParamCounts,
@@ -267,8 +270,14 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
     let start = Instant::now();
     let run = &options.out;
     let (config, data_dir, data) = resolve(options)?;
-    let train_users = data.users_in(Split::Train);
-    let valid_users = data.users_in(Split::Valid);
+    let train_users = nested_subset(&data.users_in(Split::Train), config.train.data_fraction);
+    let mut valid_users = data.users_in(Split::Valid);
+    // A fixed evaluation batch (a sweep's) validates on whole batches only: a short last batch
+    // would lower the mean InfoNCE (chance is ln B) by an amount that depends on the split.
+    let eb = config.train.eval_batch_size;
+    if eb > 0 && valid_users.len() >= eb {
+        valid_users.truncate(valid_users.len() / eb * eb);
+    }
     let bs = config.train.batch_size;
     check_users(train_users.len(), valid_users.len(), bs)?;
     let manifest_sha256 = data.manifest.hash();
@@ -284,13 +293,16 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
     init_run_dir(options, &config, &data_dir, &manifest_sha256)?;
 
     B::seed(&device, config.train.seed);
-    let plan = Arc::new(EpochPlan::new(
-        train_users.clone(),
-        bs,
-        config.train.epochs,
-        config.train.seed,
-        config.train.checkpoint_every,
-    ));
+    let plan = Arc::new(
+        EpochPlan::new(
+            train_users.clone(),
+            bs,
+            config.train.epochs,
+            config.train.seed,
+            config.train.checkpoint_every,
+        )
+        .with_shuffle(config.train.shuffle),
+    );
     let steps_per_epoch = plan.steps_per_epoch();
     let total_steps = plan.total_steps();
     // Burn's "epochs" are the plan's periods: each ends with validation and a checkpoint.
@@ -322,7 +334,7 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
             m.max_items,
             m.max_item_tokens,
         ))
-        .batch_size(bs)
+        .batch_size(config.train.eval_batch())
         .num_workers(config.train.workers)
         .set_device(device.clone())
         .build(
@@ -467,9 +479,7 @@ fn stopped_on_non_finite_loss(guard: &StepGuard, run: &Path, plan: &EpochPlan) -
         .map(|k| format!("after step {}", plan.steps_before(k)))
         .unwrap_or_else(|| "none yet".into());
     Err(ClueError::config(
-        format!(
-            "training stopped: the loss became NaN or infinite at step {step} (last good checkpoint: {last})"
-        ),
+        format!("training stopped: {DIVERGED} at step {step} (last good checkpoint: {last})"),
         "lower train.lr or raise train.grad_clip_norm; `clue fit --resume` continues from the last checkpoint",
     ))
 }
@@ -535,7 +545,7 @@ fn summarise(
         valid_retrieval_top1: valid.top1_ab,
         valid_retrieval_top1_ba: valid.top1_ba,
         valid_retrieval_top10: valid.top10_ab,
-        chance_top1: 1.0 / bs as f64,
+        chance_top1: 1.0 / config.train.eval_batch() as f64,
         logit_scale,
         params,
         flops,
@@ -569,7 +579,7 @@ impl FitSummary {
                     "{:.4} (best {:.4}; log(batch) = {:.4})",
                     self.valid_loss_final,
                     self.valid_loss_best,
-                    (self.batch_size as f64).ln()
+                    (1.0 / self.chance_top1).ln()
                 ),
             ),
             (

@@ -29,6 +29,7 @@ use crate::data::augment::Views;
 use crate::data::batcher::{UserBatch, UserBatcher, UserDataset};
 use crate::data::store::PreparedDataset;
 use crate::error::panic_message;
+use crate::model::dropout::splitmix64;
 use crate::train::step::StepGuard;
 
 /// Which users each training step sees, epoch after epoch.
@@ -40,6 +41,9 @@ pub struct EpochPlan {
     seed: u64,
     /// Steps per period; `steps_per_epoch()` when checkpoints are per epoch only.
     period_steps: usize,
+    /// Draw a new order every epoch (the paper); otherwise every epoch repeats the first
+    /// epoch's batches (Figure 3, right).
+    shuffle: bool,
 }
 
 impl EpochPlan {
@@ -63,7 +67,14 @@ impl EpochPlan {
             epochs,
             seed,
             period_steps,
+            shuffle: true,
         }
+    }
+
+    /// `false`: every epoch sees the first epoch's batches again, in the same order.
+    pub fn with_shuffle(mut self, shuffle: bool) -> Self {
+        self.shuffle = shuffle;
+        self
     }
 
     /// Steps in one epoch (the last batch may be short).
@@ -104,6 +115,7 @@ impl EpochPlan {
 
     /// The training users in epoch `epoch`'s (0-based) order.
     pub fn epoch_order(&self, epoch: usize) -> Vec<u32> {
+        let epoch = if self.shuffle { epoch } else { 0 };
         let mut order = self.users.clone();
         let mut rng = ChaCha8Rng::seed_from_u64(
             self.seed ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
@@ -122,6 +134,24 @@ impl EpochPlan {
         let end = ((part + 1) * per).min(order.len());
         order[start..end].to_vec()
     }
+}
+
+/// The first `fraction` of `users` in a fixed pseudo-random order that depends on nothing but
+/// the user ids (at least one user): smaller fractions are subsets of larger ones, whatever the
+/// run's seed, so a data-size sweep (paper Figure 3) trains on nested sets.
+pub fn nested_subset(users: &[u32], fraction: f64) -> Vec<u32> {
+    if fraction >= 1.0 {
+        return users.to_vec();
+    }
+    let keep = ((users.len() as f64 * fraction).ceil() as usize).clamp(1, users.len().max(1));
+    let mut keyed: Vec<(u64, u32)> = users
+        .iter()
+        .map(|&u| (splitmix64(u as u64 ^ 0xC1E5_DA7A), u))
+        .collect();
+    keyed.sort_unstable();
+    let mut kept: Vec<u32> = keyed.into_iter().take(keep).map(|(_, u)| u).collect();
+    kept.sort_unstable();
+    kept
 }
 
 /// Burn `DataLoader` over an [`EpochPlan`]: each `iter()` serves the next period.
@@ -388,9 +418,33 @@ mod tests {
         let other = EpochPlan::new(users.clone(), 10, 3, 8, 4);
         assert_ne!(other.epoch_order(0), plan.epoch_order(0));
         // Per-epoch checkpoints: one period per epoch, the same order.
+        let fixed = EpochPlan::new(users.clone(), 10, 3, 7, 4).with_shuffle(false);
+        assert_eq!(fixed.epoch_order(0), plan.epoch_order(0));
+        assert_eq!(fixed.epoch_order(2), plan.epoch_order(0), "no reshuffle");
+        assert_eq!(fixed.period_users(3), plan.period_users(0), "same batches");
         let whole = EpochPlan::new(users, 10, 3, 7, 0);
         assert_eq!(whole.periods(), 3);
         assert_eq!(whole.period_users(1), plan.epoch_order(1));
         assert_eq!(whole.steps_before(2), 22);
+    }
+
+    #[test]
+    fn data_fractions_are_nested_and_sized_whatever_the_order() {
+        let users: Vec<u32> = (0..200).map(|u| u * 3).collect();
+        let tenth = nested_subset(&users, 0.1);
+        let half = nested_subset(&users, 0.5);
+        assert_eq!((tenth.len(), half.len()), (20, 100));
+        assert!(tenth.iter().all(|u| half.contains(u)), "nested");
+        assert!(half.iter().all(|u| users.contains(u)));
+        assert_ne!(half, users[..100].to_vec(), "not simply the first users");
+        let mut reversed = users.clone();
+        reversed.reverse();
+        assert_eq!(
+            nested_subset(&reversed, 0.5),
+            half,
+            "order of the input does not matter"
+        );
+        assert_eq!(nested_subset(&users, 1.0), users);
+        assert_eq!(nested_subset(&users, 1e-9).len(), 1);
     }
 }

@@ -5,7 +5,9 @@ use burn::tensor::activation::log_softmax;
 
 /// Rows scaled to unit L2 norm: `[n, d]` → `[n, d]`.
 pub fn l2_normalize<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
-    let norm = x.clone().square().sum_dim(1).sqrt().clamp_min(1e-8);
+    // Clamped before the square root: at a zero row, sqrt's gradient is infinite and a clamp
+    // after it would multiply that by zero (NaN).
+    let norm = x.clone().square().sum_dim(1).clamp_min(1e-16).sqrt();
     x / norm
 }
 
@@ -113,6 +115,28 @@ mod tests {
 
     /// Non-unit, non-symmetric rows: the A→B and B→A terms differ, so a loss missing either
     /// direction (or one that forgets the normalisation or the scale) fails.
+    #[test]
+    fn a_zero_row_normalises_to_zero_with_a_finite_gradient() {
+        // A model with 8-wide embeddings (`d_model = 8`, seed 42) produced a zero row at its
+        // second step; the clamp after the square root gave it a NaN gradient (0 · ∞).
+        type A = burn::backend::Autodiff<NdArray>;
+        let device = Default::default();
+        let x =
+            Tensor::<A, 2>::from_floats([[0.0, 0.0, 0.0], [3.0, 0.0, 4.0]], &device).require_grad();
+        let y = l2_normalize(x.clone());
+        let values: Vec<f32> = y.clone().into_data().to_vec().unwrap();
+        assert_eq!(values, vec![0.0, 0.0, 0.0, 0.6, 0.0, 0.8]);
+        let weights = Tensor::<A, 2>::from_floats([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]], &device);
+        let grads = (y * weights).sum().backward();
+        let g: Vec<f32> = x.grad(&grads).unwrap().into_data().to_vec().unwrap();
+        assert!(g.iter().all(|v| v.is_finite()), "{g:?}");
+        // The unit row's gradient is (w − (w·u) u) / ‖x‖ = ((1,2,3) − 3 (0.6,0,0.8)) / 5.
+        let expected = [(1.0 - 1.8) / 5.0, 2.0 / 5.0, (3.0 - 2.4) / 5.0];
+        for (a, b) in g[3..].iter().zip(expected) {
+            assert!((a - b).abs() < 1e-6, "{g:?}");
+        }
+    }
+
     #[test]
     fn loss_matches_an_f64_reference_on_an_asymmetric_batch() {
         let a = vec![

@@ -42,7 +42,7 @@ pub fn score<B: Backend>(
         config.model.max_items,
         config.model.max_item_tokens,
     ))
-    .batch_size(config.train.batch_size)
+    .batch_size(config.train.eval_batch())
     .build(ds);
     let (mut loss, mut ab, mut ba, mut top10, mut top10_n, mut total) =
         (0.0, 0.0, 0.0, 0.0, 0usize, 0usize);

@@ -4,6 +4,15 @@
 
 use std::path::{Path, PathBuf};
 
+/// Run the `clue` binary of this build in `dir` and collect its output.
+pub fn clue(dir: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_clue"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
 /// Write `rows` under the canonical header to `dir/name`.
 pub fn write_log(dir: &Path, name: &str, rows: &[&str]) -> PathBuf {
     let path = dir.join(name);

@@ -77,6 +77,21 @@ pub enum Command {
         after_help = "Examples:\n  clue bench --preset tiny --backend flex\n  clue bench --preset tiny --backend flex --keep-denormals --denormal-census\n  clue bench --preset small --backend cuda --precision bf16 --json\n\nCompare with: python3 shared/bench/torch_clue_ref.py --vocab 4096 --dim 64 --layers 2 --heads 4 --L 16 --S 32 --batch 16"
     )]
     Bench(BenchArgs),
+    /// Train every run of a scaling-study grid, each measured at the same held-out batches.
+    #[command(
+        after_help = "Examples:\n  clue sweep --grid config/sweeps/smoke.toml --data data/default/prepared --out sweeps/smoke --backend flex\n  clue sweep --grid config/sweeps/cpu.toml --data data/dynamic/prepared --out sweeps/cpu --backend flex\n  clue sweep --grid config/sweeps/gpu.toml --data data/p --out sweeps/gpu --backend cuda\n\nEach run is an ordinary run directory under OUT/runs/ (config, checkpoints, summary, model bundle) plus\npoint.json: parameters, PF-days, learning curve and held-out test loss. The same command again skips\nfinished runs and resumes the one a kill interrupted. Then: clue scaling --sweep OUT."
+    )]
+    Sweep(SweepArgs),
+    /// Fit the scaling law of a sweep and draw the paper's figures (scaling.json, scaling.md, PNG/SVG).
+    #[command(
+        after_help = "Examples:\n  clue scaling --sweep sweeps/cpu\n\nFits L(C) = L∞ + (C₀/C)^α (and the pure power law) to the compute frontier of the finished runs,\nchecks it by predicting the top half-decade from the runs below, and writes loss-vs-compute,\nloss-vs-size and (with a data-size or shuffle axis) loss-vs-steps charts into the sweep directory.\nFailed, diverged and unfinished runs are reported and left out."
+    )]
+    Scaling(ScalingArgs),
+    /// Kendall's τ between the token distributions of pretraining data and downstream tasks.
+    #[command(
+        after_help = "Examples:\n  clue similarity --pretrain data/dynamic/prepared --task data/dynamic/tasks/news.toml --task data/dynamic/tasks/market.toml\n  clue similarity --pretrain data/p --task t.toml --results eval/t/results.json\n\nPaper Figure 5: τ-b between the token counts of the prepared data (every behaviour's item text) and\nof each task's target items (tokenised with the pretraining tokenizer), over the tokens both use, and the share of\nthe task's token occurrences the pretraining data uses. With --results (one per --task, in order): CLUE's sampled-MRR gain over the best task-specific model."
+    )]
+    Similarity(SimilarityArgs),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
@@ -263,6 +278,47 @@ pub struct EvalArgs {
     /// `--compare simclr=runs/simclr` for a run pretrained with the SimCLR objective.
     #[arg(long, value_name = "NAME=DIR")]
     pub compare: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct SweepArgs {
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// The grid (TOML: base, eval_batch_size, curve_points, [set], [axes], [[ladder]]).
+    #[arg(long)]
+    pub grid: PathBuf,
+    /// Prepared dataset every run trains on.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Sweep directory (runs/, sweep.json; `clue scaling` writes beside them).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Skip the SHA-256 check of the prepared data against its manifest.
+    #[arg(long)]
+    pub no_verify: bool,
+}
+
+#[derive(Args)]
+pub struct ScalingArgs {
+    /// Sweep directory written by `clue sweep`.
+    #[arg(long)]
+    pub sweep: PathBuf,
+}
+
+#[derive(Args)]
+pub struct SimilarityArgs {
+    /// Prepared pretraining dataset.
+    #[arg(long)]
+    pub pretrain: PathBuf,
+    /// Task file (repeatable).
+    #[arg(long = "task", required = true)]
+    pub tasks: Vec<PathBuf>,
+    /// `clue eval` results.json of each task, in --task order (optional).
+    #[arg(long)]
+    pub results: Vec<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]

@@ -17,6 +17,8 @@ use clue::data::store::Split;
 use clue::data::synth::{SUBTOPICS, SynthOptions, WorldKind, synth};
 use clue::embed::{EmbedOptions, USER_BATCH, embed};
 use clue::eval::{EvalOptions, eval};
+use clue::scaling::report::scaling;
+use clue::scaling::sweep::{SweepOptions, sweep};
 use clue::train::config::RunConfig;
 use clue::train::fit::{FitOptions, fit};
 use clue::train::score::{ScoreReport, score_bundle};
@@ -35,6 +37,7 @@ enum Job {
         options: EmbedOptions,
     },
     Eval(EvalOptions),
+    Sweep(SweepOptions),
     Bench {
         preset: clue::bench::Preset,
         options: BenchOptions,
@@ -61,6 +64,9 @@ fn run_job<B: AutodiffBackend>(device: B::Device, job: &Job) -> anyhow::Result<(
             let results = eval::<B>(&device, options)?;
             ui::say(results.markdown());
             ui::say(format!("  results written to {}", options.out.display()));
+        }
+        Job::Sweep(options) => {
+            sweep::<B>(device, options)?;
         }
         Job::Fit(options) => {
             let summary = fit::<B>(device, options)?;
@@ -469,6 +475,46 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Embed(a) => embed_cmd(a),
         Command::Eval(a) => eval_cmd(a),
         Command::Bench(a) => bench_cmd(a),
+        Command::Sweep(a) => {
+            let options = SweepOptions {
+                grid: a.grid,
+                data: a.data,
+                out: a.out,
+                backend: value_name(a.device.backend()),
+                precision: value_name(a.device.precision()),
+                verify: !a.no_verify,
+            };
+            dispatch(&a.device, &Job::Sweep(options))
+        }
+        Command::Similarity(a) => {
+            if !a.results.is_empty() && a.results.len() != a.tasks.len() {
+                anyhow::bail!(
+                    "{} --results for {} --task: give one results.json per task, in the same order",
+                    a.results.len(),
+                    a.tasks.len()
+                );
+            }
+            let rows = clue::scaling::similarity::similarity(&a.pretrain, &a.tasks, &a.results)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                ui::say(clue::scaling::similarity::table(&rows));
+            }
+            Ok(())
+        }
+        Command::Scaling(a) => {
+            let report = scaling(&a.sweep)?;
+            ui::say(report.headline());
+            for note in &report.notes {
+                ui::say(format!("  note: {note}"));
+            }
+            ui::say(format!(
+                "  written to {} (scaling.md, scaling.json, {})",
+                a.sweep.display(),
+                report.charts.join(", ")
+            ));
+            Ok(())
+        }
     }
 }
 
