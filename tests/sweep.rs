@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use clue::model::ParamCounts;
-use clue::scaling::report::scaling;
+use clue::scaling::report::{ScalingReport, scaling};
 use clue::scaling::sweep::{CurvePoint, POINT, RUNS, RunPoint, SWEEP, Status, SweepInfo};
 use clue::train::fit::{PF_DAY, training_flops};
 
@@ -146,6 +146,20 @@ fn a_sweep_measures_every_run_and_a_killed_sweep_skips_what_it_finished() {
     for name in &info.runs {
         assert_eq!(point(&w.join("k"), name).status, Status::Done, "{name}");
     }
+    // The grid changed under the finished runs: refused, naming the run directory.
+    std::fs::write(
+        g,
+        std::fs::read_to_string(g)
+            .unwrap()
+            .replace("model.d_model = 16", "model.d_model = 24"),
+    )
+    .unwrap();
+    let out = clue(w, &args("k"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("another config"),
+        "{err}"
+    );
     let out = clue(w, &["scaling", "--sweep", "k"]);
     assert!(
         out.status.success(),
@@ -318,9 +332,15 @@ fn scaling_fits_the_frontier_and_reports_diverged_and_unfinished_runs() {
         "{md}"
     );
     assert!(s.join("loss-vs-compute.png").exists() && s.join("loss-vs-size.svg").exists());
-    let json: serde_json::Value =
+    // scaling.json reads back whole (no NaN or infinity written as null).
+    let back: ScalingReport =
         serde_json::from_str(&std::fs::read_to_string(s.join("scaling.json")).unwrap()).unwrap();
-    assert!((json["law"]["law"]["alpha"].as_f64().unwrap() - fit.law.alpha).abs() < 1e-12);
+    let read = back.law.unwrap().law;
+    assert!(
+        (read.alpha / fit.law.alpha - 1.0).abs() < 1e-12
+            && (read.c0 / fit.law.c0 - 1.0).abs() < 1e-12
+    );
+    assert_eq!(back.frontier, r.frontier);
 }
 
 #[test]

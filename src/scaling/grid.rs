@@ -221,9 +221,25 @@ impl Grid {
             }
             runs = next;
         }
+        let mut seen = std::collections::BTreeSet::new();
         for run in &mut runs {
             if run.name.is_empty() {
                 run.name = "base".into();
+            }
+            if run.name.contains(['/', '\\']) || run.name.starts_with('.') {
+                return Err(bad(
+                    format!("run name `{}` is not a plain directory name", run.name),
+                    "ladder names and axis values must not hold / or \\ or start with a dot",
+                ));
+            }
+            if !seen.insert(run.name.clone()) {
+                return Err(bad(
+                    format!(
+                        "two runs are named `{}` (a value repeated on an axis?)",
+                        run.name
+                    ),
+                    "give every axis distinct values",
+                ));
             }
             run.config.train.eval_batch_size = file.eval_batch_size;
             run.config.validate().map_err(|e| {
@@ -287,6 +303,8 @@ mod tests {
             ("[axes]\ntrain.eval_batch_size = [8]", "set by the sweep"),
             ("steps = 3", "unknown field"),
             ("[axes]\ntrain.epochs = 2", "not a list"),
+            ("[axes]\ntrain.epochs = [1, 1]", "two runs are named"),
+            ("[[ladder]]\nname = \"../x\"", "not a plain directory name"),
         ] {
             let e = grid(body).unwrap_err().to_string();
             assert!(e.contains(needle), "{body}: {e}");

@@ -116,7 +116,13 @@ fn project(alpha: f64, x: &[f64], l: &[f64]) -> (f64, f64, f64) {
             break;
         }
         let (d1, d2) = ((h22 * g1 - h12 * g2) / det, (h11 * g2 - h12 * g1) / det);
-        let (nl, na) = ((li - d1).max(0.0), (a - d2).max(0.0));
+        let (mut nl, mut na) = (li - d1, a - d2);
+        // A bound that binds: hold that variable at 0 and take the other's one-dimensional step.
+        if nl < 0.0 {
+            (nl, na) = (0.0, (a - g2 / h22).max(0.0));
+        } else if na < 0.0 {
+            (nl, na) = ((li - g1 / h11).max(0.0), 0.0);
+        }
         let done = (nl - li).abs() <= 1e-12 * li.abs().max(1e-12)
             && (na - a).abs() <= 1e-12 * a.abs().max(1e-12);
         (li, a) = (nl, na);
@@ -175,6 +181,9 @@ pub fn fit_law(c: &[f64], l: &[f64]) -> Option<Law> {
     let (l_inf, a, _) = project(alpha, &x, l);
     // A' tᵢ = A' (cᵢ / e^mid)^−α = (C₀ / cᵢ)^α with C₀ = e^mid · A'^(1/α).
     let c0 = mid.exp() * a.powf(1.0 / alpha);
+    if !(c0.is_finite() && l_inf.is_finite()) {
+        return None;
+    }
     let law = Law {
         alpha,
         l_inf,
@@ -209,9 +218,11 @@ pub fn fit_power(c: &[f64], l: &[f64]) -> Option<Power> {
         / sxx;
     let intercept = my - slope * mx;
     let alpha = -slope;
-    Some(Power {
+    let c0 = (intercept / alpha).exp();
+    // A flat line has no C₀ (it overflows): no power law to report.
+    (c0.is_finite() && c0 > 0.0).then(|| Power {
         alpha,
-        c0: (intercept / alpha).exp(),
+        c0,
         r2: r2(&y, |i| intercept + slope * x[i]),
     })
 }
@@ -252,7 +263,7 @@ pub fn bootstrap(c: &[f64], l: &[f64], rounds: usize, seed: u64) -> Option<(Inte
             floors.push(law.l_inf);
         }
     }
-    if alphas.len() < rounds / 2 {
+    if alphas.is_empty() || alphas.len() < rounds / 2 {
         return None;
     }
     let interval = |mut v: Vec<f64>| {
@@ -365,8 +376,25 @@ mod tests {
         let (c, l) = points(0.3, 1.5, 1e-6, 0.003);
         let law = fit_law(&c, &l).unwrap();
         assert!((law.alpha - 0.3).abs() < 0.3 * 0.02, "{law:?}");
-        let (low, high) = bootstrap(&c, &l, 200, 1).unwrap().0.into();
-        assert!(low <= law.alpha && law.alpha <= high, "{low} {high}");
+        let (alpha, floor) = bootstrap(&c, &l, 200, 1).unwrap();
+        assert!(
+            alpha.low <= law.alpha && law.alpha <= alpha.high,
+            "{alpha:?}"
+        );
+        assert!(
+            alpha.high - alpha.low < 0.1,
+            "0.3 % noise leaves α well pinned: {alpha:?}"
+        );
+        assert!(floor.low <= 1.5 && 1.5 <= floor.high, "{floor:?}");
+        // A floor that fits to zero: the bound binds and the other parameters are still found.
+        let (c, l) = points(0.2, 0.0, 1e-4, 0.0);
+        let law = fit_law(&c, &l).unwrap();
+        assert!(
+            (law.alpha - 0.2).abs() < 0.2 * 0.02 && (law.c0 / 1e-4 - 1.0).abs() < 0.05,
+            "{law:?}"
+        );
+        // A flat series has no power law (C₀ would overflow), and says so.
+        assert!(fit_power(&c, &vec![3.0; c.len()]).is_none());
         // A pure power law: no floor, and the line fit finds the same exponent.
         let (c, l) = points(0.12, 0.0, 1e-3, 0.0);
         let law = fit_law(&c, &l).unwrap();
@@ -383,12 +411,6 @@ mod tests {
             fit_law(&c[..2], &l[..2]).is_none(),
             "two points fit nothing"
         );
-    }
-
-    impl From<Interval> for (f64, f64) {
-        fn from(i: Interval) -> Self {
-            (i.low, i.high)
-        }
     }
 
     #[test]

@@ -15,8 +15,6 @@ use crate::scaling::law::{
 use crate::scaling::plot::{Chart, Mark, Series};
 use crate::scaling::sweep::{POINT, RUNS, RunPoint, SWEEP, Status, SweepInfo};
 
-/// Fewest frontier points the extrapolation check fits below the held-out top half-decade.
-pub const HOLDOUT_MIN_POINTS: usize = 4;
 /// Compute held out for the extrapolation check: the frontier's top half-decade.
 pub const HOLDOUT_DECADES: f64 = 0.5;
 const BOOTSTRAP_ROUNDS: usize = 1000;
@@ -111,7 +109,11 @@ pub fn scaling(dir: &Path) -> Result<ScalingReport> {
                 "the frontier spans {decades:.2} decades of compute, under the {MIN_DECADES} a law should be read from"
             ));
         }
-        fit_law(&fc, &fl).map(|law| {
+        let fitted = fit_law(&fc, &fl);
+        if fitted.is_none() {
+            notes.push("the law's fit did not converge to finite parameters".into());
+        }
+        fitted.map(|law| {
             let intervals = bootstrap(&fc, &fl, BOOTSTRAP_ROUNDS, 0);
             LawFit {
                 law,
@@ -171,13 +173,17 @@ fn extrapolate(
     let top = *fc.last()?;
     let cut = top / 10f64.powf(HOLDOUT_DECADES);
     let below = fc.iter().filter(|&&c| c <= cut).count();
-    if below < HOLDOUT_MIN_POINTS || below == fc.len() {
+    if below < MIN_POINTS || below == fc.len() {
         notes.push(format!(
-            "extrapolation check: {below} frontier point(s) below the top {HOLDOUT_DECADES} decade (at least {HOLDOUT_MIN_POINTS} needed, and one above): not run"
+            "extrapolation check: {below} frontier point(s) below the top {HOLDOUT_DECADES} decade (at least {MIN_POINTS} needed, and one above): not run"
         ));
         return None;
     }
-    let law = fit_law(&fc[..below], &fl[..below])?;
+    let Some(law) = fit_law(&fc[..below], &fl[..below]) else {
+        notes
+            .push("extrapolation check: the fit below the top half-decade did not converge".into());
+        return None;
+    };
     let held_out: Vec<(String, f64, f64, f64)> = (below..fc.len())
         .map(|k| {
             let p = candidates[front[k]];

@@ -54,8 +54,13 @@ fn pretrain_counts(data: &PreparedDataset) -> Vec<f64> {
 }
 
 /// Token counts of a task's target items (each user–item pair counts the item's tokens once),
-/// tokenised as the pretraining data was.
-fn task_counts(task: &Task, tokenizer: &ItemTokenizer, vocab: usize) -> Result<Vec<f64>> {
+/// tokenised and cut as the pretraining data was (`max_text_tokens`: its cap less the prefix).
+fn task_counts(
+    task: &Task,
+    tokenizer: &ItemTokenizer,
+    vocab: usize,
+    max_text_tokens: usize,
+) -> Result<Vec<f64>> {
     let data = load_task(task, 1)?;
     let mut item_uses = vec![0.0; data.item_texts.len()];
     for targets in &data.targets {
@@ -65,7 +70,7 @@ fn task_counts(task: &Task, tokenizer: &ItemTokenizer, vocab: usize) -> Result<V
     }
     let texts: Vec<(Option<u32>, &str)> =
         data.item_texts.iter().map(|t| (None, t.as_str())).collect();
-    let tokens = tokenizer.encode_texts(&texts, usize::MAX)?;
+    let tokens = tokenizer.encode_texts(&texts, max_text_tokens)?;
     let mut counts = vec![0.0; vocab];
     for (item, ids) in tokens.iter().enumerate() {
         for &t in ids {
@@ -89,7 +94,13 @@ pub fn similarity(
     let mut out = Vec::new();
     for (i, path) in tasks.iter().enumerate() {
         let task = Task::load(path)?;
-        let counts = task_counts(&task, &tokenizer, base.len())?;
+        let cap = data
+            .manifest
+            .options
+            .max_item_tokens
+            .saturating_sub(1)
+            .max(1);
+        let counts = task_counts(&task, &tokenizer, base.len(), cap)?;
         let used: Vec<usize> = (0..base.len())
             .filter(|&t| base[t] > 0.0 && counts[t] > 0.0)
             .collect();
@@ -115,12 +126,13 @@ pub fn similarity(
 
 fn gain(results: &EvalResults) -> Option<f64> {
     let clue = results.models.get("clue")?.sampled.mrr;
+    // (A best of zero has no ratio.)
     let best = TASK_SPECIFIC
         .iter()
         .filter_map(|m| results.models.get(*m))
         .map(|r| r.sampled.mrr)
         .fold(None, |b: Option<f64>, x| Some(b.map_or(x, |b| b.max(x))))?;
-    Some(clue / best - 1.0)
+    (best > 0.0).then(|| clue / best - 1.0)
 }
 
 /// The rows as a markdown table.

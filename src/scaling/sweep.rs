@@ -199,6 +199,25 @@ pub fn sweep<B: AutodiffBackend>(
         eval_users: eval_users.len(),
         runs: runs.iter().map(|r| r.name.clone()).collect(),
     };
+    if let Ok(old) = read_json::<SweepInfo>(&out.join(SWEEP))
+        && (old.data != info.data
+            || old.eval_batch_size != info.eval_batch_size
+            || old.eval_users != info.eval_users)
+    {
+        return Err(ClueError::bad_file(
+            out,
+            format!(
+                "holds a sweep of {} measured at batch {} on {} test users; this one is of {} at batch {} on {}",
+                old.data.display(),
+                old.eval_batch_size,
+                old.eval_users,
+                info.data.display(),
+                eb,
+                info.eval_users
+            ),
+            "sweep into a new --out (its points would not be comparable)",
+        ));
+    }
     write_atomic(
         &out.join(SWEEP),
         serde_json::to_string_pretty(&info)
@@ -223,7 +242,12 @@ pub fn sweep<B: AutodiffBackend>(
     let (mut flops_done, mut start_eta, mut points) = (0.0, 0.0, Vec::new());
     for (i, (run, plan)) in runs.iter().zip(&planned).enumerate() {
         let dir = out.join(RUNS).join(&run.name);
-        if let Ok(point) = read_json::<RunPoint>(&dir.join(POINT)) {
+        // A failed run (a full disk, a dead loader) is tried again; a finished or diverged
+        // one is kept if the grid still gives it the same config.
+        if let Ok(point) = read_json::<RunPoint>(&dir.join(POINT))
+            && point.status != Status::Failed
+        {
+            same_config(&dir, run)?;
             ui::detail(format!(
                 "run {}/{} {}: finished, skipped",
                 i + 1,
@@ -303,6 +327,19 @@ fn minutes(seconds: f64) -> String {
     }
 }
 
+/// Refuse a run directory whose recorded config is not the one the grid now gives `run`.
+fn same_config(dir: &Path, run: &GridRun) -> Result<()> {
+    let path = dir.join(RUN_CONFIG);
+    if path.exists() && RunConfig::load(&path)? != run.config {
+        return Err(ClueError::bad_file(
+            dir,
+            "holds a run of another config: the grid changed since this sweep started",
+            "sweep into a new --out, or delete this run's directory",
+        ));
+    }
+    Ok(())
+}
+
 /// Train (or resume) one run, then measure its test loss; a run that fails or diverges gives a
 /// point that says so (the sweep goes on). Errors of the sweep's own files stop it.
 fn measure<B: AutodiffBackend>(
@@ -326,14 +363,7 @@ fn measure<B: AutodiffBackend>(
         verify: false,
     };
     if fit_options.resume {
-        let recorded = RunConfig::load(&dir.join(RUN_CONFIG))?;
-        if recorded != run.config {
-            return Err(ClueError::bad_file(
-                dir,
-                "holds a run of another config: the grid changed since this sweep started",
-                "sweep into a new --out, or delete this run's directory",
-            ));
-        }
+        same_config(dir, run)?;
     }
     // The sweep prints a line per run; a run's own progress lines only under --verbose.
     let verbosity = ui::verbosity();

@@ -143,7 +143,9 @@ pub fn nested_subset(users: &[u32], fraction: f64) -> Vec<u32> {
     if fraction >= 1.0 {
         return users.to_vec();
     }
-    let keep = ((users.len() as f64 * fraction).ceil() as usize).clamp(1, users.len().max(1));
+    // 100 × 0.07 is 7.000000000000001 in floating point: keep 7, not 8.
+    let keep =
+        ((users.len() as f64 * fraction - 1e-9).ceil() as usize).clamp(1, users.len().max(1));
     let mut keyed: Vec<(u64, u32)> = users
         .iter()
         .map(|&u| (splitmix64(u as u64 ^ 0xC1E5_DA7A), u))
@@ -446,5 +448,6 @@ mod tests {
         );
         assert_eq!(nested_subset(&users, 1.0), users);
         assert_eq!(nested_subset(&users, 1e-9).len(), 1);
+        assert_eq!(nested_subset(&users[..100], 0.07).len(), 7);
     }
 }

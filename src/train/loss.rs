@@ -113,8 +113,6 @@ mod tests {
             .into_scalar() as f64
     }
 
-    /// Non-unit, non-symmetric rows: the A→B and B→A terms differ, so a loss missing either
-    /// direction (or one that forgets the normalisation or the scale) fails.
     #[test]
     fn a_zero_row_normalises_to_zero_with_a_finite_gradient() {
         // A model with 8-wide embeddings (`d_model = 8`, seed 42) produced a zero row at its
@@ -137,6 +135,8 @@ mod tests {
         }
     }
 
+    /// Non-unit, non-symmetric rows: the A→B and B→A terms differ, so a loss missing either
+    /// direction (or one that forgets the normalisation or the scale) fails.
     #[test]
     fn loss_matches_an_f64_reference_on_an_asymmetric_batch() {
         let a = vec![
