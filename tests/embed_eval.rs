@@ -9,7 +9,7 @@ use clue::data::store::PreparedDataset;
 use clue::embed::{EmbedOptions, embed};
 use clue::eval::{EvalOptions, Task, eval, load_task};
 use clue::model::init::Init;
-use clue::model::{ClueModel, ModelConfig};
+use clue::model::{ClueModel, ModelConfig, ModelKind};
 use clue::train::config::RunConfig;
 
 mod common;
@@ -26,6 +26,10 @@ fn data_root() -> PathBuf {
 }
 
 fn bundle(dir: &Path) -> PathBuf {
+    bundle_of(dir, ModelKind::Stacked)
+}
+
+fn bundle_of(dir: &Path, kind: ModelKind) -> PathBuf {
     let data = Arc::new(PreparedDataset::open(&data_root().join("p"), true).unwrap());
     let model_config = ModelConfig {
         vocab_size: data.manifest.vocab_size as usize,
@@ -36,6 +40,7 @@ fn bundle(dir: &Path) -> PathBuf {
         service_layers: 1,
         max_items: 16,
         max_item_tokens: 12,
+        kind,
         ..Default::default()
     };
     let device = Default::default();
@@ -454,15 +459,21 @@ fn eval_compares_models_on_one_split_and_one_set_of_negatives() {
 }
 
 /// `clue embed` (its own reader, item cache and inference batches) gives, for every user of the
-/// prepared data, the encoder's output on the training batcher's batch of the same users.
+/// prepared data, the encoder's output on the training batcher's batch of the same users; so
+/// does a flat model's (which reads tokens, never the item cache).
 #[test]
 fn embed_vectors_equal_the_training_paths_encoder_output() {
+    embed_equals_training_path(ModelKind::Stacked);
+    embed_equals_training_path(ModelKind::Flat);
+}
+
+fn embed_equals_training_path(kind: ModelKind) {
     use burn::data::dataloader::batcher::Batcher;
     use burn::data::dataset::Dataset;
     use clue::bundle::Bundle;
     use clue::data::batcher::{UserBatch, UserBatcher, UserDataset};
     let dir = tempfile::tempdir().unwrap();
-    let run = bundle(dir.path());
+    let run = bundle_of(dir.path(), kind);
     let device = Default::default();
     let out = dir.path().join("e/users.safetensors");
     embed::<B>(
@@ -506,6 +517,6 @@ fn embed_vectors_equal_the_training_paths_encoder_output() {
             }
         }
     }
-    assert!(worst <= 1e-5, "max |Δ| = {worst}");
+    assert!(worst <= 1e-5, "{kind:?}: max |Δ| = {worst}");
     assert!(z.iter().any(|v| v.abs() > 1e-3), "non-trivial embeddings");
 }

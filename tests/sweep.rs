@@ -234,6 +234,27 @@ fn grids_and_data_that_cannot_work_are_refused_before_any_run() {
     assert!(!out.status.success() && err.contains("missing"), "{err}");
 }
 
+/// A sweep directory `s` holding `points`, and `unfinished` runs of its grid without one.
+fn write_sweep(s: &Path, points: &[RunPoint], unfinished: &[&str], tasks: &[&str]) {
+    let mut names: Vec<String> = points.iter().map(|p| p.name.clone()).collect();
+    names.extend(unfinished.iter().map(|n| n.to_string()));
+    for p in points {
+        let run = s.join(RUNS).join(&p.name);
+        std::fs::create_dir_all(&run).unwrap();
+        std::fs::write(run.join(POINT), serde_json::to_string(p).unwrap()).unwrap();
+    }
+    let info = SweepInfo {
+        grid: "g.toml".into(),
+        data: "d".into(),
+        backend: "flex".into(),
+        eval_batch_size: 16,
+        eval_users: 64,
+        runs: names,
+        tasks: tasks.iter().map(|t| t.to_string()).collect(),
+    };
+    std::fs::write(s.join(SWEEP), serde_json::to_string(&info).unwrap()).unwrap();
+}
+
 /// A made-up finished run at `pf_days` with `loss`.
 fn made_up(name: &str, pf_days: f64, loss: Option<f64>, status: Status, fraction: f64) -> RunPoint {
     RunPoint {
@@ -267,7 +288,157 @@ fn made_up(name: &str, pf_days: f64, loss: Option<f64>, status: Status, fraction
             .into_iter()
             .collect(),
         wall_seconds: 1.0,
+        downstream: Vec::new(),
     }
+}
+
+/// A sweep over both encoder kinds with `--task`: every run is evaluated on the task (its
+/// point holds what its `clue eval` results say), a second task added later is evaluated without
+/// training anything again, and `clue scaling` writes Table 5 and Figure 4-right from them.
+#[test]
+fn a_sweep_with_tasks_evaluates_every_run_and_tables_stacked_against_flat() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path();
+    let root = common::fixture(300, 3, 8, 8);
+    let data = root.join("p");
+    let g = grid(w, "[axes]\nmodel.kind = [\"stacked\", \"flat\"]\n");
+    let market = root.join("s/tasks/market.toml");
+    let news = root.join("s/tasks/news.toml");
+    let sweep = |out: &str, tasks: &[&Path]| {
+        let mut args: Vec<&str> = vec![
+            "sweep",
+            "--grid",
+            g.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out,
+            "--backend",
+            "flex",
+        ];
+        for t in tasks {
+            args.extend(["--task", t.to_str().unwrap()]);
+        }
+        clue(w, &args)
+    };
+    let run = |tasks: &[&Path]| {
+        let out = sweep("s", tasks);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    run(&[&market]);
+    let names = ["kind-stacked", "kind-flat"];
+    let bundle =
+        |name: &str| std::fs::read(w.join("s/runs").join(name).join("model/model.mpk")).unwrap();
+    let weights: Vec<Vec<u8>> = names.iter().map(|n| bundle(n)).collect();
+    for name in names {
+        let p = point(&w.join("s"), name);
+        assert_eq!(p.downstream.len(), 1, "{name}");
+        let d = &p.downstream[0];
+        assert_eq!(d.task, "market");
+        let results: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(w.join("s/runs").join(name).join("eval/market/results.json"))
+                .unwrap(),
+        )
+        .unwrap();
+        let sampled = &results["models"]["clue"]["sampled"];
+        assert_eq!(d.mrr, sampled["mrr"].as_f64().unwrap(), "{name}");
+        assert_eq!(d.hr10, sampled["hr@10"].as_f64().unwrap(), "{name}");
+        assert!(d.mrr > 0.0 && d.mrr <= 1.0, "{name}: {}", d.mrr);
+    }
+    assert!(
+        point(&w.join("s"), "kind-flat").params.non_embedding
+            != point(&w.join("s"), "kind-stacked").params.non_embedding,
+        "two different encoders"
+    );
+    // A second task later: evaluated on the finished runs, nothing trained again.
+    let stdout = run(&[&market, &news]);
+    assert!(
+        !stdout.contains("== run"),
+        "a run was trained again: {stdout}"
+    );
+    for (name, before) in names.iter().zip(&weights) {
+        let tasks: Vec<String> = point(&w.join("s"), name)
+            .downstream
+            .iter()
+            .map(|d| d.task.clone())
+            .collect();
+        assert_eq!(tasks, ["market", "news"], "{name}");
+        assert_eq!(&bundle(name), before, "{name}: the model changed");
+    }
+    let info: SweepInfo =
+        serde_json::from_str(&std::fs::read_to_string(w.join("s").join(SWEEP)).unwrap()).unwrap();
+    assert_eq!(info.tasks, ["market", "news"]);
+    let r = scaling(&w.join("s")).unwrap();
+    assert_eq!(r.transfers.len(), 2);
+    assert!(
+        r.transfers
+            .iter()
+            .all(|t| t.runs == 2 && t.pearson.is_none()),
+        "2 runs: no correlation"
+    );
+    let md = std::fs::read_to_string(w.join("s/scaling.md")).unwrap();
+    let table = md
+        .split("## Table 5")
+        .nth(1)
+        .expect("Table 5 in scaling.md");
+    for kind in ["| flat | 1 |", "| stacked | 1 |", "market MRR", "news MRR"] {
+        assert!(table.contains(kind), "{kind}: {table}");
+    }
+    assert!(w.join("s/downstream-vs-loss.png").exists());
+    // Two tasks of one name are refused before any run.
+    let out = sweep("t", &[&market, &market]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("a second task named `market`"),
+        "{err}"
+    );
+    assert!(!w.join("t/runs").exists());
+}
+
+/// Figure 4-right's correlations and Table 6 over made-up runs: MRR falling linearly with the
+/// test loss gives Pearson and Spearman of −1, and the table averages each output dimension.
+#[test]
+fn scaling_correlates_downstream_with_test_loss_and_tables_the_output_dimension() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = dir.path();
+    let mut points = Vec::new();
+    for k in 0..4 {
+        let loss = 3.0 - 0.1 * k as f64;
+        let mut p = made_up(
+            &format!("r{k}"),
+            1e-10 * (k + 1) as f64,
+            Some(loss),
+            Status::Done,
+            1.0,
+        );
+        p.coords = vec![("model.output_dim".into(), ["0", "8"][k % 2].into())];
+        p.downstream = vec![clue::scaling::downstream::Downstream {
+            task: "t".into(),
+            mrr: 1.0 - loss / 4.0,
+            hr10: 0.5,
+            ndcg10: 0.4,
+        }];
+        points.push(p);
+    }
+    write_sweep(s, &points, &[], &["t"]);
+    let r = scaling(s).unwrap();
+    let t = &r.transfers[0];
+    assert_eq!((t.task.as_str(), t.runs), ("t", 4));
+    assert!((t.pearson.unwrap() + 1.0).abs() < 1e-12, "{t:?}");
+    assert!((t.spearman.unwrap() + 1.0).abs() < 1e-12, "{t:?}");
+    let md = std::fs::read_to_string(s.join("scaling.md")).unwrap();
+    // Output 0: runs r0 (loss 3.0) and r2 (2.8) → 2.9000, MRR 1 − 2.9/4 = 0.2750; output 8:
+    // r1, r3 → 2.8000, 0.3000.
+    assert!(md.contains("| 0 | 2 | 2.9000 | 50.0 % | 0.2750 |"), "{md}");
+    assert!(md.contains("| 8 | 2 | 2.8000 | 50.0 % | 0.3000 |"), "{md}");
+    assert!(md.contains("## Table 6"));
+    assert!(!md.contains("## Table 5"), "model.kind is not varied");
+    assert!(s.join("downstream-vs-loss.png").exists());
 }
 
 #[test]
@@ -286,22 +457,7 @@ fn scaling_fits_the_frontier_and_reports_diverged_and_unfinished_runs() {
     points.push(made_up("slow", 1e-9, Some(law(1e-11)), Status::Done, 1.0));
     points.push(made_up("nan", 1e-10, None, Status::Diverged, 1.0));
     points.push(made_up("half", 2e-12, Some(1.0), Status::Done, 0.5));
-    let mut names: Vec<String> = points.iter().map(|p| p.name.clone()).collect();
-    names.push("late".into());
-    for p in &points {
-        let run = s.join(RUNS).join(&p.name);
-        std::fs::create_dir_all(&run).unwrap();
-        std::fs::write(run.join(POINT), serde_json::to_string(p).unwrap()).unwrap();
-    }
-    let info = SweepInfo {
-        grid: "g.toml".into(),
-        data: "d".into(),
-        backend: "flex".into(),
-        eval_batch_size: 16,
-        eval_users: 64,
-        runs: names,
-    };
-    std::fs::write(s.join(SWEEP), serde_json::to_string(&info).unwrap()).unwrap();
+    write_sweep(s, &points, &["late"], &[]);
     let r = scaling(s).unwrap();
     let expected: Vec<String> = (0..9).map(|k| format!("r{k}")).collect();
     assert_eq!(

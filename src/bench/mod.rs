@@ -106,6 +106,7 @@ impl Preset {
             max_items: self.items,
             max_item_tokens: self.tokens,
             output_dim: 0,
+            ..ModelConfig::default()
         }
     }
 }

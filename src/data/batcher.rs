@@ -140,11 +140,28 @@ impl<B: Backend> UserBatch<B> {
                 Tensor::cat(vec![g.clone(), Tensor::zeros([n, len - w], &device)], 1)
             }
         });
-        let zero = Tensor::<B, 2, Int>::zeros([1, len], &device);
-        Tensor::cat(std::iter::once(zero).chain(widened).collect(), 0)
-            .select(0, self.slot_item.clone())
-            .reshape([rows, slots, len])
+        let table = match self.item_groups.len() {
+            0 => return Tensor::zeros([rows, slots, 1], &device),
+            1 => self.item_groups[0].clone(),
+            _ => Tensor::cat(widened.collect(), 0),
+        };
+        slot_tokens(table, self.slot_item.clone(), [rows, slots])
     }
+}
+
+/// The token ids of each row's item slots, `[rows, slots, len]` (0 = padding), from the token
+/// ids of the distinct items `table`: `[items, len]` and `slot_item`: `[rows·slots]` (0 = a
+/// padding slot, else 1 + a row of `table`).
+pub fn slot_tokens<B: Backend>(
+    table: Tensor<B, 2, Int>,
+    slot_item: Tensor<B, 1, Int>,
+    [rows, slots]: [usize; 2],
+) -> Tensor<B, 3, Int> {
+    let len = table.dims()[1];
+    let zero = Tensor::<B, 2, Int>::zeros([1, len], &table.device());
+    Tensor::cat(vec![zero, table], 0)
+        .select(0, slot_item)
+        .reshape([rows, slots, len])
 }
 
 /// Positions a group of items costs beyond its padded tokens (the per-operation overhead of one

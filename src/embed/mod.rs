@@ -17,7 +17,7 @@ use std::time::Instant;
 use burn::prelude::*;
 
 use crate::bundle::{Bundle, BundleInfo};
-use crate::data::batcher::UserBatcher;
+use crate::data::batcher::{UserBatcher, slot_tokens};
 use crate::data::history::{Histories, HistoryBuilder, read_histories};
 use crate::data::log::{self, list_log_files};
 use crate::data::options::repeated;
@@ -62,22 +62,37 @@ pub fn item_vectors<B: Backend>(
     out
 }
 
-/// Item vectors `[rows, d_model]` of items given as token ids.
-fn encode_item_rows<B: Backend>(
-    encoder: &ClueEncoder<B>,
+/// Token ids `[rows, len]` (0 = padding) of items given as token lists, `len` the longest
+/// list (at least `min_len` and 1).
+fn token_rows<B: Backend>(
     rows: &[&[u32]],
+    min_len: usize,
     device: &B::Device,
-) -> Tensor<B, 2> {
-    let len = rows.iter().map(|r| r.len()).max().unwrap_or(1).max(1);
+) -> Tensor<B, 2, Int> {
+    let len = rows
+        .iter()
+        .map(|r| r.len())
+        .max()
+        .unwrap_or(0)
+        .max(min_len)
+        .max(1);
     let mut flat = vec![0i64; rows.len() * len];
     for (r, t) in rows.iter().enumerate() {
         for (j, &id) in t.iter().enumerate() {
             flat[r * len + j] = id as i64;
         }
     }
-    let t = Tensor::<B, 1, Int>::from_data(TensorData::new(flat, [rows.len() * len]), device)
-        .reshape([rows.len(), len]);
-    encoder.encode_items(t)
+    Tensor::<B, 1, Int>::from_data(TensorData::new(flat, [rows.len() * len]), device)
+        .reshape([rows.len(), len])
+}
+
+/// Item vectors `[rows, d_model]` of items given as token ids.
+fn encode_item_rows<B: Backend>(
+    encoder: &ClueEncoder<B>,
+    rows: &[&[u32]],
+    device: &B::Device,
+) -> Tensor<B, 2> {
+    encoder.encode_items(token_rows(rows, 1, device))
 }
 
 fn to_vec<B: Backend>(t: Tensor<B, 2>) -> Vec<f32> {
@@ -87,42 +102,13 @@ fn to_vec<B: Backend>(t: Tensor<B, 2>) -> Vec<f32> {
         .expect("f32 data")
 }
 
-/// Where item vectors come from while embedding users.
-pub enum ItemSource<'a> {
-    /// Precomputed by [`item_vectors`] (`[items, d_model]`).
-    Cache(&'a [f32]),
-    /// Encode each batch's distinct items again (the uncached path, for comparison).
-    Tokens(&'a [Vec<u32>]),
-}
-
-impl ItemSource<'_> {
-    /// The vectors `[items.len(), d_model]` of `items` (indices into the item table).
-    fn vectors<B: Backend>(
-        &self,
-        encoder: &ClueEncoder<B>,
-        items: &[u32],
-        d_model: usize,
-        device: &B::Device,
-    ) -> Tensor<B, 2> {
-        match self {
-            ItemSource::Cache(cache) => {
-                let mut v = Vec::with_capacity(items.len() * d_model);
-                for &item in items {
-                    let at = item as usize * d_model;
-                    v.extend_from_slice(&cache[at..at + d_model]);
-                }
-                Tensor::<B, 1>::from_data(TensorData::new(v, [items.len() * d_model]), device)
-                    .reshape([items.len(), d_model])
-            }
-            ItemSource::Tokens(tokens) => {
-                let rows: Vec<&[u32]> = items
-                    .iter()
-                    .map(|&i| tokens[i as usize].as_slice())
-                    .collect();
-                encode_item_rows(encoder, &rows, device)
-            }
-        }
-    }
+/// Where the items of users' histories come from while embedding them: their token ids and,
+/// when [`item_vectors`] has run, their cached item vectors (`[items, d_model]`). A stacked
+/// model encodes the tokens of each batch's distinct items again without a cache (the uncached
+/// path, for comparison); a flat model always reads the tokens.
+pub struct ItemSource<'a> {
+    pub tokens: &'a [Vec<u32>],
+    pub cache: Option<&'a [f32]>,
 }
 
 /// Embeddings of `seqs` (item indices per row), `batch` rows per call: `[rows, dim]` row-major.
@@ -140,8 +126,39 @@ pub fn user_vectors<B: Backend>(
     for part in rows.chunks(batch.max(1)) {
         let part_seqs: Vec<&[u32]> = part.iter().map(|&r| seqs[r]).collect();
         let b = e.batcher.item_slots::<B>(&part_seqs, &e.device);
-        let vectors = items.vectors(&e.encoder, &b.items, e.d_model, &e.device);
-        let z = to_vec(e.encoder.encode_users(vectors, b.slot_item, b.item_pad));
+        let tokens = || {
+            let rows: Vec<&[u32]> = b
+                .items
+                .iter()
+                .map(|&i| items.tokens[i as usize].as_slice())
+                .collect();
+            let min_len = e.batcher.fixed.map_or(1, |f| f.tokens);
+            token_rows::<B>(&rows, min_len, &e.device)
+        };
+        let z = match (e.encoder.is_flat(), items.cache) {
+            (true, _) => {
+                e.encoder
+                    .encode_flat(slot_tokens(tokens(), b.slot_item, b.item_pad.dims()))
+            }
+            (false, Some(cache)) => {
+                let mut v = Vec::with_capacity(b.items.len() * e.d_model);
+                for &item in &b.items {
+                    let at = item as usize * e.d_model;
+                    v.extend_from_slice(&cache[at..at + e.d_model]);
+                }
+                let vectors = Tensor::<B, 1>::from_data(
+                    TensorData::new(v, [b.items.len() * e.d_model]),
+                    &e.device,
+                )
+                .reshape([b.items.len(), e.d_model]);
+                e.encoder.encode_users(vectors, b.slot_item, b.item_pad)
+            }
+            (false, None) => {
+                let vectors = e.encoder.encode_items(tokens());
+                e.encoder.encode_users(vectors, b.slot_item, b.item_pad)
+            }
+        };
+        let z = to_vec(z);
         for (i, &r) in part.iter().enumerate() {
             out[r * dim..(r + 1) * dim].copy_from_slice(&z[i * dim..(i + 1) * dim]);
         }
@@ -343,16 +360,17 @@ pub fn embed<B: Backend>(
     }
     let tokens = e.tokens(&services, &h.items, &o.alias)?;
     let t0 = Instant::now();
-    let cache = if o.item_cache {
+    // A flat model has no item vectors to cache: it reads every token of every user.
+    let item_cache = o.item_cache && !e.encoder.is_flat();
+    let cache = if item_cache {
         item_vectors(&e.encoder, &tokens, ITEM_CHUNK, device)
     } else {
         Vec::new()
     };
     let items_seconds = t0.elapsed().as_secs_f64();
-    let source = if o.item_cache {
-        ItemSource::Cache(&cache)
-    } else {
-        ItemSource::Tokens(&tokens)
+    let source = ItemSource {
+        tokens: &tokens,
+        cache: item_cache.then_some(&cache[..]),
     };
     let t1 = Instant::now();
     let (matrix, mask) = embed_histories(&e, &h, &source, o.batch_size);
@@ -373,7 +391,7 @@ pub fn embed<B: Backend>(
         written,
         items_seconds,
         users_seconds,
-        item_cache: o.item_cache,
+        item_cache,
     })
 }
 

@@ -170,7 +170,7 @@ pub fn eval<B: AutodiffBackend>(device: &B::Device, o: &EvalOptions) -> Result<E
                 ui::detail(format!("hybrid: {why}"));
                 hybrid_base = Some(why);
                 let v = vectors.as_ref().expect("encoded above");
-                let (x, cols) = standardised_features("clue", o, &e, &protocol, &v.features)?;
+                let (x, cols) = standardised_features("clue", o, &e, &protocol, v)?;
                 let x = Matrix { data: &x, cols };
                 let ids = ids.get_or_insert_with(|| IdData::new(&data, task.features.source));
                 task_specific::<B>(base, &protocol, ids, Some(&x), &seeds, device)

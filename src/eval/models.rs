@@ -143,6 +143,8 @@ pub fn task_specific<B: AutodiffBackend>(
 pub struct ItemVectors {
     /// The items of the users' feature histories.
     pub features: Vec<f32>,
+    /// Their token ids (what a flat model reads).
+    pub feature_tokens: Vec<Vec<u32>>,
     /// The task's catalogue, in item order.
     pub catalogue: Vec<f32>,
 }
@@ -166,6 +168,7 @@ pub fn frozen_item_vectors<B: Backend>(
     let catalogue = item_vectors(&e.encoder, &catalogue_tokens, ITEM_CHUNK, &e.device);
     Ok(ItemVectors {
         features,
+        feature_tokens,
         catalogue,
     })
 }
@@ -181,7 +184,7 @@ pub fn probe_model_runs<B: AutodiffBackend>(
     seeds: &[u64],
     device: &B::Device,
 ) -> Result<Runs> {
-    let (x, cols) = standardised_features(model, o, e, p, &vectors.features)?;
+    let (x, cols) = standardised_features(model, o, e, p, vectors)?;
     let users = Matrix { data: &x, cols };
     let items = Matrix {
         data: &vectors.catalogue,
@@ -216,7 +219,7 @@ pub fn standardised_features<B: Backend>(
     o: &EvalOptions,
     e: &Embedder<B>,
     p: &Protocol,
-    feature_cache: &[f32],
+    vectors: &ItemVectors,
 ) -> Result<(Vec<f32>, usize)> {
     let data = p.data;
     let clue_cols = e.dim * data.features.services.len();
@@ -230,14 +233,17 @@ pub fn standardised_features<B: Backend>(
             (x, clue_cols)
         }
         ("text-mean", _) => (
-            text_mean(&data.features, feature_cache, e.d_model),
+            text_mean(&data.features, &vectors.features, e.d_model),
             e.d_model * data.features.services.len(),
         ),
         _ => {
             let (m, _) = embed_histories(
                 e,
                 &data.features,
-                &ItemSource::Cache(feature_cache),
+                &ItemSource {
+                    tokens: &vectors.feature_tokens,
+                    cache: Some(&vectors.features),
+                },
                 o.batch_size,
             );
             (m, clue_cols)

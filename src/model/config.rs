@@ -7,11 +7,27 @@ use crate::error::{ClueError, Result};
 /// The largest model clue builds (4·10¹⁰ bytes of f32 weights; training needs ~4× that).
 const MAX_PARAMS: f64 = 1e10;
 
+/// How a user's tokens reach the embedding (paper Table 5).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// CLUE's encoder: an Item Transformer per item, then a Service Transformer over the item
+    /// vectors.
+    #[default]
+    Stacked,
+    /// The paper's single-Transformer ablation: one Transformer of `item_layers +
+    /// service_layers` layers over all of a user's tokens in a service (up to `max_items ·
+    /// max_item_tokens` positions), mean-pooled.
+    Flat,
+}
+
 /// Shape of a CLUE encoder. The Item and Service Transformers share width, heads and FFN size
 /// (paper Table 7) but may have different depths.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
+    /// Stacked (CLUE) or flat (one Transformer over all tokens, paper Table 5).
+    pub kind: ModelKind,
     /// Token vocabulary (set from the prepared dataset when 0).
     pub vocab_size: usize,
     /// Width D of tokens, items and users.
@@ -33,6 +49,7 @@ pub struct ModelConfig {
 impl Default for ModelConfig {
     fn default() -> Self {
         Self {
+            kind: ModelKind::Stacked,
             vocab_size: 0,
             d_model: 64,
             d_ff: 256,
@@ -85,6 +102,17 @@ impl ModelConfig {
                 );
             }
         }
+        if self.kind == ModelKind::Flat && self.max_items * self.max_item_tokens > 1 << 16 {
+            return bad(
+                format!(
+                    "a flat model reads max_items · max_item_tokens = {} positions, above the \
+                     limit of {}",
+                    self.max_items * self.max_item_tokens,
+                    1 << 16
+                ),
+                "lower model.max_items or model.max_item_tokens",
+            );
+        }
         let params = self.approx_params();
         if params > MAX_PARAMS {
             return bad(
@@ -120,6 +148,15 @@ impl ModelConfig {
         let d = self.d_model as f64;
         let layers = (self.item_layers + self.service_layers) as f64;
         self.vocab_size.max(1) as f64 * d + layers * (4.0 * d * d + 2.0 * d * self.d_ff as f64)
+    }
+
+    /// Positions of the Transformer that reads a service's items: item slots (stacked) or
+    /// every token of every slot (flat).
+    pub fn user_positions(&self) -> usize {
+        match self.kind {
+            ModelKind::Stacked => self.max_items,
+            ModelKind::Flat => self.max_items * self.max_item_tokens,
+        }
     }
 
     /// Width of the user embedding handed to downstream models.

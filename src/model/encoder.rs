@@ -6,7 +6,7 @@ use burn::prelude::*;
 
 use crate::data::batcher::UserBatch;
 use crate::model::block::Encoder;
-use crate::model::config::ModelConfig;
+use crate::model::config::{ModelConfig, ModelKind};
 use crate::model::init::Init;
 
 /// Mean of `x` over the positions that are not padding.
@@ -47,7 +47,8 @@ impl<B: Backend> ItemTransformer<B> {
 }
 
 /// T_service: a learned position per item slot, then a pre-norm Transformer over the sequence of
-/// item vectors, mean-pooled into the user's embedding for that service (paper eqs. 2–3).
+/// item vectors, mean-pooled into the user's embedding for that service (paper eqs. 2–3). A flat
+/// model runs it over every token of the user's items instead (see [`ModelKind::Flat`]).
 #[derive(Module, Debug)]
 pub struct ServiceTransformer<B: Backend> {
     pub position: Embedding<B>,
@@ -59,46 +60,139 @@ impl<B: Backend> ServiceTransformer<B> {
     /// `items`: `[users, slots, d]`, `pad`: `[users, slots]` → `[users, d]`.
     pub fn forward(&self, items: Tensor<B, 3>, pad: Tensor<B, 2, Bool>) -> Tensor<B, 2> {
         let [users, slots, _] = items.dims();
-        let positions = Tensor::<B, 1, Int>::arange(0..slots as i64, &items.device())
+        let slot = Tensor::<B, 1, Int>::arange(0..slots as i64, &items.device())
             .unsqueeze::<2>()
             .expand([users, slots]);
-        let x = items + self.position.forward(positions);
-        let h = self.encoder.forward(x, pad.clone());
+        self.forward_at(items, slot, pad)
+    }
+
+    /// `x`: `[users, len, d]`, with each position's item slot `slot`: `[users, len]`.
+    fn forward_at(
+        &self,
+        x: Tensor<B, 3>,
+        slot: Tensor<B, 2, Int>,
+        pad: Tensor<B, 2, Bool>,
+    ) -> Tensor<B, 2> {
+        let h = self
+            .encoder
+            .forward(x + self.position.forward(slot), pad.clone());
         masked_mean(self.norm.forward(h), pad)
     }
 }
 
+/// Where each of `slots · len` flattened positions sits: its item slot and its place in the
+/// item, each `[1, slots·len]`.
+fn token_places<B: Backend>(
+    slots: usize,
+    len: usize,
+    device: &B::Device,
+) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
+    let index = Tensor::<B, 1, Int>::arange(0..(slots * len) as i64, device);
+    let slot = index.clone().div_scalar(len as i64).unsqueeze::<2>();
+    (slot, index.remainder_scalar(len as i64).unsqueeze::<2>())
+}
+
 /// The user encoder: token embedding, Item Transformer, Service Transformer and the optional
 /// output-dimension reduction (paper Table 6).
+///
+/// A flat model ([`ModelKind::Flat`]) has no Item Transformer: its `service` Transformer reads
+/// every token of the user's items, each at its item slot's position plus its place in the item
+/// (`token_position`), so padding inside or after the items changes nothing.
 #[derive(Module, Debug)]
 pub struct ClueEncoder<B: Backend> {
     pub token_embedding: Embedding<B>,
-    pub item: ItemTransformer<B>,
+    /// None in a flat model.
+    pub item: Option<ItemTransformer<B>>,
     pub service: ServiceTransformer<B>,
+    /// A token's place in its item: flat models only.
+    pub token_position: Option<Embedding<B>>,
     pub output: Option<Linear<B>>,
 }
 
 impl<B: Backend> ClueEncoder<B> {
     pub fn new(c: &ModelConfig, init: &mut Init<B>) -> Self {
+        let flat = c.kind == ModelKind::Flat;
         Self {
             token_embedding: init.embedding(c.vocab_size, c.d_model),
-            item: ItemTransformer {
+            item: (!flat).then(|| ItemTransformer {
                 encoder: transformer(c, c.item_layers, init),
                 norm: init.layer_norm(c.d_model),
-            },
+            }),
             service: ServiceTransformer {
                 position: init.embedding(c.max_items, c.d_model),
-                encoder: transformer(c, c.service_layers, init),
+                encoder: transformer(
+                    c,
+                    c.service_layers + if flat { c.item_layers } else { 0 },
+                    init,
+                ),
                 norm: init.layer_norm(c.d_model),
             },
+            token_position: flat.then(|| init.embedding(c.max_item_tokens, c.d_model)),
             output: (c.output_dim > 0).then(|| init.linear(c.d_model, c.output_dim)),
         }
     }
 
-    /// Item vectors of item token ids: `[items, len]` (0 = padding) → `[items, d_model]`.
+    /// Whether this is a flat model: users are encoded from tokens ([`Self::encode_flat`]),
+    /// never from item vectors.
+    pub fn is_flat(&self) -> bool {
+        self.item.is_none()
+    }
+
+    /// Item vectors of item token ids: `[items, len]` (0 = padding) → `[items, d_model]`. A
+    /// flat model encodes each item as a user with that one item (before any output
+    /// reduction).
     pub fn encode_items(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 2> {
         let pad = tokens.clone().equal_elem(0);
-        self.item.forward(self.token_embedding.forward(tokens), pad)
+        let x = self.token_embedding.forward(tokens);
+        match &self.item {
+            Some(item) => item.forward(x, pad),
+            None => {
+                let [items, len, _] = x.dims();
+                self.flat_tokens(x, 1, len, pad, items)
+            }
+        }
+    }
+
+    /// A flat model's user embeddings from the padded token ids of each row's item slots:
+    /// `[rows, slots, len]` (0 = padding) → `[rows, embedding_dim]`.
+    pub fn encode_flat(&self, tokens: Tensor<B, 3, Int>) -> Tensor<B, 2> {
+        let [rows, slots, len] = tokens.dims();
+        let tokens = tokens.reshape([rows, slots * len]);
+        let pad = tokens.clone().equal_elem(0);
+        let x = self.token_embedding.forward(tokens);
+        self.reduce(self.flat_tokens(x, slots, len, pad, rows))
+    }
+
+    /// Embedded tokens `[rows, slots·len, d]` laid out as `slots` items of `len` tokens, through
+    /// the flat Transformer → `[rows, d_model]`.
+    fn flat_tokens(
+        &self,
+        x: Tensor<B, 3>,
+        slots: usize,
+        len: usize,
+        pad: Tensor<B, 2, Bool>,
+        rows: usize,
+    ) -> Tensor<B, 2> {
+        let device = x.device();
+        let place = self
+            .token_position
+            .as_ref()
+            .expect("a flat model has token positions");
+        let (slot, within) = token_places::<B>(slots, len, &device);
+        let (slot, within) = (
+            slot.expand([rows, slots * len]),
+            within.expand([rows, slots * len]),
+        );
+        self.service
+            .forward_at(x + place.forward(within), slot, pad)
+    }
+
+    /// The optional output reduction (paper Table 6).
+    fn reduce(&self, z: Tensor<B, 2>) -> Tensor<B, 2> {
+        match &self.output {
+            Some(linear) => linear.forward(z),
+            None => z,
+        }
     }
 
     /// Item vectors of groups of items (each `[items, len]`, any `len`), in order:
@@ -129,16 +223,16 @@ impl<B: Backend> ClueEncoder<B> {
         let zero = item_vectors.clone().slice([0..1, 0..d]).zeros_like();
         let table = Tensor::cat(vec![zero, item_vectors], 0);
         let items = table.select(0, slot_item).reshape([rows, slots, d]);
-        let z = self.service.forward(items, pad);
-        match &self.output {
-            Some(linear) => linear.forward(z),
-            None => z,
-        }
+        self.reduce(self.service.forward(items, pad))
     }
 
     /// One embedding per row of the batch: `[services·batch, embedding_dim]`. Each distinct item
-    /// of the batch goes through the Item Transformer once.
+    /// of the batch goes through the Item Transformer once (a flat model reads the tokens of
+    /// every slot instead).
     pub fn forward(&self, batch: &UserBatch<B>) -> Tensor<B, 2> {
+        if self.is_flat() {
+            return self.encode_flat(batch.tokens());
+        }
         let vectors = self.encode_item_groups(&batch.item_groups);
         self.encode_users(vectors, batch.slot_item.clone(), batch.item_pad.clone())
     }

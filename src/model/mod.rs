@@ -13,7 +13,7 @@ use burn::nn::{Linear, Relu};
 use burn::prelude::*;
 
 pub use crate::backend::BackendKind;
-pub use config::ModelConfig;
+pub use config::{ModelConfig, ModelKind};
 pub use encoder::{ClueEncoder, ItemTransformer, ServiceTransformer};
 
 use crate::data::batcher::UserBatch;
@@ -92,8 +92,10 @@ impl<B: Backend> ClueModel<B> {
 
     pub fn param_counts(&self) -> ParamCounts {
         let total = self.num_params();
-        let embedding =
-            self.encoder.token_embedding.num_params() + self.encoder.service.position.num_params();
+        let e = &self.encoder;
+        let embedding = e.token_embedding.num_params()
+            + e.service.position.num_params()
+            + e.token_position.num_params();
         ParamCounts {
             total,
             non_embedding: total - embedding,

@@ -39,6 +39,25 @@ pub struct Series {
     pub color: Option<usize>,
 }
 
+impl Series {
+    /// One line per label, its points sorted by x, coloured in turn.
+    pub fn lines(by_label: std::collections::BTreeMap<String, Vec<(f64, f64)>>) -> Vec<Series> {
+        by_label
+            .into_iter()
+            .enumerate()
+            .map(|(i, (label, mut points))| {
+                points.sort_by(|a, b| a.0.total_cmp(&b.0));
+                Series {
+                    label,
+                    points,
+                    mark: Mark::Line,
+                    color: Some(i),
+                }
+            })
+            .collect()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Chart {
     pub title: String,

@@ -14,6 +14,7 @@ use crate::scaling::law::{
 };
 use crate::scaling::plot::{Chart, Mark, Series};
 use crate::scaling::sweep::{POINT, RUNS, RunPoint, SWEEP, Status, SweepInfo};
+use crate::scaling::transfer::{self, Transfer, transfers};
 
 /// Compute held out for the extrapolation check: the frontier's top half-decade.
 pub const HOLDOUT_DECADES: f64 = 0.5;
@@ -63,6 +64,9 @@ pub struct ScalingReport {
     pub power: Option<Power>,
     pub extrapolation: Option<Extrapolation>,
     pub axes: Vec<AxisEffect>,
+    /// How each downstream task's MRR follows the test loss (sweeps with `--task`).
+    #[serde(default)]
+    pub transfers: Vec<Transfer>,
     /// Why a fit is missing or weak, in words.
     pub notes: Vec<String>,
     pub charts: Vec<String>,
@@ -146,6 +150,7 @@ pub fn scaling(dir: &Path) -> Result<ScalingReport> {
         eval_users: info.eval_users,
         frontier: front.iter().map(|&i| candidates[i].name.clone()).collect(),
         axes: axis_effects(&points),
+        transfers: transfers(&points),
         points,
         unfinished,
         law,
@@ -155,6 +160,8 @@ pub fn scaling(dir: &Path) -> Result<ScalingReport> {
         charts: Vec::new(),
     };
     report.charts = draw(&report, dir)?;
+    let more = transfer::draw(&report.points, &report.transfers, dir)?;
+    report.charts.extend(more);
     write_atomic(
         &dir.join("scaling.json"),
         (serde_json::to_string_pretty(&report).expect("json") + "\n").as_bytes(),
@@ -348,19 +355,7 @@ fn draw(r: &ScalingReport, dir: &Path) -> Result<Vec<String>> {
             y_label: format!("InfoNCE loss, batch {eb}"),
             log_x: true,
             log_y: false,
-            series: lines
-                .into_iter()
-                .enumerate()
-                .map(|(i, (label, mut points))| {
-                    points.sort_by(|a, b| a.0.total_cmp(&b.0));
-                    Series {
-                        label,
-                        points,
-                        mark: Mark::Line,
-                        color: Some(i),
-                    }
-                })
-                .collect(),
+            series: Series::lines(lines),
         },
     )?;
     let varied = |axis: &str| r.axes.iter().any(|a| a.axis == axis);
@@ -496,6 +491,7 @@ impl ScalingReport {
                 values.join(", ")
             ));
         }
+        md.push_str(&transfer::markdown(&self.points, &self.transfers));
         md.push_str(
             "\n## Runs\n\n| run | parameters | non-embedding | batch | S | data | shuffle | steps | PF-days | test loss | test top-1 | status | wall |\n\
              |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",

@@ -14,6 +14,7 @@ use crate::data::store::{PreparedDataset, Split, hold_lock, write_atomic};
 use crate::error::{ClueError, Result};
 use crate::model::init::Init;
 use crate::model::{ClueModel, ParamCounts};
+use crate::scaling::downstream::{Downstream, evaluate, task_names};
 use crate::scaling::grid::{Grid, GridRun};
 use crate::train::config::RunConfig;
 use crate::train::fit::{
@@ -37,6 +38,8 @@ pub struct SweepOptions {
     pub backend: String,
     pub precision: String,
     pub verify: bool,
+    /// Task files every finished run is evaluated on (the CLUE probe, one seed).
+    pub tasks: Vec<PathBuf>,
 }
 
 /// `sweep.json`: the grid's runs in order, and how they are measured.
@@ -49,6 +52,9 @@ pub struct SweepInfo {
     /// Test users the held-out loss is measured on (whole evaluation batches).
     pub eval_users: usize,
     pub runs: Vec<String>,
+    /// Names of the downstream tasks the runs are evaluated on.
+    #[serde(default)]
+    pub tasks: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,6 +99,9 @@ pub struct RunPoint {
     pub test_top1: Option<f64>,
     pub curve: Vec<CurvePoint>,
     pub wall_seconds: f64,
+    /// The CLUE probe's test metrics on each task of `clue sweep --task`.
+    #[serde(default)]
+    pub downstream: Vec<Downstream>,
 }
 
 impl RunPoint {
@@ -126,6 +135,7 @@ impl RunPoint {
             test_top1: None,
             curve: Vec::new(),
             wall_seconds: 0.0,
+            downstream: Vec::new(),
         }
     }
 }
@@ -160,6 +170,7 @@ pub fn sweep<B: AutodiffBackend>(
     options: &SweepOptions,
 ) -> Result<Vec<RunPoint>> {
     let grid = Grid::load(&options.grid)?;
+    let tasks = task_names(&options.tasks)?;
     let data = Arc::new(PreparedDataset::open(&options.data, options.verify)?);
     let test = data.users_in(Split::Test);
     let eb = grid.eval_batch_size;
@@ -198,6 +209,7 @@ pub fn sweep<B: AutodiffBackend>(
         eval_batch_size: eb,
         eval_users: eval_users.len(),
         runs: runs.iter().map(|r| r.name.clone()).collect(),
+        tasks,
     };
     if let Ok(old) = read_json::<SweepInfo>(&out.join(SWEEP))
         && (old.data != info.data
@@ -244,7 +256,7 @@ pub fn sweep<B: AutodiffBackend>(
         let dir = out.join(RUNS).join(&run.name);
         // A failed run (a full disk, a dead loader) is tried again; a finished or diverged
         // one is kept if the grid still gives it the same config.
-        if let Ok(point) = read_json::<RunPoint>(&dir.join(POINT))
+        if let Ok(mut point) = read_json::<RunPoint>(&dir.join(POINT))
             && point.status != Status::Failed
         {
             same_config(&dir, run)?;
@@ -254,6 +266,9 @@ pub fn sweep<B: AutodiffBackend>(
                 runs.len(),
                 run.name
             ));
+            if point.status == Status::Done && point.downstream.len() < options.tasks.len() {
+                add_downstream::<B>(&device, options, &mut point, &dir)?;
+            }
             points.push(point);
             continue;
         }
@@ -280,7 +295,7 @@ pub fn sweep<B: AutodiffBackend>(
             plan.steps,
             plan.pf_days
         ));
-        let point = measure::<B>(
+        let mut point = measure::<B>(
             &device,
             options,
             run,
@@ -308,6 +323,9 @@ pub fn sweep<B: AutodiffBackend>(
             &dir.join(POINT),
             (serde_json::to_string_pretty(&point).expect("json") + "\n").as_bytes(),
         )?;
+        if point.status == Status::Done {
+            add_downstream::<B>(&device, options, &mut point, &dir)?;
+        }
         points.push(point);
     }
     ui::say(format!(
@@ -318,6 +336,33 @@ pub fn sweep<B: AutodiffBackend>(
         out.display()
     ));
     Ok(points)
+}
+
+/// Evaluate a finished run on the sweep's tasks it has no result for, then save its point.
+fn add_downstream<B: AutodiffBackend>(
+    device: &B::Device,
+    options: &SweepOptions,
+    point: &mut RunPoint,
+    dir: &Path,
+) -> Result<()> {
+    if options.tasks.is_empty() {
+        return Ok(());
+    }
+    let verbosity = ui::verbosity();
+    ui::set_verbosity(verbosity.min(if verbosity >= 2 { 2 } else { 0 }));
+    let added = evaluate::<B>(device, dir, &options.tasks, &point.downstream);
+    ui::set_verbosity(verbosity);
+    point.downstream.extend(added?);
+    for d in &point.downstream {
+        ui::say(format!(
+            "   {}: {} MRR {:.4}, HR@10 {:.4}",
+            point.name, d.task, d.mrr, d.hr10
+        ));
+    }
+    write_atomic(
+        &dir.join(POINT),
+        (serde_json::to_string_pretty(point).expect("json") + "\n").as_bytes(),
+    )
 }
 
 fn minutes(seconds: f64) -> String {

@@ -79,7 +79,7 @@ pub enum Command {
     Bench(BenchArgs),
     /// Train every run of a scaling-study grid, each measured at the same held-out batches.
     #[command(
-        after_help = "Examples:\n  clue sweep --grid config/sweeps/smoke.toml --data data/default/prepared --out sweeps/smoke --backend flex\n  clue sweep --grid config/sweeps/cpu.toml --data data/dynamic/prepared --out sweeps/cpu --backend flex\n  clue sweep --grid config/sweeps/gpu.toml --data data/p --out sweeps/gpu --backend cuda\n\nEach run is an ordinary run directory under OUT/runs/ (config, checkpoints, summary, model bundle) plus\npoint.json: parameters, PF-days, learning curve and held-out test loss. The same command again skips\nfinished runs and resumes the one a kill interrupted. Then: clue scaling --sweep OUT."
+        after_help = "Examples:\n  clue sweep --grid config/sweeps/smoke.toml --data data/default/prepared --out sweeps/smoke --backend flex\n  clue sweep --grid config/sweeps/cpu.toml --data data/dynamic/prepared --out sweeps/cpu --backend flex\n  clue sweep --grid config/sweeps/gpu.toml --data data/p --out sweeps/gpu --backend cuda\n  clue sweep --grid config/sweeps/cpu.toml --data data/dynamic/prepared --out sweeps/cpu --task data/dynamic/tasks/news.toml\n\nEach run is an ordinary run directory under OUT/runs/ (config, checkpoints, summary, model bundle) plus\npoint.json: parameters, PF-days, learning curve, held-out test loss and (with --task) the CLUE probe's\nMRR and HR@10 on each task (results under runs/NAME/eval/TASK/). The same command again skips\nfinished runs and resumes the one a kill interrupted. Then: clue scaling --sweep OUT."
     )]
     Sweep(SweepArgs),
     /// Fit the scaling law of a sweep and draw the paper's figures (scaling.json, scaling.md, PNG/SVG).
@@ -293,6 +293,10 @@ pub struct SweepArgs {
     /// Sweep directory (runs/, sweep.json; `clue scaling` writes beside them).
     #[arg(long)]
     pub out: PathBuf,
+    /// Evaluate every finished run on this downstream task (repeatable): the CLUE probe, one
+    /// seed, for paper Figures 3 and 4-right. Added to a finished sweep, it evaluates its runs.
+    #[arg(long = "task")]
+    pub tasks: Vec<PathBuf>,
     /// Skip the SHA-256 check of the prepared data against its manifest.
     #[arg(long)]
     pub no_verify: bool,

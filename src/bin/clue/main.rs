@@ -483,6 +483,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 backend: value_name(a.device.backend()),
                 precision: value_name(a.device.precision()),
                 verify: !a.no_verify,
+                tasks: a.tasks,
             };
             dispatch(&a.device, &Job::Sweep(options))
         }
