@@ -261,6 +261,7 @@ impl Grid {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::ModelKind;
 
     fn grid(body: &str) -> Result<Grid> {
         let dir = tempfile::tempdir().unwrap();
@@ -324,5 +325,17 @@ mod tests {
             gpu.iter()
                 .all(|r| r.config.train.batch_size == 256 && r.config.model.max_items == 128)
         );
+        let ablation = runs("ablation");
+        let kinds: Vec<_> = ablation.iter().map(|r| r.config.model.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                ModelKind::Stacked,
+                ModelKind::Stacked,
+                ModelKind::Flat,
+                ModelKind::Flat
+            ]
+        );
+        assert_eq!(runs("lr").len(), 6);
     }
 }

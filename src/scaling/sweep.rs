@@ -20,7 +20,7 @@ use crate::train::config::RunConfig;
 use crate::train::fit::{
     DIVERGED, FitOptions, FitSummary, PF_DAY, RUN_CONFIG, RUN_INFO, fit, training_flops,
 };
-use crate::train::loader::{EpochPlan, nested_subset};
+use crate::train::loader::EpochPlan;
 use crate::train::score::score;
 use crate::ui;
 
@@ -140,28 +140,22 @@ impl RunPoint {
     }
 }
 
-/// The run's plan (its training users and periods), as `clue fit` draws it.
-fn plan_of(config: &RunConfig, data: &PreparedDataset) -> EpochPlan {
-    let t = &config.train;
-    EpochPlan::new(
-        nested_subset(&data.users_in(Split::Train), t.data_fraction),
-        t.batch_size,
-        t.epochs,
-        t.seed,
-        t.checkpoint_every,
-    )
-}
-
 /// The grid's runs with the vocabulary of `data` and a period length that gives each run about
-/// `curve_points` validations.
-fn complete(grid: &Grid, data: &PreparedDataset) -> Vec<GridRun> {
+/// `curve_points` validations, each with its plan (as `clue fit` draws it from the training
+/// users `train`).
+fn complete(grid: &Grid, data: &PreparedDataset, train: &[u32]) -> Vec<(GridRun, EpochPlan)> {
     let mut runs = grid.runs.clone();
     for run in &mut runs {
         run.config.model.vocab_size = data.manifest.vocab_size as usize;
-        let total = plan_of(&run.config, data).total_steps();
+        let total = EpochPlan::for_run(&run.config.train, train).total_steps();
         run.config.train.checkpoint_every = total.div_ceil(grid.curve_points).max(1);
     }
-    runs
+    runs.into_iter()
+        .map(|run| {
+            let plan = EpochPlan::for_run(&run.config.train, train);
+            (run, plan)
+        })
+        .collect()
 }
 
 /// Run every run of the grid that has not finished; returns the points of all runs.
@@ -185,10 +179,12 @@ pub fn sweep<B: AutodiffBackend>(
             "lower eval_batch_size in the grid, or prepare with a larger --test-fraction",
         ));
     }
-    let runs = complete(&grid, &data);
-    for run in &runs {
-        let users =
-            nested_subset(&data.users_in(Split::Train), run.config.train.data_fraction).len();
+    let (runs, plans): (Vec<GridRun>, Vec<EpochPlan>) =
+        complete(&grid, &data, &data.users_in(Split::Train))
+            .into_iter()
+            .unzip();
+    for (run, plan) in runs.iter().zip(&plans) {
+        let users = plan.users().len();
         if users < run.config.train.batch_size {
             return Err(ClueError::bad_file(
                 &options.grid,
@@ -242,17 +238,18 @@ pub fn sweep<B: AutodiffBackend>(
     let init_device = device.clone();
     let planned: Vec<RunPoint> = runs
         .iter()
-        .map(|run| {
+        .zip(&plans)
+        .map(|(run, plan)| {
             let model = ClueModel::<B::InnerBackend>::new(
                 &run.config.model,
                 &mut Init::new(run.config.train.seed, &init_device),
             );
-            RunPoint::planned(run, model.param_counts(), &plan_of(&run.config, &data))
+            RunPoint::planned(run, model.param_counts(), plan)
         })
         .collect();
     let start = Instant::now();
     let (mut flops_done, mut start_eta, mut points) = (0.0, 0.0, Vec::new());
-    for (i, (run, plan)) in runs.iter().zip(&planned).enumerate() {
+    for (i, ((run, epochs), plan)) in runs.iter().zip(&plans).zip(&planned).enumerate() {
         let dir = out.join(RUNS).join(&run.name);
         // A failed run (a full disk, a dead loader) is tried again; a finished or diverged
         // one is kept if the grid still gives it the same config.
@@ -299,8 +296,8 @@ pub fn sweep<B: AutodiffBackend>(
             &device,
             options,
             run,
+            epochs,
             plan.clone(),
-            &dir,
             &data,
             &eval_users,
         )?;
@@ -391,12 +388,13 @@ fn measure<B: AutodiffBackend>(
     device: &B::Device,
     options: &SweepOptions,
     run: &GridRun,
+    plan: &EpochPlan,
     mut point: RunPoint,
-    dir: &Path,
     data: &Arc<PreparedDataset>,
     eval_users: &[u32],
 ) -> Result<RunPoint> {
     let start = Instant::now();
+    let dir = &options.out.join(RUNS).join(&run.name);
     let fit_options = FitOptions {
         config: run.config.clone(),
         data: options.data.clone(),
@@ -428,7 +426,7 @@ fn measure<B: AutodiffBackend>(
             return Ok(point);
         }
     };
-    point.curve = curve(&summary, &point, &plan_of(&run.config, data));
+    point.curve = curve(&summary, &point, plan);
     let bundle = Bundle::<B::InnerBackend>::load(dir, device)?;
     let scored = score::<B::InnerBackend>(&bundle.model, data, eval_users.to_vec(), &run.config);
     point.status = match scored.loss.is_finite() {

@@ -22,7 +22,7 @@ use crate::model::init::Init;
 use crate::model::{ClueModel, ParamCounts};
 use crate::train::checkpoint::{AtomicRecorder, ResumedLogs, SaveEveryPeriod};
 use crate::train::config::RunConfig;
-use crate::train::loader::{EpochPlan, PlanLoader, nested_subset};
+use crate::train::loader::{EpochPlan, PlanLoader};
 use crate::train::metrics::{HISTORY_FILE, History, HistoryLog, Stat, StatMetric};
 use crate::train::renderer::LogRenderer;
 use crate::train::schedule::WarmupCosine;
@@ -270,7 +270,10 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
     let start = Instant::now();
     let run = &options.out;
     let (config, data_dir, data) = resolve(options)?;
-    let train_users = nested_subset(&data.users_in(Split::Train), config.train.data_fraction);
+    let plan = Arc::new(EpochPlan::for_run(
+        &config.train,
+        &data.users_in(Split::Train),
+    ));
     let mut valid_users = data.users_in(Split::Valid);
     // A fixed evaluation batch (a sweep's) validates on whole batches only: a short last batch
     // would lower the mean InfoNCE (chance is ln B) by an amount that depends on the split.
@@ -279,7 +282,7 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
         valid_users.truncate(valid_users.len() / eb * eb);
     }
     let bs = config.train.batch_size;
-    check_users(train_users.len(), valid_users.len(), bs)?;
+    check_users(plan.users().len(), valid_users.len(), bs)?;
     let manifest_sha256 = data.manifest.hash();
     let _lock = lock_run(run)?;
     if options.resume && run.join(SUMMARY).exists() {
@@ -293,16 +296,6 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
     init_run_dir(options, &config, &data_dir, &manifest_sha256)?;
 
     B::seed(&device, config.train.seed);
-    let plan = Arc::new(
-        EpochPlan::new(
-            train_users.clone(),
-            bs,
-            config.train.epochs,
-            config.train.seed,
-            config.train.checkpoint_every,
-        )
-        .with_shuffle(config.train.shuffle),
-    );
     let steps_per_epoch = plan.steps_per_epoch();
     let total_steps = plan.total_steps();
     // Burn's "epochs" are the plan's periods: each ends with validation and a checkpoint.
@@ -399,7 +392,7 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
         B::name(&device),
         params.total,
         params.non_embedding,
-        train_users.len(),
+        plan.users().len(),
         valid_users.len(),
         config.train.epochs,
         steps_per_epoch

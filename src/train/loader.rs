@@ -30,6 +30,7 @@ use crate::data::batcher::{UserBatch, UserBatcher, UserDataset};
 use crate::data::store::PreparedDataset;
 use crate::error::panic_message;
 use crate::model::dropout::splitmix64;
+use crate::train::config::TrainConfig;
 use crate::train::step::StepGuard;
 
 /// Which users each training step sees, epoch after epoch.
@@ -69,6 +70,25 @@ impl EpochPlan {
             period_steps,
             shuffle: true,
         }
+    }
+
+    /// The plan `clue fit` trains a run by: its share of the training users `train_users`
+    /// ([`nested_subset`] of `train.data_fraction`), batch size, epochs, seed, periods and
+    /// shuffling.
+    pub fn for_run(train: &TrainConfig, train_users: &[u32]) -> Self {
+        Self::new(
+            nested_subset(train_users, train.data_fraction),
+            train.batch_size,
+            train.epochs,
+            train.seed,
+            train.checkpoint_every,
+        )
+        .with_shuffle(train.shuffle)
+    }
+
+    /// The users it trains on.
+    pub fn users(&self) -> &[u32] {
+        &self.users
     }
 
     /// `false`: every epoch sees the first epoch's batches again, in the same order.
