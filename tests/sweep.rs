@@ -196,6 +196,11 @@ fn grids_and_data_that_cannot_work_are_refused_before_any_run() {
             "",
             "fewer than the grid's eval_batch_size",
         ),
+        (
+            "eval_batch_size = 16\n",
+            "[axes]\nmodel.kind = [\"flat\"]\nmodel.max_items = [2048]\n",
+            "a flat model reads max_items · max_item_tokens = 16384",
+        ),
     ] {
         let g = grid_with(w, top, body);
         let out = clue(
@@ -355,8 +360,16 @@ fn a_sweep_with_tasks_evaluates_every_run_and_tables_stacked_against_flat() {
             != point(&w.join("s"), "kind-stacked").params.non_embedding,
         "two different encoders"
     );
-    // A second task later: evaluated on the finished runs, nothing trained again.
-    let stdout = run(&[&market, &news]);
+    // A flat run's compute counts its S·L = 64 positions per user and service.
+    let flat = point(&w.join("s"), "kind-flat");
+    let flops = training_flops(flat.params.total, 16, flat.steps, 8 * 8);
+    assert!(
+        (flat.pf_days / (flops / PF_DAY) - 1.0).abs() < 1e-12,
+        "{}",
+        flat.pf_days
+    );
+    // Another task later, alone: evaluated on the finished runs, nothing trained again.
+    let stdout = run(&[&news]);
     assert!(
         !stdout.contains("== run"),
         "a run was trained again: {stdout}"

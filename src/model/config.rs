@@ -4,6 +4,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ClueError, Result};
 
+/// The most positions a flat model reads per user and service (paper Table 5's: 2,048).
+const MAX_FLAT_POSITIONS: usize = 8192;
+
 /// The largest model clue builds (4·10¹⁰ bytes of f32 weights; training needs ~4× that).
 const MAX_PARAMS: f64 = 1e10;
 
@@ -102,15 +105,14 @@ impl ModelConfig {
                 );
             }
         }
-        if self.kind == ModelKind::Flat && self.max_items * self.max_item_tokens > 1 << 16 {
+        if self.kind == ModelKind::Flat && self.user_positions() > MAX_FLAT_POSITIONS {
             return bad(
                 format!(
                     "a flat model reads max_items · max_item_tokens = {} positions, above the \
-                     limit of {}",
-                    self.max_items * self.max_item_tokens,
-                    1 << 16
+                     limit of {MAX_FLAT_POSITIONS} (its attention is quadratic in them)",
+                    self.user_positions()
                 ),
-                "lower model.max_items or model.max_item_tokens",
+                "lower model.max_items or model.max_item_tokens (the paper's flat model: 2,048)",
             );
         }
         let params = self.approx_params();

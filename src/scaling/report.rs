@@ -431,7 +431,7 @@ impl ScalingReport {
         let mut md = format!(
             "# Scaling study: {}\n\n{} runs in the grid: {done} finished, {} failed or diverged, {} not run yet.\n\
              Test loss: InfoNCE of the final model on {} held-out test users in fixed batches of {eb} \
-             (chance: ln {eb} = {:.4}), the same for every run. Compute: 6 · parameters (embeddings included) · batch · steps · S, \
+             (chance: ln {eb} = {:.4}), the same for every run. Compute: 6 · parameters (embeddings included) · batch · steps · S (S·L for a flat model), \
              in PF-days (8.64e19 FLOPs), the paper's count — an approximation, since the item tower sees L tokens per item.\n\n",
             self.sweep.display(),
             self.points.len() + self.unfinished.len(),

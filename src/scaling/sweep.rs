@@ -52,7 +52,8 @@ pub struct SweepInfo {
     /// Test users the held-out loss is measured on (whole evaluation batches).
     pub eval_users: usize,
     pub runs: Vec<String>,
-    /// Names of the downstream tasks the runs are evaluated on.
+    /// Names of the downstream tasks runs of this sweep were evaluated on (`--task`, over every
+    /// invocation).
     #[serde(default)]
     pub tasks: Vec<String>,
 }
@@ -113,7 +114,12 @@ impl RunPoint {
     fn planned(run: &GridRun, params: ParamCounts, plan: &EpochPlan) -> Self {
         let c = &run.config;
         let steps = plan.total_steps();
-        let flops = training_flops(params.total, c.train.batch_size, steps, c.model.max_items);
+        let flops = training_flops(
+            params.total,
+            c.train.batch_size,
+            steps,
+            c.model.user_positions(),
+        );
         Self {
             name: run.name.clone(),
             coords: run.coords.clone(),
@@ -198,16 +204,24 @@ pub fn sweep<B: AutodiffBackend>(
     }
     let out = &options.out;
     let _lock = hold_lock(&out.join(".lock"), out, "sweep")?;
-    let info = SweepInfo {
+    let mut info = SweepInfo {
         grid: options.grid.clone(),
         data: std::fs::canonicalize(&options.data).unwrap_or(options.data.clone()),
         backend: options.backend.clone(),
         eval_batch_size: eb,
         eval_users: eval_users.len(),
         runs: runs.iter().map(|r| r.name.clone()).collect(),
-        tasks,
+        tasks: Vec::new(),
     };
-    if let Ok(old) = read_json::<SweepInfo>(&out.join(SWEEP))
+    let old = read_json::<SweepInfo>(&out.join(SWEEP)).ok();
+    // Every task any run of the sweep was evaluated on, the earlier ones first.
+    info.tasks = old.as_ref().map(|o| o.tasks.clone()).unwrap_or_default();
+    for t in &tasks {
+        if !info.tasks.contains(t) {
+            info.tasks.push(t.clone());
+        }
+    }
+    if let Some(old) = old
         && (old.data != info.data
             || old.eval_batch_size != info.eval_batch_size
             || old.eval_users != info.eval_users)
@@ -263,8 +277,11 @@ pub fn sweep<B: AutodiffBackend>(
                 runs.len(),
                 run.name
             ));
-            if point.status == Status::Done && point.downstream.len() < options.tasks.len() {
-                add_downstream::<B>(&device, options, &mut point, &dir)?;
+            let missing = tasks
+                .iter()
+                .any(|t| !point.downstream.iter().any(|d| &d.task == t));
+            if point.status == Status::Done && missing {
+                start_eta += add_downstream::<B>(&device, options, &mut point, &dir)?;
             }
             points.push(point);
             continue;
@@ -321,7 +338,7 @@ pub fn sweep<B: AutodiffBackend>(
             (serde_json::to_string_pretty(&point).expect("json") + "\n").as_bytes(),
         )?;
         if point.status == Status::Done {
-            add_downstream::<B>(&device, options, &mut point, &dir)?;
+            start_eta += add_downstream::<B>(&device, options, &mut point, &dir)?;
         }
         points.push(point);
     }
@@ -336,15 +353,17 @@ pub fn sweep<B: AutodiffBackend>(
 }
 
 /// Evaluate a finished run on the sweep's tasks it has no result for, then save its point.
+/// Returns the seconds it took (the ETA counts training compute only).
 fn add_downstream<B: AutodiffBackend>(
     device: &B::Device,
     options: &SweepOptions,
     point: &mut RunPoint,
     dir: &Path,
-) -> Result<()> {
+) -> Result<f64> {
     if options.tasks.is_empty() {
-        return Ok(());
+        return Ok(0.0);
     }
+    let start = Instant::now();
     let verbosity = ui::verbosity();
     ui::set_verbosity(verbosity.min(if verbosity >= 2 { 2 } else { 0 }));
     let added = evaluate::<B>(device, dir, &options.tasks, &point.downstream);
@@ -359,7 +378,8 @@ fn add_downstream<B: AutodiffBackend>(
     write_atomic(
         &dir.join(POINT),
         (serde_json::to_string_pretty(point).expect("json") + "\n").as_bytes(),
-    )
+    )?;
+    Ok(start.elapsed().as_secs_f64())
 }
 
 fn minutes(seconds: f64) -> String {
@@ -426,7 +446,7 @@ fn measure<B: AutodiffBackend>(
             return Ok(point);
         }
     };
-    point.curve = curve(&summary, &point, plan);
+    point.curve = curve(&summary, &point, plan, run.config.model.user_positions());
     let bundle = Bundle::<B::InnerBackend>::load(dir, device)?;
     let scored = score::<B::InnerBackend>(&bundle.model, data, eval_users.to_vec(), &run.config);
     point.status = match scored.loss.is_finite() {
@@ -440,7 +460,12 @@ fn measure<B: AutodiffBackend>(
 }
 
 /// The run's validation losses (one per period) at the steps and compute they were taken.
-fn curve(summary: &FitSummary, point: &RunPoint, plan: &EpochPlan) -> Vec<CurvePoint> {
+fn curve(
+    summary: &FitSummary,
+    point: &RunPoint,
+    plan: &EpochPlan,
+    positions: usize,
+) -> Vec<CurvePoint> {
     summary
         .history
         .valid
@@ -448,7 +473,7 @@ fn curve(summary: &FitSummary, point: &RunPoint, plan: &EpochPlan) -> Vec<CurveP
         .enumerate()
         .filter_map(|(k, e)| {
             let step = plan.steps_before(k + 1).min(point.steps);
-            let flops = training_flops(point.params.total, point.batch_size, step, point.max_items);
+            let flops = training_flops(point.params.total, point.batch_size, step, positions);
             e.loss.filter(|l| l.is_finite()).map(|l| CurvePoint {
                 step,
                 pf_days: flops / PF_DAY,

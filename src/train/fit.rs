@@ -517,7 +517,7 @@ fn summarise(
             .flatten()
             .fold(None, |b: Option<f64>, x| Some(b.map_or(x, |b| b.min(x))))
     };
-    let flops = training_flops(params.total, bs, steps, config.model.max_items);
+    let flops = training_flops(params.total, bs, steps, config.model.user_positions());
     FitSummary {
         backend: options.backend.clone(),
         epochs: config.train.epochs,
