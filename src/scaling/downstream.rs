@@ -42,17 +42,18 @@ pub fn task_names(tasks: &[PathBuf]) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// Evaluate the run in `run_dir` on the tasks it has no result for yet (`done`), one seed of the
-/// CLUE probe each; results go to `run_dir/eval/<task>/`.
+/// Evaluate the run in `run_dir` on the tasks (files and their [`task_names`]) it has no result
+/// for yet (`done`), one seed of the CLUE probe each; results go to `run_dir/eval/<task>/`.
 pub fn evaluate<B: AutodiffBackend>(
     device: &B::Device,
     run_dir: &Path,
     tasks: &[PathBuf],
+    names: &[String],
     done: &[Downstream],
 ) -> Result<Vec<Downstream>> {
     let mut out = Vec::new();
-    for (path, name) in tasks.iter().zip(task_names(tasks)?) {
-        if done.iter().any(|d| d.task == name) {
+    for (path, name) in tasks.iter().zip(names) {
+        if done.iter().any(|d| &d.task == name) {
             continue;
         }
         let dir = run_dir.join(EVAL_DIR);
@@ -61,7 +62,7 @@ pub fn evaluate<B: AutodiffBackend>(
             task: path.clone(),
             model: run_dir.to_path_buf(),
             embeddings: None,
-            out: dir.join(&name),
+            out: dir.join(name),
             seeds: 1,
             batch_size: USER_BATCH,
             models: Some(vec!["clue".into()]),
@@ -72,7 +73,7 @@ pub fn evaluate<B: AutodiffBackend>(
             ClueError::bad_file(path, "the evaluation gave no `clue` result", "run it again")
         })?;
         out.push(Downstream {
-            task: name,
+            task: name.clone(),
             mrr: clue.sampled.mrr,
             hr10: clue.sampled.hr10,
             ndcg10: clue.sampled.ndcg10,

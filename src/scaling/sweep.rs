@@ -281,7 +281,7 @@ pub fn sweep<B: AutodiffBackend>(
                 .iter()
                 .any(|t| !point.downstream.iter().any(|d| &d.task == t));
             if point.status == Status::Done && missing {
-                start_eta += add_downstream::<B>(&device, options, &mut point, &dir)?;
+                start_eta += add_downstream::<B>(&device, options, &tasks, &mut point, &dir)?;
             }
             points.push(point);
             continue;
@@ -338,7 +338,7 @@ pub fn sweep<B: AutodiffBackend>(
             (serde_json::to_string_pretty(&point).expect("json") + "\n").as_bytes(),
         )?;
         if point.status == Status::Done {
-            start_eta += add_downstream::<B>(&device, options, &mut point, &dir)?;
+            start_eta += add_downstream::<B>(&device, options, &tasks, &mut point, &dir)?;
         }
         points.push(point);
     }
@@ -357,6 +357,7 @@ pub fn sweep<B: AutodiffBackend>(
 fn add_downstream<B: AutodiffBackend>(
     device: &B::Device,
     options: &SweepOptions,
+    names: &[String],
     point: &mut RunPoint,
     dir: &Path,
 ) -> Result<f64> {
@@ -364,10 +365,7 @@ fn add_downstream<B: AutodiffBackend>(
         return Ok(0.0);
     }
     let start = Instant::now();
-    let verbosity = ui::verbosity();
-    ui::set_verbosity(verbosity.min(if verbosity >= 2 { 2 } else { 0 }));
-    let added = evaluate::<B>(device, dir, &options.tasks, &point.downstream);
-    ui::set_verbosity(verbosity);
+    let added = quietly(|| evaluate::<B>(device, dir, &options.tasks, names, &point.downstream));
     point.downstream.extend(added?);
     for d in &point.downstream {
         ui::say(format!(
@@ -380,6 +378,16 @@ fn add_downstream<B: AutodiffBackend>(
         (serde_json::to_string_pretty(point).expect("json") + "\n").as_bytes(),
     )?;
     Ok(start.elapsed().as_secs_f64())
+}
+
+/// Run `f` printing nothing but errors unless under --verbose: the sweep prints a line per run,
+/// a run's own training and evaluation lines only with --verbose.
+fn quietly<T>(f: impl FnOnce() -> T) -> T {
+    let verbosity = ui::verbosity();
+    ui::set_verbosity(verbosity.min(if verbosity >= 2 { 2 } else { 0 }));
+    let out = f();
+    ui::set_verbosity(verbosity);
+    out
 }
 
 fn minutes(seconds: f64) -> String {
@@ -428,11 +436,7 @@ fn measure<B: AutodiffBackend>(
     if fit_options.resume {
         same_config(dir, run)?;
     }
-    // The sweep prints a line per run; a run's own progress lines only under --verbose.
-    let verbosity = ui::verbosity();
-    ui::set_verbosity(verbosity.min(if verbosity >= 2 { 2 } else { 0 }));
-    let fitted = fit::<B>(device.clone(), &fit_options);
-    ui::set_verbosity(verbosity);
+    let fitted = quietly(|| fit::<B>(device.clone(), &fit_options));
     let summary = match fitted {
         Ok(s) => s,
         Err(e) => {
