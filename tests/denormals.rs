@@ -77,6 +77,7 @@ fn tiny_bench<B: AutodiffBackend>(backend: &str) -> BenchReport {
         steps: 2,
         warmup: 1,
         denormal_census: true,
+        grad_cache: 0,
     };
     bench::<B>(Default::default(), &p, options, backend)
 }

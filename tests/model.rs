@@ -31,19 +31,12 @@ fn small_config(vocab: usize) -> ModelConfig {
 }
 
 mod common;
+use common::max_abs_diff;
 
 /// One prepared synthetic dataset for every test here.
 fn prepared() -> Arc<PreparedDataset> {
     let root = common::fixture(200, 11, 512, 32);
     Arc::new(PreparedDataset::open(&root.join("p"), true).unwrap())
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 /// Both kinds of encoder: CLUE's stacked one and the flat ablation (paper Table 5).
@@ -177,6 +170,7 @@ fn a_flat_model_trains() {
             clip_norm: 1e9,
             seed: 0,
             guard: None,
+            ..Default::default()
         },
     };
     let ds = UserDataset::new(data, Split::Train, c.max_items, c.max_item_tokens);
@@ -278,6 +272,7 @@ fn a_training_step_produces_a_gradient_for_the_logit_scale() {
             clip_norm: 1e9,
             seed: 0,
             guard: None,
+            ..Default::default()
         },
     };
     let ds = UserDataset::new(data, Split::Train, 16, 12);
@@ -309,6 +304,7 @@ fn a_non_finite_loss_skips_the_update_names_the_step_and_stops_training() {
             clip_norm: 0.01,
             seed: 0,
             guard: Some(guard.clone()),
+            ..Default::default()
         },
     };
     let ds = UserDataset::new(data, Split::Train, 16, 12);

@@ -182,6 +182,8 @@ pub struct BenchOptions {
     pub warmup: usize,
     /// One more step, untimed, that records where denormal floats occur.
     pub denormal_census: bool,
+    /// GradCache chunk of the training steps (users; 0 = the whole batch at once).
+    pub grad_cache: usize,
 }
 
 /// Figures of one benchmark run.
@@ -201,6 +203,8 @@ pub struct BenchReport {
     pub params_non_embedding: usize,
     pub steps: usize,
     pub warmup: usize,
+    /// GradCache chunk (0 = off).
+    pub grad_cache_chunk: usize,
     pub train_s_per_step: f64,
     pub train_s_all: Vec<f64>,
     pub train_users_per_s: f64,
@@ -213,6 +217,8 @@ pub struct BenchReport {
     /// User-service embeddings per second (two per user), as the reference counts them.
     pub infer_embeddings_per_s: f64,
     pub infer_gflops_per_s: f64,
+    /// Peak resident memory when the training steps end (setup included, inference not).
+    pub train_peak_rss_mib: f64,
     pub peak_rss_mib: f64,
 }
 
@@ -252,6 +258,7 @@ pub fn bench<B: AutodiffBackend>(
             clip_norm: train.grad_clip_norm,
             seed: 0,
             guard: Some(StepGuard::new(Interrupter::new(), 0)),
+            grad_cache_chunk: o.grad_cache,
         },
     };
     let counts = trainee.model.param_counts();
@@ -287,6 +294,7 @@ pub fn bench<B: AutodiffBackend>(
         }
         losses.push(stats.loss);
     }
+    let train_peak_rss_mib = peak_rss_mib();
     // The census reads the CPU's flags: nothing to read on an accelerator.
     let denormals = (o.denormal_census && cpu).then(|| {
         let last = batches.last().expect("at least one step");
@@ -327,6 +335,7 @@ pub fn bench<B: AutodiffBackend>(
         params_non_embedding: counts.non_embedding,
         steps,
         warmup,
+        grad_cache_chunk: o.grad_cache,
         train_s_per_step: train_s,
         train_s_all: times,
         train_users_per_s: p.batch as f64 / train_s,
@@ -338,6 +347,7 @@ pub fn bench<B: AutodiffBackend>(
         infer_s_per_call: infer_s,
         infer_embeddings_per_s: 2.0 * p.batch as f64 / infer_s,
         infer_gflops_per_s: flops_infer / infer_s / 1e9,
+        train_peak_rss_mib,
         peak_rss_mib: peak_rss_mib(),
     }
 }
@@ -375,8 +385,14 @@ impl BenchReport {
             (
                 "train".into(),
                 format!(
-                    "{:.4} s/step (median of {}, after {} warm-up)",
-                    self.train_s_per_step, self.steps, self.warmup
+                    "{:.4} s/step (median of {}, after {} warm-up){}",
+                    self.train_s_per_step,
+                    self.steps,
+                    self.warmup,
+                    match self.grad_cache_chunk {
+                        0 => String::new(),
+                        c => format!(", GradCache in chunks of {c} users"),
+                    }
                 ),
             ),
             (
@@ -390,8 +406,13 @@ impl BenchReport {
             (
                 "train FLOPs/step".into(),
                 format!(
-                    "{:.3e} → {:.1} GFLOP/s{}",
+                    "{:.3e}{} → {:.1} GFLOP/s{}",
                     self.flops_train_per_step,
+                    if self.grad_cache_chunk > 0 {
+                        " (the plain step's; GradCache adds a forward pass)"
+                    } else {
+                        ""
+                    },
                     self.train_gflops_per_s,
                     self.train_peak_fraction
                         .map(|f| format!(" ({:.0} % of the matmul peak)", 100.0 * f))
@@ -409,7 +430,13 @@ impl BenchReport {
                     self.infer_s_per_call, self.infer_embeddings_per_s, self.infer_gflops_per_s
                 ),
             ),
-            ("peak RSS".into(), format!("{:.0} MiB", self.peak_rss_mib)),
+            (
+                "peak RSS".into(),
+                format!(
+                    "{:.0} MiB training, {:.0} MiB in all",
+                    self.train_peak_rss_mib, self.peak_rss_mib
+                ),
+            ),
         ]);
         if let Some(d) = &self.denormals {
             rows.extend(d.rows());

@@ -3,6 +3,7 @@
 
 pub mod augment;
 pub mod batcher;
+pub mod chunk;
 pub mod convert;
 pub mod history;
 pub mod log;

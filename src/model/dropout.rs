@@ -7,7 +7,8 @@
 //! k draws the masks an uninterrupted run drew at step k. The masks are boolean (autodiff keeps
 //! one byte per element for the backward pass, not four) and filled in parallel, and Burn's
 //! generic sampler (element by element: ~14 % of a CPU step) is not involved. GPU backends use
-//! the backend's own seeded generator, whose state is not checkpointed.
+//! the backend's own seeded generator, whose state is not checkpointed, except inside
+//! [`with_chunk_masks`] (GradCache), where every backend draws host masks.
 
 use std::cell::Cell;
 
@@ -24,18 +25,65 @@ struct Stream {
     key: u64,
     /// Dropout calls drawn so far in this step.
     call: u64,
+    /// Inside [`with_chunk_masks`]: dropout acts without autodiff too, with host masks on
+    /// every backend.
+    replay: bool,
 }
 
 thread_local! {
     /// The forward pass of a step runs on the thread that calls the step, so each thread (and
     /// each test) has its own stream.
-    static STREAM: Cell<Stream> = const { Cell::new(Stream { key: 0x5EED_C1CE, call: 0 }) };
+    static STREAM: Cell<Stream> = const {
+        Cell::new(Stream { key: 0x5EED_C1CE, call: 0, replay: false })
+    };
 }
 
 /// Start the dropout masks of training step `step` (0-based) of a run seeded with `seed`.
 pub fn start_step(seed: u64, step: u64) {
-    let key = splitmix64(splitmix64(seed) ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    STREAM.set(Stream { key, call: 0 });
+    STREAM.set(Stream {
+        key: step_key(seed, step),
+        call: 0,
+        replay: false,
+    });
+}
+
+fn step_key(seed: u64, step: u64) -> u64 {
+    splitmix64(splitmix64(seed) ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+/// Runs `f` (a forward pass over chunk `chunk` of training step `step`) with that chunk's
+/// dropout masks, for GradCache's two passes over a chunk: the first on the backend without
+/// autodiff, the second with it. Inside `f` dropout acts without autodiff too and draws its
+/// masks on the host on every backend, so both passes drop the same units. Chunk 0 draws the
+/// masks of [`start_step`]: on a CPU backend a single chunk replays the plain step exactly.
+pub fn with_chunk_masks<R>(seed: u64, step: u64, chunk: u64, f: impl FnOnce() -> R) -> R {
+    /// Leaves replay mode however `f` ends (validation on this thread must not drop units).
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            STREAM.set(Stream {
+                replay: false,
+                ..STREAM.get()
+            });
+        }
+    }
+    let key = match chunk {
+        0 => step_key(seed, step),
+        k => splitmix64(step_key(seed, step) ^ splitmix64(k)),
+    };
+    STREAM.set(Stream {
+        key,
+        call: 0,
+        replay: true,
+    });
+    let _reset = Reset;
+    f()
+}
+
+/// Whether a [`with_chunk_masks`] pass is running on this thread: dropout acts even on a
+/// backend without autodiff.
+pub(crate) fn replaying() -> bool {
+    STREAM.get().replay
 }
 
 pub(crate) fn splitmix64(mut z: u64) -> u64 {
@@ -45,14 +93,16 @@ pub(crate) fn splitmix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Inverted dropout, active only while training (an autodiff backend), as Burn's `Dropout`.
+/// Inverted dropout, active only while training (an autodiff backend, or a GradCache pass: see
+/// [`with_chunk_masks`]), as Burn's `Dropout`.
 pub fn dropout<B: Backend, const D: usize>(x: Tensor<B, D>, p: f64) -> Tensor<B, D> {
     let device = x.device();
-    if p <= 0.0 || !B::ad_enabled(&device) {
+    let replay = replaying();
+    if p <= 0.0 || !(B::ad_enabled(&device) || replay) {
         return x;
     }
     let keep = 1.0 - p;
-    if !BackendKind::of::<B>().host_masks() {
+    if !(BackendKind::of::<B>().host_masks() || replay) {
         return x.clone() * x.random_like(Distribution::Bernoulli(keep)) * (1.0 / keep);
     }
     let shape = x.shape();

@@ -379,6 +379,7 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
             clip_norm: config.train.grad_clip_norm,
             seed: config.train.seed,
             guard: Some(guard.clone()),
+            grad_cache_chunk: config.train.grad_cache_chunk,
         },
     };
     let params = trainee.model.param_counts();
@@ -386,8 +387,12 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
         0 => "checkpoint each epoch".to_string(),
         n => format!("checkpoint each epoch and every {n} steps"),
     };
+    let grad_cache = match config.train.grad_cache_chunk {
+        0 => String::new(),
+        c => format!(", GradCache in chunks of {c} users"),
+    };
     ui::say(format!(
-        "training on {} ({}): {} parameters ({} non-embedding), {} train / {} valid users, {} epochs × {} steps, {checkpoints}",
+        "training on {} ({}): {} parameters ({} non-embedding), {} train / {} valid users, {} epochs × {} steps{grad_cache}, {checkpoints}",
         options.backend,
         B::name(&device),
         params.total,

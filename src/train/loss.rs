@@ -18,6 +18,12 @@ pub fn diagonal_cross_entropy<B: Backend>(logits: Tensor<B, 2>) -> Tensor<B, 1> 
     log_softmax(logits, 1).gather(1, targets).mean().neg()
 }
 
+/// Whether a loss is finite (a step with a non-finite one is skipped).
+pub fn is_finite<B: Backend>(loss: &Tensor<B, 1>) -> bool {
+    let value: f64 = loss.clone().into_scalar().elem();
+    value.is_finite()
+}
+
 /// The loss of one batch and the logits of its first service pair.
 pub struct ContrastiveOutput<B: Backend> {
     /// `[1]`: mean over service pairs of (CE(logits) + CE(logitsᵀ)) / 2.

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::bundle::read_json;
 use crate::data::store::write_atomic;
 use crate::error::Result;
+use crate::train::loss::contrastive_loss;
 
 /// What one batch produced, read back from the device.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -73,6 +74,18 @@ pub struct ClueOutput<B: Backend> {
     pub logits: Tensor<B, 2>,
     /// `[1]`
     pub logit_scale: Tensor<B, 1>,
+}
+
+impl<B: Backend> ClueOutput<B> {
+    /// The loss of a batch's projected embeddings `[services·batch, d]` at logit scale `scale`.
+    pub fn of(projected: Tensor<B, 2>, services: usize, scale: Tensor<B, 1>) -> Self {
+        let out = contrastive_loss(projected, services, scale.clone());
+        Self {
+            loss: out.loss,
+            logits: out.logits,
+            logit_scale: scale,
+        }
+    }
 }
 
 impl<B: Backend> ItemLazy for ClueOutput<B> {

@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod config;
 pub mod fit;
+pub mod grad_cache;
 pub mod loader;
 pub mod loss;
 pub mod metrics;

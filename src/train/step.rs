@@ -14,7 +14,8 @@ use crate::data::batcher::UserBatch;
 use crate::model::dropout::start_step;
 use crate::model::{ClueModel, LOGIT_SCALE_MAX};
 use crate::train::clip::clip_global_norm;
-use crate::train::loss::contrastive_loss;
+use crate::train::grad_cache::grad_cache_step;
+use crate::train::loss::is_finite;
 use crate::train::metrics::ClueOutput;
 
 /// Watches every training step for a non-finite loss. The first bad step skips its update,
@@ -93,6 +94,8 @@ pub struct StepSettings {
     pub seed: u64,
     /// Counts the steps (and stops on a non-finite loss); without one, every step is step 0.
     pub guard: Option<Arc<StepGuard>>,
+    /// GradCache: encode the batch in chunks of this many users (0 = the whole batch at once).
+    pub grad_cache_chunk: usize,
 }
 
 /// The model as the learner sees it.
@@ -105,14 +108,8 @@ pub struct Trainee<B: Backend> {
 
 impl<B: Backend> Trainee<B> {
     fn output(&self, batch: &UserBatch<B>) -> ClueOutput<B> {
-        let scale = self.model.logit_scale();
         let projected = self.model.forward(batch);
-        let out = contrastive_loss(projected, batch.services, scale.clone());
-        ClueOutput {
-            loss: out.loss,
-            logits: out.logits,
-            logit_scale: scale,
-        }
+        ClueOutput::of(projected, batch.services, self.model.logit_scale())
     }
 }
 
@@ -121,18 +118,22 @@ impl<B: AutodiffBackend> TrainStep for Trainee<B> {
     type Output = ClueOutput<B>;
 
     fn step(&self, batch: UserBatch<B>) -> TrainOutput<ClueOutput<B>> {
-        let step = self.settings.guard.as_ref().map_or(0, |g| g.steps());
-        start_step(self.settings.seed, step as u64);
-        let out = self.output(&batch);
-        let loss_value: f64 = out.loss.clone().into_scalar().elem();
-        let mut grads = if loss_value.is_finite() {
-            GradientsParams::from_grads(out.loss.backward(), self)
+        let step = self.settings.guard.as_ref().map_or(0, |g| g.steps()) as u64;
+        let chunk = self.settings.grad_cache_chunk;
+        let (out, grads) = if chunk > 0 && chunk < batch.len() {
+            grad_cache_step(&self.model, self.settings.seed, &batch, chunk, step)
         } else {
-            GradientsParams::new()
+            start_step(self.settings.seed, step);
+            let out = self.output(&batch);
+            let grads = is_finite(&out.loss)
+                .then(|| GradientsParams::from_grads(out.loss.backward(), self));
+            (out, grads)
         };
+        let finite = grads.is_some();
+        let mut grads = grads.unwrap_or_default();
         if let Some(guard) = &self.settings.guard {
             let step = guard.steps.fetch_add(1, Ordering::Relaxed) + 1;
-            if !loss_value.is_finite() && guard.bad_step().is_none() {
+            if !finite && guard.bad_step().is_none() {
                 guard.first_bad.store(step, Ordering::Relaxed);
                 guard.stop(&format!("non-finite loss at step {step}"));
             }

@@ -87,3 +87,12 @@ pub fn fixture(users: usize, seed: u64, max_items: usize, max_item_tokens: usize
     made.insert(key, dir.clone());
     dir
 }
+
+/// Largest absolute difference of two equally long lists.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}

@@ -74,7 +74,7 @@ pub enum Command {
     Eval(EvalArgs),
     /// Measure training and inference throughput on the PyTorch reference's workload.
     #[command(
-        after_help = "Examples:\n  clue bench --preset tiny --backend flex\n  clue bench --preset tiny --backend flex --keep-denormals --denormal-census\n  clue bench --preset small --backend cuda --precision bf16 --json\n\nCompare with: python3 shared/bench/torch_clue_ref.py --vocab 4096 --dim 64 --layers 2 --heads 4 --L 16 --S 32 --batch 16"
+        after_help = "Examples:\n  clue bench --preset tiny --backend flex\n  clue bench --preset tiny --backend flex --keep-denormals --denormal-census\n  clue bench --preset small --backend cuda --precision bf16 --json\n  clue bench --preset small --batch 256 --grad-cache 32 --steps 1 --warmup 0\n\nCompare with: python3 shared/bench/torch_clue_ref.py --vocab 4096 --dim 64 --layers 2 --heads 4 --L 16 --S 32 --batch 16"
     )]
     Bench(BenchArgs),
     /// Train every run of a scaling-study grid, each measured at the same held-out batches.
@@ -343,6 +343,12 @@ pub struct BenchArgs {
     /// --keep-denormals to see them unflushed.
     #[arg(long)]
     pub denormal_census: bool,
+    /// Users per batch [default: the preset's].
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Train with GradCache in chunks of this many users (compare peak RSS with and without).
+    #[arg(long, default_value_t = 0)]
+    pub grad_cache: usize,
     /// Print the figures as JSON.
     #[arg(long)]
     pub json: bool,

@@ -453,12 +453,27 @@ fn bench_cmd(a: BenchArgs) -> anyhow::Result<()> {
             "--denormal-census reads the CPU's floating-point flags: use it with --backend flex or ndarray"
         );
     }
+    let mut preset = preset(&a.preset)?;
+    if let Some(b) = a.batch {
+        anyhow::ensure!(
+            b >= 2,
+            "--batch {b}: in-batch negatives need at least 2 users"
+        );
+        preset.batch = b;
+    }
+    anyhow::ensure!(
+        a.grad_cache < preset.batch,
+        "--grad-cache {} is not smaller than the batch ({}): use a smaller chunk, or 0 for no GradCache",
+        a.grad_cache,
+        preset.batch
+    );
     let job = Job::Bench {
-        preset: preset(&a.preset)?,
+        preset,
         options: BenchOptions {
             steps: a.steps.max(1),
             warmup: a.warmup,
             denormal_census: a.denormal_census,
+            grad_cache: a.grad_cache,
         },
         json: a.json,
     };

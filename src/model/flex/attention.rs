@@ -18,8 +18,9 @@ use super::{FlexFloat, f32s, from_flex, tensor, to_flex};
 /// Multi-head attention on Flex: `q`, `k`, `v`: `[n, len, d]` with the heads side by side
 /// (`d = heads·d_head`), `pad`: `[n, len]` (true = padding) → the heads' outputs side by side,
 /// `[n, len, d]`. Per sequence and head: scores `q·kᵀ/√d_head`, `masked_score` for padding keys,
-/// softmax, dropout `p` on the weights (under autodiff only, as [`dropout`]), times `v`, all in
-/// cache; the generic path builds `[n, heads, len, len]` tensors and splits and merges the heads.
+/// softmax, dropout `p` on the weights (under autodiff or in a GradCache pass, as [`dropout`]),
+/// times `v`, all in cache; the generic path builds `[n, heads, len, len]` tensors and splits and
+/// merges the heads.
 /// Under `Autodiff<Flex>` it records its own backward step, which recomputes the weights.
 /// `None` on other backends: the caller takes the generic path.
 ///
@@ -39,7 +40,13 @@ pub fn attention<B: Backend>(
     let pad: Vec<bool> = pad.to_data().to_vec().expect("a boolean padding mask");
     Some(from_flex(match (q, k, v) {
         (FlexFloat::Plain(q), FlexFloat::Plain(k), FlexFloat::Plain(v)) => {
-            let state = Attention::new([q, k, v], pad, heads, masked_score, 0.0);
+            // Without autodiff dropout acts only in a GradCache pass (see `with_chunk_masks`).
+            let p = if crate::model::dropout::replaying() {
+                p
+            } else {
+                0.0
+            };
+            let state = Attention::new([q, k, v], pad, heads, masked_score, p);
             FlexFloat::Plain(state.forward())
         }
         (FlexFloat::Tracked(q), FlexFloat::Tracked(k), FlexFloat::Tracked(v)) => {
