@@ -78,6 +78,8 @@ BASE="--vocab 50257 --dim 720 --layers 8 --heads 6 --L 32 --S 64 --batch 8 --dev
 step bench-small-f32 120 "$CLUE" -v bench --backend cuda --preset small --steps 10 --warmup 3
 step torch-small-f32 60 python3 "$REF" $SMALL
 # GradCache: batch 256 of small in chunks of 32 (the memory of batch 32; the whole batch's negatives).
+# Data-parallel: 2 workers (burn-collective all-reduces) on the one card, against 1 worker above.
+step bench-small-workers 120 "$CLUE" -v bench --backend cuda --preset small --workers 2 --steps 3 --warmup 1
 step bench-small-gradcache 150 "$CLUE" -v bench --backend cuda --preset small --batch 256 --grad-cache 32 --steps 3 --warmup 1
 step bench-base-f32 120 "$CLUE" -v bench --backend cuda --preset base --steps 10 --warmup 3
 step torch-base-f32 60 python3 "$REF" $BASE

@@ -78,6 +78,7 @@ fn tiny_bench<B: AutodiffBackend>(backend: &str) -> BenchReport {
         warmup: 1,
         denormal_census: true,
         grad_cache: 0,
+        workers: 1,
     };
     bench::<B>(Default::default(), &p, options, backend)
 }

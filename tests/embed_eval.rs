@@ -32,16 +32,9 @@ fn bundle(dir: &Path) -> PathBuf {
 fn bundle_of(dir: &Path, kind: ModelKind) -> PathBuf {
     let data = Arc::new(PreparedDataset::open(&data_root().join("p"), true).unwrap());
     let model_config = ModelConfig {
-        vocab_size: data.manifest.vocab_size as usize,
-        d_model: 32,
-        d_ff: 64,
-        heads: 4,
-        item_layers: 1,
-        service_layers: 1,
-        max_items: 16,
-        max_item_tokens: 12,
         kind,
-        ..Default::default()
+        output_dim: 0,
+        ..common::small_model(data.manifest.vocab_size as usize)
     };
     let device = Default::default();
     let model = ClueModel::<B>::new(&model_config, &mut Init::new(5, &device));

@@ -14,7 +14,7 @@ use clue::data::batcher::UserBatcher;
 use clue::data::prepare::{Objective, PrepareOptions, prepare};
 use clue::data::store::{PreparedDataset, Split};
 use clue::train::config::RunConfig;
-use clue::train::fit::{FitOptions, FitSummary, fit};
+use clue::train::fit::{FitSummary, fit};
 use clue::train::loader::{EpochPlan, PlanLoader};
 use clue::train::schedule::WarmupCosine;
 
@@ -42,16 +42,7 @@ fn tiny_clue_learns_to_match_a_users_two_services() {
     let dir = tempfile::tempdir().unwrap();
     let data = prepared(1000, 16);
     let config = tiny().with_overrides(&["train.epochs=3".into()]).unwrap();
-    let options = FitOptions {
-        config,
-        data,
-        out: dir.path().join("run"),
-        tui: false,
-        resume: false,
-        backend: "ndarray".into(),
-        precision: "f32".into(),
-        verify: true,
-    };
+    let options = common::fit_options(config, data, dir.path().join("run"));
     let s: FitSummary = fit::<Autodiff<NdArray>>(Default::default(), &options).unwrap();
     assert!(
         s.valid_retrieval_top1 > 3.0 * s.chance_top1,
@@ -122,15 +113,8 @@ fn simclr_pretrains_on_one_service_and_learns_to_match_two_views() {
     let data = dir.path().join("p");
     let report = prepare(&[logs], &data, &one(Objective::Simclr)).unwrap();
     assert_eq!(report.manifest.services, vec!["shop".to_string()]);
-    let options = |config: RunConfig, out: &str| FitOptions {
-        config,
-        data: data.clone(),
-        out: dir.path().join(out),
-        tui: false,
-        resume: false,
-        backend: "ndarray".into(),
-        precision: "f32".into(),
-        verify: true,
+    let options = |config: RunConfig, out: &str| {
+        common::fit_options(config, data.clone(), dir.path().join(out))
     };
     let err = fit::<Autodiff<NdArray>>(Default::default(), &options(tiny(), "cross")).unwrap_err();
     assert!(err.to_string().contains("train.objective=simclr"), "{err}");

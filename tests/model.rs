@@ -15,20 +15,7 @@ use clue::model::init::Init;
 use clue::model::{ClueModel, LOGIT_SCALE_MAX, ModelConfig, ModelKind};
 use clue::train::step::{StepSettings, Trainee};
 
-fn small_config(vocab: usize) -> ModelConfig {
-    ModelConfig {
-        vocab_size: vocab,
-        d_model: 32,
-        d_ff: 64,
-        heads: 4,
-        item_layers: 1,
-        service_layers: 1,
-        max_items: 16,
-        max_item_tokens: 12,
-        output_dim: 24,
-        ..Default::default()
-    }
-}
+use common::small_model as small_config;
 
 mod common;
 use common::max_abs_diff;

@@ -184,6 +184,8 @@ pub struct BenchOptions {
     pub denormal_census: bool,
     /// GradCache chunk of the training steps (users; 0 = the whole batch at once).
     pub grad_cache: usize,
+    /// Data-parallel worker threads of the training steps (≤ 1: none).
+    pub workers: usize,
 }
 
 /// Figures of one benchmark run.
@@ -205,6 +207,8 @@ pub struct BenchReport {
     pub warmup: usize,
     /// GradCache chunk (0 = off).
     pub grad_cache_chunk: usize,
+    /// Data-parallel worker threads (1 = none).
+    pub workers: usize,
     pub train_s_per_step: f64,
     pub train_s_all: Vec<f64>,
     pub train_users_per_s: f64,
@@ -259,6 +263,10 @@ pub fn bench<B: AutodiffBackend>(
             seed: 0,
             guard: Some(StepGuard::new(Interrupter::new(), 0)),
             grad_cache_chunk: o.grad_cache,
+            workers: match o.workers {
+                0 | 1 => Vec::new(),
+                w => vec![device.to_id(); w],
+            },
         },
     };
     let counts = trainee.model.param_counts();
@@ -336,6 +344,7 @@ pub fn bench<B: AutodiffBackend>(
         steps,
         warmup,
         grad_cache_chunk: o.grad_cache,
+        workers: o.workers.max(1),
         train_s_per_step: train_s,
         train_s_all: times,
         train_users_per_s: p.batch as f64 / train_s,
@@ -389,9 +398,10 @@ impl BenchReport {
                     self.train_s_per_step,
                     self.steps,
                     self.warmup,
-                    match self.grad_cache_chunk {
-                        0 => String::new(),
-                        c => format!(", GradCache in chunks of {c} users"),
+                    match (self.grad_cache_chunk, self.workers) {
+                        (0, 1) => String::new(),
+                        (0, w) => format!(", {w} data-parallel workers"),
+                        (c, _) => format!(", GradCache in chunks of {c} users"),
                     }
                 ),
             ),

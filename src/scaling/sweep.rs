@@ -432,6 +432,7 @@ fn measure<B: AutodiffBackend>(
         backend: options.backend.clone(),
         precision: options.precision.clone(),
         verify: false,
+        devices: None,
     };
     if fit_options.resume {
         same_config(dir, run)?;

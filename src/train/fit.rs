@@ -24,6 +24,7 @@ use crate::train::checkpoint::{AtomicRecorder, ResumedLogs, SaveEveryPeriod};
 use crate::train::config::RunConfig;
 use crate::train::loader::{EpochPlan, PlanLoader};
 use crate::train::metrics::{HISTORY_FILE, History, HistoryLog, Stat, StatMetric};
+use crate::train::parallel::Devices;
 use crate::train::renderer::LogRenderer;
 use crate::train::schedule::WarmupCosine;
 use crate::train::score::score;
@@ -63,6 +64,8 @@ pub struct FitOptions {
     pub precision: String,
     /// Check the prepared data's SHA-256 against its manifest before training.
     pub verify: bool,
+    /// Data-parallel workers (`--devices`); `None`: one.
+    pub devices: Option<Devices>,
 }
 
 /// Where a run's data lives, recorded so `--resume` needs nothing else.
@@ -283,6 +286,14 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
     }
     let bs = config.train.batch_size;
     check_users(plan.users().len(), valid_users.len(), bs)?;
+    if let Some(d) = &options.devices {
+        d.check(&config.train)?;
+    }
+    let workers = options
+        .devices
+        .as_ref()
+        .map(|d| d.ids(device.to_id()))
+        .unwrap_or_default();
     let manifest_sha256 = data.manifest.hash();
     let _lock = lock_run(run)?;
     if options.resume && run.join(SUMMARY).exists() {
@@ -380,6 +391,7 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
             seed: config.train.seed,
             guard: Some(guard.clone()),
             grad_cache_chunk: config.train.grad_cache_chunk,
+            workers: workers.clone(),
         },
     };
     let params = trainee.model.param_counts();
@@ -387,9 +399,10 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
         0 => "checkpoint each epoch".to_string(),
         n => format!("checkpoint each epoch and every {n} steps"),
     };
-    let grad_cache = match config.train.grad_cache_chunk {
-        0 => String::new(),
-        c => format!(", GradCache in chunks of {c} users"),
+    let grad_cache = match (config.train.grad_cache_chunk, workers.len()) {
+        (0, 0 | 1) => String::new(),
+        (0, w) => format!(", data-parallel over {w} workers"),
+        (c, _) => format!(", GradCache in chunks of {c} users"),
     };
     ui::say(format!(
         "training on {} ({}): {} parameters ({} non-embedding), {} train / {} valid users, {} epochs × {} steps{grad_cache}, {checkpoints}",

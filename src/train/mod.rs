@@ -9,6 +9,7 @@ pub mod grad_cache;
 pub mod loader;
 pub mod loss;
 pub mod metrics;
+pub mod parallel;
 pub mod renderer;
 pub mod schedule;
 pub mod score;

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use burn::module::{AutodiffModule, Param};
 use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, DeviceId};
 use burn::train::{InferenceStep, Interrupter, TrainOutput, TrainStep};
 
 use crate::data::batcher::UserBatch;
@@ -17,6 +17,7 @@ use crate::train::clip::clip_global_norm;
 use crate::train::grad_cache::grad_cache_step;
 use crate::train::loss::is_finite;
 use crate::train::metrics::ClueOutput;
+use crate::train::parallel::parallel_step;
 
 /// Watches every training step for a non-finite loss. The first bad step skips its update,
 /// records its number and stops the learner, so the last checkpoint stays a good one.
@@ -96,6 +97,9 @@ pub struct StepSettings {
     pub guard: Option<Arc<StepGuard>>,
     /// GradCache: encode the batch in chunks of this many users (0 = the whole batch at once).
     pub grad_cache_chunk: usize,
+    /// Data-parallel workers: one device each, the first the model's own (fewer than two: the
+    /// step runs on the model's device alone).
+    pub workers: Vec<DeviceId>,
 }
 
 /// The model as the learner sees it.
@@ -113,6 +117,28 @@ impl<B: Backend> Trainee<B> {
     }
 }
 
+impl<B: AutodiffBackend> Trainee<B> {
+    /// A step that could not run (a data-parallel worker failed): no update, the learner
+    /// stops with `failure` (`clue fit` fails naming it), the last checkpoint stays.
+    fn failed(&self, batch: &UserBatch<B>, failure: String) -> TrainOutput<ClueOutput<B>> {
+        match &self.settings.guard {
+            Some(guard) => guard.fail(failure),
+            None => panic!("{failure}"),
+        }
+        let device = self.model.devices()[0].clone();
+        let n = batch.len();
+        let item = ClueOutput {
+            loss: Tensor::from_floats([f32::NAN], &device),
+            logits: Tensor::zeros([n, n], &device),
+            logit_scale: self.model.logit_scale(),
+        };
+        TrainOutput {
+            grads: GradientsParams::new(),
+            item,
+        }
+    }
+}
+
 impl<B: AutodiffBackend> TrainStep for Trainee<B> {
     type Input = UserBatch<B>;
     type Output = ClueOutput<B>;
@@ -120,7 +146,15 @@ impl<B: AutodiffBackend> TrainStep for Trainee<B> {
     fn step(&self, batch: UserBatch<B>) -> TrainOutput<ClueOutput<B>> {
         let step = self.settings.guard.as_ref().map_or(0, |g| g.steps()) as u64;
         let chunk = self.settings.grad_cache_chunk;
-        let (out, grads) = if chunk > 0 && chunk < batch.len() {
+        let workers = &self.settings.workers;
+        let (out, grads) = if workers.len() > 1 {
+            let devices: Vec<B::Device> =
+                workers.iter().map(|&id| B::Device::from_id(id)).collect();
+            match parallel_step(&self.model, self.settings.seed, &batch, &devices, step) {
+                Ok(done) => done,
+                Err(failure) => return self.failed(&batch, failure),
+            }
+        } else if chunk > 0 && chunk < batch.len() {
             grad_cache_step(&self.model, self.settings.seed, &batch, chunk, step)
         } else {
             start_step(self.settings.seed, step);

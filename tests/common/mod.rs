@@ -96,3 +96,40 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// The small model the model-level tests share: d 32, one layer per Transformer, 16 items of
+/// 12 tokens, 24-wide projection.
+pub fn small_model(vocab: usize) -> clue::model::ModelConfig {
+    clue::model::ModelConfig {
+        vocab_size: vocab,
+        d_model: 32,
+        d_ff: 64,
+        heads: 4,
+        item_layers: 1,
+        service_layers: 1,
+        max_items: 16,
+        max_item_tokens: 12,
+        output_dim: 24,
+        ..Default::default()
+    }
+}
+
+/// `clue fit`'s options for a fresh run of `config` on `data` into `out` (ndarray, f32, one
+/// device, data checked).
+pub fn fit_options(
+    config: clue::train::config::RunConfig,
+    data: PathBuf,
+    out: PathBuf,
+) -> clue::train::fit::FitOptions {
+    clue::train::fit::FitOptions {
+        config,
+        data,
+        out,
+        tui: false,
+        resume: false,
+        backend: "ndarray".into(),
+        precision: "f32".into(),
+        verify: true,
+        devices: None,
+    }
+}

@@ -54,7 +54,7 @@ pub enum Command {
     Prepare(PrepareArgs),
     /// Pretrain CLUE on a prepared dataset (with no argument: the embedded default run).
     #[command(
-        after_help = "Examples:\n  clue fit --backend ndarray                     # embedded default: synth + prepare + tiny config\n  clue fit --backend flex --config config/small.toml --data data/prepared --out runs/small\n  clue fit --backend cuda --precision bf16 --config config/base.toml --data data/p --out runs/base\n  clue fit --backend ndarray --set train.epochs=2 --set train.lr=1e-3\n  clue fit --resume runs/small                   # continue a killed run from its last checkpoint\n\nOn a terminal, Burn's dashboard shows progress (q stops the run: it exits non-zero and --resume continues it); otherwise plain log lines."
+        after_help = "Examples:\n  clue fit --backend ndarray                     # embedded default: synth + prepare + tiny config\n  clue fit --backend flex --config config/small.toml --data data/prepared --out runs/small\n  clue fit --backend cuda --precision bf16 --config config/base.toml --data data/p --out runs/base\n  clue fit --backend ndarray --set train.epochs=2 --set train.lr=1e-3\n  clue fit --backend cuda --devices 0,1,2,3 --config config/base.toml --data data/p   # data-parallel\n  clue fit --backend flex --set train.grad_cache_chunk=8   # GradCache: memory of 8 users, negatives of the batch\n  clue fit --resume runs/small                   # continue a killed run from its last checkpoint\n\nOn a terminal, Burn's dashboard shows progress (q stops the run: it exits non-zero and --resume continues it); otherwise plain log lines."
     )]
     Fit(FitArgs),
     /// Contrastive loss and retrieval of a trained model on held-out users.
@@ -162,6 +162,12 @@ pub struct FitArgs {
     /// checked). Saves a read of the data on large datasets; damage then shows up mid-training.
     #[arg(long)]
     pub no_verify: bool,
+    /// Data-parallel training: on cuda the GPU indices (`0,1,2,3`), on a CPU backend a number
+    /// of worker threads (`2`). Each worker encodes its share of every batch; the negatives of
+    /// the loss are the whole batch's; the batch must divide by the number of workers. On cuda
+    /// the first GPU listed replaces --device.
+    #[arg(long, value_name = "LIST|N")]
+    pub devices: Option<String>,
 }
 
 #[derive(Args)]
@@ -349,6 +355,9 @@ pub struct BenchArgs {
     /// Train with GradCache in chunks of this many users (compare peak RSS with and without).
     #[arg(long, default_value_t = 0)]
     pub grad_cache: usize,
+    /// Train with this many data-parallel worker threads (a CPU backend; compare with 1).
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
     /// Print the figures as JSON.
     #[arg(long)]
     pub json: bool,

@@ -21,6 +21,7 @@ use clue::scaling::report::scaling;
 use clue::scaling::sweep::{SweepOptions, sweep};
 use clue::train::config::RunConfig;
 use clue::train::fit::{FitOptions, fit};
+use clue::train::parallel::Devices;
 use clue::train::score::{ScoreReport, score_bundle};
 use clue::ui;
 
@@ -195,6 +196,16 @@ fn dispatch(d: &DeviceArgs, job: &Job) -> anyhow::Result<()> {
             let device = burn::backend::cuda::CudaDevice::new(d.device);
             kernel_cache();
             probe::<burn::backend::Cuda>(&device, "CUDA")?;
+            if let Job::Fit(FitOptions {
+                devices: Some(Devices::Indices(ix)),
+                ..
+            }) = job
+            {
+                for &i in ix {
+                    let other = burn::backend::cuda::CudaDevice::new(i as usize);
+                    probe::<burn::backend::Cuda>(&other, &format!("CUDA device {i} (--devices)"))?;
+                }
+            }
             match d.precision() {
                 Precision::F32 => run_job::<Autodiff<burn::backend::Cuda>>(device, job),
                 Precision::Bf16 => {
@@ -236,6 +247,7 @@ fn fit_options(a: &FitArgs) -> anyhow::Result<FitOptions> {
             backend,
             precision,
             verify: !a.no_verify,
+            devices: None,
         });
     }
     let (base, name) = match &a.config {
@@ -269,6 +281,7 @@ fn fit_options(a: &FitArgs) -> anyhow::Result<FitOptions> {
         backend,
         precision,
         verify: !a.no_verify,
+        devices: None,
     })
 }
 
@@ -373,11 +386,58 @@ fn fit_cmd(mut a: FitArgs) -> anyhow::Result<()> {
                 .and_then(|name| Precision::from_str(&name, true).ok());
         }
     }
-    let options = fit_options(&a)?;
+    let devices = a
+        .devices
+        .as_deref()
+        .map(|spec| parse_devices(spec, a.device.backend()))
+        .transpose()?;
+    if let Some(Devices::Indices(ix)) = &devices {
+        if ix.len() == 1 {
+            ui::say(format!(
+                "--devices {}: one GPU, so no data-parallel training (list the GPUs, e.g. 0,1)",
+                ix[0]
+            ));
+        }
+        a.device.device = ix[0] as usize;
+    }
+    let mut options = fit_options(&a)?;
+    options.devices = devices;
     if !options.resume {
         ui::detail(format!("resolved config:\n{}", options.config.to_toml()));
     }
     dispatch(&a.device, &Job::Fit(options))
+}
+
+/// `--devices`: GPU indices on cuda, a number of worker threads on a CPU backend.
+fn parse_devices(spec: &str, backend: BackendName) -> anyhow::Result<Devices> {
+    const MAX: usize = 64;
+    let bad = |why: &str| anyhow::anyhow!("--devices {spec}: {why}");
+    match backend {
+        BackendName::Cuda => {
+            let ix = spec
+                .split(',')
+                .map(|s| s.trim().parse::<u16>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| bad("give GPU indices separated by commas, e.g. 0,1,2,3"))?;
+            let mut seen = ix.clone();
+            seen.sort_unstable();
+            seen.dedup();
+            anyhow::ensure!(
+                seen.len() == ix.len() && ix.len() <= MAX,
+                bad("each GPU at most once")
+            );
+            Ok(Devices::Indices(ix))
+        }
+        BackendName::Wgpu => Err(bad(
+            "data-parallel training runs on cuda or on a CPU backend (flex, ndarray)",
+        )),
+        _ => match spec.trim().parse::<usize>() {
+            Ok(n) if (1..=MAX).contains(&n) => Ok(Devices::Threads(n)),
+            _ => Err(bad(&format!(
+                "on a CPU backend give a number of worker threads from 1 to {MAX}, e.g. 2"
+            ))),
+        },
+    }
 }
 
 fn score_cmd(a: ScoreArgs) -> anyhow::Result<()> {
@@ -467,6 +527,16 @@ fn bench_cmd(a: BenchArgs) -> anyhow::Result<()> {
         a.grad_cache,
         preset.batch
     );
+    anyhow::ensure!(
+        a.workers >= 1 && preset.batch.is_multiple_of(a.workers),
+        "--workers {}: the batch ({}) must divide into the workers",
+        a.workers,
+        preset.batch
+    );
+    anyhow::ensure!(
+        a.workers == 1 || a.grad_cache == 0,
+        "--workers with --grad-cache: GradCache does not run inside data-parallel workers yet"
+    );
     let job = Job::Bench {
         preset,
         options: BenchOptions {
@@ -474,6 +544,7 @@ fn bench_cmd(a: BenchArgs) -> anyhow::Result<()> {
             warmup: a.warmup,
             denormal_census: a.denormal_census,
             grad_cache: a.grad_cache,
+            workers: a.workers,
         },
         json: a.json,
     };

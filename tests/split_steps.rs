@@ -1,6 +1,8 @@
-//! GradCache (`train.grad_cache_chunk`): a batch split into chunks embeds like batches built
-//! from the chunks' users, and a step in chunks gives the loss, gradients and weights of the
-//! plain step, on NdArray and on Flex (whose attention has its own dropout path).
+//! Steps over a split batch. GradCache (`train.grad_cache_chunk`): a batch split into chunks
+//! embeds like batches built from the chunks' users, and a step in chunks gives the loss,
+//! gradients and weights of the plain step, on NdArray and on Flex (whose attention has its own
+//! dropout path). Data-parallel workers (`clue fit --devices`): 2 workers × 8 users give the
+//! step of 1 × 16, a failing worker stops the step without hanging the others, and `fit` trains.
 
 use std::sync::Arc;
 
@@ -18,9 +20,12 @@ use clue::data::store::{PreparedDataset, Split};
 use clue::model::dropout::with_chunk_masks;
 use clue::model::init::Init;
 use clue::model::{ClueModel, ModelConfig, ModelKind};
+use clue::train::config::RunConfig;
 use clue::train::config::TrainConfig;
+use clue::train::fit::{FitOptions, fit};
 use clue::train::grad_cache::grad_cache_step;
 use clue::train::loss::contrastive_loss;
+use clue::train::parallel::Devices;
 use clue::train::step::{StepSettings, Trainee};
 
 mod common;
@@ -28,17 +33,9 @@ use common::max_abs_diff;
 
 fn config(vocab: usize, kind: ModelKind, dropout: f64) -> ModelConfig {
     ModelConfig {
-        vocab_size: vocab,
         kind,
-        d_model: 32,
-        d_ff: 64,
-        heads: 4,
-        item_layers: 1,
-        service_layers: 1,
-        max_items: 16,
-        max_item_tokens: 12,
-        output_dim: 24,
         dropout,
+        ..common::small_model(vocab)
     }
 }
 
@@ -148,6 +145,18 @@ fn trainee<B: AutodiffBackend>(
     }
 }
 
+/// The same, with `workers` data-parallel worker threads on the default device.
+fn workers<B: AutodiffBackend>(
+    data: &PreparedDataset,
+    kind: ModelKind,
+    workers: usize,
+) -> Trainee<B> {
+    let mut t = trainee::<B>(data, kind, 0.0, 0);
+    let id = B::Device::default().to_id();
+    t.settings.workers = vec![id; workers];
+    t
+}
+
 /// Largest |Δ| between two gradient lists over the largest gradient (the gradients of an
 /// untrained encoder are small: its users look alike); checks both have the same parameters.
 fn compare(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
@@ -171,14 +180,27 @@ fn compare(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 /// 3 AdamW steps the same weights; both encoder kinds.
 fn chunks_match_the_plain_step<B: AutodiffBackend>(kind: ModelKind) {
     let data = data();
+    let plain = trainee::<B>(&data, kind, 0.0, 0);
+    let cached = trainee::<B>(&data, kind, 0.0, 4);
+    same_steps(plain, cached, 32, &format!("GradCache {kind:?}"));
+}
+
+/// Three steps of batch `batch` by `a` and by `b` (both started from the same weights): the same
+/// losses, gradients (to 1e-4 of their scale) and, after 3 AdamW steps, weights (|Δ| ≤ 1e-4).
+fn same_steps<B: AutodiffBackend>(
+    mut plain: Trainee<B>,
+    mut cached: Trainee<B>,
+    batch: usize,
+    what: &str,
+) {
+    let data = data();
     let dev = Default::default();
-    let users = samples(&data, 96);
-    let mut plain = trainee::<B>(&data, kind, 0.0, 0);
-    let mut cached = trainee::<B>(&data, kind, 0.0, 4);
+    let users = samples(&data, 3 * batch);
+    let start = values(plain.model.head.w1.weight.val());
     let adamw = || TrainConfig::default().optimizer().init::<B, Trainee<B>>();
     let (mut adam_plain, mut adam_cached) = (adamw(), adamw());
     for step in 0..3 {
-        let part = users[step * 32..(step + 1) * 32].to_vec();
+        let part = users[step * batch..(step + 1) * batch].to_vec();
         let a = TrainStep::step(&plain, UserBatcher::default().batch(part.clone(), &dev));
         let b = TrainStep::step(&cached, UserBatcher::default().batch(part, &dev));
         let (la, lb) = (
@@ -187,12 +209,12 @@ fn chunks_match_the_plain_step<B: AutodiffBackend>(kind: ModelKind) {
         );
         assert!(
             (la - lb).abs() < 1e-5,
-            "{kind:?} step {step}: loss {la} vs {lb}"
+            "{what} step {step}: loss {la} vs {lb}"
         );
         let diff = compare(&grads_of(&plain, &a.grads), &grads_of(&cached, &b.grads));
         assert!(
             diff < 1e-4,
-            "{kind:?} step {step}: relative gradient |Δ| = {diff}"
+            "{what} step {step}: relative gradient |Δ| = {diff}"
         );
         plain = plain.optimize(&mut adam_plain, 1e-3, a.grads);
         cached = cached.optimize(&mut adam_cached, 1e-3, b.grads);
@@ -201,10 +223,9 @@ fn chunks_match_the_plain_step<B: AutodiffBackend>(kind: ModelKind) {
         values(plain.model.head.w1.weight.val()),
         values(cached.model.head.w1.weight.val()),
     );
-    let start = values(trainee::<B>(&data, kind, 0.0, 0).model.head.w1.weight.val());
     assert!(max_abs_diff(&wa, &start) > 1e-3, "the weights moved");
     let diff = max_abs_diff(&wa, &wb);
-    assert!(diff < 1e-4, "{kind:?}: weights after 3 steps |Δ| = {diff}");
+    assert!(diff < 1e-4, "{what}: weights after 3 steps |Δ| = {diff}");
 }
 
 #[test]
@@ -312,4 +333,124 @@ fn chunk_masks_agree<B: AutodiffBackend>() {
 fn every_chunk_keeps_its_dropout_masks_across_both_passes() {
     chunk_masks_agree::<Autodiff<NdArray>>();
     chunk_masks_agree::<Autodiff<Flex>>();
+}
+
+/// 2 workers × 8 users (each worker's InfoNCE against all 16, the logit scale's gradient
+/// counted once, gradients summed) give the step of 1 worker × 16: losses, gradients and
+/// weights after 3 steps; NdArray and Flex, both encoder kinds on NdArray.
+#[test]
+fn two_workers_of_8_match_one_of_16() {
+    let data = data();
+    for kind in [ModelKind::Stacked, ModelKind::Flat] {
+        let one = trainee::<Autodiff<NdArray>>(&data, kind, 0.0, 0);
+        let two = workers::<Autodiff<NdArray>>(&data, kind, 2);
+        same_steps(one, two, 16, &format!("2 workers {kind:?}"));
+    }
+    let one = trainee::<Autodiff<Flex>>(&data, ModelKind::Stacked, 0.0, 0);
+    let three = workers::<Autodiff<Flex>>(&data, ModelKind::Stacked, 3);
+    same_steps(one, three, 12, "3 workers on flex");
+    // An epoch's short last batch: 5 users over 4 devices run as 3 workers of 2, 2 and 1.
+    let one = trainee::<Autodiff<NdArray>>(&data, ModelKind::Stacked, 0.0, 0);
+    let four = workers::<Autodiff<NdArray>>(&data, ModelKind::Stacked, 4);
+    same_steps(one, four, 5, "a short batch over 4 devices");
+}
+
+/// A worker whose forward pass panics (a token id past the vocabulary in its half of the batch)
+/// stops the step with a message naming it; the other worker does not wait forever.
+#[test]
+fn a_failing_worker_stops_the_step_and_is_named() {
+    let data = data();
+    let dev = Default::default();
+    let mut part = samples(&data, 8);
+    part[6].services[0][0].tokens[0] = 1_000_000;
+    let mut t = workers::<Autodiff<NdArray>>(&data, ModelKind::Stacked, 2);
+    let interrupter = burn::train::Interrupter::new();
+    let guard = clue::train::step::StepGuard::new(interrupter.clone(), 0);
+    t.settings.guard = Some(guard.clone());
+    let out = TrainStep::step(&t, UserBatcher::default().batch(part, &dev));
+    assert!(out.grads.is_empty(), "no update");
+    let failure = guard.failure().expect("the failure is recorded");
+    assert!(
+        failure.contains("worker 1") && failure.contains("forward"),
+        "{failure}"
+    );
+    assert!(interrupter.should_stop(), "the learner stops");
+    assert_eq!(guard.bad_step(), None, "not reported as a non-finite loss");
+}
+
+/// A split the step cannot make is refused before any work.
+#[test]
+fn worker_counts_that_cannot_split_the_batch_are_refused() {
+    let mut train = TrainConfig {
+        batch_size: 12,
+        ..Default::default()
+    };
+    assert!(Devices::Threads(3).check(&train).is_ok());
+    assert!(Devices::Indices(vec![0, 1]).check(&train).is_ok());
+    let e = Devices::Threads(5).check(&train).unwrap_err().to_string();
+    assert!(e.contains("does not divide into 5 workers"), "{e}");
+    train.grad_cache_chunk = 4;
+    let e = Devices::Threads(2).check(&train).unwrap_err().to_string();
+    assert!(e.contains("grad_cache_chunk"), "{e}");
+    assert!(
+        Devices::Threads(1).check(&train).is_ok(),
+        "one worker: GradCache as usual"
+    );
+}
+
+/// `clue fit` with 2 workers on flex trains through Burn's learner: the held-out retrieval beats
+/// chance, and the summary counts every step.
+#[test]
+fn fit_with_two_workers_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::fixture(600, 0, 16, 16).join("p");
+    let config = RunConfig::from_toml(
+        include_str!("../config/tiny.toml"),
+        std::path::Path::new("config/tiny.toml"),
+    )
+    .unwrap()
+    .with_overrides(&["train.epochs=2".into(), "model.dropout=0".into()])
+    .unwrap();
+    let options = FitOptions {
+        backend: "flex".into(),
+        devices: Some(Devices::Threads(2)),
+        ..common::fit_options(config, data, dir.path().join("run"))
+    };
+    let s = fit::<Autodiff<Flex>>(Default::default(), &options).unwrap();
+    assert!(
+        s.valid_retrieval_top1 > 2.0 * s.chance_top1,
+        "top-1 {} vs chance {}",
+        s.valid_retrieval_top1,
+        s.chance_top1
+    );
+    assert!(
+        s.valid_loss_final < (32f64).ln(),
+        "valid loss {}",
+        s.valid_loss_final
+    );
+}
+
+/// `--devices` that cannot work is refused before any data is made or read.
+#[test]
+fn bad_devices_are_refused_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    for (backend, spec, expected) in [
+        ("flex", "0", "from 1 to 64"),
+        ("ndarray", "two", "from 1 to 64"),
+        ("cuda", "0,0", "each GPU at most once"),
+        ("cuda", "0;1", "separated by commas"),
+        ("wgpu", "2", "cuda or on a CPU backend"),
+    ] {
+        let out = common::clue(
+            dir.path(),
+            &["fit", "--backend", backend, "--devices", spec],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{backend} {spec}");
+        assert!(err.contains(expected), "{backend} {spec}: {err}");
+    }
+    assert!(
+        !dir.path().join("data").exists(),
+        "no default data was made"
+    );
 }
