@@ -302,6 +302,41 @@ impl Devices {
         }
     }
 
+    /// `--devices SPEC`: GPU indices separated by commas on a GPU (`0,1,2,3`), else a number of
+    /// worker threads (`2`).
+    pub fn parse(spec: &str, gpu: bool) -> Result<Self> {
+        const MAX: usize = 64;
+        let bad = |why: &str, fix: &str| ClueError::config(format!("--devices {spec}: {why}"), fix);
+        if gpu {
+            let ix = spec
+                .split(',')
+                .map(|s| s.trim().parse::<u16>())
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|_| {
+                    bad(
+                        "not a list of GPU indices",
+                        "give GPU indices separated by commas, e.g. 0,1,2,3",
+                    )
+                })?;
+            let mut distinct = ix.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            if distinct.len() != ix.len() || ix.len() > MAX {
+                return Err(bad("a GPU listed twice", "name each GPU at most once"));
+            }
+            return Ok(Devices::Indices(ix));
+        }
+        match spec.trim().parse::<usize>() {
+            Ok(n) if (1..=MAX).contains(&n) => Ok(Devices::Threads(n)),
+            _ => Err(bad(
+                "not a number of worker threads",
+                &format!(
+                    "on a CPU backend give a number of worker threads from 1 to {MAX}, e.g. 2"
+                ),
+            )),
+        }
+    }
+
     /// Refuse a split the step cannot make, before any work.
     pub fn check(&self, train: &TrainConfig) -> Result<()> {
         let w = self.ids(DeviceId::new(0, 0)).len();

@@ -410,34 +410,11 @@ fn fit_cmd(mut a: FitArgs) -> anyhow::Result<()> {
 
 /// `--devices`: GPU indices on cuda, a number of worker threads on a CPU backend.
 fn parse_devices(spec: &str, backend: BackendName) -> anyhow::Result<Devices> {
-    const MAX: usize = 64;
-    let bad = |why: &str| anyhow::anyhow!("--devices {spec}: {why}");
-    match backend {
-        BackendName::Cuda => {
-            let ix = spec
-                .split(',')
-                .map(|s| s.trim().parse::<u16>())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|_| bad("give GPU indices separated by commas, e.g. 0,1,2,3"))?;
-            let mut seen = ix.clone();
-            seen.sort_unstable();
-            seen.dedup();
-            anyhow::ensure!(
-                seen.len() == ix.len() && ix.len() <= MAX,
-                bad("each GPU at most once")
-            );
-            Ok(Devices::Indices(ix))
-        }
-        BackendName::Wgpu => Err(bad(
-            "data-parallel training runs on cuda or on a CPU backend (flex, ndarray)",
-        )),
-        _ => match spec.trim().parse::<usize>() {
-            Ok(n) if (1..=MAX).contains(&n) => Ok(Devices::Threads(n)),
-            _ => Err(bad(&format!(
-                "on a CPU backend give a number of worker threads from 1 to {MAX}, e.g. 2"
-            ))),
-        },
-    }
+    anyhow::ensure!(
+        backend != BackendName::Wgpu,
+        "--devices {spec}: data-parallel training runs on cuda or on a CPU backend (flex, ndarray)"
+    );
+    Ok(Devices::parse(spec, backend == BackendName::Cuda)?)
 }
 
 fn score_cmd(a: ScoreArgs) -> anyhow::Result<()> {
