@@ -6,7 +6,8 @@
 //! with an all-reduce (each worker fills its rows of a zero matrix), the worker's own rows are put
 //! back with their graph, so its gradient flows through its rows only; the logit scale's gradient,
 //! which every worker computes in full, is divided by W; and the workers' gradients are summed
-//! with an all-reduce. The update is then the one-device update of the whole batch.
+//! with an all-reduce. Without dropout the update is then the one-device update of the whole
+//! batch; with it, worker k draws the masks of chunk k of the step (`with_chunk_masks`).
 //!
 //! A worker that fails (a panic in its forward or backward pass) still takes part in every
 //! collective call, with zeros, so the others never wait forever; the step then reports which
