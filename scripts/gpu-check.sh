@@ -88,7 +88,16 @@ step torch-small-bf16 60 python3 "$REF" $SMALL --dtype bf16
 step fit-bf16 150 "$CLUE" fit --backend cuda --precision bf16 --config "$STAGE/tiny.toml" --data "$STAGE/prepared" --out /tmp/gpu-runs/run-bf16 --no-tui --set train.epochs=4
 step bench-base-bf16 120 "$CLUE" -v bench --backend cuda --precision bf16 --preset base --steps 10 --warmup 3
 step torch-base-bf16 60 python3 "$REF" $BASE --dtype bf16
-
+# Multi-node on the loopback address: two processes on the one card, rank 1 in the background
+# (under its own time limit, and only when the budget lets rank 0's step run).
+if [ $(( $(date +%s) - START + 170 )) -le "$BUDGET" ]; then
+  timeout 160 "$CLUE" fit --backend cuda --config "$STAGE/tiny.toml" --data "$STAGE/prepared" --out /tmp/gpu-runs/node1 --no-tui --set train.epochs=1 --nodes 2 --node-rank 1 --coordinator 127.0.0.1:29500 --join-timeout 60 > "$OUT/fit-node1.log" 2>&1 &
+  NODE1=$!
+  step fit-node0 150 "$CLUE" fit --backend cuda --config "$STAGE/tiny.toml" --data "$STAGE/prepared" --out /tmp/gpu-runs/node0 --no-tui --set train.epochs=1 --nodes 2 --node-rank 0 --coordinator 127.0.0.1:29500 --join-timeout 60
+  wait $NODE1; tail -n 3 "$OUT/fit-node1.log"
+else
+  echo "== fit-node0/1: skipped (budget)"
+fi
 kill $SAMPLER 2>/dev/null
 nvidia-smi > "$OUT/nvidia-smi-after.txt" 2>&1
 echo "== peak GPU memory used (MiB, whole card): $(sort -n "$OUT/gpu-mem.txt" | tail -n 1)"

@@ -279,7 +279,7 @@ fn a_killed_run_resumes_with_the_same_steps_schedule_and_weights_as_an_uninterru
     // masks (keyed by seed, step and call), so the same weights up to float rounding.
     let whole = dir.path().join("whole");
     assert!(fit_cmd(&whole).status().unwrap().success());
-    let (resumed, uninterrupted) = (weights(&run), weights(&whole));
+    let (resumed, uninterrupted) = (common::weights(&run), common::weights(&whole));
     assert_eq!(
         resumed.keys().collect::<Vec<_>>(),
         uninterrupted.keys().collect::<Vec<_>>()
@@ -318,23 +318,6 @@ fn a_killed_run_resumes_with_the_same_steps_schedule_and_weights_as_an_uninterru
         assert!(x == y, "{name} differs between two identical runs");
     }
     assert_eq!(a.len(), b.len());
-}
-
-/// Every tensor of a run's exported model, as f32s by name.
-fn weights(run: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
-    let bytes = std::fs::read(run.join("model/model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(name, t)| {
-            let v = t
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            (name, v)
-        })
-        .collect()
 }
 
 #[test]

@@ -23,6 +23,7 @@ use crate::error::{ClueError, Result};
 use crate::model::init::Init;
 use crate::model::{ClueModel, ModelConfig};
 use crate::train::config::TrainConfig;
+use crate::train::parallel::setup_line;
 use crate::train::step::{StepGuard, StepSettings, Trainee};
 use burn::data::dataloader::batcher::Batcher;
 use denormals::{DenormalCensus, census};
@@ -267,6 +268,7 @@ pub fn bench<B: AutodiffBackend>(
                 0 | 1 => Vec::new(),
                 w => vec![device.to_id(); w],
             },
+            ..Default::default()
         },
     };
     let counts = trainee.model.param_counts();
@@ -398,11 +400,7 @@ impl BenchReport {
                     self.train_s_per_step,
                     self.steps,
                     self.warmup,
-                    match (self.grad_cache_chunk, self.workers) {
-                        (0, 1) => String::new(),
-                        (0, w) => format!(", {w} data-parallel workers"),
-                        (c, _) => format!(", GradCache in chunks of {c} users"),
-                    }
+                    setup_line(self.workers, None, self.grad_cache_chunk)
                 ),
             ),
             (

@@ -51,12 +51,13 @@ fn step_key(seed: u64, step: u64) -> u64 {
     splitmix64(splitmix64(seed) ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
-/// Runs `f` (a forward pass over chunk `chunk` of training step `step`) with that chunk's
-/// dropout masks, for GradCache's two passes over a chunk: the first on the backend without
-/// autodiff, the second with it. Inside `f` dropout acts without autodiff too and draws its
-/// masks on the host on every backend, so both passes drop the same units. Chunk 0 draws the
-/// masks of [`start_step`]: on a CPU backend a single chunk replays the plain step exactly.
-pub fn with_chunk_masks<R>(seed: u64, step: u64, chunk: u64, f: impl FnOnce() -> R) -> R {
+/// Runs `f` (a forward pass over a chunk of training step `step`) with the dropout masks of
+/// `key` (the place of the chunk's first user in the batch), for GradCache's two passes over a
+/// chunk: the first on the backend without autodiff, the second with it. Inside `f` dropout acts
+/// without autodiff too and draws its masks on the host on every backend, so both passes drop the
+/// same units. Key 0 draws the masks of [`start_step`]: on a CPU backend a single chunk replays
+/// the plain step exactly.
+pub fn with_chunk_masks<R>(seed: u64, step: u64, key: u64, f: impl FnOnce() -> R) -> R {
     /// Leaves replay mode however `f` ends (validation on this thread must not drop units).
     struct Reset;
     impl Drop for Reset {
@@ -67,7 +68,7 @@ pub fn with_chunk_masks<R>(seed: u64, step: u64, chunk: u64, f: impl FnOnce() ->
             });
         }
     }
-    let key = match chunk {
+    let key = match key {
         0 => step_key(seed, step),
         k => splitmix64(step_key(seed, step) ^ splitmix64(k)),
     };

@@ -433,6 +433,7 @@ fn measure<B: AutodiffBackend>(
         precision: options.precision.clone(),
         verify: false,
         devices: None,
+        cluster: None,
     };
     if fit_options.resume {
         same_config(dir, run)?;

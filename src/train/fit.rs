@@ -21,10 +21,11 @@ use crate::error::{ClueError, Result};
 use crate::model::init::Init;
 use crate::model::{ClueModel, ParamCounts};
 use crate::train::checkpoint::{AtomicRecorder, ResumedLogs, SaveEveryPeriod};
+use crate::train::cluster::{Cluster, plan_id};
 use crate::train::config::RunConfig;
 use crate::train::loader::{EpochPlan, PlanLoader};
 use crate::train::metrics::{HISTORY_FILE, History, HistoryLog, Stat, StatMetric};
-use crate::train::parallel::Devices;
+use crate::train::parallel::{Devices, setup_line, worker_devices};
 use crate::train::renderer::LogRenderer;
 use crate::train::schedule::WarmupCosine;
 use crate::train::score::score;
@@ -66,6 +67,8 @@ pub struct FitOptions {
     pub verify: bool,
     /// Data-parallel workers (`--devices`); `None`: one.
     pub devices: Option<Devices>,
+    /// This node's place in a multi-node run (`--nodes`); `None`: one machine.
+    pub cluster: Option<Cluster>,
 }
 
 /// Where a run's data lives, recorded so `--resume` needs nothing else.
@@ -392,20 +395,27 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
             guard: Some(guard.clone()),
             grad_cache_chunk: config.train.grad_cache_chunk,
             workers: workers.clone(),
+            place: options
+                .cluster
+                .as_ref()
+                .map(Cluster::place)
+                .unwrap_or_default(),
         },
     };
+    let plan_id = plan_id(&config, &manifest_sha256, resume_period, &trainee.model);
+    let devices = worker_devices::<B>(&workers, &device);
     let params = trainee.model.param_counts();
     let checkpoints = match config.train.checkpoint_every {
         0 => "checkpoint each epoch".to_string(),
         n => format!("checkpoint each epoch and every {n} steps"),
     };
-    let grad_cache = match (config.train.grad_cache_chunk, workers.len()) {
-        (0, 0 | 1) => String::new(),
-        (0, w) => format!(", data-parallel over {w} workers"),
-        (c, _) => format!(", GradCache in chunks of {c} users"),
-    };
+    let setup = setup_line(
+        workers.len(),
+        options.cluster.as_ref(),
+        config.train.grad_cache_chunk,
+    );
     ui::say(format!(
-        "training on {} ({}): {} parameters ({} non-embedding), {} train / {} valid users, {} epochs × {} steps{grad_cache}, {checkpoints}",
+        "training on {} ({}): {} parameters ({} non-embedding), {} train / {} valid users, {} epochs × {} steps{setup}, {checkpoints}",
         options.backend,
         B::name(&device),
         params.total,
@@ -428,7 +438,12 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
                 "check the run directory's permissions",
             )
         })?;
+    // Joined last, so that nothing fails between the join and the first step.
+    let cluster = (options.cluster.as_ref())
+        .map(|c| c.start::<B::InnerBackend>(&config.train, &devices, &plan_id, run))
+        .transpose()?;
     let result = training.launch(Learner::new(trainee, optim, schedule));
+    drop(cluster); // the nodes leave together, right after their last step
     drop(result.renderer);
     if let Some(logs) = logs {
         logs.restore().map_err(|e| {

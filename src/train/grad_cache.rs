@@ -9,8 +9,10 @@
 //!    cached gradient (the gradient of `sum(z ⊙ g)` is `g` pushed through the encoder); the
 //!    chunks' parameter gradients add up to the whole batch's.
 //!
-//! Both passes over a chunk draw the same dropout masks (`with_chunk_masks`), so the gradient
-//! is the exact gradient of the loss the first pass measured.
+//! Both passes over a chunk draw the same dropout masks (`with_chunk_masks`, keyed by the place
+//! of the chunk's first user in the batch), so the gradient is the exact gradient of the loss the
+//! first pass measured. Data-parallel workers run the same phases on their share of the batch
+//! (`train::parallel`).
 
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
@@ -34,39 +36,12 @@ pub fn grad_cache_step<B: AutodiffBackend>(
     chunk: usize,
     step: u64,
 ) -> (ClueOutput<B>, Option<GradientsParams>) {
-    let multiple = if BackendKind::of::<B>().fixed_shapes() {
-        ITEM_MULTIPLE
-    } else {
-        1
-    };
-    let chunks = batch.split(chunk, multiple);
-    let services = batch.services;
-    let n = batch.len();
-
+    let chunks = batch.split(chunk, item_multiple::<B>());
+    let key = MaskKey { seed, step };
     // 1. Embeddings without graphs.
-    let frozen = model.valid();
-    let parts: Vec<Tensor<B::InnerBackend, 2>> = chunks
-        .iter()
-        .enumerate()
-        .map(|(k, c)| with_chunk_masks(seed, step, k as u64, || frozen.forward(&c.inner())))
-        .collect();
-    drop(frozen);
-    // Row s·n + i of the batch = row s·m + (i − first) of the chunk holding user i (m users).
-    let [_, d] = parts[0].dims();
-    let rows_of = |t: &Tensor<B::InnerBackend, 2>, s: usize, m: usize| {
-        t.clone().slice([s * m..(s + 1) * m, 0..d])
-    };
-    let mut pieces = Vec::with_capacity(services * chunks.len());
-    for s in 0..services {
-        for (part, c) in parts.iter().zip(&chunks) {
-            pieces.push(rows_of(part, s, c.len()));
-        }
-    }
-    drop(parts);
-    let projected = Tensor::<B, 2>::from_inner(Tensor::cat(pieces, 0)).require_grad();
-
+    let projected = Tensor::<B, 2>::from_inner(key.embed_frozen(model, &chunks, 0)).require_grad();
     // 2. The whole batch's loss and its gradient with respect to the embeddings.
-    let out = ClueOutput::of(projected.clone(), services, model.logit_scale());
+    let out = ClueOutput::of(projected.clone(), batch.services, model.logit_scale());
     if !is_finite(&out.loss) {
         return (out, None);
     }
@@ -76,23 +51,94 @@ pub fn grad_cache_step<B: AutodiffBackend>(
         .expect("the embeddings are a leaf of the loss");
     let mut total = GradientsAccumulator::<ClueModel<B>>::new();
     total.accumulate(model, GradientsParams::from_grads(loss_grads, model));
-
     // 3. Each chunk again, with its graph, back-propagated with its rows of the cached gradient.
-    let mut first = 0;
-    for (k, c) in chunks.iter().enumerate() {
-        let m = c.len();
-        let rows: Vec<Tensor<B::InnerBackend, 2>> = (0..services)
-            .map(|s| {
-                cached
-                    .clone()
-                    .slice([s * n + first..s * n + first + m, 0..d])
+    key.replay(model, &chunks, &cached, 0, &mut total);
+    (out, Some(total.grads()))
+}
+
+/// How a batch is padded for backend `B`: distinct items to a multiple of this.
+pub fn item_multiple<B: Backend>() -> usize {
+    if BackendKind::of::<B>().fixed_shapes() {
+        ITEM_MULTIPLE
+    } else {
+        1
+    }
+}
+
+/// The step whose dropout masks the chunks draw: a chunk's masks are keyed by the place of its
+/// first user in the (global) batch, so one chunk is the plain step, and a data-parallel worker's
+/// chunks draw what the same chunks would draw in one process.
+#[derive(Debug, Clone, Copy)]
+pub struct MaskKey {
+    pub seed: u64,
+    pub step: u64,
+}
+
+impl MaskKey {
+    /// `f` under the masks of the chunk whose first user is user `first` of the batch.
+    pub fn masks<T>(self, first: usize, f: impl FnOnce() -> T) -> T {
+        with_chunk_masks(self.seed, self.step, first as u64, f)
+    }
+
+    /// Phase 1: the projected embeddings of `chunks`, consecutive users of a batch from user
+    /// `offset` on, without graphs, as one matrix in row order s·m + i (m users in all).
+    pub fn embed_frozen<B: AutodiffBackend>(
+        self,
+        model: &ClueModel<B>,
+        chunks: &[UserBatch<B>],
+        offset: usize,
+    ) -> Tensor<B::InnerBackend, 2> {
+        let frozen = model.valid();
+        let mut first = offset;
+        let parts: Vec<Tensor<B::InnerBackend, 2>> = chunks
+            .iter()
+            .map(|c| {
+                let z = self.masks(first, || frozen.forward(&c.inner()));
+                first += c.len();
+                z
             })
             .collect();
-        let g = Tensor::<B, 2>::from_inner(Tensor::cat(rows, 0));
-        let z = with_chunk_masks(seed, step, k as u64, || model.forward(c));
-        let grads = (z * g).sum().backward();
-        total.accumulate(model, GradientsParams::from_grads(grads, model));
-        first += m;
+        let services = chunks[0].services;
+        let [_, d] = parts[0].dims();
+        let mut pieces = Vec::with_capacity(services * chunks.len());
+        for s in 0..services {
+            for (part, c) in parts.iter().zip(chunks) {
+                let m = c.len();
+                pieces.push(part.clone().slice([s * m..(s + 1) * m, 0..d]));
+            }
+        }
+        Tensor::cat(pieces, 0)
     }
-    (out, Some(total.grads()))
+
+    /// Phase 3: each of `chunks` (users from user `offset` of the batch on) encoded again with
+    /// its graph and back-propagated with its rows of `cached`, the loss gradient of the whole
+    /// batch's embeddings (row s·n + i); the gradients go into `total`.
+    pub fn replay<B: AutodiffBackend>(
+        self,
+        model: &ClueModel<B>,
+        chunks: &[UserBatch<B>],
+        cached: &Tensor<B::InnerBackend, 2>,
+        offset: usize,
+        total: &mut GradientsAccumulator<ClueModel<B>>,
+    ) {
+        let services = chunks[0].services;
+        let [rows, d] = cached.dims();
+        let n = rows / services;
+        let mut first = offset;
+        for c in chunks {
+            let m = c.len();
+            let rows: Vec<Tensor<B::InnerBackend, 2>> = (0..services)
+                .map(|s| {
+                    cached
+                        .clone()
+                        .slice([s * n + first..s * n + first + m, 0..d])
+                })
+                .collect();
+            let g = Tensor::<B, 2>::from_inner(Tensor::cat(rows, 0));
+            let z = self.masks(first, || model.forward(c));
+            let grads = (z * g).sum().backward();
+            total.accumulate(model, GradientsParams::from_grads(grads, model));
+            first += m;
+        }
+    }
 }

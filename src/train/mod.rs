@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod clip;
+pub mod cluster;
 pub mod config;
 pub mod fit;
 pub mod grad_cache;

@@ -1,13 +1,19 @@
-//! Data-parallel training steps on burn-collective (`clue fit --devices`).
+//! Data-parallel training steps on burn-collective (`clue fit --devices`, and `--nodes` with
+//! [`crate::train::cluster`]).
 //!
-//! The batch is split over W workers, each a thread with its own replica of the model on its own
-//! device (W threads on one CPU device, or one per GPU). As in the paper, every worker's InfoNCE
-//! is computed against the **global** batch: the projected embeddings of all workers are gathered
-//! with an all-reduce (each worker fills its rows of a zero matrix), the worker's own rows are put
-//! back with their graph, so its gradient flows through its rows only; the logit scale's gradient,
-//! which every worker computes in full, is divided by W; and the workers' gradients are summed
-//! with an all-reduce. Without dropout the update is then the one-device update of the whole
-//! batch; with it, worker k draws the masks of chunk k of the step (`with_chunk_masks`).
+//! The global batch is split over W workers on each of N nodes, each a thread with its own
+//! replica of the model on its own device (W threads on one CPU device, or one per GPU). As in the
+//! paper, every worker's InfoNCE is computed against the **global** batch: the projected
+//! embeddings of all workers are gathered with an all-reduce (each worker fills its rows of a zero
+//! matrix), the worker's own rows are put back with their graph, so its gradient flows through
+//! its rows only; the logit scale's gradient, which every worker with users computes in full, is
+//! divided by their number; and the workers' gradients are summed with one all-reduce. Without
+//! dropout the update is then the one-device update of the whole batch; with it, a worker's
+//! chunk draws the masks keyed by the place of its first user in the batch ([`MaskKey`]).
+//!
+//! With GradCache (`train.grad_cache_chunk`), each worker encodes its share in chunks: first
+//! without autodiff for the gather, then again per chunk with its rows of the cached gradient of
+//! the global loss ([`MaskKey::replay`]).
 //!
 //! A worker that fails (a panic in its forward or backward pass) still takes part in every
 //! collective call, with zeros, so the others never wait forever; the step then reports which
@@ -17,22 +23,22 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Mutex;
 
 use burn::collective::{
-    CollectiveConfig, PeerId, ReduceOperation, all_reduce, finish_collective, register,
-    reset_collective,
+    CollectiveConfig, CollectiveError, PeerId, ReduceOperation, all_reduce, finish_collective,
+    register, reset_collective,
 };
-use burn::module::Module;
-use burn::optim::GradientsParams;
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::TensorPrimitive;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::backend::DeviceId;
 
-use crate::backend::BackendKind;
-use crate::data::batcher::{ITEM_MULTIPLE, UserBatch};
+use crate::data::batcher::UserBatch;
 use crate::error::{ClueError, Result, panic_message};
 use crate::model::ClueModel;
-use crate::model::dropout::with_chunk_masks;
+use crate::train::cluster::{Cluster, Place};
 use crate::train::config::TrainConfig;
+use crate::train::grad_cache::{MaskKey, item_multiple};
 use crate::train::loss::is_finite;
 use crate::train::metrics::ClueOutput;
 
@@ -43,49 +49,72 @@ pub type StepParts<B> = (ClueOutput<B>, Option<GradientsParams>);
 /// gradients, or the first failed worker's message.
 pub type ParallelStep<B> = Result<StepParts<B>, String>;
 
-/// Training step `step` of `model` (a run seeded with `seed`) on `batch`, split over one worker
-/// per entry of `devices` (the first is the model's own device), or over fewer when the batch
-/// is too short to give each of them a share (users are split in chunks of ⌈n / devices⌉).
+/// Training step `step` of `model` (a run seeded with `seed`) on `batch`, the global batch, split
+/// over one worker per entry of `devices` (the first is the model's own device) on each of
+/// `place.nodes` nodes: the users are cut in chunks of ⌈n / all workers⌉ and node R's worker k
+/// takes chunk R·W + k. A short batch (an epoch's last) may leave the last workers without a
+/// chunk: they encode one user whose rows count for nothing, so that every worker makes the
+/// same collective calls.
 pub fn parallel_step<B: AutodiffBackend>(
     model: &ClueModel<B>,
     seed: u64,
     batch: &UserBatch<B>,
     devices: &[B::Device],
+    place: Place,
     step: u64,
+    grad_cache: usize,
 ) -> ParallelStep<B> {
     // burn-collective's server is one per process and backend, and its peer ids are reused:
-    // one data-parallel step at a time, starting from a clean server.
+    // one data-parallel step at a time; on one node, starting from a clean server.
     let _one = ONE_STEP.lock().unwrap_or_else(|e| e.into_inner());
-    reset_collective::<B::InnerBackend>();
-    let multiple = if BackendKind::of::<B>().fixed_shapes() {
-        ITEM_MULTIPLE
-    } else {
-        1
-    };
-    // A short batch (an epoch's last) may make fewer chunks than devices: the step then runs on
-    // as many workers as it has chunks.
-    let chunks = batch.split(batch.len().div_ceil(devices.len().max(1)), multiple);
-    let workers = chunks.len();
-    let mut firsts = Vec::with_capacity(workers);
+    if !place.multi_node() {
+        reset_collective::<B::InnerBackend>();
+    }
+    let multiple = item_multiple::<B>();
+    let w = devices.len().max(1);
+    let chunks = batch.split(batch.len().div_ceil(w * place.nodes), multiple);
+    let active = chunks.len();
+    let mut firsts = Vec::with_capacity(active);
     let mut first = 0;
     for c in &chunks {
         firsts.push(first);
         first += c.len();
     }
+    let mut mine: Vec<(UserBatch<B>, Option<usize>)> = chunks
+        .into_iter()
+        .zip(firsts)
+        .skip(place.rank * w)
+        .take(w)
+        .map(|(c, first)| (c, Some(first)))
+        .collect();
+    if mine.len() < w {
+        // The batch's first user, alone.
+        let stand_in = batch.split(1, multiple).swap_remove(0);
+        mine.resize_with(w, || (stand_in.clone(), None));
+    }
     let shared = Shared {
         n: batch.len(),
         services: batch.services,
-        workers,
+        workers: w,
+        active,
         seed,
         step,
+        place,
+        grad_cache,
+        multiple,
     };
     // Replicas and chunks go to their devices before any worker joins the collective: a failure
     // here stops the step with nobody waiting.
     let placed = catch_unwind(AssertUnwindSafe(|| {
-        chunks
-            .into_iter()
+        mine.into_iter()
             .zip(devices)
-            .map(|(chunk, device)| (model.clone().fork(device), chunk.to_device(device)))
+            .map(|((chunk, first), device)| {
+                let part = Part {
+                    chunk: chunk.to_device(device),
+                    first,
+                };
+                (model.clone().fork(device), part)
+            })
             .collect::<Vec<_>>()
     }))
     .map_err(|p| {
@@ -98,65 +127,126 @@ pub fn parallel_step<B: AutodiffBackend>(
         let handles: Vec<_> = placed
             .into_iter()
             .zip(devices)
-            .zip(firsts)
             .enumerate()
-            .map(|(rank, (((replica, chunk), device), first))| {
+            .map(|(k, ((replica, part), device))| {
                 let shared = &shared;
-                scope.spawn(move || shared.work(rank, replica, chunk, first, device))
+                scope.spawn(move || shared.work(k, replica, part, device))
             })
             .collect();
         handles
             .into_iter()
             .enumerate()
-            .map(|(rank, h)| {
+            .map(|(k, h)| {
                 h.join()
-                    .unwrap_or_else(|_| Err(format!("worker {rank} died")))
+                    .unwrap_or_else(|_| Err(format!("{} died", shared.name(k))))
             })
             .collect()
     });
     let mut main = None;
-    for (rank, r) in results.into_iter().enumerate() {
+    for (k, r) in results.into_iter().enumerate() {
         match r {
             Err(e) => return Err(e),
-            Ok(out) if rank == 0 => main = out,
+            Ok(out) if k == 0 => main = out,
             Ok(_) => {}
         }
     }
-    main.ok_or_else(|| "worker 0 returned no output".to_string())
+    // Every local worker saw a failure none of them had: a worker on another node failed.
+    main.ok_or_else(|| {
+        format!(
+            "a worker on another node failed at step {step} (that node's output names it); no update was made"
+        )
+    })
+}
+
+/// Each worker's device: the devices of `ids`, or the main device alone.
+pub fn worker_devices<B: Backend>(ids: &[DeviceId], main: &B::Device) -> Vec<B::Device> {
+    match ids {
+        [] => vec![main.clone()],
+        ids => ids.iter().map(|&id| B::Device::from_id(id)).collect(),
+    }
+}
+
+/// How `clue fit` describes the step: data-parallel workers (over nodes), GradCache.
+pub fn setup_line(workers: usize, cluster: Option<&Cluster>, grad_cache: usize) -> String {
+    let mut line = match (workers, cluster) {
+        (w, Some(c)) => format!(
+            ", data-parallel over {} nodes × {} workers",
+            c.nodes,
+            w.max(1)
+        ),
+        (0 | 1, None) => String::new(),
+        (w, None) => format!(", data-parallel over {w} workers"),
+    };
+    if grad_cache > 0 {
+        line += &format!(", GradCache in chunks of {grad_cache} users");
+    }
+    line
 }
 
 /// Held for the whole of a data-parallel step (see [`parallel_step`]).
 static ONE_STEP: Mutex<()> = Mutex::new(());
+
+/// A worker's share of the batch: its chunk, and where the chunk's users sit in the global
+/// batch (`None`: a stand-in whose rows count for nothing).
+struct Part<B: Backend> {
+    chunk: UserBatch<B>,
+    first: Option<usize>,
+}
 
 /// What every worker of one step knows.
 struct Shared {
     /// Users in the global batch.
     n: usize,
     services: usize,
+    /// Workers on each node.
     workers: usize,
+    /// Workers with a chunk, over all nodes: each computes the logit scale's whole gradient.
+    active: usize,
     seed: u64,
     step: u64,
+    place: Place,
+    /// GradCache inside each worker: chunks of this many users (0: the worker's share at once).
+    grad_cache: usize,
+    /// Distinct items per batch padded to a multiple of this.
+    multiple: usize,
 }
 
 impl Shared {
-    /// Worker `rank`'s part of the step: its users are rows `first..first + m` of every service
-    /// of the global batch. Worker 0 returns its output and the summed gradients.
+    /// Worker `k`'s index among all the run's workers (its peer id and dropout chunk).
+    fn global(&self, k: usize) -> usize {
+        self.place.rank * self.workers + k
+    }
+
+    /// How messages name worker `k`.
+    fn name(&self, k: usize) -> String {
+        if self.place.multi_node() {
+            format!("worker {k} of node {}", self.place.rank)
+        } else {
+            format!("worker {k}")
+        }
+    }
+
+    /// Worker `k`'s part of the step. Worker 0 returns its output and the summed gradients.
+    /// On one node the workers join the collective for this step only; on several they joined
+    /// for the run ([`crate::train::cluster::Cluster::join`]).
     fn work<B: AutodiffBackend>(
         &self,
-        rank: usize,
+        k: usize,
         model: ClueModel<B>,
-        chunk: UserBatch<B>,
-        first: usize,
+        part: Part<B>,
         device: &B::Device,
     ) -> Result<Option<StepParts<B>>, String> {
-        let peer = PeerId(rank as u32);
+        let peer = PeerId(self.global(k) as u32);
+        if self.place.multi_node() {
+            return self.collective(k, &model, &part, device);
+        }
         let fail = |what: &str, e: burn::collective::CollectiveError| {
-            format!("worker {rank}: {what} failed: {e:?}")
+            format!("{}: {what} failed: {e:?}", self.name(k))
         };
         let config = CollectiveConfig::default().with_num_devices(self.workers);
         register::<B::InnerBackend>(peer, device.clone(), config)
             .map_err(|e| fail("joining the collective", e))?;
-        let result = self.collective(rank, &model, &chunk, first, device);
+        let result = self.collective(k, &model, &part, device);
         // Always leave, so that no peer stays registered after this step.
         let left = finish_collective::<B::InnerBackend>(peer);
         let result = result?;
@@ -164,34 +254,60 @@ impl Shared {
         Ok(result)
     }
 
-    /// The collective calls of worker `rank`'s step, the same on every worker whatever fails.
+    /// The collective calls of worker `k`'s step, the same on every worker whatever fails.
     fn collective<B: AutodiffBackend>(
         &self,
-        rank: usize,
+        k: usize,
         model: &ClueModel<B>,
-        chunk: &UserBatch<B>,
-        first: usize,
+        part: &Part<B>,
         device: &B::Device,
     ) -> Result<Option<StepParts<B>>, String> {
-        let peer = PeerId(rank as u32);
-        let fail = |what: &str, e: burn::collective::CollectiveError| {
-            format!("worker {rank}: {what} failed: {e:?}")
+        let global = self.global(k);
+        let peer = PeerId(global as u32);
+        let fail = |what: &str, e: CollectiveError| {
+            let hint = if self.place.multi_node() {
+                " (did another node stop? its output says why)"
+            } else {
+                ""
+            };
+            format!("{}: {what} failed: {e:?}{hint}", self.name(k))
         };
+        let chunk = &part.chunk;
         let (m, services, n) = (chunk.len(), self.services, self.n);
         let d = model.head.w2.weight.dims()[1];
         let zeros = || Tensor::<B::InnerBackend, 2>::zeros([services * n, d], device);
+        let key = MaskKey {
+            seed: self.seed,
+            step: self.step,
+        };
+        // A stand-in's masks: past the batch's users (its rows count for nothing anyway).
+        let first = part.first.unwrap_or(n + global);
+        // GradCache inside the worker: its share in chunks, first encoded without autodiff.
+        let cut = self.grad_cache > 0 && self.grad_cache < m && part.first.is_some();
+        let subs = if cut {
+            chunk.split(self.grad_cache, self.multiple)
+        } else {
+            Vec::new()
+        };
         // Gather: each worker fills its rows of a zero [services·n, d] matrix; the sum is the
-        // batch. A worker that fails sends zeros.
+        // batch. A worker that fails, or is a stand-in, sends zeros there.
         let local = catch_unwind(AssertUnwindSafe(|| {
-            let z = with_chunk_masks(self.seed, self.step, rank as u64, || model.forward(chunk));
+            let (z, values) = if cut {
+                (None, key.embed_frozen(model, &subs, first))
+            } else {
+                let z = key.masks(first, || model.forward(chunk));
+                (Some(z.clone()), z.inner())
+            };
             let mut buffer = zeros();
-            for s in 0..services {
-                let rows = z.clone().inner().slice([s * m..(s + 1) * m, 0..d]);
-                buffer = buffer.slice_assign([s * n + first..s * n + first + m, 0..d], rows);
+            if part.first.is_some() {
+                for s in 0..services {
+                    let rows = values.clone().slice([s * m..(s + 1) * m, 0..d]);
+                    buffer = buffer.slice_assign([s * n + first..s * n + first + m, 0..d], rows);
+                }
             }
             (z, buffer)
         }))
-        .map_err(|p| panic_text(rank, "forward pass", p));
+        .map_err(|p| panic_text(&self.name(k), "forward pass", p));
         let (local, buffer) = match local {
             Ok((z, buffer)) => (Ok(z), buffer),
             Err(e) => (Err(e), zeros()),
@@ -204,26 +320,52 @@ impl Shared {
         .map_err(|e| fail("gathering the embeddings", e))?;
         let outcome = local.and_then(|z| {
             catch_unwind(AssertUnwindSafe(|| {
-                let mut global = Tensor::<B, 2>::from_inner(Tensor::from_primitive(
+                let mut all = Tensor::<B, 2>::from_inner(Tensor::from_primitive(
                     TensorPrimitive::Float(gathered),
                 ));
-                for s in 0..services {
-                    let own = z.clone().slice([s * m..(s + 1) * m, 0..d]);
-                    global = global.slice_assign([s * n + first..s * n + first + m, 0..d], own);
+                if part.first.is_none() {
+                    // A stand-in: the same parameters get a gradient, of zero.
+                    let z = z.expect("a stand-in is not cut");
+                    let out = ClueOutput::of(all, services, model.logit_scale());
+                    let nothing = z.sum() * 0.0 + model.logit_scale() * 0.0;
+                    let grads = GradientsParams::from_grads(nothing.backward(), model);
+                    return (out, Some(grads));
                 }
-                let out = ClueOutput::of(global, services, model.logit_scale());
+                match &z {
+                    // Own rows with their graph: the gradient flows through them only.
+                    Some(z) => {
+                        for s in 0..services {
+                            let own = z.clone().slice([s * m..(s + 1) * m, 0..d]);
+                            all = all.slice_assign([s * n + first..s * n + first + m, 0..d], own);
+                        }
+                    }
+                    // GradCache: the gathered embeddings are a leaf; their gradient is cached.
+                    None => all = all.require_grad(),
+                }
+                let out = ClueOutput::of(all.clone(), services, model.logit_scale());
                 if !is_finite(&out.loss) {
                     return (out, None);
                 }
-                let mut grads = GradientsParams::from_grads(out.loss.backward(), model);
-                // Every worker's loss holds all the logits: count the scale's gradient once.
+                let mut loss_grads = out.loss.backward();
+                let cached = z.is_none().then(|| {
+                    all.grad_remove(&mut loss_grads)
+                        .expect("the embeddings are a leaf of the loss")
+                });
+                let mut grads = GradientsParams::from_grads(loss_grads, model);
+                // Every active worker's loss holds all the logits: count the scale's gradient once.
                 let id = model.log_logit_scale.id;
                 if let Some(g) = grads.remove::<B::InnerBackend, 1>(id) {
-                    grads.register::<B::InnerBackend, 1>(id, g / self.workers as f64);
+                    grads.register::<B::InnerBackend, 1>(id, g / self.active as f64);
+                }
+                if let Some(cached) = cached {
+                    let mut total = GradientsAccumulator::<ClueModel<B>>::new();
+                    total.accumulate(model, grads);
+                    key.replay(model, &subs, &cached, first, &mut total);
+                    grads = total.grads();
                 }
                 (out, Some(grads))
             }))
-            .map_err(|p| panic_text(rank, "loss or backward pass", p))
+            .map_err(|p| panic_text(&self.name(k), "loss or backward pass", p))
         });
         // Everyone learns whether anyone failed (or met a non-finite loss) before summing.
         let flags = [
@@ -249,21 +391,91 @@ impl Shared {
             Ok((out, grads)) => {
                 let grads = match grads {
                     Some(g) if flags[1] == 0.0 => Some(
-                        g.all_reduce::<B::InnerBackend>(peer, ReduceOperation::Sum)
+                        sum_gradients(model, g, peer)
                             .map_err(|e| fail("summing the gradients", e))?,
                     ),
                     _ => None,
                 };
-                Ok((rank == 0).then_some((out, grads)))
+                Ok((k == 0).then_some((out, grads)))
             }
         }
     }
 }
 
+/// Sum every worker's gradients with one all-reduce, not one per parameter (across nodes each
+/// all-reduce is a round of messages): the gradients are laid end to end in the order the
+/// model visits its parameters, the same on every worker.
+fn sum_gradients<B: AutodiffBackend>(
+    model: &ClueModel<B>,
+    mut grads: GradientsParams,
+    peer: PeerId,
+) -> std::result::Result<GradientsParams, CollectiveError> {
+    struct Take<'a, B: AutodiffBackend> {
+        grads: &'a mut GradientsParams,
+        parts: Vec<Tensor<B::InnerBackend, 1>>,
+        taken: Vec<ParamId>,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Take<'_, B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
+                self.parts.push(g.reshape([-1]));
+                self.taken.push(param.id);
+            }
+        }
+    }
+    /// Cuts the summed vector back into the gradients `taken` held, in the same order.
+    struct Put<B: AutodiffBackend> {
+        summed: Tensor<B::InnerBackend, 1>,
+        at: usize,
+        taken: Vec<ParamId>,
+        next: usize,
+        grads: GradientsParams,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Put<B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if self.taken.get(self.next) != Some(&param.id) {
+                return;
+            }
+            self.next += 1;
+            let shape = param.val().shape();
+            let end = self.at + shape.num_elements();
+            let g = self
+                .summed
+                .clone()
+                .narrow(0, self.at, end - self.at)
+                .reshape(shape);
+            self.grads.register::<B::InnerBackend, D>(param.id, g);
+            self.at = end;
+        }
+    }
+    let mut take = Take::<B> {
+        grads: &mut grads,
+        parts: Vec::new(),
+        taken: Vec::new(),
+    };
+    model.visit(&mut take);
+    let (parts, taken) = (take.parts, take.taken);
+    if parts.is_empty() {
+        return Ok(grads);
+    }
+    let flat = Tensor::cat(parts, 0);
+    let summed =
+        all_reduce::<B::InnerBackend>(peer, flat.into_primitive().tensor(), ReduceOperation::Sum)?;
+    let mut put = Put::<B> {
+        summed: Tensor::from_primitive(TensorPrimitive::Float(summed)),
+        at: 0,
+        taken,
+        next: 0,
+        grads,
+    };
+    model.visit(&mut put);
+    Ok(put.grads)
+}
+
 /// The message of a worker's panic.
-fn panic_text(rank: usize, phase: &str, payload: Box<dyn std::any::Any + Send>) -> String {
+fn panic_text(worker: &str, phase: &str, payload: Box<dyn std::any::Any + Send>) -> String {
     format!(
-        "worker {rank} failed in its {phase}: {}",
+        "{worker} failed in its {phase}: {}",
         panic_message(payload.as_ref())
     )
 }
@@ -348,12 +560,6 @@ impl Devices {
                     train.batch_size
                 ),
                 "use a batch size that is a multiple of the number of --devices",
-            ));
-        }
-        if w > 1 && train.grad_cache_chunk > 0 {
-            return Err(ClueError::config(
-                "train.grad_cache_chunk with --devices: GradCache does not run inside data-parallel workers yet",
-                "use one of the two (--set train.grad_cache_chunk=0, or no --devices)",
             ));
         }
         Ok(())

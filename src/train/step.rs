@@ -14,10 +14,11 @@ use crate::data::batcher::UserBatch;
 use crate::model::dropout::start_step;
 use crate::model::{ClueModel, LOGIT_SCALE_MAX};
 use crate::train::clip::clip_global_norm;
+use crate::train::cluster::Place;
 use crate::train::grad_cache::grad_cache_step;
 use crate::train::loss::is_finite;
 use crate::train::metrics::ClueOutput;
-use crate::train::parallel::parallel_step;
+use crate::train::parallel::{parallel_step, worker_devices};
 
 /// Watches every training step for a non-finite loss. The first bad step skips its update,
 /// records its number and stops the learner, so the last checkpoint stays a good one.
@@ -100,6 +101,8 @@ pub struct StepSettings {
     /// Data-parallel workers: one device each, the first the model's own (fewer than two: the
     /// step runs on the model's device alone).
     pub workers: Vec<DeviceId>,
+    /// This node's place in a multi-node run (one node by default).
+    pub place: Place,
 }
 
 /// The model as the learner sees it.
@@ -147,10 +150,11 @@ impl<B: AutodiffBackend> TrainStep for Trainee<B> {
         let step = self.settings.guard.as_ref().map_or(0, |g| g.steps()) as u64;
         let chunk = self.settings.grad_cache_chunk;
         let workers = &self.settings.workers;
-        let (out, grads) = if workers.len() > 1 {
-            let devices: Vec<B::Device> =
-                workers.iter().map(|&id| B::Device::from_id(id)).collect();
-            match parallel_step(&self.model, self.settings.seed, &batch, &devices, step) {
+        let place = self.settings.place;
+        let (out, grads) = if workers.len() > 1 || place.multi_node() {
+            let devices = worker_devices::<B>(workers, &self.model.devices()[0]);
+            let seed = self.settings.seed;
+            match parallel_step(&self.model, seed, &batch, &devices, place, step, chunk) {
                 Ok(done) => done,
                 Err(failure) => return self.failed(&batch, failure),
             }

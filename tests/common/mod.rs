@@ -131,5 +131,23 @@ pub fn fit_options(
         precision: "f32".into(),
         verify: true,
         devices: None,
+        cluster: None,
     }
+}
+
+/// Every tensor of a run's exported model, as f32s by name.
+pub fn weights(run: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let bytes = std::fs::read(run.join("model/model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            let v = t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            (name, v)
+        })
+        .collect()
 }

@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use clue::data::prepare::{Objective, PrepareOptions};
 use clue::data::synth::WorldKind;
 use clue::error::ClueError;
+use clue::train::cluster::Cluster;
 
 #[derive(Parser)]
 #[command(
@@ -54,7 +55,7 @@ pub enum Command {
     Prepare(PrepareArgs),
     /// Pretrain CLUE on a prepared dataset (with no argument: the embedded default run).
     #[command(
-        after_help = "Examples:\n  clue fit --backend ndarray                     # embedded default: synth + prepare + tiny config\n  clue fit --backend flex --config config/small.toml --data data/prepared --out runs/small\n  clue fit --backend cuda --precision bf16 --config config/base.toml --data data/p --out runs/base\n  clue fit --backend ndarray --set train.epochs=2 --set train.lr=1e-3\n  clue fit --backend cuda --devices 0,1,2,3 --config config/base.toml --data data/p   # data-parallel\n  clue fit --backend flex --set train.grad_cache_chunk=8   # GradCache: memory of 8 users, negatives of the batch\n  clue fit --resume runs/small                   # continue a killed run from its last checkpoint\n\nOn a terminal, Burn's dashboard shows progress (q stops the run: it exits non-zero and --resume continues it); otherwise plain log lines."
+        after_help = "Examples:\n  clue fit --backend ndarray                     # embedded default: synth + prepare + tiny config\n  clue fit --backend flex --config config/small.toml --data data/prepared --out runs/small\n  clue fit --backend cuda --precision bf16 --config config/base.toml --data data/p --out runs/base\n  clue fit --backend ndarray --set train.epochs=2 --set train.lr=1e-3\n  clue fit --backend cuda --devices 0,1,2,3 --config config/base.toml --data data/p   # data-parallel\n  clue fit --backend cuda --devices 0,1 --nodes 2 --node-rank 0 --coordinator 10.0.0.1:29500 --node-address 10.0.0.1:29501 ...   # multi-node: the same on each machine, with its rank\n  clue fit --backend flex --set train.grad_cache_chunk=8   # GradCache: memory of 8 users, negatives of the batch\n  clue fit --resume runs/small                   # continue a killed run from its last checkpoint\n\nOn a terminal, Burn's dashboard shows progress (q stops the run: it exits non-zero and --resume continues it); otherwise plain log lines."
     )]
     Fit(FitArgs),
     /// Contrastive loss and retrieval of a trained model on held-out users.
@@ -77,6 +78,12 @@ pub enum Command {
         after_help = "Examples:\n  clue bench --preset tiny --backend flex\n  clue bench --preset tiny --backend flex --keep-denormals --denormal-census\n  clue bench --preset small --backend cuda --precision bf16 --json\n  clue bench --preset small --batch 256 --grad-cache 32 --steps 1 --warmup 0\n\nCompare with: python3 shared/bench/torch_clue_ref.py --vocab 4096 --dim 64 --layers 2 --heads 4 --L 16 --S 32 --batch 16"
     )]
     Bench(BenchArgs),
+    /// Run the coordinator of a multi-node training run (rank 0 of `clue fit --nodes` starts
+    /// one itself; run this to keep it apart).
+    #[command(
+        after_help = "Examples:\n  clue coordinator --port 29500\n  clue fit --nodes 2 --node-rank 0 --coordinator 10.0.0.1:29500 --node-address 10.0.0.1:29501 --coordinator-running ...\n\nRuns until Ctrl+C."
+    )]
+    Coordinator(CoordinatorArgs),
     /// Train every run of a scaling-study grid, each measured at the same held-out batches.
     #[command(
         after_help = "Examples:\n  clue sweep --grid config/sweeps/smoke.toml --data data/default/prepared --out sweeps/smoke --backend flex\n  clue sweep --grid config/sweeps/cpu.toml --data data/dynamic/prepared --out sweeps/cpu --backend flex\n  clue sweep --grid config/sweeps/gpu.toml --data data/p --out sweeps/gpu --backend cuda\n  clue sweep --grid config/sweeps/cpu.toml --data data/dynamic/prepared --out sweeps/cpu --task data/dynamic/tasks/news.toml\n\nEach run is an ordinary run directory under OUT/runs/ (config, checkpoints, summary, model bundle) plus\npoint.json: parameters, PF-days, learning curve, held-out test loss and (with --task) the CLUE probe's\nMRR and HR@10 on each task (results under runs/NAME/eval/TASK/). The same command again skips\nfinished runs and resumes the one a kill interrupted. Then: clue scaling --sweep OUT."
@@ -168,6 +175,60 @@ pub struct FitArgs {
     /// the first GPU listed replaces --device.
     #[arg(long, value_name = "LIST|N")]
     pub devices: Option<String>,
+    /// Multi-node training: the number of machines. Each runs the same command (same config
+    /// and data) with its own --node-rank; every batch is split over all their workers.
+    #[arg(long, value_name = "N", requires = "node_rank")]
+    pub nodes: Option<usize>,
+    /// This machine's rank in a multi-node run, 0 to N-1 (rank 0 starts the coordinator).
+    #[arg(long, value_name = "R", requires = "nodes")]
+    pub node_rank: Option<usize>,
+    /// The coordinator, HOST:PORT, the same on every node; rank 0 starts it there.
+    #[arg(long, value_name = "HOST:PORT", requires = "nodes")]
+    pub coordinator: Option<String>,
+    /// Where the other nodes reach this one, HOST:PORT (with a 127.0.0.1 coordinator the
+    /// default is 127.0.0.1 at the coordinator's port + 1 + rank).
+    #[arg(long, value_name = "HOST:PORT", requires = "nodes")]
+    pub node_address: Option<String>,
+    /// Seconds to wait for the coordinator and every node before failing.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 300,
+        requires = "nodes"
+    )]
+    pub join_timeout: u64,
+    /// A coordinator already runs at --coordinator (`clue coordinator`): rank 0 starts none.
+    #[arg(long, requires = "nodes")]
+    pub coordinator_running: bool,
+}
+
+impl FitArgs {
+    /// `--nodes` and company: this machine's place in a multi-node run.
+    pub fn cluster(&self) -> Result<Option<Cluster>, ClueError> {
+        let Some(nodes) = self.nodes else {
+            return Ok(None);
+        };
+        if self.device.backend() == BackendName::Wgpu {
+            return Err(ClueError::config(
+                "--nodes on wgpu: multi-node training runs on cuda or on a CPU backend",
+                "use --backend cuda, flex or ndarray",
+            ));
+        }
+        let timeout = std::time::Duration::from_secs(self.join_timeout);
+        let (rank, running) = (self.node_rank.unwrap_or(0), self.coordinator_running);
+        let (coordinator, node) = (self.coordinator.as_deref(), self.node_address.as_deref());
+        Cluster::new(nodes, rank, coordinator, node, timeout, running).map(Some)
+    }
+}
+
+#[derive(Args)]
+pub struct CoordinatorArgs {
+    /// The port to listen on (all interfaces).
+    #[arg(long, default_value_t = 29500)]
+    pub port: u16,
+    /// Stop when standard input closes (how rank 0 runs it as its child).
+    #[arg(long, hide = true)]
+    pub until_stdin_closes: bool,
 }
 
 #[derive(Args)]

@@ -19,6 +19,7 @@ use clue::embed::{EmbedOptions, USER_BATCH, embed};
 use clue::eval::{EvalOptions, eval};
 use clue::scaling::report::scaling;
 use clue::scaling::sweep::{SweepOptions, sweep};
+use clue::train::cluster::serve_coordinator;
 use clue::train::config::RunConfig;
 use clue::train::fit::{FitOptions, fit};
 use clue::train::parallel::Devices;
@@ -32,7 +33,7 @@ const DEFAULT_USERS: usize = 2000;
 
 /// What to run once the backend is chosen.
 enum Job {
-    Fit(FitOptions),
+    Fit(Box<FitOptions>),
     Embed {
         model: PathBuf,
         options: EmbedOptions,
@@ -196,10 +197,8 @@ fn dispatch(d: &DeviceArgs, job: &Job) -> anyhow::Result<()> {
             let device = burn::backend::cuda::CudaDevice::new(d.device);
             kernel_cache();
             probe::<burn::backend::Cuda>(&device, "CUDA")?;
-            if let Job::Fit(FitOptions {
-                devices: Some(Devices::Indices(ix)),
-                ..
-            }) = job
+            if let Job::Fit(f) = job
+                && let Some(Devices::Indices(ix)) = &f.devices
             {
                 for &i in ix {
                     let other = burn::backend::cuda::CudaDevice::new(i as usize);
@@ -248,6 +247,7 @@ fn fit_options(a: &FitArgs) -> anyhow::Result<FitOptions> {
             precision,
             verify: !a.no_verify,
             devices: None,
+            cluster: None,
         });
     }
     let (base, name) = match &a.config {
@@ -282,6 +282,7 @@ fn fit_options(a: &FitArgs) -> anyhow::Result<FitOptions> {
         precision,
         verify: !a.no_verify,
         devices: None,
+        cluster: None,
     })
 }
 
@@ -392,7 +393,7 @@ fn fit_cmd(mut a: FitArgs) -> anyhow::Result<()> {
         .map(|spec| parse_devices(spec, a.device.backend()))
         .transpose()?;
     if let Some(Devices::Indices(ix)) = &devices {
-        if ix.len() == 1 {
+        if ix.len() == 1 && a.nodes.is_none() {
             ui::say(format!(
                 "--devices {}: one GPU, so no data-parallel training (list the GPUs, e.g. 0,1)",
                 ix[0]
@@ -400,12 +401,13 @@ fn fit_cmd(mut a: FitArgs) -> anyhow::Result<()> {
         }
         a.device.device = ix[0] as usize;
     }
+    let cluster = a.cluster()?;
     let mut options = fit_options(&a)?;
-    options.devices = devices;
+    (options.devices, options.cluster) = (devices, cluster);
     if !options.resume {
         ui::detail(format!("resolved config:\n{}", options.config.to_toml()));
     }
-    dispatch(&a.device, &Job::Fit(options))
+    dispatch(&a.device, &Job::Fit(Box::new(options)))
 }
 
 /// `--devices`: GPU indices on cuda, a number of worker threads on a CPU backend.
@@ -510,10 +512,6 @@ fn bench_cmd(a: BenchArgs) -> anyhow::Result<()> {
         a.workers,
         preset.batch
     );
-    anyhow::ensure!(
-        a.workers == 1 || a.grad_cache == 0,
-        "--workers with --grad-cache: GradCache does not run inside data-parallel workers yet"
-    );
     let job = Job::Bench {
         preset,
         options: BenchOptions {
@@ -538,6 +536,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Embed(a) => embed_cmd(a),
         Command::Eval(a) => eval_cmd(a),
         Command::Bench(a) => bench_cmd(a),
+        Command::Coordinator(a) => Ok(serve_coordinator(a.port, a.until_stdin_closes)?),
         Command::Sweep(a) => {
             let options = SweepOptions {
                 grid: a.grid,

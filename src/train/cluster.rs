@@ -1,0 +1,474 @@
+//! Multi-node data-parallel training (`clue fit --nodes N --node-rank R --coordinator HOST:PORT`),
+//! on burn-collective's global mode.
+//!
+//! Every node runs the same command on the same data and config and makes the same plan; each
+//! global batch is split over all `nodes × workers` workers and node R's workers take their
+//! shares (see [`crate::train::parallel`]). The all-reduces go first between a node's workers,
+//! then between nodes through each node's tensor service (`--node-address`), after the nodes
+//! have met at the coordinator. Rank 0 starts the coordinator (`clue coordinator`) as a child
+//! process unless `--coordinator-running` says one already runs.
+//!
+//! The workers join once per run ([`Cluster::join`]) and leave when the [`Membership`] is
+//! dropped. Joining waits for every node, with a time limit: an unreachable coordinator or a
+//! node that never comes is an error, not a hang. Before training the nodes compare a
+//! fingerprint of their plan (config, data, parameters, resume point) and refuse to train
+//! apart.
+
+use std::hash::{Hash, Hasher};
+use std::io::Read;
+use std::net::{TcpListener, ToSocketAddrs};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use burn::collective::{
+    AllReduceStrategy, CollectiveConfig, PeerId, ReduceOperation, all_reduce, finish_collective,
+    register, reset_collective,
+};
+use burn::module::Module;
+use burn::prelude::*;
+use burn::tensor::TensorPrimitive;
+use burn_communication::Address;
+
+use crate::error::{ClueError, Result};
+use crate::train::config::{RunConfig, TrainConfig};
+
+/// This node's place in a multi-node run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    pub nodes: usize,
+    pub rank: usize,
+    /// The coordinator, `host:port`.
+    pub coordinator: String,
+    /// Where the other nodes reach this node's tensor service, `host:port`.
+    pub node_address: String,
+    coordinator_port: u16,
+    node_port: u16,
+    /// How long joining may wait for the coordinator and the other nodes.
+    pub join_timeout: Duration,
+    /// Rank 0 starts the coordinator itself unless this says one already runs.
+    pub coordinator_running: bool,
+}
+
+/// Where a process's workers sit among all the run's workers: node `rank` of `nodes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Place {
+    pub rank: usize,
+    pub nodes: usize,
+}
+
+impl Default for Place {
+    fn default() -> Self {
+        Place { rank: 0, nodes: 1 }
+    }
+}
+
+impl Place {
+    /// Several nodes: the workers joined once for the run ([`Cluster::join`]) instead of at
+    /// every step.
+    pub fn multi_node(self) -> bool {
+        self.nodes > 1
+    }
+}
+
+/// Refuse a port this machine cannot listen on (taken, or not allowed), naming `what` it is for.
+fn can_listen(port: u16, what: &str, fix: &str) -> Result<()> {
+    TcpListener::bind(("0.0.0.0", port))
+        .map(drop)
+        .map_err(|e| ClueError::config(format!("{what} cannot listen on port {port}: {e}"), fix))
+}
+
+/// `host:port`, checked.
+fn host_port(what: &str, text: &str) -> Result<(String, u16)> {
+    let bad = || {
+        ClueError::config(
+            format!("{what} {text}: not HOST:PORT"),
+            format!("give an address and a port, e.g. {what} 10.0.0.1:29500"),
+        )
+    };
+    let text = text.strip_prefix("ws://").unwrap_or(text);
+    let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
+    let port = u16::from_str(port).map_err(|_| bad())?;
+    if host.is_empty() || port == 0 {
+        return Err(bad());
+    }
+    Ok((host.to_string(), port))
+}
+
+impl Cluster {
+    /// `--nodes`, `--node-rank`, `--coordinator`, `--node-address` (default on a loopback
+    /// coordinator: 127.0.0.1 at the coordinator's port + 1 + rank), `--join-timeout`.
+    pub fn new(
+        nodes: usize,
+        rank: usize,
+        coordinator: Option<&str>,
+        node_address: Option<&str>,
+        join_timeout: Duration,
+        coordinator_running: bool,
+    ) -> Result<Self> {
+        if nodes < 2 {
+            return Err(ClueError::config(
+                format!("--nodes {nodes}: a multi-node run needs at least 2 nodes"),
+                "leave --nodes out to train on one machine",
+            ));
+        }
+        if rank >= nodes {
+            return Err(ClueError::config(
+                format!("--node-rank {rank} is out of range for --nodes {nodes}"),
+                format!("give each node a rank from 0 to {}", nodes - 1),
+            ));
+        }
+        let coordinator = coordinator.ok_or_else(|| {
+            ClueError::config(
+                "--nodes without --coordinator",
+                "give every node the same coordinator, e.g. --coordinator 10.0.0.1:29500 (rank 0 starts it)",
+            )
+        })?;
+        let (host, port) = host_port("--coordinator", coordinator)?;
+        // A typo in a host name fails here, not after the join timeout.
+        if !(host.as_str(), port)
+            .to_socket_addrs()
+            .is_ok_and(|mut a| a.next().is_some())
+        {
+            return Err(ClueError::config(
+                format!("--coordinator {coordinator}: the host {host} does not resolve"),
+                "give the coordinator's IP address or a host name this machine can resolve",
+            ));
+        }
+        let (node_host, node_port) = match node_address {
+            Some(a) => host_port("--node-address", a)?,
+            None if matches!(host.as_str(), "127.0.0.1" | "localhost") => {
+                let p = u16::try_from(port as usize + 1 + rank).map_err(|_| {
+                    ClueError::config(
+                        format!(
+                            "--coordinator {coordinator}: no free port above it for node {rank}"
+                        ),
+                        "use a lower coordinator port, or give --node-address",
+                    )
+                })?;
+                ("127.0.0.1".to_string(), p)
+            }
+            None => {
+                return Err(ClueError::config(
+                    "--node-address is needed when the coordinator is on another machine",
+                    "give this machine's address and a free port that the other nodes can reach, e.g. --node-address 10.0.0.2:29501",
+                ));
+            }
+        };
+        if join_timeout.is_zero() {
+            return Err(ClueError::config(
+                "--join-timeout 0: joining would never wait for the other nodes",
+                "give the seconds to wait, e.g. --join-timeout 120",
+            ));
+        }
+        Ok(Cluster {
+            nodes,
+            rank,
+            coordinator: format!("{host}:{port}"),
+            node_address: format!("{node_host}:{node_port}"),
+            coordinator_port: port,
+            node_port,
+            join_timeout,
+            coordinator_running,
+        })
+    }
+
+    pub fn place(&self) -> Place {
+        Place {
+            rank: self.rank,
+            nodes: self.nodes,
+        }
+    }
+
+    /// burn-collective's configuration for `workers` workers on this node.
+    fn config(&self, workers: usize) -> CollectiveConfig {
+        let address = |a: &str| Address::from_str(&format!("ws://{a}")).expect("any text");
+        CollectiveConfig::default()
+            .with_num_devices(workers)
+            .with_num_nodes(self.nodes as u32)
+            .with_global_address(address(&self.coordinator))
+            .with_node_address(address(&self.node_address))
+            .with_data_service_port(self.node_port)
+            // Centralized works for tensors of any size (the ring splits a tensor into one
+            // slice per node, and the logit scale's gradient has one element).
+            .with_global_all_reduce_strategy(AllReduceStrategy::Centralized)
+    }
+
+    /// Join the run with one worker per device: register every worker (global peer ids
+    /// `rank × W + k`), wait for all the nodes, then check that every node has the plan with
+    /// this `fingerprint`. Fails, rather than waiting for ever, after the join timeout.
+    pub fn join<B: Backend>(
+        &self,
+        devices: &[B::Device],
+        fingerprint: u64,
+    ) -> Result<Membership<B>> {
+        // The node's tensor service listens on this port: say so now if it cannot.
+        can_listen(
+            self.node_port,
+            &format!("--node-address {}:", self.node_address),
+            "choose a free port for this node's --node-address",
+        )?;
+        reset_collective::<B>();
+        let w = devices.len();
+        let peers: Vec<PeerId> = (0..w).map(|k| PeerId((self.rank * w + k) as u32)).collect();
+        let (tx, rx) = mpsc::channel();
+        for (&peer, device) in peers.iter().zip(devices) {
+            let (tx, device, config) = (tx.clone(), device.clone(), self.config(w));
+            // Detached: a join that never returns must not keep the process alive.
+            std::thread::spawn(move || {
+                let joined = register::<B>(peer, device.clone(), config)
+                    .map_err(|e| format!("joining: {e:?}"))
+                    .and_then(|()| same_plan::<B>(peer, &device, fingerprint));
+                let _ = tx.send(joined);
+            });
+        }
+        drop(tx);
+        // Peers leave on drop only once all have joined (a half-made join may block the
+        // collective's server).
+        let mut membership = Membership { peers: Vec::new() };
+        let joined: Vec<(PeerId, B::Device)> =
+            peers.iter().copied().zip(devices.to_vec()).collect();
+        for _ in 0..w {
+            match rx.recv_timeout(self.join_timeout) {
+                Ok(Ok(same)) if same => {}
+                Ok(Ok(_)) => {
+                    membership.peers = joined;
+                    return Err(ClueError::config(
+                        "the nodes do not run the same plan: their config, prepared data, parameters, number of workers or resume point differ",
+                        "run every node with the same --config/--set, the same prepared data (same manifest) and the same --resume state",
+                    ));
+                }
+                Ok(Err(e)) => {
+                    return Err(ClueError::config(
+                        format!(
+                            "node {} could not join the run at {}: {e}",
+                            self.rank, self.coordinator
+                        ),
+                        "start every node with the same --nodes and --coordinator, each with its own --node-rank",
+                    ));
+                }
+                Err(_) => {
+                    return Err(ClueError::config(
+                        format!(
+                            "node {} waited {} s at the coordinator {} and the run did not start",
+                            self.rank,
+                            self.join_timeout.as_secs(),
+                            self.coordinator
+                        ),
+                        format!(
+                            "start all {} nodes (ranks 0 to {}) within --join-timeout, check that {} is reachable from here and that rank 0 runs the coordinator",
+                            self.nodes,
+                            self.nodes - 1,
+                            self.coordinator
+                        ),
+                    ));
+                }
+            }
+        }
+        membership.peers = joined;
+        Ok(membership)
+    }
+}
+
+/// Whether every worker of every node has the plan `fingerprint`: the sum of each 16-bit part
+/// over all workers is the number of workers times this worker's part (exact in f32 up to 256
+/// workers). Also the run's last meeting, with any fingerprint ([`Membership`]'s drop).
+fn same_plan<B: Backend>(
+    peer: PeerId,
+    device: &B::Device,
+    fingerprint: u64,
+) -> std::result::Result<bool, String> {
+    let parts: Vec<f32> = (0..4)
+        .map(|i| ((fingerprint >> (16 * i)) & 0xffff) as f32)
+        .chain([1.0])
+        .collect();
+    let summed = all_reduce::<B>(
+        peer,
+        Tensor::<B, 1>::from_floats(parts.as_slice(), device)
+            .into_primitive()
+            .tensor(),
+        ReduceOperation::Sum,
+    )
+    .map_err(|e| format!("comparing plans: {e:?}"))?;
+    let summed: Vec<f32> = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(summed))
+        .into_data()
+        .to_vec()
+        .map_err(|e| format!("{e:?}"))?;
+    let workers = summed[4];
+    Ok(parts[..4]
+        .iter()
+        .zip(&summed)
+        .all(|(own, sum)| (own * workers - sum).abs() < 0.5))
+}
+
+/// A node's workers, joined for the whole run. When dropped they meet every other node's workers
+/// once more (so that no node leaves while another still sends), then leave; a node that does
+/// not come within the time limit is left behind rather than waited for.
+pub struct Membership<B: Backend> {
+    peers: Vec<(PeerId, B::Device)>,
+}
+
+impl<B: Backend> Drop for Membership<B> {
+    fn drop(&mut self) {
+        if self.peers.is_empty() {
+            return;
+        }
+        let (tx, rx) = mpsc::channel();
+        for (peer, device) in self.peers.drain(..) {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let _ = same_plan::<B>(peer, &device, 0);
+                let _ = finish_collective::<B>(peer);
+                let _ = tx.send(());
+            });
+        }
+        drop(tx);
+        let deadline = std::time::Instant::now() + LEAVE_TIMEOUT;
+        while rx
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .is_ok()
+        {}
+    }
+}
+
+/// How long the end of a run waits for the other nodes.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The coordinator rank 0 runs: a child process (`clue coordinator --port P`), stopped when
+/// this is dropped (and by itself when its parent dies: its standard input closes).
+pub struct Coordinator {
+    child: Child,
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        // The other nodes left at about the same time as this one (they met at the end): give
+        // their goodbyes a moment to reach the coordinator.
+        std::thread::sleep(Duration::from_millis(500));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What every node of a run must have the same of: the config (not its data-loader threads),
+/// the prepared data, the resume point and the ids of the model's parameters (the order in which
+/// gradients are laid end to end).
+pub fn plan_id<B: Backend, M: Module<B>>(
+    config: &RunConfig,
+    manifest_sha256: &str,
+    resume_period: Option<usize>,
+    model: &M,
+) -> Vec<String> {
+    let mut config = config.clone();
+    config.train.workers = 0;
+    let ids = burn::module::list_param_ids(model);
+    vec![
+        config.to_toml(),
+        manifest_sha256.to_string(),
+        format!("{resume_period:?} {ids:?}"),
+    ]
+}
+
+/// A running multi-node membership: the coordinator (on rank 0) and this node's workers.
+pub struct Joined<B: Backend> {
+    // Dropped in this order: the workers leave, then the coordinator stops.
+    _membership: Membership<B>,
+    _coordinator: Option<Coordinator>,
+}
+
+impl Cluster {
+    /// Before training: check that the batch splits over every worker of every node, start the
+    /// coordinator on rank 0 (its log in `run/coordinator.log`), and join with one worker per
+    /// device. `plan` names what must be the same on every node.
+    pub fn start<B: Backend>(
+        &self,
+        train: &TrainConfig,
+        devices: &[B::Device],
+        plan: &[String],
+        run: &Path,
+    ) -> Result<Joined<B>> {
+        let all = self.nodes * devices.len();
+        if !train.batch_size.is_multiple_of(all) {
+            return Err(ClueError::config(
+                format!(
+                    "train.batch_size = {} does not divide into {} nodes × {} workers",
+                    train.batch_size,
+                    self.nodes,
+                    devices.len()
+                ),
+                format!("use a batch size that is a multiple of {all}"),
+            ));
+        }
+        let coordinator = self.start_coordinator(&run.join("coordinator.log"))?;
+        // Every node must also have the same number of workers (peer ids are rank × W + k).
+        let mut hasher = std::hash::DefaultHasher::new();
+        (plan, devices.len()).hash(&mut hasher);
+        let membership = self.join::<B>(devices, hasher.finish())?;
+        Ok(Joined {
+            _membership: membership,
+            _coordinator: coordinator,
+        })
+    }
+
+    /// On rank 0 (unless the coordinator already runs): start the coordinator, its output in
+    /// `log`. Fails if it cannot listen on its port.
+    pub fn start_coordinator(&self, log: &Path) -> Result<Option<Coordinator>> {
+        if self.rank != 0 || self.coordinator_running {
+            return Ok(None);
+        }
+        let port = self.coordinator_port;
+        can_listen(
+            port,
+            "the coordinator",
+            "choose a free port for --coordinator, or pass --coordinator-running if one already runs there",
+        )?;
+        let file = std::fs::File::create(log).map_err(|e| ClueError::io(log, e))?;
+        let err = file.try_clone().map_err(|e| ClueError::io(log, e))?;
+        let exe = std::env::current_exe().map_err(|e| ClueError::io("clue", e))?;
+        let child = Command::new(exe)
+            .args([
+                "coordinator",
+                "--port",
+                &port.to_string(),
+                "--until-stdin-closes",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(file)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| ClueError::io("clue coordinator", e))?;
+        let mut coordinator = Coordinator { child };
+        // Up at once, or failed at once (its port taken in between).
+        std::thread::sleep(Duration::from_millis(300));
+        if let Ok(Some(status)) = coordinator.child.try_wait() {
+            return Err(ClueError::bad_file(
+                log,
+                format!("the coordinator stopped at once ({status})"),
+                "read its log; choose a free port for --coordinator",
+            ));
+        }
+        Ok(Some(coordinator))
+    }
+}
+
+/// `clue coordinator --port P`: run the coordinator until Ctrl+C or SIGTERM, or (with
+/// `until_stdin_closes`) until standard input closes.
+pub fn serve_coordinator(port: u16, until_stdin_closes: bool) -> Result<()> {
+    can_listen(port, "the coordinator", "choose a free port")?;
+    if until_stdin_closes {
+        std::thread::spawn(|| {
+            let mut sink = [0u8; 64];
+            while matches!(std::io::stdin().read(&mut sink), Ok(n) if n > 0) {}
+            std::process::exit(0);
+        });
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ClueError::io("the coordinator's runtime", e))?;
+    eprintln!("clue coordinator: listening on port {port}");
+    runtime.block_on(burn_collective::start_global_orchestrator(port));
+    Ok(())
+}

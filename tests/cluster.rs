@@ -1,0 +1,327 @@
+//! Multi-node training (`clue fit --nodes N --node-rank R --coordinator HOST:PORT`) with two
+//! processes on the loopback address: they train exactly as one process with all their workers,
+//! and what cannot work fails with a clear message, before training and without hanging.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+
+const TINY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/tiny.toml");
+
+/// A port P with P, P + 1 and P + 2 free (the coordinator and two nodes' default addresses),
+/// another one at every call (the tests of this file run at the same time).
+fn free_ports() -> u16 {
+    static CALLS: AtomicU16 = AtomicU16::new(0);
+    let start = 20_000 + (std::process::id() % 20_000) as u16 + 100 * CALLS.fetch_add(1, SeqCst);
+    (start..start + 100)
+        .step_by(5)
+        .find(|&p| (p..p + 3).all(|q| TcpListener::bind(("0.0.0.0", q)).is_ok()))
+        .expect("three free ports")
+}
+
+/// `clue fit` of the tiny config on `data` into `out`, with `extra` arguments.
+fn fit_args<'a>(data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "fit",
+        "--backend",
+        "flex",
+        "--config",
+        TINY,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--no-tui",
+        "--set",
+        "train.epochs=1",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// Both ranks of a two-node run, each with its own extra arguments; rank 1 starts first.
+fn two_nodes(dir: &Path, data: &str, port: u16, extra: [&[&str]; 2]) -> [Output; 2] {
+    let coordinator = format!("127.0.0.1:{port}");
+    let run = |rank: usize| {
+        let out = dir.join(format!("node{rank}"));
+        let out = out.to_str().unwrap();
+        let rank_text = rank.to_string();
+        let mut args = fit_args(data, out, extra[rank]);
+        args.extend([
+            "--nodes",
+            "2",
+            "--node-rank",
+            &rank_text,
+            "--coordinator",
+            &coordinator,
+            "--join-timeout",
+            "60",
+        ]);
+        Command::new(env!("CARGO_BIN_EXE_clue"))
+            .args(args)
+            .current_dir(dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let second = run(1);
+    let first = run(0);
+    [
+        first.wait_with_output().unwrap(),
+        second.wait_with_output().unwrap(),
+    ]
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Two nodes train as one process with all their workers. One worker each: the same weights,
+/// byte for byte, as two workers in one process (the batch's chunks, dropout keys and the sum
+/// of two gradients are the same), on both nodes. Two workers each: within 1e-4 of four
+/// workers in one process (the four gradients are summed in another order). Rank 0 keeps the
+/// coordinator's log.
+#[test]
+fn two_nodes_on_loopback_train_like_one_process_with_all_their_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::fixture(600, 0, 16, 16).join("p");
+    let data = data.to_str().unwrap();
+    for workers in [1, 2] {
+        let root = dir.path().join(format!("w{workers}"));
+        std::fs::create_dir_all(&root).unwrap();
+        let all = (2 * workers).to_string();
+        let one = root.join("one");
+        let single = common::clue(
+            &root,
+            &fit_args(data, one.to_str().unwrap(), &["--devices", &all]),
+        );
+        assert!(single.status.success(), "{}", text(&single));
+        let each = workers.to_string();
+        let extra: &[&str] = &["--devices", &each];
+        let [rank0, rank1] = two_nodes(&root, data, free_ports(), [extra; 2]);
+        for (rank, out) in [&rank0, &rank1].into_iter().enumerate() {
+            let t = text(out);
+            assert!(out.status.success(), "node {rank}: {t}");
+            let line = format!("data-parallel over 2 nodes × {workers} workers");
+            assert!(t.contains(&line), "node {rank}: {t}");
+            assert!(!t.contains("panicked"), "node {rank}: {t}");
+        }
+        let reference = common::weights(&one);
+        for node in ["node0", "node1"] {
+            let got = common::weights(&root.join(node));
+            assert_eq!(got.len(), reference.len());
+            for (name, w) in &reference {
+                let diff = common::max_abs_diff(w, &got[name]);
+                if workers == 1 {
+                    assert!(
+                        diff == 0.0,
+                        "{node}, {name}: |Δ| {diff:e}, not the same bytes"
+                    );
+                } else {
+                    assert!(diff <= 1e-4, "{node}, {name}: |Δ| {diff:e}");
+                }
+            }
+        }
+        assert!(root.join("node0/coordinator.log").exists());
+        assert!(!root.join("node1/coordinator.log").exists());
+    }
+}
+
+/// What cannot work is refused with the fix named: before any data is made for flags that are
+/// wrong on their own; before training, within the time limit, for a run that cannot meet.
+#[test]
+fn multi_node_runs_that_cannot_work_fail_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    for (backend, rank, coordinator, expected) in [
+        ("wgpu", "0", "127.0.0.1:29500", "cuda or on a CPU backend"),
+        (
+            "flex",
+            "2",
+            "127.0.0.1:29500",
+            "--node-rank 2 is out of range for --nodes 2",
+        ),
+        (
+            "flex",
+            "0",
+            "no-such-host.invalid:29500",
+            "does not resolve",
+        ),
+        ("flex", "0", "127.0.0.1", "not HOST:PORT"),
+        ("flex", "1", "10.9.8.7:29500", "--node-address is needed"),
+    ] {
+        let args = [
+            "fit",
+            "--backend",
+            backend,
+            "--nodes",
+            "2",
+            "--node-rank",
+            rank,
+            "--coordinator",
+            coordinator,
+        ];
+        let out = common::clue(dir.path(), &args);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(text(&out).contains(expected), "{args:?}: {}", text(&out));
+    }
+    assert!(
+        !dir.path().join("data").exists(),
+        "no default data was made"
+    );
+
+    let data = common::fixture(600, 0, 16, 16).join("p");
+    let data = data.to_str().unwrap();
+    // Nobody at the coordinator: an error after --join-timeout, not a hang.
+    let port = free_ports().to_string();
+    let coordinator = format!("127.0.0.1:{port}");
+    let start = Instant::now();
+    let alone = common::clue(
+        dir.path(),
+        &fit_args(
+            data,
+            "alone",
+            &[
+                "--nodes",
+                "2",
+                "--node-rank",
+                "1",
+                "--coordinator",
+                &coordinator,
+                "--join-timeout",
+                "2",
+            ],
+        ),
+    );
+    assert!(!alone.status.success());
+    assert!(
+        text(&alone).contains("waited 2 s at the coordinator"),
+        "{}",
+        text(&alone)
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        start.elapsed()
+    );
+    // A batch that does not split over every worker of every node.
+    let odd = common::clue(
+        dir.path(),
+        &fit_args(
+            data,
+            "odd",
+            &[
+                "--devices",
+                "2",
+                "--set",
+                "train.batch_size=30",
+                "--nodes",
+                "2",
+                "--node-rank",
+                "0",
+                "--coordinator",
+                &coordinator,
+            ],
+        ),
+    );
+    assert!(
+        text(&odd).contains("does not divide into 2 nodes × 2 workers"),
+        "{}",
+        text(&odd)
+    );
+    // Two nodes with different plans (another learning rate) refuse to train apart.
+    let [rank0, rank1] = two_nodes(
+        dir.path(),
+        data,
+        free_ports(),
+        [&[], &["--set", "train.lr=0.002"]],
+    );
+    for (rank, out) in [&rank0, &rank1].into_iter().enumerate() {
+        assert!(!out.status.success(), "node {rank}");
+        assert!(
+            text(out).contains("the nodes do not run the same plan"),
+            "node {rank}: {}",
+            text(out)
+        );
+    }
+}
+
+/// A coordinator started apart (`clue coordinator`) serves a run whose rank 0 is told it runs
+/// (`--coordinator-running`), and a node process that dies mid-run stops the other one with an
+/// error at that step instead of leaving it waiting.
+#[test]
+fn a_separate_coordinator_serves_and_a_dead_node_stops_the_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::fixture(600, 0, 16, 16).join("p");
+    let data = data.to_str().unwrap();
+    let port = free_ports();
+    let mut coordinator = Command::new(env!("CARGO_BIN_EXE_clue"))
+        .args(["coordinator", "--port", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let running: &[&str] = &["--coordinator-running"];
+    let [rank0, rank1] = two_nodes(dir.path(), data, port, [running; 2]);
+    for (rank, out) in [&rank0, &rank1].into_iter().enumerate() {
+        assert!(out.status.success(), "node {rank}: {}", text(out));
+    }
+    assert!(!dir.path().join("node0/coordinator.log").exists());
+
+    // A long run on the same coordinator; node 1 is killed once node 0 has a checkpoint.
+    let long: &[&str] = &["--set", "train.epochs=40"];
+    let [node0, node1] = ["long0", "long1"].map(|out| dir.path().join(out));
+    let spawn = |rank: &str, out: &Path| {
+        let coordinator = format!("127.0.0.1:{port}");
+        let mut args = fit_args(data, out.to_str().unwrap(), long);
+        args.extend([
+            "--nodes",
+            "2",
+            "--node-rank",
+            rank,
+            "--coordinator",
+            &coordinator,
+        ]);
+        args.extend(["--coordinator-running", "--join-timeout", "60"]);
+        Command::new(env!("CARGO_BIN_EXE_clue"))
+            .args(args)
+            .current_dir(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut second = spawn("1", &node1);
+    let first = spawn("0", &node0);
+    let start = Instant::now();
+    let checkpointed =
+        || std::fs::read_dir(node0.join("checkpoint")).is_ok_and(|mut d| d.next().is_some());
+    while !checkpointed() && start.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(checkpointed(), "node 0 wrote no checkpoint within 60 s");
+    second.kill().unwrap();
+    let _ = second.wait();
+    let killed = Instant::now();
+    let out = first.wait_with_output().unwrap();
+    let t = text(&out);
+    assert!(!out.status.success(), "node 0 went on alone: {t}");
+    assert!(t.contains("training stopped after"), "{t}");
+    assert!(t.contains("did another node stop?"), "{t}");
+    assert!(
+        killed.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        killed.elapsed()
+    );
+    let _ = coordinator.kill();
+    let _ = coordinator.wait();
+}
