@@ -2,7 +2,8 @@
 # One prepared GPU check of clue on CUDA, side by side with the PyTorch reference.
 #
 # Usage: scripts/gpu-check.sh [STAGE_DIR]   (results go to $OUT, default ./gpu-out)
-# STAGE_DIR holds: clue (or clue.gz, a release build), tiny.toml, prepared/ (clue prepare output of
+# STAGE_DIR holds: clue (or clue.gz, a release build), optionally clue-lean (a build without
+# fusion and autotune), tiny.toml, prepared/ (clue prepare output of
 # a small clue synth log), torch_clue_ref.py. Every step has its own time limit, and the script
 # stops starting new steps after $BUDGET seconds, so one call never overruns its lease.
 set -u
@@ -43,6 +44,13 @@ RATE=$!
 CUBECL_DEBUG_LOG=$LOG step bench-tiny-first 150 "$CLUE" -v bench --backend cuda --preset tiny --steps 3 --warmup 1
 kill $RATE 2>/dev/null; tail -n 4 "$OUT/compile-rate.txt"
 gzip -f "$LOG" 2>/dev/null
+# 1b. The lean build (no fusion, no autotune; README "A lean GPU build"), if the stage holds one
+# (STAGE/clue-lean: cargo build --release --no-default-features --features cuda): its first step
+# with its own cold cache, then small's steady state next to the default build's below.
+if [ -x "$STAGE/clue-lean" ]; then
+  CLUE_KERNEL_CACHE=/tmp/clue-kernels-lean step bench-tiny-lean-first 120 "$STAGE/clue-lean" -v bench --backend cuda --preset tiny --steps 3 --warmup 1
+  CLUE_KERNEL_CACHE=/tmp/clue-kernels-lean step bench-small-lean 150 "$STAGE/clue-lean" -v bench --backend cuda --preset small --steps 10 --warmup 3
+fi
 # 2. The same run again: with the kernel cache warm it should start at once.
 step bench-tiny-cached 90 "$CLUE" -v bench --backend cuda --preset tiny --steps 5 --warmup 2
 echo "   kernel cache: $(du -sh "$CLUE_KERNEL_CACHE" 2>/dev/null | cut -f1)"
