@@ -213,20 +213,6 @@ pub struct FixedShape {
 /// On accelerators, the number of distinct items of a batch is padded to a multiple of this.
 pub const ITEM_MULTIPLE: usize = 256;
 
-/// The multiple a batch's distinct items are padded to on backend `B` (1: not padded), as
-/// [`UserBatcher::of`] pads them; splitting a batch keeps it.
-pub fn item_multiple<B: Backend>() -> usize {
-    item_multiple_on(BackendKind::of::<B>())
-}
-
-fn item_multiple_on(kind: BackendKind) -> usize {
-    if kind.fixed_shapes() {
-        ITEM_MULTIPLE
-    } else {
-        1
-    }
-}
-
 /// Pads [`UserSample`]s into a [`UserBatch`]: to the batch's own maxima, or to a [`FixedShape`].
 #[derive(Debug, Clone, Default)]
 pub struct UserBatcher {
@@ -250,7 +236,7 @@ impl UserBatcher {
             Self::fixed(FixedShape {
                 items: max_items,
                 tokens: max_item_tokens,
-                item_multiple: item_multiple_on(kind),
+                item_multiple: ITEM_MULTIPLE,
             })
         } else {
             Self::default()
