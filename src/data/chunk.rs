@@ -3,7 +3,18 @@
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
-use crate::data::batcher::UserBatch;
+use crate::backend::BackendKind;
+use crate::data::batcher::{ITEM_MULTIPLE, UserBatch};
+
+/// The multiple a batch's distinct items are padded to on backend `B` (1: not padded), as
+/// [`crate::data::batcher::UserBatcher::of`] pads them; a split keeps it.
+pub fn item_multiple<B: Backend>() -> usize {
+    if BackendKind::of::<B>().fixed_shapes() {
+        ITEM_MULTIPLE
+    } else {
+        1
+    }
+}
 
 impl<B: Backend> UserBatch<B> {
     /// Users in the batch.

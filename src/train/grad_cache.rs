@@ -19,12 +19,12 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
-use crate::backend::BackendKind;
-use crate::data::batcher::{ITEM_MULTIPLE, UserBatch};
+use crate::data::batcher::UserBatch;
+use crate::data::chunk::item_multiple;
 use crate::model::ClueModel;
 use crate::model::dropout::with_chunk_masks;
 use crate::train::loss::is_finite;
-use crate::train::metrics::ClueOutput;
+use crate::train::metrics::{ClueOutput, StepParts};
 
 /// Training step `step` of `model` (a run seeded with `seed`) on `batch` in chunks of `chunk`
 /// users: the loss and logits of the whole batch and its parameter gradients (`None` when the
@@ -35,7 +35,7 @@ pub fn grad_cache_step<B: AutodiffBackend>(
     batch: &UserBatch<B>,
     chunk: usize,
     step: u64,
-) -> (ClueOutput<B>, Option<GradientsParams>) {
+) -> StepParts<B> {
     let chunks = batch.split(chunk, item_multiple::<B>());
     let key = MaskKey { seed, step };
     // 1. Embeddings without graphs.
@@ -54,15 +54,6 @@ pub fn grad_cache_step<B: AutodiffBackend>(
     // 3. Each chunk again, with its graph, back-propagated with its rows of the cached gradient.
     key.replay(model, &chunks, &cached, 0, &mut total);
     (out, Some(total.grads()))
-}
-
-/// How a batch is padded for backend `B`: distinct items to a multiple of this.
-pub fn item_multiple<B: Backend>() -> usize {
-    if BackendKind::of::<B>().fixed_shapes() {
-        ITEM_MULTIPLE
-    } else {
-        1
-    }
 }
 
 /// The step whose dropout masks the chunks draw: a chunk's masks are keyed by the place of its

@@ -66,6 +66,9 @@ impl BatchStats {
     }
 }
 
+/// A step's output and its gradients (`None` when the loss is not finite).
+pub type StepParts<B> = (ClueOutput<B>, Option<burn::optim::GradientsParams>);
+
 /// Model output of one step, still on the device.
 pub struct ClueOutput<B: Backend> {
     /// `[1]`

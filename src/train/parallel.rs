@@ -34,16 +34,14 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::backend::DeviceId;
 
 use crate::data::batcher::UserBatch;
+use crate::data::chunk::item_multiple;
 use crate::error::{ClueError, Result, panic_message};
 use crate::model::ClueModel;
 use crate::train::cluster::{Cluster, Place};
 use crate::train::config::TrainConfig;
-use crate::train::grad_cache::{MaskKey, item_multiple};
+use crate::train::grad_cache::MaskKey;
 use crate::train::loss::is_finite;
-use crate::train::metrics::ClueOutput;
-
-/// A step's output and its gradients (`None` when the loss is not finite).
-pub type StepParts<B> = (ClueOutput<B>, Option<GradientsParams>);
+use crate::train::metrics::{ClueOutput, StepParts};
 
 /// What a data-parallel step gives back: worker 0's output (on the main device) and the summed
 /// gradients, or the first failed worker's message.
@@ -74,6 +72,9 @@ pub fn parallel_step<B: AutodiffBackend>(
     let w = devices.len().max(1);
     let chunks = batch.split(batch.len().div_ceil(w * place.nodes), multiple);
     let active = chunks.len();
+    // The batch's first user, alone (for workers left without a chunk).
+    let stand_in =
+        (active < (place.rank + 1) * w).then(|| chunks[0].split(1, multiple).swap_remove(0));
     let mut firsts = Vec::with_capacity(active);
     let mut first = 0;
     for c in &chunks {
@@ -87,9 +88,7 @@ pub fn parallel_step<B: AutodiffBackend>(
         .take(w)
         .map(|(c, first)| (c, Some(first)))
         .collect();
-    if mine.len() < w {
-        // The batch's first user, alone.
-        let stand_in = batch.split(1, multiple).swap_remove(0);
+    if let Some(stand_in) = stand_in {
         mine.resize_with(w, || (stand_in.clone(), None));
     }
     let shared = Shared {
