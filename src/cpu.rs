@@ -22,6 +22,8 @@
 //!
 //! Other architectures keep their default environment (the setter says so by returning `false`).
 
+use std::sync::OnceLock;
+
 use serde::Serialize;
 
 #[cfg(target_arch = "x86_64")]
@@ -141,8 +143,8 @@ pub struct CpuInfo {
     pub model: String,
     /// The instruction sets clue's CPU code can use here, of those it knows.
     pub isa: Vec<&'static str>,
-    /// The vector path clue's own Flex kernels take (`avx2+fma` or `portable`); the gemm crate
-    /// picks its own (AVX-512 where `avx512f` is listed).
+    /// The vector path clue's own Flex kernels take ([`VectorPath::name`]); the gemm crate picks
+    /// its own (AVX-512 where `avx512f` is listed).
     pub kernels: &'static str,
     /// Threads of rayon's global pool (the matrix products and clue's kernels).
     pub threads: usize,
@@ -162,11 +164,7 @@ impl CpuInfo {
             })
             .unwrap_or_else(|| std::env::consts::ARCH.to_string());
         let isa = detect_isa();
-        let kernels = if isa.contains(&"avx2") && isa.contains(&"fma") {
-            "avx2+fma"
-        } else {
-            "portable"
-        };
+        let kernels = VectorPath::active().name();
         Self {
             model,
             isa,
@@ -194,6 +192,72 @@ impl CpuInfo {
                 "kept"
             }
         )
+    }
+}
+
+/// The instruction sets clue's own Flex kernels (attention, GELU) are compiled for, best first;
+/// each kernel is built once per path and picks the best one the CPU has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum VectorPath {
+    /// AVX-512 (F, VL, BW, DQ) with AVX2 and FMA: 16 lanes.
+    Avx512,
+    /// AVX2 with FMA: 8 lanes.
+    Avx2Fma,
+    /// Whatever the compiler's baseline target offers (SSE2 on x86-64).
+    Portable,
+}
+
+impl VectorPath {
+    /// The best path this CPU runs (cheap: the standard library caches the CPU's features).
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            let avx2 = has!("avx2") && has!("fma");
+            if avx2 && has!("avx512f") && has!("avx512vl") && has!("avx512bw") && has!("avx512dq") {
+                return Self::Avx512;
+            }
+            if avx2 {
+                return Self::Avx2Fma;
+            }
+        }
+        Self::Portable
+    }
+
+    /// The path the kernels take: [`Self::detect`], or a lower one named by the environment
+    /// variable `CLUE_VECTOR_PATH` (`avx512`, `avx2` or `portable`; to compare paths on one
+    /// machine). Read once per process.
+    pub fn active() -> Self {
+        static ACTIVE: OnceLock<VectorPath> = OnceLock::new();
+        *ACTIVE.get_or_init(|| {
+            let best = Self::detect();
+            let Ok(asked) = std::env::var("CLUE_VECTOR_PATH") else {
+                return best;
+            };
+            match [Self::Avx512, Self::Avx2Fma, Self::Portable]
+                .into_iter()
+                .find(|p| p.name() == asked || (asked == "avx2" && *p == Self::Avx2Fma))
+            {
+                // Lower in the list is fewer instruction sets.
+                Some(p) => p.max(best),
+                None => {
+                    eprintln!(
+                        "warning: CLUE_VECTOR_PATH={asked:?} is not avx512, avx2 or portable; \
+                         using {}",
+                        best.name()
+                    );
+                    best
+                }
+            }
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Avx512 => "avx512",
+            Self::Avx2Fma => "avx2+fma",
+            Self::Portable => "portable",
+        }
     }
 }
 
@@ -249,7 +313,10 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         assert_eq!(
             info.isa.contains(&"avx2") && info.isa.contains(&"fma"),
-            info.kernels == "avx2+fma"
+            info.kernels != "portable"
         );
+        if info.kernels == "avx512" {
+            assert!(info.isa.contains(&"avx512f"));
+        }
     }
 }

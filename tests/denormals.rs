@@ -1,7 +1,9 @@
-//! Flushing denormals to zero (`clue::cpu`): the bits reach rayon's pool and threads created
-//! afterwards, results stay within tolerance of the unflushed run, a flushed run stores no
-//! denormal weight, gradient or AdamW moment, and an unflushed Flex step makes none. Its own test binary, since the bits are
-//! process-wide state; the tests here take a lock so that they do not see each other's.
+//! The CPU modes of `clue::cpu`. Flushing denormals to zero: the bits reach rayon's pool and
+//! threads created afterwards, results stay within tolerance of the unflushed run, a flushed run
+//! stores no denormal weight, gradient or AdamW moment, and an unflushed Flex step makes none.
+//! The vector path of clue's Flex kernels: each one the CPU has trains to the same losses. Its own
+//! test binary, since the bits are process-wide state; the tests here take a lock so that they
+//! do not see each other's.
 // Linux: a new thread inherits its creator's floating-point bits there (tested below).
 #![cfg(all(target_arch = "x86_64", target_os = "linux"))]
 
@@ -164,4 +166,52 @@ fn the_binary_flushes_by_default_and_keeps_on_request() {
     assert!(!flushed(&run(Some("--keep-denormals"), None)));
     assert!(!flushed(&run(None, Some("1"))));
     assert!(flushed(&run(None, Some("0"))));
+}
+
+#[test]
+fn every_vector_path_trains_to_the_same_losses() {
+    let run = |path: Option<&str>| -> serde_json::Value {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_clue"));
+        cmd.args(["--quiet", "bench", "--preset", "tiny", "--backend", "flex"])
+            .args(["--steps", "3", "--warmup", "0", "--json"])
+            .env_remove("CLUE_VECTOR_PATH");
+        if let Some(p) = path {
+            cmd.env("CLUE_VECTOR_PATH", p);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let best = clue::cpu::VectorPath::detect();
+    let default = run(None);
+    assert_eq!(default["cpu"]["kernels"], best.name());
+    let loss = |r: &serde_json::Value, which: &str| r[which].as_f64().unwrap();
+    for (asked, name) in [("avx2", "avx2+fma"), ("portable", "portable")] {
+        let r = run(Some(asked));
+        // A path the CPU lacks is never taken: the best one it has below the asked one.
+        let expect = if best == clue::cpu::VectorPath::Portable {
+            "portable"
+        } else {
+            name
+        };
+        assert_eq!(r["cpu"]["kernels"], expect, "CLUE_VECTOR_PATH={asked}");
+        for which in ["loss_first", "loss_last"] {
+            let (a, b) = (loss(&default, which), loss(&r, which));
+            assert!(
+                (a - b).abs() <= 1e-4 * a.abs(),
+                "{asked}: {which} {b} vs {a} on {}",
+                best.name()
+            );
+        }
+    }
+    let odd = run(Some("sse9"));
+    assert_eq!(
+        odd["cpu"]["kernels"],
+        best.name(),
+        "an unknown path is ignored"
+    );
 }

@@ -214,43 +214,88 @@ impl Backward<Flex, 3> for AttentionBackward {
     }
 }
 
-/// Head `h`'s keys (or values) of one sequence, transposed and zero-padded: `[d_head, len8]`.
+/// The keys a query can attend to: up to the last one that is not padding (keys after it have
+/// weight 0, exactly); all of them in a sequence of padding only.
 #[inline(always)]
-fn transpose_head(shape: &AttentionShape, x: &[f32], h: usize, out: &mut [f32]) {
-    let AttentionShape { len, d, heads, .. } = *shape;
-    let (dh, len8) = (d / heads, len.next_multiple_of(8));
-    for j in 0..len {
+fn attended(pad: &[bool]) -> usize {
+    pad.iter()
+        .rposition(|&p| !p)
+        .map_or(pad.len(), |last| last + 1)
+}
+
+/// Head `h`'s first `keys` keys (or values) of one sequence, transposed and zero-padded:
+/// `[d_head, keys8]` with `keys8` = `keys` rounded up to a multiple of 8.
+#[inline(always)]
+fn transpose_head(shape: &AttentionShape, x: &[f32], h: usize, keys: usize, out: &mut [f32]) {
+    let AttentionShape { d, heads, .. } = *shape;
+    let (dh, keys8) = (d / heads, keys.next_multiple_of(8));
+    for j in 0..keys {
         for (c, &value) in x[j * d + h * dh..j * d + (h + 1) * dh].iter().enumerate() {
-            out[c * len8 + j] = value;
+            out[c * keys8 + j] = value;
         }
     }
 }
 
-/// Query `qi`'s softmax weights (before dropout) over the keys `keys` (`[d_head, len8]` from
-/// [`transpose_head`]) into `weights[..len]`.
+/// What [`softmax_row`] puts in place of each score of a sequence's first [`attended`] keys,
+/// rounded up to a multiple of 8: NaN (keep the scaled score) for a key, the masked score for
+/// padding, −∞ (a weight of exactly 0) for the lanes past the keys.
+fn score_fill(shape: &AttentionShape, pad: &[bool]) -> Vec<f32> {
+    let keys = attended(pad);
+    (0..keys.next_multiple_of(8))
+        .map(|j| match pad.get(j) {
+            Some(false) if j < keys => f32::NAN,
+            Some(_) if j < keys => shape.masked_score,
+            _ => f32::NEG_INFINITY,
+        })
+        .collect()
+}
+
+/// Query `qi`'s softmax weights (before dropout) over the keys `keys` (`[d_head, keys8]` from
+/// [`transpose_head`]) into `weights[..keys8]`, with `fill` from [`score_fill`]. Every pass runs
+/// over whole groups of 8 lanes, so it vectorises without a scalar tail.
 #[inline(always)]
 fn softmax_row<const FMA: bool>(
     shape: &AttentionShape,
     qi: &[f32],
     keys: &[f32],
-    pad: &[bool],
+    fill: &[f32],
     weights: &mut [f32],
 ) {
+    let weights = &mut weights[..fill.len()];
     row_times::<FMA>(qi, keys, weights);
-    let weights = &mut weights[..shape.len];
-    for (w, &pad) in weights.iter_mut().zip(pad) {
-        *w = if pad {
-            shape.masked_score
-        } else {
-            *w * shape.scale
-        };
+    let (lanes8, _) = weights.as_chunks_mut::<8>();
+    let (fill8, _) = fill.as_chunks::<8>();
+    for (lanes, fill) in lanes8.iter_mut().zip(fill8) {
+        for (w, &f) in lanes.iter_mut().zip(fill) {
+            *w = if f.is_nan() { *w * shape.scale } else { f };
+        }
     }
-    let max = weights.iter().fold(f32::NEG_INFINITY, |m, &w| m.max(w));
-    for w in weights.iter_mut() {
-        *w = exp_neg::<FMA>(max - *w);
+    let max = fold8(lanes8, f32::NEG_INFINITY, f32::max);
+    for lanes in lanes8.iter_mut() {
+        for w in lanes.iter_mut() {
+            *w = exp_neg::<FMA>(max - *w);
+        }
     }
-    let inverse = 1.0 / weights.iter().sum::<f32>();
-    weights.iter_mut().for_each(|w| *w *= inverse);
+    let inverse = 1.0 / fold8(lanes8, 0.0, |a, b| a + b);
+    for lanes in lanes8.iter_mut() {
+        for w in lanes.iter_mut() {
+            *w *= inverse;
+        }
+    }
+}
+
+/// All values of `chunks` folded with `f` in 8 lanes, then across them (`f` must be associative
+/// and commutative up to rounding).
+#[inline(always)]
+fn fold8(chunks: &[[f32; 8]], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [init; 8];
+    for chunk in chunks {
+        for l in 0..8 {
+            acc[l] = f(acc[l], chunk[l]);
+        }
+    }
+    let acc = [0, 2, 4, 6].map(|l| f(acc[l], acc[l + 1]));
+    f(f(acc[0], acc[1]), f(acc[2], acc[3]))
 }
 
 /// The factor dropout gives weight `j` of row `row` (`[len]` flags of a `[heads, len, len]` mask).
@@ -276,19 +321,21 @@ fn attend_kernel<const FMA: bool>(
     out: &mut [f32],
 ) {
     let AttentionShape { len, d, heads, .. } = *shape;
-    let (dh, len8) = (d / heads, len.next_multiple_of(8));
-    let mut keys = vec![0f32; dh * len8];
-    let mut weights = vec![0f32; len8];
+    let (dh, n, fill) = (d / heads, attended(pad), score_fill(shape, pad));
+    let mut keys = vec![0f32; dh * fill.len()];
+    let mut weights = vec![0f32; fill.len()];
     for h in 0..heads {
         // Head h's columns of row i.
         let at = |i: usize| i * d + h * dh..i * d + (h + 1) * dh;
-        transpose_head(shape, k, h, &mut keys);
+        transpose_head(shape, k, h, n, &mut keys);
         for i in 0..len {
-            softmax_row::<FMA>(shape, &q[at(i)], &keys, pad, &mut weights);
-            for (j, w) in weights[..len].iter_mut().enumerate() {
-                *w *= kept(shape, drop, h * len + i, j);
+            softmax_row::<FMA>(shape, &q[at(i)], &keys, &fill, &mut weights);
+            if drop.is_some() {
+                for (j, w) in weights[..n].iter_mut().enumerate() {
+                    *w *= kept(shape, drop, h * len + i, j);
+                }
             }
-            combination::<FMA>(&mut out[at(i)], len, |j| weights[j], |j| &v[at(j)]);
+            combination::<FMA>(&mut out[at(i)], n, |j| weights[j], |j| &v[at(j)]);
         }
     }
 }
@@ -305,28 +352,30 @@ fn attend_backward_kernel<const FMA: bool>(
     [dq, dk, dv]: [&mut [f32]; 3],
 ) {
     let AttentionShape { len, d, heads, .. } = *shape;
-    let (dh, len8) = (d / heads, len.next_multiple_of(8));
-    let (mut keys, mut values) = (vec![0f32; dh * len8], vec![0f32; dh * len8]);
-    let (mut weights, mut d_weights) = (vec![0f32; len8], vec![0f32; len8]);
+    // Keys from n on have weight 0: their scores, dk and dv rows get no gradient.
+    let (dh, n, fill) = (d / heads, attended(pad), score_fill(shape, pad));
+    let n8 = fill.len();
+    let (mut keys, mut values) = (vec![0f32; dh * n8], vec![0f32; dh * n8]);
+    let (mut weights, mut d_weights) = (vec![0f32; n8], vec![0f32; n8]);
     // One head's weights after dropout and the scores' gradients: [len (queries), len (keys)].
     let (mut dropped, mut d_scores) = (vec![0f32; len * len], vec![0f32; len * len]);
     for h in 0..heads {
         let at = |i: usize| i * d + h * dh..i * d + (h + 1) * dh;
-        transpose_head(shape, k, h, &mut keys);
-        transpose_head(shape, v, h, &mut values);
+        transpose_head(shape, k, h, n, &mut keys);
+        transpose_head(shape, v, h, n, &mut values);
         for i in 0..len {
-            softmax_row::<FMA>(shape, &q[at(i)], &keys, pad, &mut weights);
+            softmax_row::<FMA>(shape, &q[at(i)], &keys, &fill, &mut weights);
             // The weights' gradient before dropout: d_out_i · v_j, times the dropout factor.
             row_times::<FMA>(&d_out[at(i)], &values, &mut d_weights);
             let mut row_dot = 0.0;
-            for j in 0..len {
+            for j in 0..n {
                 let factor = kept(shape, drop, h * len + i, j);
                 dropped[i * len + j] = weights[j] * factor;
                 d_weights[j] *= factor;
                 row_dot = madd::<FMA>(d_weights[j], weights[j], row_dot);
             }
             // Through the softmax, then the scale; padding keys' scores were constants.
-            for j in 0..len {
+            for j in 0..n {
                 d_scores[i * len + j] = match pad[j] {
                     true => 0.0,
                     false => weights[j] * (d_weights[j] - row_dot) * shape.scale,
@@ -334,12 +383,9 @@ fn attend_backward_kernel<const FMA: bool>(
             }
         }
         for i in 0..len {
-            combination::<FMA>(
-                &mut dq[at(i)],
-                len,
-                |j| d_scores[i * len + j],
-                |j| &k[at(j)],
-            );
+            combination::<FMA>(&mut dq[at(i)], n, |j| d_scores[i * len + j], |j| &k[at(j)]);
+        }
+        for i in 0..n {
             combination::<FMA>(
                 &mut dk[at(i)],
                 len,
@@ -356,15 +402,16 @@ fn attend_backward_kernel<const FMA: bool>(
     }
 }
 
-dispatch!(attend, attend_avx2, attend_kernel,
+dispatch!(attend, attend_avx2, attend_avx512, attend_kernel,
     (shape: &AttentionShape, q: &[f32], k: &[f32], v: &[f32], pad: &[bool], drop: Option<&[bool]>,
      out: &mut [f32]));
-dispatch!(attend_backward, attend_backward_avx2, attend_backward_kernel,
+dispatch!(attend_backward, attend_backward_avx2, attend_backward_avx512, attend_backward_kernel,
     (shape: &AttentionShape, inputs: [&[f32]; 3], pad: &[bool], drop: Option<&[bool]>,
      d_out: &[f32], grads: [&mut [f32]; 3]));
 
 #[cfg(test)]
 mod tests {
+    use super::super::simd::{Build, builds, run_build};
     use super::*;
 
     /// Attention on plain Flex against a direct f64 computation, with a sequence of padding only
@@ -431,18 +478,61 @@ mod tests {
             masked_score: -1e4,
             kept_scale: 1.0,
         };
-        for fma in [false, true] {
+        let sequence = |x: &[f32], s: usize| x[s * len * d..(s + 1) * len * d].to_vec();
+        let pad_of = |s: usize| &pad[s * len..(s + 1) * len];
+        for build in builds() {
             let mut out = vec![0f32; n * len * d];
-            for s in 0..n {
-                let rows = s * len * d..(s + 1) * len * d;
-                let (q, k, v) = (&q[rows.clone()], &k[rows.clone()], &v[rows.clone()]);
-                let (pad, out) = (&pad[s * len..(s + 1) * len], &mut out[rows]);
-                match fma {
-                    true => attend_kernel::<true>(&shape, q, k, v, pad, None, out),
-                    false => attend_kernel::<false>(&shape, q, k, v, pad, None, out),
-                }
+            for (s, out) in out.chunks_mut(len * d).enumerate() {
+                let (q, k, v) = (sequence(&q, s), sequence(&k, s), sequence(&v, s));
+                let (q, k, v, pad) = (&q[..], &k[..], &v[..], pad_of(s));
+                run_build!(
+                    build,
+                    attend_kernel,
+                    attend_avx2,
+                    attend_avx512,
+                    (&shape, q, k, v, pad, None, out)
+                );
             }
-            close(&out, if fma { "kernel with FMA" } else { "kernel" });
+            close(&out, &format!("{build:?}"));
+        }
+        // The backward step, with dropout: every build gives the portable one's gradients.
+        let drop: Vec<bool> = (0..heads * len * len).map(|i| i % 3 == 0).collect();
+        let d_out: Vec<f32> = (0..n * len * d).map(|i| value(i, 11)).collect();
+        let gradients = |build: Build| -> Vec<f32> {
+            let mut all = Vec::new();
+            for s in 0..n {
+                let inputs = [sequence(&q, s), sequence(&k, s), sequence(&v, s)];
+                let mut grads = [0; 3].map(|_| vec![0f32; len * d]);
+                let [dq, dk, dv] = &mut grads;
+                let inputs = [&inputs[0][..], &inputs[1][..], &inputs[2][..]];
+                let d_out = sequence(&d_out, s);
+                run_build!(
+                    build,
+                    attend_backward_kernel,
+                    attend_backward_avx2,
+                    attend_backward_avx512,
+                    (
+                        &shape,
+                        inputs,
+                        pad_of(s),
+                        Some(&drop[..]),
+                        &d_out[..],
+                        [&mut dq[..], &mut dk[..], &mut dv[..]]
+                    )
+                );
+                all.extend(grads.into_iter().flatten());
+            }
+            all
+        };
+        let want = gradients(Build::Plain { fma: false });
+        assert!(want.iter().any(|&g| g != 0.0));
+        for build in builds() {
+            for (g, w) in gradients(build).iter().zip(&want) {
+                assert!(
+                    (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                    "{build:?}: {g} vs {w}"
+                );
+            }
         }
     }
 }

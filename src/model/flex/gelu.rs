@@ -127,11 +127,12 @@ fn gelu_grad_kernel<const FMA: bool>(xs: &[f32], gs: &mut [f32]) {
     }
 }
 
-dispatch!(gelu_slice, gelu_slice_avx2, gelu_kernel, (xs: &mut [f32]));
-dispatch!(gelu_grad_slice, gelu_grad_slice_avx2, gelu_grad_kernel, (xs: &[f32], gs: &mut [f32]));
+dispatch!(gelu_slice, gelu_slice_avx2, gelu_slice_avx512, gelu_kernel, (xs: &mut [f32]));
+dispatch!(gelu_grad_slice, gelu_grad_slice_avx2, gelu_grad_slice_avx512, gelu_grad_kernel, (xs: &[f32], gs: &mut [f32]));
 
 #[cfg(test)]
 mod tests {
+    use super::super::simd::{builds, run_build};
     use super::*;
     use burn::backend::{Autodiff, NdArray};
     use burn::tensor::activation;
@@ -157,11 +158,20 @@ mod tests {
             .unwrap();
         let x = Tensor::<Flex, 1>::from_data(TensorData::new(xs.clone(), [n]), &flex);
         let got: Vec<f32> = gelu(x).expect("a Flex input").to_data().to_vec().unwrap();
-        // The kernel the CPU runs, and both builds of it (with and without FMA).
-        let (mut plain, mut fused) = (xs.clone(), xs.clone());
-        gelu_kernel::<false>(&mut plain);
-        gelu_kernel::<true>(&mut fused);
-        for got in [got, plain, fused] {
+        // The kernel the CPU runs, and every build of it this CPU has.
+        let mut outputs = vec![got];
+        for build in builds() {
+            let mut ys = xs.clone();
+            run_build!(
+                build,
+                gelu_kernel,
+                gelu_slice_avx2,
+                gelu_slice_avx512,
+                (&mut ys)
+            );
+            outputs.push(ys);
+        }
+        for got in outputs {
             for ((&x, &w), &g) in xs.iter().zip(&want).zip(&got) {
                 let err = (g as f64 - w as f64).abs();
                 assert!(
@@ -178,13 +188,19 @@ mod tests {
             .sum()
             .backward();
         let got: Vec<f32> = x.grad(&grads).unwrap().to_data().to_vec().unwrap();
-        let (mut plain, mut fused) = (vec![1.0; n], vec![1.0; n]);
-        gelu_grad_kernel::<false>(&xs, &mut plain);
-        gelu_grad_kernel::<true>(&xs, &mut fused);
-        for (&x, &g) in [got, plain, fused]
-            .iter()
-            .flat_map(|got| xs.iter().zip(got))
-        {
+        let mut outputs = vec![got];
+        for build in builds() {
+            let mut gs = vec![1.0; n];
+            run_build!(
+                build,
+                gelu_grad_kernel,
+                gelu_grad_slice_avx2,
+                gelu_grad_slice_avx512,
+                (&xs, &mut gs)
+            );
+            outputs.push(gs);
+        }
+        for (&x, &g) in outputs.iter().flat_map(|got| xs.iter().zip(got)) {
             let x = x as f64;
             let cdf = 0.5 * (1.0 + libm_erf(x / 2f64.sqrt()));
             let want = cdf + x * (-x * x / 2.0).exp() / (2.0 * std::f64::consts::PI).sqrt();

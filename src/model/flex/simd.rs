@@ -1,8 +1,8 @@
 //! The building blocks of the attention and GELU kernels: [`madd`], the multiply-add that is
 //! fused where the kernel is compiled for FMA; [`exp_neg`], a branch-free `e^(−a)` that
 //! vectorises; [`row_times`] and [`combination`], sums of products kept 8 columns at a time in
-//! registers ([`weighted_sum8`]); and `dispatch!`, which compiles a kernel twice (plain and with
-//! AVX2 + FMA) and picks one at run time. The kernels are written once, generic over
+//! registers ([`weighted_sum8`]); and `dispatch!`, which compiles a kernel three times (plain, with
+//! AVX2 + FMA, with AVX-512) and picks one at run time. The kernels are written once, generic over
 //! `const FMA: bool`, and `#[inline(always)]`, so that each instantiation is compiled with its
 //! own target features.
 
@@ -118,29 +118,86 @@ fn weighted_sum8<const FMA: bool>(
     std::array::from_fn(|l| (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]))
 }
 
-/// Compiles a kernel twice, plain and with AVX2 + FMA, and picks at run time.
+/// Compiles a kernel three times, plain, with AVX2 + FMA and with AVX-512 (its loops then run 16
+/// lanes wide), and picks one at run time by [`VectorPath::active`].
+///
+/// [`VectorPath::active`]: crate::cpu::VectorPath::active
 macro_rules! dispatch {
-    ($name:ident, $avx2:ident, $kernel:ident, ($($arg:ident: $ty:ty),*)) => {
+    ($name:ident, $avx2:ident, $avx512:ident, $kernel:ident, ($($arg:ident: $ty:ty),*)) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
         fn $avx2($($arg: $ty),*) {
             $kernel::<true>($($arg),*)
         }
 
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+        fn $avx512($($arg: $ty),*) {
+            $kernel::<true>($($arg),*)
+        }
+
         fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                // SAFETY: the CPU has AVX2 and FMA (checked just above).
-                return unsafe { $avx2($($arg),*) };
+            match $crate::cpu::VectorPath::active() {
+                // SAFETY: the CPU has these instruction sets (`VectorPath::active` checked them).
+                #[cfg(target_arch = "x86_64")]
+                $crate::cpu::VectorPath::Avx512 => unsafe { $avx512($($arg),*) },
+                #[cfg(target_arch = "x86_64")]
+                $crate::cpu::VectorPath::Avx2Fma => unsafe { $avx2($($arg),*) },
+                _ => $kernel::<false>($($arg),*),
             }
-            $kernel::<false>($($arg),*)
         }
     };
 }
 
 pub(super) use dispatch;
+
+/// A build of a `dispatch!`ed kernel, for tests that run every build this CPU has.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Build {
+    /// The portable build, with and without fused multiply-adds.
+    Plain {
+        fma: bool,
+    },
+    Avx2,
+    Avx512,
+}
+
+/// Every build this CPU runs: both portable ones, and the vector paths it has.
+#[cfg(test)]
+pub(super) fn builds() -> Vec<Build> {
+    use crate::cpu::VectorPath;
+    let best = VectorPath::detect();
+    let mut builds = vec![Build::Plain { fma: false }, Build::Plain { fma: true }];
+    if cfg!(target_arch = "x86_64") && best <= VectorPath::Avx2Fma {
+        builds.push(Build::Avx2);
+    }
+    if cfg!(target_arch = "x86_64") && best == VectorPath::Avx512 {
+        builds.push(Build::Avx512);
+    }
+    builds
+}
+
+/// Runs the build `$build` of a `dispatch!`ed kernel (`$kernel`, `$avx2`, `$avx512`) on `args`.
+#[cfg(test)]
+macro_rules! run_build {
+    ($build:expr, $kernel:ident, $avx2:ident, $avx512:ident, ($($arg:expr),*)) => {
+        match $build {
+            $crate::model::flex::simd::Build::Plain { fma: false } => $kernel::<false>($($arg),*),
+            $crate::model::flex::simd::Build::Plain { fma: true } => $kernel::<true>($($arg),*),
+            // SAFETY: `builds()` lists these only where the CPU has their instruction sets.
+            #[cfg(target_arch = "x86_64")]
+            $crate::model::flex::simd::Build::Avx2 => unsafe { $avx2($($arg),*) },
+            #[cfg(target_arch = "x86_64")]
+            $crate::model::flex::simd::Build::Avx512 => unsafe { $avx512($($arg),*) },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("no x86 builds here"),
+        }
+    };
+}
+
+#[cfg(test)]
+pub(super) use run_build;
 
 #[cfg(test)]
 mod tests {
