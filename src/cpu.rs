@@ -22,7 +22,7 @@
 //!
 //! Other architectures keep their default environment (the setter says so by returning `false`).
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use serde::Serialize;
 
@@ -55,6 +55,26 @@ mod mxcsr {
             std::arch::asm!("ldmxcsr [{}]", in(reg) &v as *const u32, options(nostack, preserves_flags, readonly));
         }
     }
+}
+
+/// `f()` on a thread of rayon's global pool, while the calling thread waits (directly on a
+/// thread of the pool). Flex runs its matrix products and clue's kernels on that pool: driven
+/// from outside it, every parallel operation wakes the pool's threads and puts the driving
+/// thread to sleep (three threads on the cores of two, with a hand-off at every operation);
+/// driven from inside, the driving thread is one of the pool's and computes its share of each
+/// operation, as PyTorch's calling thread does in its OpenMP team.
+///
+/// One `f` at a time: a pool thread that waits inside one `f` takes up the pool's other jobs
+/// (work stealing), and a second `f` would run there nested inside the first, on its thread,
+/// where a lock the first holds (Burn's autodiff graph, during a backward pass) deadlocks it.
+/// Called on a thread of the pool, `f` runs right there.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    if rayon::current_thread_index().is_some() {
+        return f();
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(PoisonError::into_inner);
+    rayon::scope(|_| f())
 }
 
 /// Run `f` on the calling thread and on every thread of rayon's global pool (creating the pool
@@ -231,9 +251,10 @@ impl VectorPath {
         static ACTIVE: OnceLock<VectorPath> = OnceLock::new();
         *ACTIVE.get_or_init(|| {
             let best = Self::detect();
-            let Ok(asked) = std::env::var("CLUE_VECTOR_PATH") else {
+            let Some(asked) = std::env::var_os("CLUE_VECTOR_PATH") else {
                 return best;
             };
+            let asked = asked.to_string_lossy().trim().to_ascii_lowercase();
             match [Self::Avx512, Self::Avx2Fma, Self::Portable]
                 .into_iter()
                 .find(|p| p.name() == asked || (asked == "avx2" && *p == Self::Avx2Fma))
@@ -302,6 +323,40 @@ pub fn reset_peak_rss() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rayon::prelude::*;
+
+    #[test]
+    fn on_pool_runs_on_the_pool_one_at_a_time() {
+        assert!(rayon::current_thread_index().is_none(), "a test thread");
+        let (index, nested) = on_pool(|| {
+            // Called again on the pool: runs in place (the lock is not taken twice).
+            let nested = on_pool(rayon::current_thread_index);
+            (rayon::current_thread_index(), nested)
+        });
+        assert!(index.is_some() && index == nested);
+        // From several threads at once: each runs on the pool, never two at a time.
+        static RUNNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let most = std::thread::scope(|s| {
+            let runs: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        on_pool(|| {
+                            use std::sync::atomic::Ordering::SeqCst;
+                            let now = RUNNING.fetch_add(1, SeqCst) + 1;
+                            // Parallel work inside, so the pool's threads go looking for jobs.
+                            let sum: u64 = (0..200_000u64).into_par_iter().sum();
+                            assert_eq!(sum, 199_999 * 100_000);
+                            RUNNING.fetch_sub(1, SeqCst);
+                            assert!(rayon::current_thread_index().is_some());
+                            now
+                        })
+                    })
+                })
+                .collect();
+            runs.into_iter().map(|r| r.join().unwrap()).max().unwrap()
+        });
+        assert_eq!(most, 1, "two closures ran at once");
+    }
 
     #[test]
     fn cpu_info_names_the_machine() {
@@ -310,12 +365,16 @@ mod tests {
         assert!(info.threads >= 1);
         let line = info.line();
         assert!(line.contains(&info.model) && line.contains(info.kernels));
+        // The path taken is the one `active` picks, never above what the CPU has.
+        let (best, active) = (VectorPath::detect(), VectorPath::active());
+        assert_eq!(info.kernels, active.name());
+        assert!(active >= best, "{active:?} above {best:?}");
         #[cfg(target_arch = "x86_64")]
         assert_eq!(
             info.isa.contains(&"avx2") && info.isa.contains(&"fma"),
-            info.kernels != "portable"
+            best != VectorPath::Portable
         );
-        if info.kernels == "avx512" {
+        if best == VectorPath::Avx512 {
             assert!(info.isa.contains(&"avx512f"));
         }
     }

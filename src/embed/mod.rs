@@ -48,7 +48,8 @@ pub fn item_vectors<B: Backend>(
     let mut out = Vec::new();
     for part in order.chunks(chunk.max(1)) {
         let rows: Vec<&[u32]> = part.iter().map(|&i| tokens[i].as_slice()).collect();
-        let vectors = to_vec(encode_item_rows(encoder, &rows, device));
+        let vectors =
+            BackendKind::of::<B>().drive(|| to_vec(encode_item_rows(encoder, &rows, device)));
         let d = vectors.len() / part.len();
         if out.is_empty() {
             out = vec![0f32; tokens.len() * d];
@@ -135,30 +136,31 @@ pub fn user_vectors<B: Backend>(
             let min_len = e.batcher.fixed.map_or(1, |f| f.tokens);
             token_rows::<B>(&rows, min_len, &e.device)
         };
-        let z = match (e.encoder.is_flat(), items.cache) {
-            (true, _) => {
-                e.encoder
-                    .encode_flat(slot_tokens(tokens(), b.slot_item, b.item_pad.dims()))
-            }
-            (false, Some(cache)) => {
-                let mut v = Vec::with_capacity(b.items.len() * e.d_model);
-                for &item in &b.items {
-                    let at = item as usize * e.d_model;
-                    v.extend_from_slice(&cache[at..at + e.d_model]);
+        let z = BackendKind::of::<B>().drive(|| {
+            to_vec(match (e.encoder.is_flat(), items.cache) {
+                (true, _) => {
+                    e.encoder
+                        .encode_flat(slot_tokens(tokens(), b.slot_item, b.item_pad.dims()))
                 }
-                let vectors = Tensor::<B, 1>::from_data(
-                    TensorData::new(v, [b.items.len() * e.d_model]),
-                    &e.device,
-                )
-                .reshape([b.items.len(), e.d_model]);
-                e.encoder.encode_users(vectors, b.slot_item, b.item_pad)
-            }
-            (false, None) => {
-                let vectors = e.encoder.encode_items(tokens());
-                e.encoder.encode_users(vectors, b.slot_item, b.item_pad)
-            }
-        };
-        let z = to_vec(z);
+                (false, Some(cache)) => {
+                    let mut v = Vec::with_capacity(b.items.len() * e.d_model);
+                    for &item in &b.items {
+                        let at = item as usize * e.d_model;
+                        v.extend_from_slice(&cache[at..at + e.d_model]);
+                    }
+                    let vectors = Tensor::<B, 1>::from_data(
+                        TensorData::new(v, [b.items.len() * e.d_model]),
+                        &e.device,
+                    )
+                    .reshape([b.items.len(), e.d_model]);
+                    e.encoder.encode_users(vectors, b.slot_item, b.item_pad)
+                }
+                (false, None) => {
+                    let vectors = e.encoder.encode_items(tokens());
+                    e.encoder.encode_users(vectors, b.slot_item, b.item_pad)
+                }
+            })
+        });
         for (i, &r) in part.iter().enumerate() {
             out[r * dim..(r + 1) * dim].copy_from_slice(&z[i * dim..(i + 1) * dim]);
         }

@@ -150,11 +150,18 @@ mod tests {
         // With dropout: both paths draw the same masks (the fast attention's in the layout of
         // the generic path's `[n, heads, len, len]` weights).
         let encoder = Encoder::<Fx>::new(16, 32, 4, 2, 0.2, &mut Init::new(0, &dev));
-        let (n, len) = (3, 5);
+        let (n, len) = (4, 5);
         let x: Vec<f32> = (0..n * len * 16)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
             .collect();
-        let pad: Vec<bool> = (0..n * len).map(|i| i % len >= len - i / len).collect();
+        // Rows 0–2 have 0, 1 and 2 padding positions at their end; row 3 has padding first, in
+        // the middle and last.
+        let pad: Vec<bool> = (0..n * len)
+            .map(|i| match i / len {
+                3 => i % 2 == 1,
+                row => i % len >= len - row,
+            })
+            .collect();
         // A weighted sum, so every output position gets its own gradient.
         let weights: Vec<f32> = (0..n * len * 16).map(|i| (i % 7) as f32 - 3.0).collect();
         let run = |generic: bool| {

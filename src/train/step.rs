@@ -10,6 +10,7 @@ use burn::prelude::*;
 use burn::tensor::backend::{AutodiffBackend, DeviceId};
 use burn::train::{InferenceStep, Interrupter, TrainOutput, TrainStep};
 
+use crate::backend::BackendKind;
 use crate::data::batcher::UserBatch;
 use crate::model::dropout::start_step;
 use crate::model::{ClueModel, LOGIT_SCALE_MAX};
@@ -158,14 +159,18 @@ impl<B: AutodiffBackend> TrainStep for Trainee<B> {
                 Ok(done) => done,
                 Err(failure) => return self.failed(&batch, failure),
             }
-        } else if chunk > 0 && chunk < batch.len() {
-            grad_cache_step(&self.model, self.settings.seed, &batch, chunk, step)
         } else {
-            start_step(self.settings.seed, step);
-            let out = self.output(&batch);
-            let grads = is_finite(&out.loss)
-                .then(|| GradientsParams::from_grads(out.loss.backward(), self));
-            (out, grads)
+            let seed = self.settings.seed;
+            BackendKind::of::<B>().drive(|| {
+                if chunk > 0 && chunk < batch.len() {
+                    return grad_cache_step(&self.model, seed, &batch, chunk, step);
+                }
+                start_step(seed, step);
+                let out = self.output(&batch);
+                let grads = is_finite(&out.loss)
+                    .then(|| GradientsParams::from_grads(out.loss.backward(), self));
+                (out, grads)
+            })
         };
         let finite = grads.is_some();
         let mut grads = grads.unwrap_or_default();
@@ -188,7 +193,7 @@ impl<B: AutodiffBackend> TrainStep for Trainee<B> {
         O: Optimizer<Self, BB>,
         Self: AutodiffModule<BB>,
     {
-        let mut next = optim.step(lr, self, grads);
+        let mut next = BackendKind::of::<B>().drive(|| optim.step(lr, self, grads));
         next.model.log_logit_scale = clamp_param(next.model.log_logit_scale, LOGIT_SCALE_MAX.ln());
         next
     }
@@ -207,6 +212,6 @@ impl<B: Backend> InferenceStep for Trainee<B> {
     type Output = ClueOutput<B>;
 
     fn step(&self, batch: UserBatch<B>) -> ClueOutput<B> {
-        self.output(&batch)
+        BackendKind::of::<B>().drive(|| self.output(&batch))
     }
 }

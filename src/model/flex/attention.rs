@@ -415,20 +415,23 @@ mod tests {
     use super::*;
 
     /// Attention on plain Flex against a direct f64 computation, with a sequence of padding only
-    /// and heads whose width is not a multiple of 8; both builds of the kernel.
+    /// padding at the start and in the middle, and heads whose width is not a multiple of 8; every
+    /// build of the kernel this CPU has, forward and backward.
     #[test]
     fn attention_matches_a_direct_computation() {
-        let (n, len, d, heads) = (3, 5, 20, 2);
+        let (n, len, d, heads) = (4, 5, 20, 2);
         let dh = d / heads;
         let value = |i: usize, seed: usize| ((i * seed % 23) as f32 - 11.0) / 7.0;
         let [q, k, v]: [Vec<f32>; 3] =
             [3, 5, 7].map(|seed| (0..n * len * d).map(|i| value(i, seed)).collect());
-        // Sequence 0 has two padding positions, 1 none, 2 only padding.
+        // Sequence 0 has two padding positions at its end, 1 none, 2 only padding, 3 padding
+        // first, in the middle and last.
         let pad: Vec<bool> = (0..n * len)
             .map(|i| match i / len {
                 0 => i % len >= 3,
                 1 => false,
-                _ => true,
+                2 => true,
+                _ => i % 2 == 1,
             })
             .collect();
         let mut want = vec![0f64; n * len * d];
@@ -476,7 +479,8 @@ mod tests {
             heads,
             scale: 1.0 / (dh as f32).sqrt(),
             masked_score: -1e4,
-            kept_scale: 1.0,
+            // Used by the backward step below, with dropout.
+            kept_scale: 1.5,
         };
         let sequence = |x: &[f32], s: usize| x[s * len * d..(s + 1) * len * d].to_vec();
         let pad_of = |s: usize| &pad[s * len..(s + 1) * len];

@@ -10,8 +10,8 @@
 //!   compressed rows (LightGCN's propagation), instead of a gather and a scatter-add.
 //!
 //! Each lives in its own module with its kernels and its backward step; the pieces the attention
-//! and GELU kernels share (the FMA multiply-add, a vectorisable `e^(−a)`, the AVX2 + FMA
-//! dispatch) are in `simd`.
+//! and GELU kernels share (the FMA multiply-add, a vectorisable `e^(−a)`, the dispatch to their
+//! AVX-512, AVX2 + FMA and portable builds) are in `simd`.
 //!
 //! Each function recognises Flex tensors (plain, and under `Autodiff<Flex>`, where it records
 //! its own backward step) by their primitive's type, so the model stays generic over

@@ -118,8 +118,9 @@ fn weighted_sum8<const FMA: bool>(
     std::array::from_fn(|l| (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]))
 }
 
-/// Compiles a kernel three times, plain, with AVX2 + FMA and with AVX-512 (its loops then run 16
-/// lanes wide), and picks one at run time by [`VectorPath::active`].
+/// Compiles a kernel three times, plain, with AVX2 + FMA and with AVX-512 (F, VL, BW, DQ: LLVM
+/// keeps to 256-bit vectors there, but gets 32 registers, mask registers and AVX-512's
+/// instructions), and picks one at run time by [`VectorPath::active`].
 ///
 /// [`VectorPath::active`]: crate::cpu::VectorPath::active
 macro_rules! dispatch {
@@ -143,6 +144,9 @@ macro_rules! dispatch {
                 $crate::cpu::VectorPath::Avx512 => unsafe { $avx512($($arg),*) },
                 #[cfg(target_arch = "x86_64")]
                 $crate::cpu::VectorPath::Avx2Fma => unsafe { $avx2($($arg),*) },
+                $crate::cpu::VectorPath::Portable => $kernel::<false>($($arg),*),
+                // Elsewhere `active` is always `Portable`.
+                #[cfg(not(target_arch = "x86_64"))]
                 _ => $kernel::<false>($($arg),*),
             }
         }
