@@ -86,7 +86,9 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         let f = f.lock().unwrap_or_else(PoisonError::into_inner).take();
         f.map(|f| f())
     });
-    results.swap_remove(0).expect("the pool's first thread ran the work")
+    results
+        .swap_remove(0)
+        .expect("the pool's first thread ran the work")
 }
 
 /// Run `f` on the calling thread and on every thread of rayon's global pool (creating the pool
@@ -345,7 +347,10 @@ mod tests {
             let nested = on_pool(rayon::current_thread_index);
             (rayon::current_thread_index(), nested)
         });
-        assert!(index == Some(0) && index == nested, "on the first thread: {index:?}");
+        assert!(
+            index == Some(0) && index == nested,
+            "on the first thread: {index:?}"
+        );
         // From several threads at once: each runs on the pool, never two at a time.
         static RUNNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let most = std::thread::scope(|s| {

@@ -139,25 +139,34 @@ fn flex_stores_no_denormal_when_flushed_and_makes_none_when_not() {
     }
 }
 
+/// `clue [flag] bench --preset tiny --backend flex --steps <steps> --json`, with the environment
+/// variable `var` set to its value, or unset; the report.
+fn bench_json(
+    flag: Option<&str>,
+    steps: usize,
+    (var, value): (&str, Option<&str>),
+) -> serde_json::Value {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_clue"));
+    cmd.args(flag)
+        .args(["--quiet", "bench", "--preset", "tiny", "--backend", "flex"])
+        .args(["--steps", &steps.to_string(), "--warmup", "0", "--json"])
+        .env_remove(var);
+    if let Some(v) = value {
+        cmd.env(var, v);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 #[test]
 fn the_binary_flushes_by_default_and_keeps_on_request() {
-    let run = |flag: Option<&str>, env: Option<&str>| -> serde_json::Value {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_clue"));
-        cmd.args(flag)
-            .args(["--quiet", "bench", "--preset", "tiny", "--backend", "flex"])
-            .args(["--steps", "1", "--warmup", "0", "--json"])
-            .env_remove("CLUE_KEEP_DENORMALS");
-        if let Some(v) = env {
-            cmd.env("CLUE_KEEP_DENORMALS", v);
-        }
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
+    let run =
+        |flag: Option<&str>, env: Option<&str>| bench_json(flag, 1, ("CLUE_KEEP_DENORMALS", env));
     let flushed = |r: &serde_json::Value| r["cpu"]["flush_denormals"].as_bool().unwrap();
     let default = run(None, None);
     assert!(flushed(&default));
@@ -170,22 +179,7 @@ fn the_binary_flushes_by_default_and_keeps_on_request() {
 
 #[test]
 fn every_vector_path_trains_to_the_same_losses() {
-    let run = |path: Option<&str>| -> serde_json::Value {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_clue"));
-        cmd.args(["--quiet", "bench", "--preset", "tiny", "--backend", "flex"])
-            .args(["--steps", "3", "--warmup", "0", "--json"])
-            .env_remove("CLUE_VECTOR_PATH");
-        if let Some(p) = path {
-            cmd.env("CLUE_VECTOR_PATH", p);
-        }
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
+    let run = |path: Option<&str>| bench_json(None, 3, ("CLUE_VECTOR_PATH", path));
     let best = clue::cpu::VectorPath::detect();
     let default = run(None);
     assert_eq!(default["cpu"]["kernels"], best.name());
