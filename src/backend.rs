@@ -41,13 +41,14 @@ impl BackendKind {
         self == Self::Accelerator
     }
 
-    /// Runs `f`, the work of a training step or an inference call: on Flex on a thread of
-    /// rayon's pool, which Flex computes on ([`crate::cpu::on_pool`]: ~15–20 % faster on tiny
-    /// inference), elsewhere on the calling thread (a GPU backend keeps its launches on one
-    /// thread). Thread-local state (dropout's stream) must be set inside `f`.
+    /// Runs `f`, the work of a training step or an inference call: on Flex, where the program
+    /// allows it ([`crate::cpu::set_drive_from_pool`]; the `clue` binary does), on the thread of
+    /// rayon's pool that Flex computes on ([`crate::cpu::on_pool`]; tiny on AMD Zen 5: training
+    /// 0.073 → 0.060 s/step); elsewhere on the calling thread (a GPU backend keeps its launches
+    /// on one thread). Thread-local state (dropout's stream) must be set inside `f`.
     pub fn drive<R: Send>(self, f: impl FnOnce() -> R + Send) -> R {
         match self {
-            Self::Flex => crate::cpu::on_pool(f),
+            Self::Flex if crate::cpu::drives_from_pool() => crate::cpu::on_pool(f),
             _ => f(),
         }
     }

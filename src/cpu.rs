@@ -22,6 +22,7 @@
 //!
 //! Other architectures keep their default environment (the setter says so by returning `false`).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError};
 
 use serde::Serialize;
@@ -57,6 +58,23 @@ mod mxcsr {
     }
 }
 
+/// Whether [`drives_from_pool`]: off unless the program turns it on.
+static DRIVE_FROM_POOL: AtomicBool = AtomicBool::new(false);
+
+/// Let the model's work run on rayon's pool ([`on_pool`], through
+/// [`crate::backend::BackendKind::drive`]). The `clue` binary turns it on: its commands drive one
+/// model at a time. Off by default, for programs (and test binaries) that may run autodiff on
+/// other threads at the same time: a pool thread that runs one of their jobs could take up the
+/// driven work nested inside it, and Burn's autodiff graph lock, held by that other thread for
+/// its backward pass, would then deadlock both.
+pub fn set_drive_from_pool(on: bool) {
+    DRIVE_FROM_POOL.store(on, Ordering::Relaxed);
+}
+
+pub fn drives_from_pool() -> bool {
+    DRIVE_FROM_POOL.load(Ordering::Relaxed)
+}
+
 /// `f()` on a thread of rayon's global pool, while the calling thread waits (directly on a
 /// thread of the pool). Flex runs its matrix products and clue's kernels on that pool: driven
 /// from outside it, every parallel operation wakes the pool's threads and puts the driving
@@ -67,7 +85,9 @@ mod mxcsr {
 /// One `f` at a time: a pool thread that waits inside one `f` takes up the pool's other jobs
 /// (work stealing), and a second `f` would run there nested inside the first, on its thread,
 /// where a lock the first holds (Burn's autodiff graph, during a backward pass) deadlocks it.
-/// Called on a thread of the pool, `f` runs right there.
+/// For the same reason no other thread may run autodiff work meanwhile (see
+/// [`set_drive_from_pool`]). Called on a thread of a rayon pool, `f` runs right there. A panic
+/// in `f` reaches the caller.
 pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
     if rayon::current_thread_index().is_some() {
@@ -233,9 +253,9 @@ impl CpuInfo {
 /// each kernel is built once per path and picks the best one the CPU has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum VectorPath {
-    /// AVX-512 (F, VL, BW, DQ) with AVX2 and FMA: 16 lanes.
+    /// AVX-512 (F, VL, BW, DQ) with AVX2 and FMA.
     Avx512,
-    /// AVX2 with FMA: 8 lanes.
+    /// AVX2 with FMA.
     Avx2Fma,
     /// Whatever the compiler's baseline target offers (SSE2 on x86-64).
     Portable,
@@ -373,6 +393,10 @@ mod tests {
             runs.into_iter().map(|r| r.join().unwrap()).max().unwrap()
         });
         assert_eq!(most, 1, "two closures ran at once");
+        // A panic reaches the caller, and the next call still runs.
+        let panicked = std::panic::catch_unwind(|| on_pool(|| panic!("in the work")));
+        assert!(panicked.is_err());
+        assert_eq!(on_pool(|| 7), 7);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The CPU modes of `clue::cpu`. Flushing denormals to zero: the bits reach rayon's pool and
 //! threads created afterwards, results stay within tolerance of the unflushed run, a flushed run
 //! stores no denormal weight, gradient or AdamW moment, and an unflushed Flex step makes none.
-//! The vector path of clue's Flex kernels: each one the CPU has trains to the same losses. Its own
+//! The vector path of clue's Flex kernels: each one the CPU has trains to the same losses, and so
+//! do steps driven from rayon's pool and from the calling thread. Its own
 //! test binary, since the bits are process-wide state; the tests here take a lock so that they
 //! do not see each other's.
 // Linux: a new thread inherits its creator's floating-point bits there (tested below).
@@ -208,4 +209,20 @@ fn every_vector_path_trains_to_the_same_losses() {
         best.name(),
         "an unknown path is ignored"
     );
+}
+
+#[test]
+fn driving_from_the_pool_keeps_the_losses() {
+    let pool = bench_json(None, 3, ("CLUE_DRIVE_FROM_POOL", None));
+    let caller = bench_json(None, 3, ("CLUE_DRIVE_FROM_POOL", Some("0")));
+    for which in ["loss_first", "loss_last"] {
+        let (a, b) = (
+            pool[which].as_f64().unwrap(),
+            caller[which].as_f64().unwrap(),
+        );
+        assert!(
+            (a - b).abs() <= 1e-6 * a.abs(),
+            "{which}: {a} on the pool, {b} on the calling thread"
+        );
+    }
 }

@@ -31,8 +31,8 @@ struct Stream {
 }
 
 thread_local! {
-    /// The forward pass of a step runs on the thread that calls the step, so each thread (and
-    /// each test) has its own stream.
+    /// The forward pass of a step runs on one thread, which sets the stream first: the thread
+    /// that calls the step, or the pool thread it is driven on (`BackendKind::drive`).
     static STREAM: Cell<Stream> = const {
         Cell::new(Stream { key: 0x5EED_C1CE, call: 0, replay: false })
     };

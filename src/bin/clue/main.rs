@@ -620,6 +620,11 @@ fn main() -> ExitCode {
     // Before any compute thread exists: loaders and Burn's threads inherit the bits.
     let keep = cli.keep_denormals || std::env::var("CLUE_KEEP_DENORMALS").is_ok_and(|v| v == "1");
     clue::cpu::set_flush_denormals(!keep);
+    // Every command drives one model at a time: its steps can run on rayon's pool (off with
+    // CLUE_DRIVE_FROM_POOL=0, to compare).
+    clue::cpu::set_drive_from_pool(
+        std::env::var("CLUE_DRIVE_FROM_POOL").map_or(true, |v| v != "0"),
+    );
     clue::data::log::set_max_row_bytes(cli.max_row_bytes);
     ui::set_verbosity(if cli.quiet {
         0
