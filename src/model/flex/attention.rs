@@ -12,7 +12,7 @@ use burn::prelude::*;
 use burn::tensor::TensorMetadata;
 use rayon::prelude::*;
 
-use super::simd::{combination, dispatch, exp_neg, madd, row_times};
+use super::simd::{dispatch, exp_neg, madd, product};
 use super::{FlexFloat, f32s, from_flex, tensor, to_flex};
 
 /// Multi-head attention on Flex: `q`, `k`, `v`: `[n, len, d]` with the heads side by side
@@ -135,11 +135,11 @@ impl Attention {
         }
     }
 
-    /// Runs `f(s, q, k, v, pad, drop, rows)` for every sequence `s` in parallel, with its rows
-    /// of each of `outputs` (`[n, len, d]` each, zeros at first).
+    /// Runs `f(s, q, k, v, pad, drop, rows, scratch)` for every sequence `s` in parallel, with its
+    /// rows of each of `outputs` (`[n, len, d]` each, zeros at first) and buffers its task reuses.
     fn per_sequence<const N: usize>(
         &self,
-        f: impl Fn(usize, [&[f32]; 3], &[bool], Option<&[bool]>, [&mut [f32]; N]) + Sync,
+        f: impl Fn(usize, [&[f32]; 3], &[bool], Option<&[bool]>, [&mut [f32]; N], &mut Scratch) + Sync,
     ) -> [Vec<f32>; N] {
         let AttentionShape { len, d, heads, .. } = self.shape;
         let rows = len * d;
@@ -163,7 +163,7 @@ impl Attention {
             .into_par_iter()
             .enumerate()
             .with_min_len((32 * 1024 / per_sequence.max(1)).max(1))
-            .for_each(|(s, out)| {
+            .for_each_init(Scratch::default, |scratch, (s, out)| {
                 let at = s * rows..(s + 1) * rows;
                 let weights = heads * len * len;
                 let drop = self
@@ -171,15 +171,23 @@ impl Attention {
                     .as_ref()
                     .map(|m| &m[s * weights..(s + 1) * weights]);
                 let inputs = [&qs[at.clone()], &ks[at.clone()], &vs[at]];
-                f(s, inputs, &self.pad[s * len..(s + 1) * len], drop, out);
+                f(
+                    s,
+                    inputs,
+                    &self.pad[s * len..(s + 1) * len],
+                    drop,
+                    out,
+                    scratch,
+                );
             });
         outputs
     }
 
     fn forward(&self) -> FlexTensor {
         let shape = &self.shape;
-        let [out] = self
-            .per_sequence(|_, [q, k, v], pad, drop, [out]| attend(shape, q, k, v, pad, drop, out));
+        let [out] = self.per_sequence(|_, inputs, pad, drop, [out], scratch| {
+            attend(shape, inputs, pad, drop, out, scratch)
+        });
         tensor(out, self.q.shape())
     }
 
@@ -188,9 +196,9 @@ impl Attention {
         let grad = grad.to_contiguous();
         let (gs, shape) = (f32s(&grad), &self.shape);
         let rows = shape.len * shape.d;
-        let grads = self.per_sequence(|s, inputs, pad, drop, [dq, dk, dv]| {
+        let grads = self.per_sequence(|s, inputs, pad, drop, [dq, dk, dv], scratch| {
             let d_out = &gs[s * rows..(s + 1) * rows];
-            attend_backward(shape, inputs, pad, drop, d_out, [dq, dk, dv])
+            attend_backward(shape, inputs, pad, drop, d_out, [dq, dk, dv], scratch)
         });
         grads.map(|g| tensor(g, self.q.shape()))
     }
@@ -236,33 +244,42 @@ fn transpose_head(shape: &AttentionShape, x: &[f32], h: usize, keys: usize, out:
     }
 }
 
-/// What [`softmax_row`] puts in place of each score of a sequence's first [`attended`] keys,
-/// rounded up to a multiple of 8: NaN (keep the scaled score) for a key, the masked score for
-/// padding, −∞ (a weight of exactly 0) for the lanes past the keys.
-fn score_fill(shape: &AttentionShape, pad: &[bool]) -> Vec<f32> {
-    let keys = attended(pad);
-    (0..keys.next_multiple_of(8))
-        .map(|j| match pad.get(j) {
-            Some(false) if j < keys => f32::NAN,
-            Some(_) if j < keys => shape.masked_score,
-            _ => f32::NEG_INFINITY,
-        })
-        .collect()
+/// Buffers that one rayon task reuses from one sequence to the next.
+#[derive(Default)]
+struct Scratch {
+    fill: Vec<f32>,
+    keys: Vec<f32>,
+    values: Vec<f32>,
+    weights: Vec<f32>,
+    d_weights: Vec<f32>,
 }
 
-/// Query `qi`'s softmax weights (before dropout) over the keys `keys` (`[d_head, keys8]` from
-/// [`transpose_head`]) into `weights[..keys8]`, with `fill` from [`score_fill`]. Every pass runs
-/// over whole groups of 8 lanes, so it vectorises without a scalar tail.
+/// `buffer` as `len` zeros.
+fn zeroed(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    buffer.clear();
+    buffer.resize(len, 0.0);
+    buffer
+}
+
+/// What [`softmax_row`] puts in place of each score of a sequence's first [`attended`] keys,
+/// rounded up to a multiple of 8, into `buffer`: NaN (keep the scaled score) for a key, the
+/// masked score for padding, −∞ (a weight of exactly 0) for the lanes past the keys.
+fn score_fill<'a>(shape: &AttentionShape, pad: &[bool], buffer: &'a mut Vec<f32>) -> &'a [f32] {
+    let keys = attended(pad);
+    buffer.clear();
+    buffer.extend((0..keys.next_multiple_of(8)).map(|j| match pad.get(j) {
+        Some(false) if j < keys => f32::NAN,
+        Some(_) if j < keys => shape.masked_score,
+        _ => f32::NEG_INFINITY,
+    }));
+    buffer
+}
+
+/// One query's softmax weights (before dropout), in place of its raw scores `q·k` (`[keys8]`),
+/// with `fill` from [`score_fill`]. Every pass runs over whole groups of 8 lanes, so it
+/// vectorises without a scalar tail.
 #[inline(always)]
-fn softmax_row<const FMA: bool>(
-    shape: &AttentionShape,
-    qi: &[f32],
-    keys: &[f32],
-    fill: &[f32],
-    weights: &mut [f32],
-) {
-    let weights = &mut weights[..fill.len()];
-    row_times::<FMA>(qi, keys, weights);
+fn softmax_row<const FMA: bool>(shape: &AttentionShape, fill: &[f32], weights: &mut [f32]) {
     let (lanes8, _) = weights.as_chunks_mut::<8>();
     let (fill8, _) = fill.as_chunks::<8>();
     for (lanes, fill) in lanes8.iter_mut().zip(fill8) {
@@ -308,35 +325,56 @@ fn kept(shape: &AttentionShape, drop: Option<&[bool]>, row: usize, j: usize) -> 
     }
 }
 
-/// One sequence's attention, all heads: `q`, `k`, `v`, `out`: `[len, d]`, `pad`: `[len]`,
-/// `drop`: `[heads, len, len]`.
+/// Where [`product`] writes: row `i` of `x` (rows of `stride` values) from column `col` on.
+#[inline(always)]
+fn rows_of(x: &mut [f32], stride: usize, col: usize) -> impl FnMut(usize, usize, &[f32]) + '_ {
+    move |i, c, values| x[i * stride + col + c..][..values.len()].copy_from_slice(values)
+}
+
+/// One sequence's attention, all heads: `q`, `k`, `v` (`inputs`), `out`: `[len, d]`, `pad`: `[len]`,
+/// `drop`: `[heads, len, len]`. Per head, the scores of all queries are one small product, their
+/// softmax rows another's factors.
 #[inline(always)]
 fn attend_kernel<const FMA: bool>(
     shape: &AttentionShape,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    [q, k, v]: [&[f32]; 3],
     pad: &[bool],
     drop: Option<&[bool]>,
     out: &mut [f32],
+    scratch: &mut Scratch,
 ) {
     let AttentionShape { len, d, heads, .. } = *shape;
-    let (dh, n, fill) = (d / heads, attended(pad), score_fill(shape, pad));
-    let mut keys = vec![0f32; dh * fill.len()];
-    let mut weights = vec![0f32; fill.len()];
+    let (dh, n) = (d / heads, attended(pad));
+    let fill = score_fill(shape, pad, &mut scratch.fill);
+    let n8 = fill.len();
+    let keys = zeroed(&mut scratch.keys, dh * n8);
+    // [len (queries), n8 (keys)].
+    let weights = zeroed(&mut scratch.weights, len * n8);
     for h in 0..heads {
-        // Head h's columns of row i.
-        let at = |i: usize| i * d + h * dh..i * d + (h + 1) * dh;
-        transpose_head(shape, k, h, n, &mut keys);
-        for i in 0..len {
-            softmax_row::<FMA>(shape, &q[at(i)], &keys, &fill, &mut weights);
+        let col = h * dh;
+        transpose_head(shape, k, h, n, keys);
+        let keys = &*keys;
+        product::<FMA>(
+            [len, dh, n8],
+            |i, c| q[i * d + col + c],
+            |c| &keys[c * n8..],
+            rows_of(weights, n8, 0),
+        );
+        for (i, row) in weights.chunks_exact_mut(n8).enumerate() {
+            softmax_row::<FMA>(shape, fill, row);
             if drop.is_some() {
-                for (j, w) in weights[..n].iter_mut().enumerate() {
+                for (j, w) in row[..n].iter_mut().enumerate() {
                     *w *= kept(shape, drop, h * len + i, j);
                 }
             }
-            combination::<FMA>(&mut out[at(i)], n, |j| weights[j], |j| &v[at(j)]);
         }
+        let weights = &*weights;
+        product::<FMA>(
+            [len, n, dh],
+            |i, j| weights[i * n8 + j],
+            |j| &v[j * d + col..],
+            rows_of(out, d, col),
+        );
     }
 }
 
@@ -350,64 +388,82 @@ fn attend_backward_kernel<const FMA: bool>(
     drop: Option<&[bool]>,
     d_out: &[f32],
     [dq, dk, dv]: [&mut [f32]; 3],
+    scratch: &mut Scratch,
 ) {
     let AttentionShape { len, d, heads, .. } = *shape;
     // Keys from n on have weight 0: their scores, dk and dv rows get no gradient.
-    let (dh, n, fill) = (d / heads, attended(pad), score_fill(shape, pad));
+    let (dh, n) = (d / heads, attended(pad));
+    let fill = score_fill(shape, pad, &mut scratch.fill);
     let n8 = fill.len();
-    let (mut keys, mut values) = (vec![0f32; dh * n8], vec![0f32; dh * n8]);
-    let (mut weights, mut d_weights) = (vec![0f32; n8], vec![0f32; n8]);
-    // One head's weights after dropout and the scores' gradients: [len (queries), len (keys)].
-    let (mut dropped, mut d_scores) = (vec![0f32; len * len], vec![0f32; len * len]);
+    let keys = zeroed(&mut scratch.keys, dh * n8);
+    let values = zeroed(&mut scratch.values, dh * n8);
+    // [len (queries), n8 (keys)]: the weights, then after dropout; their gradients, then the
+    // scores'.
+    let weights = zeroed(&mut scratch.weights, len * n8);
+    let d_weights = zeroed(&mut scratch.d_weights, len * n8);
     for h in 0..heads {
-        let at = |i: usize| i * d + h * dh..i * d + (h + 1) * dh;
-        transpose_head(shape, k, h, n, &mut keys);
-        transpose_head(shape, v, h, n, &mut values);
+        let col = h * dh;
+        let (q_at, d_out_at) = (|i, c| q[i * d + col + c], |i, c| d_out[i * d + col + c]);
+        transpose_head(shape, k, h, n, keys);
+        transpose_head(shape, v, h, n, values);
+        let (keys, values) = (&*keys, &*values);
+        product::<FMA>(
+            [len, dh, n8],
+            q_at,
+            |c| &keys[c * n8..],
+            rows_of(weights, n8, 0),
+        );
+        // The weights' gradient before dropout: d_out_i · v_j.
+        let d_weights_of = rows_of(d_weights, n8, 0);
+        product::<FMA>([len, dh, n8], d_out_at, |c| &values[c * n8..], d_weights_of);
         for i in 0..len {
-            softmax_row::<FMA>(shape, &q[at(i)], &keys, &fill, &mut weights);
-            // The weights' gradient before dropout: d_out_i · v_j, times the dropout factor.
-            row_times::<FMA>(&d_out[at(i)], &values, &mut d_weights);
+            let w = &mut weights[i * n8..(i + 1) * n8];
+            let dw = &mut d_weights[i * n8..(i + 1) * n8];
+            softmax_row::<FMA>(shape, fill, w);
+            // Times the dropout factor.
             let mut row_dot = 0.0;
             for j in 0..n {
-                let factor = kept(shape, drop, h * len + i, j);
-                dropped[i * len + j] = weights[j] * factor;
-                d_weights[j] *= factor;
-                row_dot = madd::<FMA>(d_weights[j], weights[j], row_dot);
+                dw[j] *= kept(shape, drop, h * len + i, j);
+                row_dot = madd::<FMA>(dw[j], w[j], row_dot);
             }
-            // Through the softmax, then the scale; padding keys' scores were constants.
+            // Through the softmax, then the scale (padding keys' scores were constants); the
+            // weights after dropout.
             for j in 0..n {
-                d_scores[i * len + j] = match pad[j] {
+                dw[j] = match pad[j] {
                     true => 0.0,
-                    false => weights[j] * (d_weights[j] - row_dot) * shape.scale,
+                    false => w[j] * (dw[j] - row_dot) * shape.scale,
                 };
+                w[j] *= kept(shape, drop, h * len + i, j);
             }
         }
-        for i in 0..len {
-            combination::<FMA>(&mut dq[at(i)], n, |j| d_scores[i * len + j], |j| &k[at(j)]);
-        }
-        for i in 0..n {
-            combination::<FMA>(
-                &mut dk[at(i)],
-                len,
-                |r| d_scores[r * len + i],
-                |r| &q[at(r)],
-            );
-            combination::<FMA>(
-                &mut dv[at(i)],
-                len,
-                |r| dropped[r * len + i],
-                |r| &d_out[at(r)],
-            );
-        }
+        let (dropped, d_scores) = (&*weights, &*d_weights);
+        product::<FMA>(
+            [len, n, dh],
+            |i, j| d_scores[i * n8 + j],
+            |j| &k[j * d + col..],
+            rows_of(dq, d, col),
+        );
+        product::<FMA>(
+            [n, len, dh],
+            |j, r| d_scores[r * n8 + j],
+            |r| &q[r * d + col..],
+            rows_of(dk, d, col),
+        );
+        product::<FMA>(
+            [n, len, dh],
+            |j, r| dropped[r * n8 + j],
+            |r| &d_out[r * d + col..],
+            rows_of(dv, d, col),
+        );
     }
 }
 
 dispatch!(attend, attend_avx2, attend_avx512, attend_kernel,
-    (shape: &AttentionShape, q: &[f32], k: &[f32], v: &[f32], pad: &[bool], drop: Option<&[bool]>,
-     out: &mut [f32]));
+    (shape: &AttentionShape, inputs: [&[f32]; 3], pad: &[bool], drop: Option<&[bool]>,
+     out: &mut [f32], scratch: &mut Scratch));
 dispatch!(attend_backward, attend_backward_avx2, attend_backward_avx512, attend_backward_kernel,
     (shape: &AttentionShape, inputs: [&[f32]; 3], pad: &[bool], drop: Option<&[bool]>,
-     d_out: &[f32], grads: [&mut [f32]; 3]));
+     d_out: &[f32], grads: [&mut [f32]; 3], scratch: &mut Scratch));
 
 #[cfg(test)]
 mod tests {
@@ -415,53 +471,68 @@ mod tests {
     use super::*;
 
     /// Attention on plain Flex against a direct f64 computation, with a sequence of padding only
-    /// padding at the start and in the middle, and heads whose width is not a multiple of 8; every
-    /// build of the kernel this CPU has, forward and backward.
+    /// and padding at the start and in the middle, with and without dropout, and sizes that take
+    /// every tile of the small products (rows in fours and ones, columns in 16s, 8s and ones);
+    /// every build of the kernel this CPU has, forward and backward, each with one set of
+    /// buffers for all sequences.
     #[test]
     fn attention_matches_a_direct_computation() {
-        let (n, len, d, heads) = (4, 5, 20, 2);
+        let (n, len, d, heads) = (4, 11, 36, 2);
         let dh = d / heads;
         let value = |i: usize, seed: usize| ((i * seed % 23) as f32 - 11.0) / 7.0;
         let [q, k, v]: [Vec<f32>; 3] =
             [3, 5, 7].map(|seed| (0..n * len * d).map(|i| value(i, seed)).collect());
-        // Sequence 0 has two padding positions at its end, 1 none, 2 only padding, 3 padding
-        // first, in the middle and last.
+        // Sequence 0 has padding from position 3 on, 1 none, 2 only padding, 3 padding first,
+        // in the middle and last.
         let pad: Vec<bool> = (0..n * len)
             .map(|i| match i / len {
                 0 => i % len >= 3,
                 1 => false,
                 2 => true,
-                _ => i % 2 == 1,
+                _ => i % 2 == 0,
             })
             .collect();
-        let mut want = vec![0f64; n * len * d];
-        for s in 0..n {
-            for h in 0..heads {
-                for i in 0..len {
-                    let at =
-                        |x: &[f32], j: usize, c: usize| x[(s * len + j) * d + h * dh + c] as f64;
-                    let scores: Vec<f64> = (0..len)
-                        .map(|j| match pad[s * len + j] {
-                            true => -1e4,
-                            false => {
-                                (0..dh).map(|c| at(&q, i, c) * at(&k, j, c)).sum::<f64>()
-                                    / (dh as f64).sqrt()
-                            }
-                        })
-                        .collect();
-                    let max = scores.iter().cloned().fold(f64::MIN, f64::max);
-                    let e: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
-                    let sum: f64 = e.iter().sum();
-                    for c in 0..dh {
-                        want[(s * len + i) * d + h * dh + c] =
-                            (0..len).map(|j| e[j] / sum * at(&v, j, c)).sum();
+        // Weights dropped in every sequence (`[heads, len, len]`), and the kept ones' scale.
+        let drop: Vec<bool> = (0..heads * len * len).map(|i| i % 3 == 0).collect();
+        let kept_scale = 1.5;
+        let direct = |drop: Option<&[bool]>| {
+            let mut want = vec![0f64; n * len * d];
+            for s in 0..n {
+                for h in 0..heads {
+                    for i in 0..len {
+                        let at = |x: &[f32], j: usize, c: usize| {
+                            x[(s * len + j) * d + h * dh + c] as f64
+                        };
+                        let scores: Vec<f64> = (0..len)
+                            .map(|j| match pad[s * len + j] {
+                                true => -1e4,
+                                false => {
+                                    (0..dh).map(|c| at(&q, i, c) * at(&k, j, c)).sum::<f64>()
+                                        / (dh as f64).sqrt()
+                                }
+                            })
+                            .collect();
+                        let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+                        let e: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
+                        let sum: f64 = e.iter().sum();
+                        let factor = |j: usize| match drop {
+                            Some(m) if m[(h * len + i) * len + j] => 0.0,
+                            Some(_) => kept_scale as f64,
+                            None => 1.0,
+                        };
+                        for c in 0..dh {
+                            want[(s * len + i) * d + h * dh + c] = (0..len)
+                                .map(|j| e[j] / sum * factor(j) * at(&v, j, c))
+                                .sum();
+                        }
                     }
                 }
             }
-        }
-        let close = |got: &[f32], what: &str| {
+            want
+        };
+        let close = |got: &[f32], want: &[f64], what: &str| {
             assert_eq!(got.len(), want.len());
-            for (g, w) in got.iter().zip(&want) {
+            for (g, w) in got.iter().zip(want) {
                 assert!((*g as f64 - w).abs() < 1e-5, "{what}: {g} vs {w}");
             }
         };
@@ -472,44 +543,61 @@ mod tests {
         let pad_t =
             Tensor::<Flex, 2, Bool>::from_data(TensorData::new(pad.clone(), [n, len]), &dev);
         let got = attention(&t(&q), &t(&k), &t(&v), &pad_t, heads, -1e4, 0.5).expect("plain Flex");
-        close(&got.into_data().to_vec::<f32>().unwrap(), "attention");
+        close(
+            &got.into_data().to_vec::<f32>().unwrap(),
+            &direct(None),
+            "attention",
+        );
         let shape = AttentionShape {
             len,
             d,
             heads,
             scale: 1.0 / (dh as f32).sqrt(),
             masked_score: -1e4,
-            // Used by the backward step below, with dropout.
-            kept_scale: 1.5,
+            kept_scale,
         };
-        let sequence = |x: &[f32], s: usize| x[s * len * d..(s + 1) * len * d].to_vec();
+        fn sequence(x: &[f32], s: usize, rows: usize) -> &[f32] {
+            &x[s * rows..(s + 1) * rows]
+        }
         let pad_of = |s: usize| &pad[s * len..(s + 1) * len];
         for build in builds() {
-            let mut out = vec![0f32; n * len * d];
-            for (s, out) in out.chunks_mut(len * d).enumerate() {
-                let (q, k, v) = (sequence(&q, s), sequence(&k, s), sequence(&v, s));
-                let (q, k, v, pad) = (&q[..], &k[..], &v[..], pad_of(s));
-                run_build!(
-                    build,
-                    attend_kernel,
-                    attend_avx2,
-                    attend_avx512,
-                    (&shape, q, k, v, pad, None, out)
+            for drop in [None, Some(&drop[..])] {
+                let mut out = vec![0f32; n * len * d];
+                let scratch = &mut Scratch::default();
+                for (s, out) in out.chunks_mut(len * d).enumerate() {
+                    let inputs = [
+                        sequence(&q, s, len * d),
+                        sequence(&k, s, len * d),
+                        sequence(&v, s, len * d),
+                    ];
+                    run_build!(
+                        build,
+                        attend_kernel,
+                        attend_avx2,
+                        attend_avx512,
+                        (&shape, inputs, pad_of(s), drop, out, scratch)
+                    );
+                }
+                close(
+                    &out,
+                    &direct(drop),
+                    &format!("{build:?}, dropout {}", drop.is_some()),
                 );
             }
-            close(&out, &format!("{build:?}"));
         }
         // The backward step, with dropout: every build gives the portable one's gradients.
-        let drop: Vec<bool> = (0..heads * len * len).map(|i| i % 3 == 0).collect();
         let d_out: Vec<f32> = (0..n * len * d).map(|i| value(i, 11)).collect();
         let gradients = |build: Build| -> Vec<f32> {
             let mut all = Vec::new();
+            let scratch = &mut Scratch::default();
             for s in 0..n {
-                let inputs = [sequence(&q, s), sequence(&k, s), sequence(&v, s)];
+                let inputs = [
+                    sequence(&q, s, len * d),
+                    sequence(&k, s, len * d),
+                    sequence(&v, s, len * d),
+                ];
                 let mut grads = [0; 3].map(|_| vec![0f32; len * d]);
                 let [dq, dk, dv] = &mut grads;
-                let inputs = [&inputs[0][..], &inputs[1][..], &inputs[2][..]];
-                let d_out = sequence(&d_out, s);
                 run_build!(
                     build,
                     attend_backward_kernel,
@@ -520,8 +608,9 @@ mod tests {
                         inputs,
                         pad_of(s),
                         Some(&drop[..]),
-                        &d_out[..],
-                        [&mut dq[..], &mut dk[..], &mut dv[..]]
+                        sequence(&d_out, s, len * d),
+                        [&mut dq[..], &mut dk[..], &mut dv[..]],
+                        scratch
                     )
                 );
                 all.extend(grads.into_iter().flatten());

@@ -1,10 +1,9 @@
 //! The building blocks of the attention and GELU kernels: [`madd`], the multiply-add that is
 //! fused where the kernel is compiled for FMA; [`exp_neg`], a branch-free `e^(−a)` that
-//! vectorises; [`row_times`] and [`combination`], sums of products kept 8 columns at a time in
-//! registers ([`weighted_sum8`]); and `dispatch!`, which compiles a kernel three times (plain, with
-//! AVX2 + FMA, with AVX-512) and picks one at run time. The kernels are written once, generic over
-//! `const FMA: bool`, and `#[inline(always)]`, so that each instantiation is compiled with its
-//! own target features.
+//! vectorises; [`product`], small matrix products in register tiles; and `dispatch!`, which
+//! compiles a kernel three times (plain, with AVX2 + FMA, with AVX-512) and picks one at run
+//! time. The kernels are written once, generic over `const FMA: bool`, and `#[inline(always)]`,
+//! so that each instantiation is compiled with its own target features.
 
 /// `a·b + c`, fused into one rounding where the kernel is compiled for FMA.
 #[inline(always)]
@@ -50,72 +49,81 @@ pub(super) fn exp_neg<const FMA: bool>(a: f32) -> f32 {
     if a > EXP_NEG_ZERO_BEYOND { 0.0 } else { e }
 }
 
-/// `out[j] = Σ_c x[c]·t[c, j]` for `t`: `[x.len(), len8]` (8 columns at a time, in registers).
+/// `C = A·B` for small matrices given by accessors: `a(i, k)` for A (`[rows, inner]`), `b(k)` for
+/// row `k` of B (at least `cols` long); `out(i, c, values)` receives row `i` of C from column `c`
+/// on. Register tiles of 4 rows × 16 columns: each 8 values of B loaded serve 4 rows, and 8 sums
+/// run side by side, so consecutive multiply-adds do not wait for each other. The rows and
+/// columns past the last whole tile take smaller tiles, down to 1 × 1.
 #[inline(always)]
-pub(super) fn row_times<const FMA: bool>(x: &[f32], t: &[f32], out: &mut [f32]) {
-    let len8 = out.len();
-    for (b, block) in out.chunks_exact_mut(8).enumerate() {
-        let sums = weighted_sum8::<FMA>(
-            x.len(),
-            |c| x[c],
-            |c| {
-                t[c * len8 + 8 * b..c * len8 + 8 * b + 8]
-                    .try_into()
-                    .expect("8 values")
-            },
-        );
-        block.copy_from_slice(&sums);
-    }
-}
-
-/// `out = Σ_r coef(r)·row(r)` over `r < n`, 8 columns at a time in registers.
-#[inline(always)]
-pub(super) fn combination<'a, const FMA: bool>(
-    out: &mut [f32],
-    n: usize,
-    coef: impl Fn(usize) -> f32,
-    row: impl Fn(usize) -> &'a [f32],
+pub(super) fn product<'a, const FMA: bool>(
+    [rows, inner, cols]: [usize; 3],
+    a: impl Fn(usize, usize) -> f32,
+    b: impl Fn(usize) -> &'a [f32],
+    mut out: impl FnMut(usize, usize, &[f32]),
 ) {
-    let (o8, o_rest) = out.as_chunks_mut::<8>();
-    for (b, ob) in o8.iter_mut().enumerate() {
-        *ob = weighted_sum8::<FMA>(n, &coef, |r| {
-            row(r)[8 * b..8 * b + 8].try_into().expect("8 values")
-        });
+    let mut i = 0;
+    while i + 4 <= rows {
+        row_block::<FMA, 4>(i, [inner, cols], &a, &b, &mut out);
+        i += 4;
     }
-    let first = 8 * o8.len();
-    for (c, o) in o_rest.iter_mut().enumerate() {
-        *o = (0..n).fold(0.0, |acc, r| madd::<FMA>(coef(r), row(r)[first + c], acc));
+    for i in i..rows {
+        row_block::<FMA, 1>(i, [inner, cols], &a, &b, &mut out);
     }
 }
 
-/// `Σ_r coef(r)·row(r)` over `r < n` for 8 lanes, in four partial sums so that consecutive
-/// multiply-adds do not wait for each other.
+/// Rows `i0..i0 + R` of [`product`]: 16 columns at a time, then 8, then one by one.
 #[inline(always)]
-fn weighted_sum8<const FMA: bool>(
-    n: usize,
-    coef: impl Fn(usize) -> f32,
-    row: impl Fn(usize) -> [f32; 8],
-) -> [f32; 8] {
-    let mut acc = [[0f32; 8]; 4];
-    let add = |acc: &mut [f32; 8], r: usize| {
-        let (c, x) = (coef(r), row(r));
-        for l in 0..8 {
-            acc[l] = madd::<FMA>(c, x[l], acc[l]);
+fn row_block<'a, const FMA: bool, const R: usize>(
+    i0: usize,
+    [inner, cols]: [usize; 2],
+    a: &impl Fn(usize, usize) -> f32,
+    b: &impl Fn(usize) -> &'a [f32],
+    out: &mut impl FnMut(usize, usize, &[f32]),
+) {
+    let a = |r: usize, k: usize| a(i0 + r, k);
+    let mut c = 0;
+    while c + 16 <= cols {
+        let sums = tile::<FMA, R, 2>(inner, a, |k| &b(k)[c..c + 16]);
+        for (r, sums) in sums.iter().enumerate() {
+            out(i0 + r, c, sums.as_flattened());
         }
-    };
-    let [a0, a1, a2, a3] = &mut acc;
-    let mut r = 0;
-    while r + 4 <= n {
-        add(a0, r);
-        add(a1, r + 1);
-        add(a2, r + 2);
-        add(a3, r + 3);
-        r += 4;
+        c += 16;
     }
-    for r in r..n {
-        add(a0, r);
+    if c + 8 <= cols {
+        let sums = tile::<FMA, R, 1>(inner, a, |k| &b(k)[c..c + 8]);
+        for (r, sums) in sums.iter().enumerate() {
+            out(i0 + r, c, sums.as_flattened());
+        }
+        c += 8;
     }
-    std::array::from_fn(|l| (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]))
+    for c in c..cols {
+        for r in 0..R {
+            let sum = (0..inner).fold(0.0, |acc, k| madd::<FMA>(a(r, k), b(k)[c], acc));
+            out(i0 + r, c, &[sum]);
+        }
+    }
+}
+
+/// `R` rows × `8·G` columns of `Σ_k a(r, k)·b(k)` over `k < inner`, with `b(k)` of length `8·G`.
+#[inline(always)]
+fn tile<'a, const FMA: bool, const R: usize, const G: usize>(
+    inner: usize,
+    a: impl Fn(usize, usize) -> f32,
+    b: impl Fn(usize) -> &'a [f32],
+) -> [[[f32; 8]; G]; R] {
+    let mut acc = [[[0f32; 8]; G]; R];
+    for k in 0..inner {
+        let row: &[[f32; 8]; G] = b(k).as_chunks().0.try_into().expect("8·G values");
+        for g in 0..G {
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let x = a(r, k);
+                for l in 0..8 {
+                    acc[g][l] = madd::<FMA>(x, row[g][l], acc[g][l]);
+                }
+            }
+        }
+    }
+    acc
 }
 
 /// Compiles a kernel three times, plain, with AVX2 + FMA and with AVX-512 (F, VL, BW, DQ: LLVM
@@ -206,6 +214,31 @@ pub(super) use run_build;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every tile size: 7 rows (a tile of 4, then 3 of 1) by 29 columns (16, 8, then 5 of 1).
+    #[test]
+    fn product_matches_a_direct_product() {
+        fn check<const FMA: bool>() {
+            let [rows, inner, cols] = [7, 5, 29];
+            let a: Vec<f32> = (0..rows * inner).map(|i| (i % 11) as f32 - 5.0).collect();
+            let b: Vec<f32> = (0..inner * cols).map(|i| (i % 7) as f32 * 0.5).collect();
+            let mut got = vec![f32::NAN; rows * cols];
+            product::<FMA>(
+                [rows, inner, cols],
+                |i, k| a[i * inner + k],
+                |k| &b[k * cols..(k + 1) * cols],
+                |i, c, values| got[i * cols + c..][..values.len()].copy_from_slice(values),
+            );
+            for i in 0..rows {
+                for c in 0..cols {
+                    let want: f32 = (0..inner).map(|k| a[i * inner + k] * b[k * cols + c]).sum();
+                    assert_eq!(got[i * cols + c], want, "row {i}, column {c}");
+                }
+            }
+        }
+        check::<false>();
+        check::<true>();
+    }
 
     #[test]
     fn exp_neg_is_accurate_then_zero_and_keeps_nan() {
