@@ -289,21 +289,21 @@ impl VectorPath {
                 return best;
             };
             let asked = asked.to_string_lossy().trim().to_ascii_lowercase();
-            match [Self::Avx512, Self::Avx2Fma, Self::Portable]
-                .into_iter()
-                .find(|p| p.name() == asked || (asked == "avx2" && *p == Self::Avx2Fma))
-            {
-                // Lower in the list is fewer instruction sets.
-                Some(p) => p.max(best),
-                None => {
+            let path = match asked.as_str() {
+                "avx512" => Self::Avx512,
+                "avx2" | "avx2+fma" => Self::Avx2Fma,
+                "portable" => Self::Portable,
+                _ => {
                     eprintln!(
                         "warning: CLUE_VECTOR_PATH={asked:?} is not avx512, avx2 or portable; \
                          using {}",
                         best.name()
                     );
-                    best
+                    return best;
                 }
-            }
+            };
+            // Never above what the CPU has (a greater path has fewer instruction sets).
+            path.max(best)
         })
     }
 

@@ -181,7 +181,8 @@ impl<B: AutodiffBackend> TrainStep for Trainee<B> {
                 guard.stop(&format!("non-finite loss at step {step}"));
             }
         }
-        clip_global_norm(self, &mut grads, self.settings.clip_norm);
+        let clip_norm = self.settings.clip_norm;
+        BackendKind::of::<B>().drive(|| clip_global_norm(self, &mut grads, clip_norm));
         TrainOutput { grads, item: out }
     }
 
