@@ -278,43 +278,15 @@ fn a_separate_coordinator_serves_and_a_dead_node_stops_the_other() {
     assert!(!dir.path().join("node0/coordinator.log").exists());
 
     // A long run on the same coordinator; node 1 is killed once node 0 has a checkpoint.
-    let long: &[&str] = &["--set", "train.epochs=40"];
-    let [node0, node1] = ["long0", "long1"].map(|out| dir.path().join(out));
-    let spawn = |rank: &str, out: &Path| {
-        let coordinator = format!("127.0.0.1:{port}");
-        let mut args = fit_args(data, out.to_str().unwrap(), long);
-        args.extend([
-            "--nodes",
-            "2",
-            "--node-rank",
-            rank,
-            "--coordinator",
-            &coordinator,
-        ]);
-        args.extend(["--coordinator-running", "--join-timeout", "60"]);
-        Command::new(env!("CARGO_BIN_EXE_clue"))
-            .args(args)
-            .current_dir(dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
-    let mut second = spawn("1", &node1);
-    let first = spawn("0", &node0);
-    let start = Instant::now();
-    let checkpointed =
-        || std::fs::read_dir(node0.join("checkpoint")).is_ok_and(|mut d| d.next().is_some());
-    while !checkpointed() && start.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(checkpointed(), "node 0 wrote no checkpoint within 60 s");
+    let (mut second, _) = long_node(dir.path(), data, port, 1, running);
+    let (mut first, log) = long_node(dir.path(), data, port, 0, running);
+    wait_for_checkpoint(&dir.path().join("long0"));
     second.kill().unwrap();
     let _ = second.wait();
     let killed = Instant::now();
-    let out = first.wait_with_output().unwrap();
-    let t = text(&out);
-    assert!(!out.status.success(), "node 0 went on alone: {t}");
+    let status = exit_within(&mut first, Duration::from_secs(60));
+    let t = std::fs::read_to_string(log).unwrap();
+    assert!(!status.success(), "node 0 went on alone: {t}");
     assert!(t.contains("training stopped after"), "{t}");
     assert!(t.contains("did another node stop?"), "{t}");
     assert!(
@@ -324,4 +296,101 @@ fn a_separate_coordinator_serves_and_a_dead_node_stops_the_other() {
     );
     let _ = coordinator.kill();
     let _ = coordinator.wait();
+}
+
+/// A node that stops answering without closing its connections (here: suspended) stops the
+/// other one after `--peer-timeout`, with a message, instead of leaving it waiting for ever; the
+/// checkpoint it had stays.
+#[cfg(unix)]
+#[test]
+fn a_suspended_node_stops_the_other_after_the_peer_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::fixture(600, 0, 16, 16).join("p");
+    let data = data.to_str().unwrap();
+    let port = free_ports();
+    let timeout: &[&str] = &["--peer-timeout", "3"];
+    let (mut second, _) = long_node(dir.path(), data, port, 1, timeout);
+    let (mut first, log) = long_node(dir.path(), data, port, 0, timeout);
+    let checkpoint = dir.path().join("long0/checkpoint");
+    wait_for_checkpoint(&dir.path().join("long0"));
+    let signal = |name: &str| {
+        let pid = second.id().to_string();
+        let status = Command::new("kill").args([name, &pid]).status().unwrap();
+        assert!(status.success(), "kill {name} {pid}");
+    };
+    signal("-STOP");
+    let stopped = Instant::now();
+    let status = exit_within(&mut first, Duration::from_secs(60));
+    let waited = stopped.elapsed();
+    signal("-KILL");
+    let _ = second.wait();
+    let t = std::fs::read_to_string(log).unwrap();
+    assert!(!status.success(), "node 0 went on alone: {t}");
+    assert!(t.contains("longer than --peer-timeout"), "{t}");
+    assert!(t.contains("waited"), "{t}");
+    assert!(t.contains("training stopped after"), "{t}");
+    // The timeout, a step in flight and the end of the run; far below the 60 s limit.
+    assert!(waited < Duration::from_secs(30), "{waited:?}");
+    assert!(
+        std::fs::read_dir(&checkpoint).unwrap().next().is_some(),
+        "the checkpoint is gone"
+    );
+}
+
+/// Rank `rank` of a two-node run of 40 epochs into `dir/long{rank}`, its output in
+/// `dir/long{rank}.log` (returned with the process).
+fn long_node(
+    dir: &Path,
+    data: &str,
+    port: u16,
+    rank: usize,
+    extra: &[&str],
+) -> (std::process::Child, std::path::PathBuf) {
+    let out = dir.join(format!("long{rank}"));
+    let log_path = dir.join(format!("long{rank}.log"));
+    let log = std::fs::File::create(&log_path).unwrap();
+    let (coordinator, rank) = (format!("127.0.0.1:{port}"), rank.to_string());
+    let mut args = fit_args(data, out.to_str().unwrap(), &["--set", "train.epochs=40"]);
+    args.extend([
+        "--nodes",
+        "2",
+        "--node-rank",
+        &rank,
+        "--coordinator",
+        &coordinator,
+    ]);
+    args.extend(["--join-timeout", "60"]);
+    args.extend_from_slice(extra);
+    let child = Command::new(env!("CARGO_BIN_EXE_clue"))
+        .args(args)
+        .current_dir(dir)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    (child, log_path)
+}
+
+/// Waits up to 60 s for the run in `out` to write a checkpoint.
+fn wait_for_checkpoint(out: &Path) {
+    let start = Instant::now();
+    let checkpointed =
+        || std::fs::read_dir(out.join("checkpoint")).is_ok_and(|mut d| d.next().is_some());
+    while !checkpointed() && start.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(checkpointed(), "{out:?} has no checkpoint after 60 s");
+}
+
+/// `child`'s exit status, or a failed test (the child killed) if it runs past `limit`.
+fn exit_within(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    panic!("still running after {limit:?}");
 }

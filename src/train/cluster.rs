@@ -48,6 +48,8 @@ pub struct Cluster {
     node_port: u16,
     /// How long joining may wait for the coordinator and the other nodes.
     pub join_timeout: Duration,
+    /// How long a collective call may wait for the other nodes.
+    pub peer_timeout: Duration,
     /// Rank 0 starts the coordinator itself unless this says one already runs.
     pub coordinator_running: bool,
 }
@@ -57,11 +59,18 @@ pub struct Cluster {
 pub struct Place {
     pub rank: usize,
     pub nodes: usize,
+    /// The longest a worker waits in one collective call for the other nodes (`--peer-timeout`;
+    /// `None` on one node, whose workers cannot vanish).
+    pub peer_timeout: Option<Duration>,
 }
 
 impl Default for Place {
     fn default() -> Self {
-        Place { rank: 0, nodes: 1 }
+        Place {
+            rank: 0,
+            nodes: 1,
+            peer_timeout: None,
+        }
     }
 }
 
@@ -99,13 +108,14 @@ fn host_port(what: &str, text: &str) -> Result<(String, u16)> {
 
 impl Cluster {
     /// `--nodes`, `--node-rank`, `--coordinator`, `--node-address` (default on a loopback
-    /// coordinator: 127.0.0.1 at the coordinator's port + 1 + rank), `--join-timeout`.
+    /// coordinator: 127.0.0.1 at the coordinator's port + 1 + rank), `--join-timeout` and
+    /// `--peer-timeout`.
     pub fn new(
         nodes: usize,
         rank: usize,
         coordinator: Option<&str>,
         node_address: Option<&str>,
-        join_timeout: Duration,
+        [join_timeout, peer_timeout]: [Duration; 2],
         coordinator_running: bool,
     ) -> Result<Self> {
         if nodes < 2 {
@@ -163,6 +173,12 @@ impl Cluster {
                 "give the seconds to wait, e.g. --join-timeout 120",
             ));
         }
+        if peer_timeout.is_zero() {
+            return Err(ClueError::config(
+                "--peer-timeout 0: every step would fail while the nodes wait for each other",
+                "give the seconds a node may wait for the others in one step, e.g. --peer-timeout 600",
+            ));
+        }
         Ok(Cluster {
             nodes,
             rank,
@@ -171,6 +187,7 @@ impl Cluster {
             coordinator_port: port,
             node_port,
             join_timeout,
+            peer_timeout,
             coordinator_running,
         })
     }
@@ -179,6 +196,7 @@ impl Cluster {
         Place {
             rank: self.rank,
             nodes: self.nodes,
+            peer_timeout: Some(self.peer_timeout),
         }
     }
 

@@ -15,3 +15,4 @@ pub mod renderer;
 pub mod schedule;
 pub mod score;
 pub mod step;
+pub mod watchdog;

@@ -20,7 +20,7 @@
 //! worker failed and no update is made.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use burn::collective::{
     CollectiveConfig, CollectiveError, PeerId, ReduceOperation, all_reduce, finish_collective,
@@ -42,6 +42,7 @@ use crate::train::config::TrainConfig;
 use crate::train::grad_cache::MaskKey;
 use crate::train::loss::is_finite;
 use crate::train::metrics::{ClueOutput, StepParts};
+use crate::train::watchdog::Watch;
 
 /// What a data-parallel step gives back: worker 0's output (on the main device) and the summed
 /// gradients, or the first failed worker's message.
@@ -91,7 +92,7 @@ pub fn parallel_step<B: AutodiffBackend>(
     if let Some(stand_in) = stand_in {
         mine.resize_with(w, || (stand_in.clone(), None));
     }
-    let shared = Shared {
+    let shared = Arc::new(Shared {
         n: batch.len(),
         services: batch.services,
         workers: w,
@@ -101,7 +102,8 @@ pub fn parallel_step<B: AutodiffBackend>(
         place,
         grad_cache,
         multiple,
-    };
+        watch: Watch::new(w),
+    });
     // Replicas and chunks go to their devices before any worker joins the collective: a failure
     // here stops the step with nobody waiting.
     let placed = catch_unwind(AssertUnwindSafe(|| {
@@ -122,25 +124,36 @@ pub fn parallel_step<B: AutodiffBackend>(
             panic_message(p.as_ref())
         )
     })?;
-    let results: Vec<Result<Option<StepParts<B>>, String>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = placed
-            .into_iter()
-            .zip(devices)
-            .enumerate()
-            .map(|(k, ((replica, part), device))| {
-                let shared = &shared;
-                scope.spawn(move || shared.work(k, replica, part, device))
+    // Threads of their own, not scoped: a worker stuck in a call to a vanished node must not
+    // keep the step from failing.
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (k, ((replica, part), device)) in placed.into_iter().zip(devices).enumerate() {
+        let (ours, tx, device) = (shared.clone(), tx.clone(), device.clone());
+        std::thread::Builder::new()
+            .name(format!("clue-worker-{k}"))
+            .spawn(move || {
+                let result =
+                    catch_unwind(AssertUnwindSafe(|| ours.work(k, replica, part, &device)))
+                        .unwrap_or_else(|_| Err(format!("{} died", ours.name(k))));
+                let _ = tx.send((k, result));
             })
-            .collect();
-        handles
-            .into_iter()
-            .enumerate()
-            .map(|(k, h)| {
-                h.join()
-                    .unwrap_or_else(|_| Err(format!("{} died", shared.name(k))))
-            })
-            .collect()
-    });
+            .map_err(|e| format!("starting {} failed: {e}", shared.name(k)))?;
+    }
+    drop(tx);
+    let results = shared.watch.collect(
+        rx,
+        place.peer_timeout,
+        |k, what, waited| {
+            format!(
+                "{} waited {} s for the other nodes while {what} at step {step}, longer than \
+                 --peer-timeout: another node stopped answering (suspended, powered off, cut off \
+                 from the network, or far slower than this one). No update was made",
+                shared.name(k),
+                waited.as_secs()
+            )
+        },
+        |k| format!("{} died", shared.name(k)),
+    )?;
     let mut main = None;
     for (k, r) in results.into_iter().enumerate() {
         match r {
@@ -208,6 +221,8 @@ struct Shared {
     grad_cache: usize,
     /// Distinct items per batch padded to a multiple of this.
     multiple: usize,
+    /// Which worker waits in which collective call, since when.
+    watch: Watch,
 }
 
 impl Shared {
@@ -311,12 +326,17 @@ impl Shared {
             Ok((z, buffer)) => (Ok(z), buffer),
             Err(e) => (Err(e), zeros()),
         };
-        let gathered = all_reduce::<B::InnerBackend>(
-            peer,
-            buffer.into_primitive().tensor(),
-            ReduceOperation::Sum,
-        )
-        .map_err(|e| fail("gathering the embeddings", e))?;
+        let what = "gathering the embeddings";
+        let gathered = self
+            .watch
+            .waiting(k, what, || {
+                all_reduce::<B::InnerBackend>(
+                    peer,
+                    buffer.into_primitive().tensor(),
+                    ReduceOperation::Sum,
+                )
+            })
+            .map_err(|e| fail(what, e))?;
         let outcome = local.and_then(|z| {
             catch_unwind(AssertUnwindSafe(|| {
                 let mut all = Tensor::<B, 2>::from_inner(Tensor::from_primitive(
@@ -371,14 +391,18 @@ impl Shared {
             outcome.is_err() as u8 as f32,
             matches!(outcome, Ok((_, None))) as u8 as f32,
         ];
-        let flags = all_reduce::<B::InnerBackend>(
-            peer,
-            Tensor::<B::InnerBackend, 1>::from_floats(flags, device)
-                .into_primitive()
-                .tensor(),
-            ReduceOperation::Sum,
-        )
-        .map_err(|e| fail("sharing the step's state", e))?;
+        let flags = Tensor::<B::InnerBackend, 1>::from_floats(flags, device);
+        let what = "sharing the step's state";
+        let flags = self
+            .watch
+            .waiting(k, what, || {
+                all_reduce::<B::InnerBackend>(
+                    peer,
+                    flags.into_primitive().tensor(),
+                    ReduceOperation::Sum,
+                )
+            })
+            .map_err(|e| fail(what, e))?;
         let flags: Vec<f32> =
             Tensor::<B::InnerBackend, 1>::from_primitive(TensorPrimitive::Float(flags))
                 .into_data()
@@ -388,10 +412,12 @@ impl Shared {
             Err(e) => Err(e),
             Ok(_) if flags[0] > 0.0 => Ok(None),
             Ok((out, grads)) => {
+                let what = "summing the gradients";
                 let grads = match grads {
                     Some(g) if flags[1] == 0.0 => Some(
-                        sum_gradients(model, g, peer)
-                            .map_err(|e| fail("summing the gradients", e))?,
+                        self.watch
+                            .waiting(k, what, || sum_gradients(model, g, peer))
+                            .map_err(|e| fail(what, e))?,
                     ),
                     _ => None,
                 };

@@ -197,6 +197,18 @@ pub struct FitArgs {
         requires = "nodes"
     )]
     pub join_timeout: u64,
+    /// Seconds a node may wait for the others in one collective call of a step (gathering the
+    /// embeddings, summing the gradients) before the run stops: a node that vanishes without
+    /// closing its connections (power loss, a cut network, a suspended process) would otherwise
+    /// leave the others waiting for ever. The wait includes the other nodes' compute: allow for
+    /// the slowest node's step (and a GPU's first-step kernel compiles).
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 600,
+        requires = "nodes"
+    )]
+    pub peer_timeout: u64,
     /// A coordinator already runs at --coordinator (`clue coordinator`): rank 0 starts none.
     #[arg(long, requires = "nodes")]
     pub coordinator_running: bool,
@@ -214,10 +226,10 @@ impl FitArgs {
                 "use --backend cuda, flex or ndarray",
             ));
         }
-        let timeout = std::time::Duration::from_secs(self.join_timeout);
+        let timeouts = [self.join_timeout, self.peer_timeout].map(std::time::Duration::from_secs);
         let (rank, running) = (self.node_rank.unwrap_or(0), self.coordinator_running);
         let (coordinator, node) = (self.coordinator.as_deref(), self.node_address.as_deref());
-        Cluster::new(nodes, rank, coordinator, node, timeout, running).map(Some)
+        Cluster::new(nodes, rank, coordinator, node, timeouts, running).map(Some)
     }
 }
 
