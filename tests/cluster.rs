@@ -141,24 +141,46 @@ fn two_nodes_on_loopback_train_like_one_process_with_all_their_workers() {
 #[test]
 fn multi_node_runs_that_cannot_work_fail_clearly() {
     let dir = tempfile::tempdir().unwrap();
-    for (backend, rank, coordinator, expected) in [
-        ("wgpu", "0", "127.0.0.1:29500", "cuda or on a CPU backend"),
+    let none: &[&str] = &[];
+    for (backend, rank, coordinator, extra, expected) in [
+        (
+            "wgpu",
+            "0",
+            "127.0.0.1:29500",
+            none,
+            "cuda or on a CPU backend",
+        ),
         (
             "flex",
             "2",
             "127.0.0.1:29500",
+            none,
             "--node-rank 2 is out of range for --nodes 2",
         ),
         (
             "flex",
             "0",
             "no-such-host.invalid:29500",
+            none,
             "does not resolve",
         ),
-        ("flex", "0", "127.0.0.1", "not HOST:PORT"),
-        ("flex", "1", "10.9.8.7:29500", "--node-address is needed"),
+        ("flex", "0", "127.0.0.1", none, "not HOST:PORT"),
+        (
+            "flex",
+            "1",
+            "10.9.8.7:29500",
+            none,
+            "--node-address is needed",
+        ),
+        (
+            "flex",
+            "0",
+            "127.0.0.1:29500",
+            &["--peer-timeout", "0"],
+            "--peer-timeout 0: every step would fail",
+        ),
     ] {
-        let args = [
+        let mut args = vec![
             "fit",
             "--backend",
             backend,
@@ -169,6 +191,7 @@ fn multi_node_runs_that_cannot_work_fail_clearly() {
             "--coordinator",
             coordinator,
         ];
+        args.extend_from_slice(extra);
         let out = common::clue(dir.path(), &args);
         assert!(!out.status.success(), "{args:?}");
         assert!(text(&out).contains(expected), "{args:?}: {}", text(&out));
