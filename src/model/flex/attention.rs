@@ -231,15 +231,15 @@ fn attended(pad: &[bool]) -> usize {
         .map_or(pad.len(), |last| last + 1)
 }
 
-/// Head `h`'s first `keys` keys (or values) of one sequence, transposed and zero-padded:
-/// `[d_head, keys8]` with `keys8` = `keys` rounded up to a multiple of 8.
+/// Head `h`'s rows of one sequence (`x`: `[len, d]`), transposed: `[d_head, lanes]`, with
+/// `lanes` = `len` rounded up to a multiple of 8 (the lanes past `len` are left as they are).
 #[inline(always)]
-fn transpose_head(shape: &AttentionShape, x: &[f32], h: usize, keys: usize, out: &mut [f32]) {
-    let AttentionShape { d, heads, .. } = *shape;
-    let (dh, keys8) = (d / heads, keys.next_multiple_of(8));
-    for j in 0..keys {
-        for (c, &value) in x[j * d + h * dh..j * d + (h + 1) * dh].iter().enumerate() {
-            out[c * keys8 + j] = value;
+fn transpose_head(shape: &AttentionShape, x: &[f32], h: usize, out: &mut [f32]) {
+    let AttentionShape { len, d, heads, .. } = *shape;
+    let (dh, lanes) = (d / heads, len.next_multiple_of(8));
+    for (i, row) in x.chunks_exact(d).take(len).enumerate() {
+        for (c, &value) in row[h * dh..(h + 1) * dh].iter().enumerate() {
+            out[c * lanes + i] = value;
         }
     }
 }
@@ -247,9 +247,10 @@ fn transpose_head(shape: &AttentionShape, x: &[f32], h: usize, keys: usize, out:
 /// Buffers that one rayon task reuses from one sequence to the next.
 #[derive(Default)]
 struct Scratch {
-    fill: Vec<f32>,
-    keys: Vec<f32>,
-    values: Vec<f32>,
+    /// A head's queries and output gradients, transposed ([`transpose_head`]).
+    queries: Vec<f32>,
+    d_out: Vec<f32>,
+    /// `[keys, lanes]`: the weights of every query for each key, and their gradients.
     weights: Vec<f32>,
     d_weights: Vec<f32>,
 }
@@ -261,67 +262,74 @@ fn zeroed(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
     buffer
 }
 
-/// What [`softmax_row`] puts in place of each score of a sequence's first [`attended`] keys,
-/// rounded up to a multiple of 8, into `buffer`: NaN (keep the scaled score) for a key, the
-/// masked score for padding, −∞ (a weight of exactly 0) for the lanes past the keys.
-fn score_fill<'a>(shape: &AttentionShape, pad: &[bool], buffer: &'a mut Vec<f32>) -> &'a [f32] {
-    let keys = attended(pad);
-    buffer.clear();
-    buffer.extend((0..keys.next_multiple_of(8)).map(|j| match pad.get(j) {
-        Some(false) if j < keys => f32::NAN,
-        Some(_) if j < keys => shape.masked_score,
-        _ => f32::NEG_INFINITY,
-    }));
-    buffer
+/// Eight lanes of `x` from `at` on.
+#[inline(always)]
+fn lanes8(x: &mut [f32], at: usize) -> &mut [f32; 8] {
+    (&mut x[at..at + 8]).try_into().expect("8 lanes")
 }
 
-/// One query's softmax weights (before dropout), in place of its raw scores `q·k` (`[keys8]`),
-/// with `fill` from [`score_fill`]. Every pass runs over whole groups of 8 lanes, so it
-/// vectorises without a scalar tail.
+/// The softmax over the keys, for every query, in place of the raw scores `q·k`: `scores` is
+/// `[keys, lanes]` (one key's scores of all queries side by side), `pad` the keys' padding
+/// (a padding key's score is the masked score). Every pass runs over 8 queries at once, down
+/// the keys, so nothing is reduced across lanes.
 #[inline(always)]
-fn softmax_row<const FMA: bool>(shape: &AttentionShape, fill: &[f32], weights: &mut [f32]) {
-    let (lanes8, _) = weights.as_chunks_mut::<8>();
-    let (fill8, _) = fill.as_chunks::<8>();
-    for (lanes, fill) in lanes8.iter_mut().zip(fill8) {
-        for (w, &f) in lanes.iter_mut().zip(fill) {
-            *w = if f.is_nan() { *w * shape.scale } else { f };
+fn softmax_columns<const FMA: bool>(
+    shape: &AttentionShape,
+    pad: &[bool],
+    scores: &mut [f32],
+    lanes: usize,
+) {
+    for g in (0..lanes).step_by(8) {
+        let mut max = [f32::NEG_INFINITY; 8];
+        for (j, &padding) in pad.iter().enumerate() {
+            let x = lanes8(scores, j * lanes + g);
+            for l in 0..8 {
+                x[l] = if padding {
+                    shape.masked_score
+                } else {
+                    x[l] * shape.scale
+                };
+                // Not `f32::max`, whose NaN handling costs two more instructions: a NaN score
+                // still makes the sum, and so every weight of its query, NaN.
+                max[l] = if x[l] > max[l] { x[l] } else { max[l] };
+            }
         }
-    }
-    let max = fold8(lanes8, f32::NEG_INFINITY, f32::max);
-    for lanes in lanes8.iter_mut() {
-        for w in lanes.iter_mut() {
-            *w = exp_neg::<FMA>(max - *w);
+        let mut sum = [0f32; 8];
+        for j in 0..pad.len() {
+            let x = lanes8(scores, j * lanes + g);
+            for l in 0..8 {
+                x[l] = exp_neg::<FMA>(max[l] - x[l]);
+                sum[l] += x[l];
+            }
         }
-    }
-    let inverse = 1.0 / fold8(lanes8, 0.0, |a, b| a + b);
-    for lanes in lanes8.iter_mut() {
-        for w in lanes.iter_mut() {
-            *w *= inverse;
+        let inverse = sum.map(|s| 1.0 / s);
+        for j in 0..pad.len() {
+            let x = lanes8(scores, j * lanes + g);
+            for l in 0..8 {
+                x[l] *= inverse[l];
+            }
         }
     }
 }
 
-/// All values of `chunks` folded with `f` in 8 lanes, then across them (`f` must be associative
-/// and commutative up to rounding).
+/// Dropout on a head's weights (`[keys, lanes]`, in place): weight `(i, j)` (query, key) times
+/// its factor in `drop` (`[len, len]` flags of head `h`).
 #[inline(always)]
-fn fold8(chunks: &[[f32; 8]], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
-    let mut acc = [init; 8];
-    for chunk in chunks {
-        for l in 0..8 {
-            acc[l] = f(acc[l], chunk[l]);
+fn drop_weights(
+    shape: &AttentionShape,
+    drop: &[bool],
+    h: usize,
+    weights: &mut [f32],
+    lanes: usize,
+) {
+    let len = shape.len;
+    for (j, row) in weights.chunks_exact_mut(lanes).enumerate() {
+        for (i, w) in row[..len].iter_mut().enumerate() {
+            *w *= match drop[(h * len + i) * len + j] {
+                true => 0.0,
+                false => shape.kept_scale,
+            };
         }
-    }
-    let acc = [0, 2, 4, 6].map(|l| f(acc[l], acc[l + 1]));
-    f(f(acc[0], acc[1]), f(acc[2], acc[3]))
-}
-
-/// The factor dropout gives weight `j` of row `row` (`[len]` flags of a `[heads, len, len]` mask).
-#[inline(always)]
-fn kept(shape: &AttentionShape, drop: Option<&[bool]>, row: usize, j: usize) -> f32 {
-    match drop {
-        Some(mask) if mask[row * shape.len + j] => 0.0,
-        Some(_) => shape.kept_scale,
-        None => 1.0,
     }
 }
 
@@ -331,9 +339,9 @@ fn rows_of(x: &mut [f32], stride: usize, col: usize) -> impl FnMut(usize, usize,
     move |i, c, values| x[i * stride + col + c..][..values.len()].copy_from_slice(values)
 }
 
-/// One sequence's attention, all heads: `q`, `k`, `v` (`inputs`), `out`: `[len, d]`, `pad`: `[len]`,
-/// `drop`: `[heads, len, len]`. Per head, the scores of all queries are one small product, their
-/// softmax rows another's factors.
+/// One sequence's attention, all heads: `q`, `k`, `v` (`inputs`), `out`: `[len, d]`,
+/// `pad`: `[len]`, `drop`: `[heads, len, len]`. Per head, the scores are one small product
+/// (keys × queries), their softmax runs down the keys, and the output is another product.
 #[inline(always)]
 fn attend_kernel<const FMA: bool>(
     shape: &AttentionShape,
@@ -344,34 +352,27 @@ fn attend_kernel<const FMA: bool>(
     scratch: &mut Scratch,
 ) {
     let AttentionShape { len, d, heads, .. } = *shape;
-    let (dh, n) = (d / heads, attended(pad));
-    let fill = score_fill(shape, pad, &mut scratch.fill);
-    let n8 = fill.len();
-    let keys = zeroed(&mut scratch.keys, dh * n8);
-    // [len (queries), n8 (keys)].
-    let weights = zeroed(&mut scratch.weights, len * n8);
+    let (dh, n, lanes) = (d / heads, attended(pad), len.next_multiple_of(8));
+    let queries = zeroed(&mut scratch.queries, dh * lanes);
+    let weights = zeroed(&mut scratch.weights, n * lanes);
     for h in 0..heads {
         let col = h * dh;
-        transpose_head(shape, k, h, n, keys);
-        let keys = &*keys;
+        transpose_head(shape, q, h, queries);
+        let queries = &*queries;
         product::<FMA>(
-            [len, dh, n8],
-            |i, c| q[i * d + col + c],
-            |c| &keys[c * n8..],
-            rows_of(weights, n8, 0),
+            [n, dh, lanes],
+            |j, c| k[j * d + col + c],
+            |c| &queries[c * lanes..],
+            rows_of(weights, lanes, 0),
         );
-        for (i, row) in weights.chunks_exact_mut(n8).enumerate() {
-            softmax_row::<FMA>(shape, fill, row);
-            if drop.is_some() {
-                for (j, w) in row[..n].iter_mut().enumerate() {
-                    *w *= kept(shape, drop, h * len + i, j);
-                }
-            }
+        softmax_columns::<FMA>(shape, &pad[..n], weights, lanes);
+        if let Some(drop) = drop {
+            drop_weights(shape, drop, h, weights, lanes);
         }
         let weights = &*weights;
         product::<FMA>(
             [len, n, dh],
-            |i, j| weights[i * n8 + j],
+            |i, j| weights[j * lanes + i],
             |j| &v[j * d + col..],
             rows_of(out, d, col),
         );
@@ -392,67 +393,82 @@ fn attend_backward_kernel<const FMA: bool>(
 ) {
     let AttentionShape { len, d, heads, .. } = *shape;
     // Keys from n on have weight 0: their scores, dk and dv rows get no gradient.
-    let (dh, n) = (d / heads, attended(pad));
-    let fill = score_fill(shape, pad, &mut scratch.fill);
-    let n8 = fill.len();
-    let keys = zeroed(&mut scratch.keys, dh * n8);
-    let values = zeroed(&mut scratch.values, dh * n8);
-    // [len (queries), n8 (keys)]: the weights, then after dropout; their gradients, then the
+    let (dh, n, lanes) = (d / heads, attended(pad), len.next_multiple_of(8));
+    let queries = zeroed(&mut scratch.queries, dh * lanes);
+    let d_outs = zeroed(&mut scratch.d_out, dh * lanes);
+    // [n (keys), lanes (queries)]: the weights, then after dropout; their gradients, then the
     // scores'.
-    let weights = zeroed(&mut scratch.weights, len * n8);
-    let d_weights = zeroed(&mut scratch.d_weights, len * n8);
+    let weights = zeroed(&mut scratch.weights, n * lanes);
+    let d_weights = zeroed(&mut scratch.d_weights, n * lanes);
     for h in 0..heads {
         let col = h * dh;
-        let (q_at, d_out_at) = (|i, c| q[i * d + col + c], |i, c| d_out[i * d + col + c]);
-        transpose_head(shape, k, h, n, keys);
-        transpose_head(shape, v, h, n, values);
-        let (keys, values) = (&*keys, &*values);
+        transpose_head(shape, q, h, queries);
+        transpose_head(shape, d_out, h, d_outs);
+        let (queries, d_outs) = (&*queries, &*d_outs);
+        let key_at = |j: usize, c: usize| k[j * d + col + c];
         product::<FMA>(
-            [len, dh, n8],
-            q_at,
-            |c| &keys[c * n8..],
-            rows_of(weights, n8, 0),
+            [n, dh, lanes],
+            key_at,
+            |c| &queries[c * lanes..],
+            rows_of(weights, lanes, 0),
         );
-        // The weights' gradient before dropout: d_out_i · v_j.
-        let d_weights_of = rows_of(d_weights, n8, 0);
-        product::<FMA>([len, dh, n8], d_out_at, |c| &values[c * n8..], d_weights_of);
-        for i in 0..len {
-            let w = &mut weights[i * n8..(i + 1) * n8];
-            let dw = &mut d_weights[i * n8..(i + 1) * n8];
-            softmax_row::<FMA>(shape, fill, w);
-            // Times the dropout factor.
-            let mut row_dot = 0.0;
+        softmax_columns::<FMA>(shape, &pad[..n], weights, lanes);
+        // The weights' gradient before dropout: v_j · d_out_i, times the dropout factor.
+        let value_at = |j: usize, c: usize| v[j * d + col + c];
+        product::<FMA>(
+            [n, dh, lanes],
+            value_at,
+            |c| &d_outs[c * lanes..],
+            rows_of(d_weights, lanes, 0),
+        );
+        if let Some(drop) = drop {
+            drop_weights(shape, drop, h, d_weights, lanes);
+        }
+        // Through the softmax, then the scale (padding keys' scores were constants), 8 queries
+        // at a time.
+        for g in (0..lanes).step_by(8) {
+            let mut row_dot = [0f32; 8];
             for j in 0..n {
-                dw[j] *= kept(shape, drop, h * len + i, j);
-                row_dot = madd::<FMA>(dw[j], w[j], row_dot);
+                let (w, dw) = (
+                    lanes8(weights, j * lanes + g),
+                    lanes8(d_weights, j * lanes + g),
+                );
+                for l in 0..8 {
+                    row_dot[l] = madd::<FMA>(dw[l], w[l], row_dot[l]);
+                }
             }
-            // Through the softmax, then the scale (padding keys' scores were constants); the
-            // weights after dropout.
-            for j in 0..n {
-                dw[j] = match pad[j] {
-                    true => 0.0,
-                    false => w[j] * (dw[j] - row_dot) * shape.scale,
-                };
-                w[j] *= kept(shape, drop, h * len + i, j);
+            for (j, &padding) in pad[..n].iter().enumerate() {
+                let w = *lanes8(weights, j * lanes + g);
+                let dw = lanes8(d_weights, j * lanes + g);
+                for l in 0..8 {
+                    dw[l] = match padding {
+                        true => 0.0,
+                        false => w[l] * (dw[l] - row_dot[l]) * shape.scale,
+                    };
+                }
             }
+        }
+        // The weights after dropout.
+        if let Some(drop) = drop {
+            drop_weights(shape, drop, h, weights, lanes);
         }
         let (dropped, d_scores) = (&*weights, &*d_weights);
         product::<FMA>(
             [len, n, dh],
-            |i, j| d_scores[i * n8 + j],
+            |i, j| d_scores[j * lanes + i],
             |j| &k[j * d + col..],
             rows_of(dq, d, col),
         );
         product::<FMA>(
             [n, len, dh],
-            |j, r| d_scores[r * n8 + j],
-            |r| &q[r * d + col..],
+            |j, i| d_scores[j * lanes + i],
+            |i| &q[i * d + col..],
             rows_of(dk, d, col),
         );
         product::<FMA>(
             [n, len, dh],
-            |j, r| dropped[r * n8 + j],
-            |r| &d_out[r * d + col..],
+            |j, i| dropped[j * lanes + i],
+            |i| &d_out[i * d + col..],
             rows_of(dv, d, col),
         );
     }
