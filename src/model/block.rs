@@ -140,39 +140,45 @@ mod tests {
     }
 
     /// Flex's own kernels (linear, attention, GELU) against Burn's generic operations on the
-    /// same backend, weights and dropout masks, forward and backward.
+    /// same backend, weights and dropout masks, forward and backward; with heads of 4 columns
+    /// and 5 positions, and with heads of 26 columns (the attention's products in tiles of 16, 8
+    /// and 1 columns) and 11 positions (16 query lanes).
     #[test]
     fn flex_fast_paths_match_the_generic_path() {
+        fast_paths_match_the_generic_path(16, 4, 5);
+        fast_paths_match_the_generic_path(52, 2, 11);
+    }
+
+    fn fast_paths_match_the_generic_path(d: usize, heads: usize, len: usize) {
         use crate::model::ops::GENERIC;
         use burn::backend::Flex;
         type Fx = Autodiff<Flex>;
         let dev = Default::default();
         // With dropout: both paths draw the same masks (the fast attention's in the layout of
         // the generic path's `[n, heads, len, len]` weights).
-        let encoder = Encoder::<Fx>::new(16, 32, 4, 2, 0.2, &mut Init::new(0, &dev));
-        let (n, len) = (4, 5);
-        let x: Vec<f32> = (0..n * len * 16)
+        let encoder = Encoder::<Fx>::new(d, 2 * d, heads, 2, 0.2, &mut Init::new(0, &dev));
+        let n = 4;
+        let x: Vec<f32> = (0..n * len * d)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
             .collect();
         // Rows 0–2 have 0, 1 and 2 padding positions at their end; row 3 has padding first, in
         // the middle and last.
         let pad: Vec<bool> = (0..n * len)
             .map(|i| match i / len {
-                3 => i % 2 == 1,
+                3 => (i % len) % 2 == 0,
                 row => i % len >= len - row,
             })
             .collect();
         // A weighted sum, so every output position gets its own gradient.
-        let weights: Vec<f32> = (0..n * len * 16).map(|i| (i % 7) as f32 - 3.0).collect();
+        let weights: Vec<f32> = (0..n * len * d).map(|i| (i % 7) as f32 - 3.0).collect();
         let run = |generic: bool| {
             GENERIC.set(generic);
             crate::model::dropout::start_step(7, 0);
-            let x = Tensor::<Fx, 3>::from_data(TensorData::new(x.clone(), [n, len, 16]), &dev)
+            let x = Tensor::<Fx, 3>::from_data(TensorData::new(x.clone(), [n, len, d]), &dev)
                 .require_grad();
             let pad =
                 Tensor::<Fx, 2, Bool>::from_data(TensorData::new(pad.clone(), [n, len]), &dev);
-            let w =
-                Tensor::<Fx, 3>::from_data(TensorData::new(weights.clone(), [n, len, 16]), &dev);
+            let w = Tensor::<Fx, 3>::from_data(TensorData::new(weights.clone(), [n, len, d]), &dev);
             let y = encoder.forward(x.clone(), pad);
             let grads = (y.clone() * w).sum().backward();
             GENERIC.set(false);
@@ -182,12 +188,13 @@ mod tests {
                 y.into_data(),
                 x.grad(&grads).unwrap().into_data(),
                 grad(&layer.query.weight),
+                grad(&layer.key.weight),
                 grad(&layer.value.weight),
                 grad(&layer.ff_in.weight),
             ]
         };
         let (fast, generic) = (run(false), run(true));
-        for (what, (a, b)) in ["output", "input gradient", "query", "value", "ff_in"]
+        for (what, (a, b)) in ["output", "input gradient", "query", "key", "value", "ff_in"]
             .iter()
             .zip(fast.into_iter().zip(generic))
         {
@@ -202,7 +209,7 @@ mod tests {
             let scale = a.iter().map(|a| a.abs()).fold(1.0, f32::max);
             assert!(
                 diff < 1e-5 * scale,
-                "{what}: max |Δ| = {diff}, largest {scale}"
+                "d {d}, len {len}, {what}: max |Δ| = {diff}, largest {scale}"
             );
         }
     }

@@ -20,6 +20,7 @@ use std::net::{TcpListener, ToSocketAddrs};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -245,6 +246,7 @@ impl Cluster {
         drop(tx);
         // Peers leave on drop only once all have joined (a half-made join may block the
         // collective's server).
+        ABANDONED.store(false, Ordering::Relaxed);
         let mut membership = Membership { peers: Vec::new() };
         let joined: Vec<(PeerId, B::Device)> =
             peers.iter().copied().zip(devices.to_vec()).collect();
@@ -328,9 +330,20 @@ pub struct Membership<B: Backend> {
     peers: Vec<(PeerId, B::Device)>,
 }
 
+/// A step gave up on the other nodes ([`abandon_membership`]): the run's end leaves without
+/// meeting them again.
+static ABANDONED: AtomicBool = AtomicBool::new(false);
+
+/// Called when a worker is left waiting in a collective call for nodes that stopped answering:
+/// the [`Membership`]'s end then leaves at once instead of calling the other nodes again (which
+/// would wait out its time limit, behind the stuck call).
+pub fn abandon_membership() {
+    ABANDONED.store(true, Ordering::Relaxed);
+}
+
 impl<B: Backend> Drop for Membership<B> {
     fn drop(&mut self) {
-        if self.peers.is_empty() {
+        if self.peers.is_empty() || ABANDONED.load(Ordering::Relaxed) {
             return;
         }
         let (tx, rx) = mpsc::channel();

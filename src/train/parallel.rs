@@ -37,12 +37,12 @@ use crate::data::batcher::UserBatch;
 use crate::data::chunk::item_multiple;
 use crate::error::{ClueError, Result, panic_message};
 use crate::model::ClueModel;
-use crate::train::cluster::{Cluster, Place};
+use crate::train::cluster::{Cluster, Place, abandon_membership};
 use crate::train::config::TrainConfig;
 use crate::train::grad_cache::MaskKey;
 use crate::train::loss::is_finite;
 use crate::train::metrics::{ClueOutput, StepParts};
-use crate::train::watchdog::Watch;
+use crate::train::watchdog::{Stop, Watch};
 
 /// What a data-parallel step gives back: worker 0's output (on the main device) and the summed
 /// gradients, or the first failed worker's message.
@@ -140,20 +140,28 @@ pub fn parallel_step<B: AutodiffBackend>(
             .map_err(|e| format!("starting {} failed: {e}", shared.name(k)))?;
     }
     drop(tx);
-    let results = shared.watch.collect(
-        rx,
-        place.peer_timeout,
-        |k, what, waited| {
-            format!(
-                "{} waited {} s for the other nodes while {what} at step {step}, longer than \
-                 --peer-timeout: another node stopped answering (suspended, powered off, cut off \
-                 from the network, or far slower than this one). No update was made",
-                shared.name(k),
-                waited.as_secs()
-            )
-        },
-        |k| format!("{} died", shared.name(k)),
-    )?;
+    let results = shared
+        .watch
+        .collect(rx, place.peer_timeout)
+        .map_err(|stop| match stop {
+            Stop::TimedOut {
+                worker,
+                call,
+                waited,
+            } => {
+                // The worker is left waiting: the run's end must not wait for it again.
+                abandon_membership();
+                format!(
+                    "{} waited {} s for the other nodes while {call} at step {step}, longer \
+                     than --peer-timeout: another node stopped answering (suspended, powered \
+                     off, cut off from the network, or far slower than this one). No update \
+                     was made",
+                    shared.name(worker),
+                    waited.as_secs()
+                )
+            }
+            Stop::Died(worker) => format!("{} died", shared.name(worker)),
+        })?;
     let mut main = None;
     for (k, r) in results.into_iter().enumerate() {
         match r {

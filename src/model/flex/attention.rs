@@ -313,7 +313,7 @@ fn softmax_columns<const FMA: bool>(
 }
 
 /// Dropout on a head's weights (`[keys, lanes]`, in place): weight `(i, j)` (query, key) times
-/// its factor in `drop` (`[len, len]` flags of head `h`).
+/// its factor in `drop` (`[len, len]` flags of head `h`, read row by row).
 #[inline(always)]
 fn drop_weights(
     shape: &AttentionShape,
@@ -323,12 +323,14 @@ fn drop_weights(
     lanes: usize,
 ) {
     let len = shape.len;
-    for (j, row) in weights.chunks_exact_mut(lanes).enumerate() {
-        for (i, w) in row[..len].iter_mut().enumerate() {
-            *w *= match drop[(h * len + i) * len + j] {
-                true => 0.0,
-                false => shape.kept_scale,
-            };
+    let keys = weights.len() / lanes;
+    for (i, flags) in drop[h * len * len..]
+        .chunks_exact(len)
+        .take(len)
+        .enumerate()
+    {
+        for (j, &dropped) in flags[..keys].iter().enumerate() {
+            weights[j * lanes + i] *= if dropped { 0.0 } else { shape.kept_scale };
         }
     }
 }
@@ -493,7 +495,7 @@ mod tests {
     /// buffers for all sequences.
     #[test]
     fn attention_matches_a_direct_computation() {
-        let (n, len, d, heads) = (4, 11, 36, 2);
+        let (n, len, d, heads) = (4, 11, 52, 2);
         let dh = d / heads;
         let value = |i: usize, seed: usize| ((i * seed % 23) as f32 - 11.0) / 7.0;
         let [q, k, v]: [Vec<f32>; 3] =
@@ -505,7 +507,7 @@ mod tests {
                 0 => i % len >= 3,
                 1 => false,
                 2 => true,
-                _ => i % 2 == 0,
+                _ => (i % len) % 2 == 0,
             })
             .collect();
         // Weights dropped in every sequence (`[heads, len, len]`), and the kept ones' scale.
