@@ -165,7 +165,7 @@ mod tests {
         // the middle and last.
         let pad: Vec<bool> = (0..n * len)
             .map(|i| match i / len {
-                3 => (i % len) % 2 == 0,
+                3 => (i % len).is_multiple_of(2),
                 row => i % len >= len - row,
             })
             .collect();

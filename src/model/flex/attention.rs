@@ -12,7 +12,7 @@ use burn::prelude::*;
 use burn::tensor::TensorMetadata;
 use rayon::prelude::*;
 
-use super::simd::{dispatch, exp_neg, madd, product};
+use super::simd::{dispatch, exp_neg, lanes8, madd, product, rows_of};
 use super::{FlexFloat, f32s, from_flex, tensor, to_flex};
 
 /// Multi-head attention on Flex: `q`, `k`, `v`: `[n, len, d]` with the heads side by side
@@ -262,12 +262,6 @@ fn zeroed(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
     buffer
 }
 
-/// Eight lanes of `x` from `at` on.
-#[inline(always)]
-fn lanes8(x: &mut [f32], at: usize) -> &mut [f32; 8] {
-    (&mut x[at..at + 8]).try_into().expect("8 lanes")
-}
-
 /// The softmax over the keys, for every query, in place of the raw scores `q·k`: `scores` is
 /// `[keys, lanes]` (one key's scores of all queries side by side), `pad` the keys' padding
 /// (a padding key's score is the masked score). Every pass runs over 8 queries at once, down
@@ -333,12 +327,6 @@ fn drop_weights(
             weights[j * lanes + i] *= if dropped { 0.0 } else { shape.kept_scale };
         }
     }
-}
-
-/// Where [`product`] writes: row `i` of `x` (rows of `stride` values) from column `col` on.
-#[inline(always)]
-fn rows_of(x: &mut [f32], stride: usize, col: usize) -> impl FnMut(usize, usize, &[f32]) + '_ {
-    move |i, c, values| x[i * stride + col + c..][..values.len()].copy_from_slice(values)
 }
 
 /// One sequence's attention, all heads: `q`, `k`, `v` (`inputs`), `out`: `[len, d]`,
@@ -507,7 +495,7 @@ mod tests {
                 0 => i % len >= 3,
                 1 => false,
                 2 => true,
-                _ => (i % len) % 2 == 0,
+                _ => (i % len).is_multiple_of(2),
             })
             .collect();
         // Weights dropped in every sequence (`[heads, len, len]`), and the kept ones' scale.

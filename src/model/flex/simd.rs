@@ -104,6 +104,22 @@ fn row_block<'a, const FMA: bool, const R: usize>(
     }
 }
 
+/// Where [`product`] writes: row `i` of `x` (rows of `stride` values) from column `col` on.
+#[inline(always)]
+pub(super) fn rows_of(
+    x: &mut [f32],
+    stride: usize,
+    col: usize,
+) -> impl FnMut(usize, usize, &[f32]) + '_ {
+    move |i, c, values| x[i * stride + col + c..][..values.len()].copy_from_slice(values)
+}
+
+/// Eight lanes of `x` from `at` on.
+#[inline(always)]
+pub(super) fn lanes8(x: &mut [f32], at: usize) -> &mut [f32; 8] {
+    (&mut x[at..at + 8]).try_into().expect("8 lanes")
+}
+
 /// `R` rows × `8·G` columns of `Σ_k a(r, k)·b(k)` over `k < inner`, with `b(k)` of length `8·G`.
 #[inline(always)]
 fn tile<'a, const FMA: bool, const R: usize, const G: usize>(
@@ -227,7 +243,7 @@ mod tests {
                 [rows, inner, cols],
                 |i, k| a[i * inner + k],
                 |k| &b[k * cols..(k + 1) * cols],
-                |i, c, values| got[i * cols + c..][..values.len()].copy_from_slice(values),
+                rows_of(&mut got, cols, 0),
             );
             for i in 0..rows {
                 for c in 0..cols {
