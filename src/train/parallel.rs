@@ -262,18 +262,40 @@ impl Shared {
         if self.place.multi_node() {
             return self.collective(k, &model, &part, device);
         }
-        let fail = |what: &str, e: burn::collective::CollectiveError| {
-            format!("{}: {what} failed: {e:?}", self.name(k))
-        };
         let config = CollectiveConfig::default().with_num_devices(self.workers);
         register::<B::InnerBackend>(peer, device.clone(), config)
-            .map_err(|e| fail("joining the collective", e))?;
+            .map_err(|e| self.failure(k, "joining the collective", e))?;
         let result = self.collective(k, &model, &part, device);
         // Always leave, so that no peer stays registered after this step.
         let left = finish_collective::<B::InnerBackend>(peer);
         let result = result?;
-        left.map_err(|e| fail("leaving the collective", e))?;
+        left.map_err(|e| self.failure(k, "leaving the collective", e))?;
         Ok(result)
+    }
+
+    /// The message of worker `k`'s collective call `what` that failed with `e`.
+    fn failure(&self, k: usize, what: &str, e: CollectiveError) -> String {
+        let hint = if self.place.multi_node() {
+            " (did another node stop? its output says why)"
+        } else {
+            ""
+        };
+        format!("{}: {what} failed: {e:?}{hint}", self.name(k))
+    }
+
+    /// The sum of `x` over every worker of the run (worker `k`'s all-reduce, watched as `what`).
+    fn summed<B: Backend, const D: usize>(
+        &self,
+        k: usize,
+        what: &'static str,
+        x: Tensor<B, D>,
+    ) -> Result<Tensor<B, D>, String> {
+        let peer = PeerId(self.global(k) as u32);
+        let x = x.into_primitive().tensor();
+        self.watch
+            .waiting(k, what, || all_reduce::<B>(peer, x, ReduceOperation::Sum))
+            .map(|sum| Tensor::from_primitive(TensorPrimitive::Float(sum)))
+            .map_err(|e| self.failure(k, what, e))
     }
 
     /// The collective calls of worker `k`'s step, the same on every worker whatever fails.
@@ -286,14 +308,6 @@ impl Shared {
     ) -> Result<Option<StepParts<B>>, String> {
         let global = self.global(k);
         let peer = PeerId(global as u32);
-        let fail = |what: &str, e: CollectiveError| {
-            let hint = if self.place.multi_node() {
-                " (did another node stop? its output says why)"
-            } else {
-                ""
-            };
-            format!("{}: {what} failed: {e:?}{hint}", self.name(k))
-        };
         let chunk = &part.chunk;
         let (m, services, n) = (chunk.len(), self.services, self.n);
         let d = model.head.w2.weight.dims()[1];
@@ -334,22 +348,10 @@ impl Shared {
             Ok((z, buffer)) => (Ok(z), buffer),
             Err(e) => (Err(e), zeros()),
         };
-        let what = "gathering the embeddings";
-        let gathered = self
-            .watch
-            .waiting(k, what, || {
-                all_reduce::<B::InnerBackend>(
-                    peer,
-                    buffer.into_primitive().tensor(),
-                    ReduceOperation::Sum,
-                )
-            })
-            .map_err(|e| fail(what, e))?;
+        let gathered = self.summed(k, "gathering the embeddings", buffer)?;
         let outcome = local.and_then(|z| {
             catch_unwind(AssertUnwindSafe(|| {
-                let mut all = Tensor::<B, 2>::from_inner(Tensor::from_primitive(
-                    TensorPrimitive::Float(gathered),
-                ));
+                let mut all = Tensor::<B, 2>::from_inner(gathered);
                 if part.first.is_none() {
                     // A stand-in: the same parameters get a gradient, of zero.
                     let z = z.expect("a stand-in is not cut");
@@ -400,22 +402,11 @@ impl Shared {
             matches!(outcome, Ok((_, None))) as u8 as f32,
         ];
         let flags = Tensor::<B::InnerBackend, 1>::from_floats(flags, device);
-        let what = "sharing the step's state";
-        let flags = self
-            .watch
-            .waiting(k, what, || {
-                all_reduce::<B::InnerBackend>(
-                    peer,
-                    flags.into_primitive().tensor(),
-                    ReduceOperation::Sum,
-                )
-            })
-            .map_err(|e| fail(what, e))?;
-        let flags: Vec<f32> =
-            Tensor::<B::InnerBackend, 1>::from_primitive(TensorPrimitive::Float(flags))
-                .into_data()
-                .to_vec()
-                .expect("two flags");
+        let flags: Vec<f32> = self
+            .summed(k, "sharing the step's state", flags)?
+            .into_data()
+            .to_vec()
+            .expect("two flags");
         match outcome {
             Err(e) => Err(e),
             Ok(_) if flags[0] > 0.0 => Ok(None),
@@ -425,7 +416,7 @@ impl Shared {
                     Some(g) if flags[1] == 0.0 => Some(
                         self.watch
                             .waiting(k, what, || sum_gradients(model, g, peer))
-                            .map_err(|e| fail(what, e))?,
+                            .map_err(|e| self.failure(k, what, e))?,
                     ),
                     _ => None,
                 };
