@@ -334,14 +334,15 @@ fn a_suspended_node_stops_the_other_after_the_peer_timeout() {
     let timeout: &[&str] = &["--peer-timeout", "5"];
     // Killed however the test ends (a suspended process would otherwise stay).
     let second = KillOnDrop(long_node(dir.path(), data, port, 1, timeout).0);
-    let (mut first, log) = long_node(dir.path(), data, port, 0, timeout);
+    let (first, log) = long_node(dir.path(), data, port, 0, timeout);
+    let mut first = KillOnDrop(first);
     let checkpoint = dir.path().join("long0/checkpoint");
     wait_for_checkpoint(&dir.path().join("long0"));
     let pid = second.0.id().to_string();
     let stopped = Command::new("kill").args(["-STOP", &pid]).status().unwrap();
     assert!(stopped.success(), "kill -STOP {pid}");
     let start = Instant::now();
-    let status = exit_within(&mut first, Duration::from_secs(60));
+    let status = exit_within(&mut first.0, Duration::from_secs(60));
     let waited = start.elapsed();
     let t = std::fs::read_to_string(log).unwrap();
     assert!(!status.success(), "node 0 went on alone: {t}");

@@ -325,7 +325,9 @@ fn same_plan<B: Backend>(
 
 /// A node's workers, joined for the whole run. When dropped they meet every other node's workers
 /// once more (so that no node leaves while another still sends), then leave; a node that does
-/// not come within the time limit is left behind rather than waited for.
+/// not come within the time limit is left behind rather than waited for. After
+/// [`abandon_membership`] they leave at once. One membership per process at a time (as
+/// burn-collective's server is one per process and backend).
 pub struct Membership<B: Backend> {
     peers: Vec<(PeerId, B::Device)>,
 }

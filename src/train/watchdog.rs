@@ -47,14 +47,14 @@ impl Watch {
         self.0.lock().unwrap_or_else(|e| e.into_inner())[k] = state;
     }
 
-    /// The first worker among the `pending` ones that has waited longer than `limit` in one
-    /// call.
-    fn overdue(&self, limit: Duration, pending: impl Fn(usize) -> bool) -> Option<Stop> {
+    /// The first worker that has waited longer than `limit` in one call (a worker that has
+    /// reported is done waiting: its call returned, or panicked, first).
+    fn overdue(&self, limit: Duration) -> Option<Stop> {
         let waits = self.0.lock().unwrap_or_else(|e| e.into_inner());
         waits.iter().enumerate().find_map(|(worker, w)| {
             let (since, call) = (*w)?;
             let waited = since.elapsed();
-            (pending(worker) && waited > limit).then_some(Stop::TimedOut {
+            (waited > limit).then_some(Stop::TimedOut {
                 worker,
                 call,
                 waited,
@@ -63,8 +63,8 @@ impl Watch {
     }
 
     /// Every worker's result from `results` (worker index, result), in worker order. With a
-    /// `limit`, stops once a worker that has not answered yet has waited longer than that in one
-    /// call (it is left behind, still waiting); stops if a worker ends without a result.
+    /// `limit`, stops once a worker has waited longer than that in one call (it is left behind,
+    /// still waiting); stops if a worker ends without a result.
     pub fn collect<T>(
         &self,
         results: Receiver<(usize, T)>,
@@ -78,7 +78,7 @@ impl Watch {
             match results.recv_timeout(poll) {
                 Ok((k, result)) => got[k] = Some(result),
                 Err(RecvTimeoutError::Timeout) => {
-                    if let Some(stop) = limit.and_then(|l| self.overdue(l, |k| got[k].is_none())) {
+                    if let Some(stop) = limit.and_then(|l| self.overdue(l)) {
                         return Err(stop);
                     }
                 }
@@ -145,7 +145,7 @@ mod tests {
             watch.waiting(1, "failing", || panic!("a collective call failed"))
         }));
         assert!(panicked.is_err());
-        assert_eq!(watch.overdue(Duration::ZERO, |_| true), None);
+        assert_eq!(watch.overdue(Duration::ZERO), None);
         assert_eq!(watch.collect(rx, Some(limit)).unwrap(), ["zero", "one"]);
 
         // A worker that ends without a result.

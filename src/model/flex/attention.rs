@@ -477,7 +477,7 @@ mod tests {
     use super::*;
 
     /// Attention on plain Flex against a direct f64 computation, with a sequence of padding only
-    /// and padding at the start and in the middle, with and without dropout, and sizes that take
+    /// and padding at the start, in the middle and at the end, with and without dropout, and sizes that take
     /// every tile of the small products (rows in fours and ones, columns in 16s, 8s and ones);
     /// every build of the kernel this CPU has, forward and backward, each with one set of
     /// buffers for all sequences.

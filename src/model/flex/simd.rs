@@ -1,6 +1,7 @@
 //! The building blocks of the attention and GELU kernels: [`madd`], the multiply-add that is
 //! fused where the kernel is compiled for FMA; [`exp_neg`], a branch-free `e^(−a)` that
-//! vectorises; [`product`], small matrix products in register tiles; and `dispatch!`, which
+//! vectorises; [`product`], small matrix products in register tiles (writing through
+//! [`rows_of`]; [`lanes8`] for 8-lane passes over a buffer); and `dispatch!`, which
 //! compiles a kernel three times (plain, with AVX2 + FMA, with AVX-512) and picks one at run
 //! time. The kernels are written once, generic over `const FMA: bool`, and `#[inline(always)]`,
 //! so that each instantiation is compiled with its own target features.
