@@ -12,7 +12,7 @@ use burn::prelude::*;
 use burn::tensor::TensorMetadata;
 use rayon::prelude::*;
 
-use super::simd::{dispatch, exp_neg, lanes8, madd, product, rows_of};
+use super::simd::{dispatch, exp_neg, lanes8, madd, product, rows_of, zeroed};
 use super::{FlexFloat, f32s, from_flex, tensor, to_flex};
 
 /// Multi-head attention on Flex: `q`, `k`, `v`: `[n, len, d]` with the heads side by side
@@ -231,35 +231,15 @@ fn attended(pad: &[bool]) -> usize {
         .map_or(pad.len(), |last| last + 1)
 }
 
-/// Head `h`'s rows of one sequence (`x`: `[len, d]`), transposed: `[d_head, lanes]`, with
-/// `lanes` = `len` rounded up to a multiple of 8 (the lanes past `len` are left as they are).
-#[inline(always)]
-fn transpose_head(shape: &AttentionShape, x: &[f32], h: usize, out: &mut [f32]) {
-    let AttentionShape { len, d, heads, .. } = *shape;
-    let (dh, lanes) = (d / heads, len.next_multiple_of(8));
-    for (i, row) in x.chunks_exact(d).take(len).enumerate() {
-        for (c, &value) in row[h * dh..(h + 1) * dh].iter().enumerate() {
-            out[c * lanes + i] = value;
-        }
-    }
-}
-
 /// Buffers that one rayon task reuses from one sequence to the next.
 #[derive(Default)]
 struct Scratch {
-    /// A head's queries and output gradients, transposed ([`transpose_head`]).
+    /// A head's queries and output gradients, transposed ([`Head::transpose`]).
     queries: Vec<f32>,
     d_out: Vec<f32>,
     /// `[keys, lanes]`: the weights of every query for each key, and their gradients.
     weights: Vec<f32>,
     d_weights: Vec<f32>,
-}
-
-/// `buffer` as `len` zeros.
-fn zeroed(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
-    buffer.clear();
-    buffer.resize(len, 0.0);
-    buffer
 }
 
 /// The softmax over the keys, for every query, in place of the raw scores `q·k`: `scores` is
@@ -307,25 +287,93 @@ fn softmax_columns<const FMA: bool>(
 }
 
 /// Dropout on a head's weights (`[keys, lanes]`, in place): weight `(i, j)` (query, key) times
-/// its factor in `drop` (`[len, len]` flags of head `h`, read row by row).
+/// its factor in `drop` (`[heads, len, len]` flags; head `h`'s read row by row).
 #[inline(always)]
-fn drop_weights(
-    shape: &AttentionShape,
-    drop: &[bool],
-    h: usize,
-    weights: &mut [f32],
-    lanes: usize,
-) {
-    let len = shape.len;
-    let keys = weights.len() / lanes;
-    for (i, flags) in drop[h * len * len..]
-        .chunks_exact(len)
-        .take(len)
-        .enumerate()
-    {
+fn drop_weights(shape: &AttentionShape, drop: &[bool], h: usize, weights: &mut [f32]) {
+    let (len, lanes) = (shape.len, shape.len.next_multiple_of(8));
+    let (keys, mask) = (
+        weights.len() / lanes,
+        &drop[h * len * len..(h + 1) * len * len],
+    );
+    for (i, flags) in mask.chunks_exact(len).enumerate() {
         for (j, &dropped) in flags[..keys].iter().enumerate() {
             weights[j * lanes + i] *= if dropped { 0.0 } else { shape.kept_scale };
         }
+    }
+}
+
+/// Head `h`'s part of one sequence's products: its columns of the `[len, d]` rows, and the
+/// `[keys, lanes]` weights of its queries.
+struct Head {
+    len: usize,
+    d: usize,
+    d_head: usize,
+    col: usize,
+    lanes: usize,
+}
+
+impl Head {
+    fn new(shape: &AttentionShape, h: usize) -> Self {
+        let (len, d, d_head) = (shape.len, shape.d, shape.d / shape.heads);
+        let (col, lanes) = (h * d_head, len.next_multiple_of(8));
+        Head {
+            len,
+            d,
+            d_head,
+            col,
+            lanes,
+        }
+    }
+
+    /// The head's columns of `x` (`[len, d]`), transposed into `out`: `[d_head, lanes]` (the
+    /// lanes past `len` are left as they are).
+    #[inline(always)]
+    fn transpose(&self, x: &[f32], out: &mut [f32]) {
+        for (i, row) in x.chunks_exact(self.d).take(self.len).enumerate() {
+            for (c, &value) in row[self.col..self.col + self.d_head].iter().enumerate() {
+                out[c * self.lanes + i] = value;
+            }
+        }
+    }
+
+    /// `out` (`[keys, lanes]`) = the head's columns of the first `keys` rows of `x` times `t`
+    /// (`[d_head, lanes]`, from [`Head::transpose`]): the scores (keys × queries), or the
+    /// weights' gradients.
+    #[inline(always)]
+    fn by_lanes<const FMA: bool>(&self, keys: usize, x: &[f32], t: &[f32], out: &mut [f32]) {
+        let (d, col, lanes) = (self.d, self.col, self.lanes);
+        product::<FMA>(
+            [keys, self.d_head, lanes],
+            |j, c| x[j * d + col + c],
+            |c| &t[c * lanes..],
+            rows_of(out, lanes, 0),
+        );
+    }
+
+    /// The head's columns of `out`'s `len` rows: row `i` = Σ_j `w[j, i]`·row `j` of `x`, over
+    /// the first `keys` rows (`w`: `[keys, lanes]`; the output, or the queries' gradient).
+    #[inline(always)]
+    fn to_queries<const FMA: bool>(&self, keys: usize, w: &[f32], x: &[f32], out: &mut [f32]) {
+        let (d, col, lanes) = (self.d, self.col, self.lanes);
+        product::<FMA>(
+            [self.len, keys, self.d_head],
+            |i, j| w[j * lanes + i],
+            |j| &x[j * d + col..],
+            rows_of(out, d, col),
+        );
+    }
+
+    /// The head's columns of `out`'s first `keys` rows: row `j` = Σ_i `w[j, i]`·row `i` of `x`,
+    /// over the `len` rows (the keys' or values' gradient).
+    #[inline(always)]
+    fn to_keys<const FMA: bool>(&self, keys: usize, w: &[f32], x: &[f32], out: &mut [f32]) {
+        let (d, col, lanes) = (self.d, self.col, self.lanes);
+        product::<FMA>(
+            [keys, self.len, self.d_head],
+            |j, i| w[j * lanes + i],
+            |i| &x[i * d + col..],
+            rows_of(out, d, col),
+        );
     }
 }
 
@@ -346,26 +394,14 @@ fn attend_kernel<const FMA: bool>(
     let queries = zeroed(&mut scratch.queries, dh * lanes);
     let weights = zeroed(&mut scratch.weights, n * lanes);
     for h in 0..heads {
-        let col = h * dh;
-        transpose_head(shape, q, h, queries);
-        let queries = &*queries;
-        product::<FMA>(
-            [n, dh, lanes],
-            |j, c| k[j * d + col + c],
-            |c| &queries[c * lanes..],
-            rows_of(weights, lanes, 0),
-        );
+        let head = Head::new(shape, h);
+        head.transpose(q, queries);
+        head.by_lanes::<FMA>(n, k, queries, weights);
         softmax_columns::<FMA>(shape, &pad[..n], weights, lanes);
         if let Some(drop) = drop {
-            drop_weights(shape, drop, h, weights, lanes);
+            drop_weights(shape, drop, h, weights);
         }
-        let weights = &*weights;
-        product::<FMA>(
-            [len, n, dh],
-            |i, j| weights[j * lanes + i],
-            |j| &v[j * d + col..],
-            rows_of(out, d, col),
-        );
+        head.to_queries::<FMA>(n, weights, v, out);
     }
 }
 
@@ -391,28 +427,15 @@ fn attend_backward_kernel<const FMA: bool>(
     let weights = zeroed(&mut scratch.weights, n * lanes);
     let d_weights = zeroed(&mut scratch.d_weights, n * lanes);
     for h in 0..heads {
-        let col = h * dh;
-        transpose_head(shape, q, h, queries);
-        transpose_head(shape, d_out, h, d_outs);
-        let (queries, d_outs) = (&*queries, &*d_outs);
-        let key_at = |j: usize, c: usize| k[j * d + col + c];
-        product::<FMA>(
-            [n, dh, lanes],
-            key_at,
-            |c| &queries[c * lanes..],
-            rows_of(weights, lanes, 0),
-        );
+        let head = Head::new(shape, h);
+        head.transpose(q, queries);
+        head.transpose(d_out, d_outs);
+        head.by_lanes::<FMA>(n, k, queries, weights);
         softmax_columns::<FMA>(shape, &pad[..n], weights, lanes);
         // The weights' gradient before dropout: v_j · d_out_i, times the dropout factor.
-        let value_at = |j: usize, c: usize| v[j * d + col + c];
-        product::<FMA>(
-            [n, dh, lanes],
-            value_at,
-            |c| &d_outs[c * lanes..],
-            rows_of(d_weights, lanes, 0),
-        );
+        head.by_lanes::<FMA>(n, v, d_outs, d_weights);
         if let Some(drop) = drop {
-            drop_weights(shape, drop, h, d_weights, lanes);
+            drop_weights(shape, drop, h, d_weights);
         }
         // Through the softmax, then the scale (padding keys' scores were constants), 8 queries
         // at a time.
@@ -440,27 +463,12 @@ fn attend_backward_kernel<const FMA: bool>(
         }
         // The weights after dropout.
         if let Some(drop) = drop {
-            drop_weights(shape, drop, h, weights, lanes);
+            drop_weights(shape, drop, h, weights);
         }
         let (dropped, d_scores) = (&*weights, &*d_weights);
-        product::<FMA>(
-            [len, n, dh],
-            |i, j| d_scores[j * lanes + i],
-            |j| &k[j * d + col..],
-            rows_of(dq, d, col),
-        );
-        product::<FMA>(
-            [n, len, dh],
-            |j, i| d_scores[j * lanes + i],
-            |i| &q[i * d + col..],
-            rows_of(dk, d, col),
-        );
-        product::<FMA>(
-            [n, len, dh],
-            |j, i| dropped[j * lanes + i],
-            |i| &d_out[i * d + col..],
-            rows_of(dv, d, col),
-        );
+        head.to_queries::<FMA>(n, d_scores, k, dq);
+        head.to_keys::<FMA>(n, d_scores, q, dk);
+        head.to_keys::<FMA>(n, dropped, d_out, dv);
     }
 }
 

@@ -2,8 +2,8 @@
 //! thread: a quarter of an inference pass and a tenth of a training step on the `tiny` preset.
 //! Here the exact GELU `x·Φ(x)` and its derivative `Φ(x) + x·φ(x)` run vectorised (AVX-512 or
 //! AVX2 + FMA where the CPU has them) and on all cores, in the input's own buffer when nothing
-//! else holds it, with the erf approximation PyTorch's vectorised CPU kernel uses (Abramowitz–Stegun
-//! 7.1.26: |erf error| ≤ 1.5·10⁻⁷, so |GELU error| ≤ ~10⁻⁷·max(1, |x|)).
+//! else holds it, with the erf approximation PyTorch's vectorised CPU kernel uses
+//! (Abramowitz–Stegun 7.1.26: |erf error| ≤ 1.5·10⁻⁷, so |GELU error| ≤ ~10⁻⁷·max(1, |x|)).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;

@@ -115,6 +115,13 @@ pub(super) fn rows_of(
     move |i, c, values| x[i * stride + col + c..][..values.len()].copy_from_slice(values)
 }
 
+/// `buffer` as `len` zeros.
+pub(super) fn zeroed(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    buffer.clear();
+    buffer.resize(len, 0.0);
+    buffer
+}
+
 /// Eight lanes of `x` from `at` on.
 #[inline(always)]
 pub(super) fn lanes8(x: &mut [f32], at: usize) -> &mut [f32; 8] {
