@@ -3,6 +3,8 @@
 //! crate, as Flex) added to rows that start as the bias; the backward step writes the gradients
 //! straight from their products.
 
+use std::mem::MaybeUninit;
+
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
@@ -87,25 +89,28 @@ fn flex_linear(x: &FlexTensor, w: &FlexTensor, b: &FlexTensor) -> FlexTensor {
     let (x, w, b) = (x.to_contiguous(), w.to_contiguous(), b.to_contiguous());
     let [m, k] = dims2(&x);
     let n = dims2(&w)[1];
-    let rows = f32s(&b).repeat(m);
-    let out = product([m, k, n], (f32s(&x), k, 1), (f32s(&w), n, 1), Some(rows));
+    let out = product(
+        [m, k, n],
+        (f32s(&x), k, 1),
+        (f32s(&w), n, 1),
+        Some(f32s(&b)),
+    );
     tensor(out, [m, n])
 }
 
 /// `lhs · rhs` for `[m, k, n]` = (`[m, k]`, `[k, n]`), each operand a slice with its row and
-/// column strides; row-major `[m, n]`, added to `init` when given. The gemm crate, as Flex.
+/// column strides; row-major `[m, n]`, plus `bias` (`[n]`) on every row when given. The gemm
+/// crate, as Flex. A large product with many rows runs as blocks of rows on the rayon pool, each
+/// block one single-threaded gemm call whose output rows start as the bias while they are in
+/// cache (on 2 cores, filling all the rows with the bias first took a tenth of an inference
+/// call on one thread, and the gemm crate's own split of these shapes left a thread idle);
+/// a product with few rows (a weight gradient: `d_in` rows) uses the gemm crate's own threads.
 pub(crate) fn product(
     [m, k, n]: [usize; 3],
     (lhs, lhs_rs, lhs_cs): (&[f32], usize, usize),
     (rhs, rhs_rs, rhs_cs): (&[f32], usize, usize),
-    init: Option<Vec<f32>>,
+    bias: Option<&[f32]>,
 ) -> Vec<f32> {
-    let read = init.is_some();
-    let mut out = init.unwrap_or_else(|| Vec::with_capacity(m * n));
-    assert!(
-        out.capacity() >= m * n && (!read || out.len() == m * n),
-        "product: output size"
-    );
     let reach = |rows: usize, cols: usize, rs: usize, cs: usize| {
         rows.saturating_sub(1) * rs + cols.saturating_sub(1) * cs
     };
@@ -117,50 +122,86 @@ pub(crate) fn product(
         k * n == 0 || reach(k, n, rhs_rs, rhs_cs) < rhs.len(),
         "product: right operand out of bounds"
     );
+    assert!(bias.is_none_or(|b| b.len() == n), "product: bias size");
+    let mut out = Vec::with_capacity(m * n);
     if m * n == 0 {
         return out;
     }
-    if k == 0 {
-        // Nothing to add: the sum over an empty axis.
-        out.resize(m * n, 0.0);
-        return out;
-    }
-    let parallelism = match m * n * k >= PARALLEL_PRODUCT {
-        true => gemm::Parallelism::Rayon(0),
-        false => gemm::Parallelism::None,
+    // Rows `first..first + block.len() / n` of the output, on this thread.
+    let block = |first: usize, block: &mut [MaybeUninit<f32>], threads: gemm::Parallelism| {
+        let rows = block.len() / n;
+        if let Some(bias) = bias {
+            for row in block.chunks_exact_mut(n) {
+                row.write_copy_of_slice(bias);
+            }
+        } else if k == 0 {
+            block.fill(MaybeUninit::new(0.0));
+        }
+        if k == 0 {
+            // Nothing to add: the sum over an empty axis.
+            return;
+        }
+        // SAFETY: `block` holds `rows·n` values with row stride `n`, read only when `bias`
+        // wrote them; rows `first..first + rows` of the left operand and all of the right one
+        // lie inside their slices (checked above). gemm writes every value of the block.
+        unsafe {
+            gemm::gemm(
+                rows,
+                n,
+                k,
+                block.as_mut_ptr().cast::<f32>(),
+                1,
+                n as isize,
+                bias.is_some(),
+                lhs.as_ptr().add(first * lhs_rs),
+                lhs_cs as isize,
+                lhs_rs as isize,
+                rhs.as_ptr(),
+                rhs_cs as isize,
+                rhs_rs as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                threads,
+            );
+        }
     };
-    // SAFETY: `out` has room for `m·n` values, written (and read when `read`, after
-    // initialisation) with row stride `n`; both operands lie inside their slices (checked
-    // above). `gemm` writes every output value, so the length is set after it returns.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            read,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-        out.set_len(m * n);
+    let spare = &mut out.spare_capacity_mut()[..m * n];
+    if m * n * k < PARALLEL_PRODUCT {
+        block(0, spare, gemm::Parallelism::None);
+    } else if let Some(rows) = block_rows(m, [k, n]) {
+        spare
+            .par_chunks_mut(rows * n)
+            .enumerate()
+            .for_each(|(i, part)| block(i * rows, part, gemm::Parallelism::None));
+    } else {
+        block(0, spare, gemm::Parallelism::Rayon(0));
     }
+    // SAFETY: every block above wrote all of its `rows·n` values.
+    unsafe { out.set_len(m * n) };
     out
 }
 
-/// Products of at least this many multiply-adds run on every core (Flex's own threshold).
-const PARALLEL_PRODUCT: usize = 192 * 192 * 192;
+/// Products of at least this many multiply-adds (about 10 µs on one core) run on every core.
+const PARALLEL_PRODUCT: usize = 1 << 20;
+
+/// Rows per block of a parallel product `[m, k, n]`, or `None` when it has too few rows to
+/// cut: about four blocks per thread (so that a thread held up elsewhere does not hold up the
+/// product), each at most about 256 KiB of output (it stays in cache between the bias and the
+/// product). Each block packs the right operand again, so a block has at least 64 rows, or 256
+/// when that operand does not fit in 256 KiB (a core's cache): then packing costs at most
+/// about 1/256 of the block's work.
+fn block_rows(m: usize, [k, n]: [usize; 2]) -> Option<usize> {
+    let least = if k * n <= 64 * 1024 { 64 } else { 256 };
+    let rows = m
+        .div_ceil(4 * rayon::current_num_threads())
+        .min(64 * 1024 / n.max(1))
+        .next_multiple_of(16)
+        .max(least);
+    (m >= 2 * rows).then_some(rows)
+}
 
 /// Sums of the columns of a row-major matrix with `n` columns: partial sums over blocks of
 /// rows in parallel, added in order (the same result on any number of threads).
@@ -247,6 +288,50 @@ mod tests {
             .to_vec()
             .unwrap();
         assert_eq!(y, fast[0]);
+    }
+
+    /// The product in each of its three ways (one thread, blocks of rows, the gemm crate's
+    /// threads), with and without a bias, a transposed left operand, and an empty inner axis,
+    /// against sums in f64.
+    #[test]
+    fn product_matches_direct_sums() {
+        let value = |i: usize, salt: usize| ((i * 31 + salt) % 23) as f32 / 11.0 - 1.0;
+        for [m, k, n] in [[9, 5, 7], [300, 70, 50], [40, 600, 60], [150, 0, 8]] {
+            let parallel = m * n * k >= PARALLEL_PRODUCT;
+            assert_eq!(
+                (parallel, parallel && block_rows(m, [k, n]).is_some()),
+                (m == 300 || m == 40, m == 300),
+                "[{m}, {k}, {n}]: the way this case is meant to test"
+            );
+            let (a, b) = (
+                (0..m * k).map(|i| value(i, 1)).collect::<Vec<_>>(),
+                (0..k * n).map(|i| value(i, 2)).collect::<Vec<_>>(),
+            );
+            let bias: Vec<f32> = (0..n).map(|i| value(i, 3)).collect();
+            // `a` read as stored ([m, k]) and as its transpose stored ([k, m]).
+            for (lhs, rs, cs) in [(&a, k, 1), (&a, 1, m)] {
+                for with_bias in [false, true] {
+                    let got = product(
+                        [m, k, n],
+                        (lhs, rs, cs),
+                        (&b, n, 1),
+                        with_bias.then_some(&bias[..]),
+                    );
+                    assert_eq!(got.len(), m * n);
+                    for (at, got) in got.iter().enumerate() {
+                        let (i, j) = (at / n, at % n);
+                        let want = (0..k)
+                            .map(|l| lhs[i * rs + l * cs] as f64 * b[l * n + j] as f64)
+                            .sum::<f64>()
+                            + if with_bias { bias[j] as f64 } else { 0.0 };
+                        assert!(
+                            (*got as f64 - want).abs() <= 1e-4 * want.abs().max(1.0),
+                            "[{m}, {k}, {n}] at ({i}, {j}), bias {with_bias}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]
