@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::model::flex::product;
+use crate::model::flex::{Start, product};
 
 /// Side of the square products the probe times.
 const PEAK_SIDE: usize = 1024;
@@ -33,7 +33,7 @@ pub fn matmul_peak() -> MatmulPeak {
         .collect();
     let once = || {
         let t0 = Instant::now();
-        let c = product([n, n, n], (&a, n, 1), (&b, n, 1), None);
+        let c = product([n, n, n], (&a, n, 1), (&b, n, 1), Start::Zero);
         std::hint::black_box(c);
         t0.elapsed().as_secs_f64()
     };

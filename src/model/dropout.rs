@@ -94,14 +94,19 @@ pub(crate) fn splitmix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Whether [`dropout`] with rate `p` changes anything on `device` now.
+pub fn active<B: Backend>(p: f64, device: &B::Device) -> bool {
+    p > 0.0 && (B::ad_enabled(device) || replaying())
+}
+
 /// Inverted dropout, active only while training (an autodiff backend, or a GradCache pass: see
 /// [`with_chunk_masks`]), as Burn's `Dropout`.
 pub fn dropout<B: Backend, const D: usize>(x: Tensor<B, D>, p: f64) -> Tensor<B, D> {
     let device = x.device();
-    let replay = replaying();
-    if p <= 0.0 || !(B::ad_enabled(&device) || replay) {
+    if !active::<B>(p, &device) {
         return x;
     }
+    let replay = replaying();
     let keep = 1.0 - p;
     if !(BackendKind::of::<B>().host_masks() || replay) {
         return x.clone() * x.random_like(Distribution::Bernoulli(keep)) * (1.0 / keep);

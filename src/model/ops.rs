@@ -46,6 +46,48 @@ pub fn linear<B: Backend>(layer: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
     layer.forward(x)
 }
 
+/// `x + layer(input)`: a linear layer with a residual connection, `x`: `[n, len, d_out]`,
+/// `input`: `[n, len, d_in]` (no dropout: the caller's path when dropout is inactive).
+pub fn residual_linear<B: Backend>(
+    x: Tensor<B, 3>,
+    layer: &Linear<B>,
+    input: Tensor<B, 3>,
+) -> Tensor<B, 3> {
+    let ([n, len, d], d_in) = (x.dims(), input.dims()[2]);
+    let (x, input) = (x.reshape([n * len, d]), input.reshape([n * len, d_in]));
+    let [x, input] = if fast::<B>() {
+        match flex::residual_linear(x, layer, input) {
+            Ok(y) => return y.reshape([n, len, d]),
+            Err(back) => back,
+        }
+    } else {
+        [x, input]
+    };
+    (x + linear(layer, input)).reshape([n, len, d])
+}
+
+/// `x + ff_out(gelu(ff_in(y)))`: a Transformer layer's feed-forward block with its residual
+/// connection, `x` and `y` (the normalised `x`): `[n, len, d]` (no dropout: the caller's path
+/// when dropout is inactive).
+pub fn feed_forward<B: Backend>(
+    x: Tensor<B, 3>,
+    y: Tensor<B, 3>,
+    ff_in: &Linear<B>,
+    ff_out: &Linear<B>,
+) -> Tensor<B, 3> {
+    let [n, len, d] = x.dims();
+    let (x, y) = (x.reshape([n * len, d]), y.reshape([n * len, d]));
+    let [x, y] = if fast::<B>() {
+        match flex::feed_forward(x, y, ff_in, ff_out) {
+            Ok(out) => return out.reshape([n, len, d]),
+            Err(back) => back,
+        }
+    } else {
+        [x, y]
+    };
+    (x + linear(ff_out, gelu(linear(ff_in, y)))).reshape([n, len, d])
+}
+
 /// `x·Φ(x)` with Φ the standard normal CDF (PyTorch's `gelu`, `approximate="none"`).
 pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     let x = if fast::<B>() {

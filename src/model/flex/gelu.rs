@@ -127,7 +127,7 @@ fn gelu_grad_kernel<const FMA: bool>(xs: &[f32], gs: &mut [f32]) {
     }
 }
 
-dispatch!(gelu_slice, gelu_slice_avx2, gelu_slice_avx512, gelu_kernel, (xs: &mut [f32]));
+dispatch!(pub(super) gelu_slice, gelu_slice_avx2, gelu_slice_avx512, gelu_kernel, (xs: &mut [f32]));
 dispatch!(gelu_grad_slice, gelu_grad_slice_avx2, gelu_grad_slice_avx512, gelu_grad_kernel, (xs: &[f32], gs: &mut [f32]));
 
 #[cfg(test)]

@@ -12,10 +12,12 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::{Flex, FlexTensor};
 use burn::nn::Linear;
 use burn::prelude::*;
-use burn::tensor::TensorMetadata;
+use burn::tensor::{DType, TensorMetadata};
 use rayon::prelude::*;
 
+use super::gelu::gelu_slice;
 use super::{CHUNK, FlexFloat, f32s, from_flex, tensor, to_flex};
+use crate::backend::BackendKind;
 
 /// `x·W + b` of a linear layer with a bias, for `x`: `[rows, d_in]` (Burn's `Linear::forward`).
 /// On Flex: one matrix product added to rows that start as the bias (Flex's own product
@@ -55,6 +57,125 @@ pub fn linear<B: Backend>(
     }))
 }
 
+/// `x + input·W + b` of a linear layer with a bias, for `x`: `[rows, d_out]` and `input`:
+/// `[rows, d_in]` (a residual connection), as one product added to rows that start as `x + b`.
+/// Plain Flex only (inference: no backward step); `Err` gives the inputs back on any other
+/// backend, under autodiff, or for a layer without a bias.
+pub fn residual_linear<B: Backend>(
+    x: Tensor<B, 2>,
+    layer: &Linear<B>,
+    input: Tensor<B, 2>,
+) -> Result<Tensor<B, 2>, [Tensor<B, 2>; 2]> {
+    let Some(bias) = &layer.bias else {
+        return Err([x, input]);
+    };
+    let [x, input] = plain([x, input])?;
+    let [w] = plain([layer.weight.val()]).expect("a plain Flex input: a plain Flex layer");
+    let [b] = plain([bias.val()]).expect("a plain Flex input: a plain Flex layer");
+    let (w, b) = (w.to_contiguous(), b.to_contiguous());
+    let [m, k] = dims2(&input);
+    let n = dims2(&w)[1];
+    let out = product(
+        [m, k, n],
+        (f32s(&input), k, 1),
+        (f32s(&w), n, 1),
+        Start::Residual(f32s(&x), f32s(&b)),
+    );
+    Ok(from_flex(FlexFloat::Plain(tensor(out, [m, n]))))
+}
+
+/// `x + gelu(y·W₁ + b₁)·W₂ + b₂`, the feed-forward block of a Transformer layer with its
+/// residual connection, for `x` and `y` (the normalised `x`): `[rows, d]`, in blocks of rows
+/// on the rayon pool: each block's hidden activations (`[rows, d_ff]`) are made, passed through
+/// GELU and used while they are in cache, and never written to memory as a whole. Plain Flex
+/// only (inference); `Err` gives the inputs back on any other backend, under autodiff, for
+/// layers without biases, or for a product too large to run on one thread that has too few
+/// rows to cut (the caller's unfused path runs it on every thread).
+pub fn feed_forward<B: Backend>(
+    x: Tensor<B, 2>,
+    y: Tensor<B, 2>,
+    ff_in: &Linear<B>,
+    ff_out: &Linear<B>,
+) -> Result<Tensor<B, 2>, [Tensor<B, 2>; 2]> {
+    let (Some(b1), Some(b2)) = (&ff_in.bias, &ff_out.bias) else {
+        return Err([x, y]);
+    };
+    let ([m, d], f) = (x.dims(), ff_in.weight.dims()[1]);
+    let one_block = m * d * f < PARALLEL_PRODUCT;
+    let rows = match block_rows(m, [d, f]) {
+        _ if one_block => m,
+        Some(rows) => rows,
+        None => return Err([x, y]),
+    };
+    let [x, y] = plain([x, y])?;
+    let [w1, w2] = plain([ff_in.weight.val(), ff_out.weight.val()])
+        .expect("a plain Flex input: plain Flex layers");
+    let [b1, b2] = plain([b1.val(), b2.val()]).expect("a plain Flex input: plain Flex layers");
+    let [x, y, w1, b1, w2, b2] = [x, y, w1, b1, w2, b2].map(|t| t.to_contiguous());
+    let (xs, ys, w1s, b1s, w2s, b2s) = (
+        f32s(&x),
+        f32s(&y),
+        f32s(&w1),
+        f32s(&b1),
+        f32s(&w2),
+        f32s(&b2),
+    );
+    assert!(
+        [dims2(&y), dims2(&w1), dims2(&w2)] == [[m, d], [d, f], [f, d]]
+            && [b1s.len(), b2s.len()] == [f, d],
+        "feed_forward: shapes"
+    );
+    let mut out = Vec::with_capacity(m * d);
+    let block = |hidden: &mut Vec<f32>, (i, part): (usize, &mut [MaybeUninit<f32>])| {
+        let (first, r) = (i * rows, part.len() / d);
+        hidden.clear();
+        let threads = gemm::Parallelism::None;
+        let h = &mut hidden.spare_capacity_mut()[..r * f];
+        product_rows(
+            [d, f],
+            first,
+            (ys, d, 1),
+            (w1s, f, 1),
+            Start::Bias(b1s),
+            h,
+            threads,
+        );
+        // SAFETY: `product_rows` wrote all `r·f` values.
+        unsafe { hidden.set_len(r * f) };
+        gelu_slice(hidden);
+        let start = Start::Residual(&xs[first * d..(first + r) * d], b2s);
+        product_rows([f, d], 0, (hidden, f, 1), (w2s, d, 1), start, part, threads);
+    };
+    let spare = &mut out.spare_capacity_mut()[..m * d];
+    if one_block {
+        block(&mut Vec::with_capacity(m * f), (0, spare));
+    } else {
+        spare
+            .par_chunks_mut(rows * d)
+            .enumerate()
+            .for_each_init(|| Vec::with_capacity(rows * f), block);
+    }
+    // SAFETY: every block wrote all of its values.
+    unsafe { out.set_len(m * d) };
+    Ok(from_flex(FlexFloat::Plain(tensor(out, [m, d]))))
+}
+
+/// The plain Flex tensors of `tensors`, or all of them back when one is not one.
+fn plain<B: Backend, const D: usize, const N: usize>(
+    tensors: [Tensor<B, D>; N],
+) -> Result<[FlexTensor; N], [Tensor<B, D>; N]> {
+    if tensors.iter().any(|t| t.dtype() != DType::F32)
+        || BackendKind::of::<B>() != BackendKind::Flex
+        || B::ad_enabled(&tensors[0].device())
+    {
+        return Err(tensors);
+    }
+    Ok(tensors.map(|t| match to_flex(t) {
+        Ok(FlexFloat::Plain(t)) => t,
+        _ => unreachable!("an f32 tensor of plain Flex"),
+    }))
+}
+
 /// The backward step of [`linear`] under `Autodiff<Flex>`: keeps the input and the weight.
 #[derive(Debug)]
 struct LinearBackward;
@@ -71,12 +192,12 @@ impl Backward<Flex, 3> for LinearBackward {
         let [node_x, node_w, node_b] = ops.parents;
         if let Some(node) = node_x {
             // grad · Wᵀ: [m, n] · [n, k].
-            let dx = product([m, n, k], (gs, n, 1), (ws, 1, n), None);
+            let dx = product([m, n, k], (gs, n, 1), (ws, 1, n), Start::Zero);
             grads.register::<Flex>(node.id, tensor(dx, [m, k]));
         }
         if let Some(node) = node_w {
             // xᵀ · grad: [k, m] · [m, n].
-            let dw = product([k, m, n], (xs, 1, k), (gs, n, 1), None);
+            let dw = product([k, m, n], (xs, 1, k), (gs, n, 1), Start::Zero);
             grads.register::<Flex>(node.id, tensor(dw, [k, n]));
         }
         if let Some(node) = node_b {
@@ -93,95 +214,136 @@ fn flex_linear(x: &FlexTensor, w: &FlexTensor, b: &FlexTensor) -> FlexTensor {
         [m, k, n],
         (f32s(&x), k, 1),
         (f32s(&w), n, 1),
-        Some(f32s(&b)),
+        Start::Bias(f32s(&b)),
     );
     tensor(out, [m, n])
 }
 
+/// What the output rows of a [`product`] start as (the product is added to them).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Start<'a> {
+    Zero,
+    /// `[n]`, on every row: a linear layer's bias.
+    Bias(&'a [f32]),
+    /// `[m, n]` plus a bias `[n]` on every row: a residual connection around a linear layer.
+    Residual(&'a [f32], &'a [f32]),
+}
+
+/// A matrix operand: its values, row stride and column stride.
+type Operand<'a> = (&'a [f32], usize, usize);
+
 /// `lhs · rhs` for `[m, k, n]` = (`[m, k]`, `[k, n]`), each operand a slice with its row and
-/// column strides; row-major `[m, n]`, plus `bias` (`[n]`) on every row when given. The gemm
-/// crate, as Flex. A large product with many rows runs as blocks of rows on the rayon pool, each
-/// block one single-threaded gemm call whose output rows start as the bias while they are in
-/// cache (on 2 cores, filling all the rows with the bias first took a tenth of an inference
-/// call on one thread, and the gemm crate's own split of these shapes left a thread idle);
-/// a product with few rows (a weight gradient: `d_in` rows) uses the gemm crate's own threads.
-pub(crate) fn product(
-    [m, k, n]: [usize; 3],
-    (lhs, lhs_rs, lhs_cs): (&[f32], usize, usize),
-    (rhs, rhs_rs, rhs_cs): (&[f32], usize, usize),
-    bias: Option<&[f32]>,
-) -> Vec<f32> {
-    let reach = |rows: usize, cols: usize, rs: usize, cs: usize| {
-        rows.saturating_sub(1) * rs + cols.saturating_sub(1) * cs
-    };
-    assert!(
-        m * k == 0 || reach(m, k, lhs_rs, lhs_cs) < lhs.len(),
-        "product: left operand out of bounds"
-    );
-    assert!(
-        k * n == 0 || reach(k, n, rhs_rs, rhs_cs) < rhs.len(),
-        "product: right operand out of bounds"
-    );
-    assert!(bias.is_none_or(|b| b.len() == n), "product: bias size");
+/// column strides; row-major `[m, n]`, added to `start`. The gemm crate, as Flex. A large
+/// product with many rows runs as blocks of rows on the rayon pool, each block one
+/// single-threaded gemm call whose output rows get their start while they are in cache (on
+/// 2 cores, copying the bias into all the rows first took a tenth of an inference call on one
+/// thread, and the gemm crate's own split of these shapes left a thread idle); a product with
+/// few rows (a weight gradient: `d_in` rows) uses the gemm crate's own threads.
+pub(crate) fn product([m, k, n]: [usize; 3], lhs: Operand, rhs: Operand, start: Start) -> Vec<f32> {
+    check_operands([m, k, n], lhs, rhs, start);
     let mut out = Vec::with_capacity(m * n);
-    if m * n == 0 {
-        return out;
-    }
-    // Rows `first..first + block.len() / n` of the output, on this thread.
-    let block = |first: usize, block: &mut [MaybeUninit<f32>], threads: gemm::Parallelism| {
-        let rows = block.len() / n;
-        if let Some(bias) = bias {
-            for row in block.chunks_exact_mut(n) {
-                row.write_copy_of_slice(bias);
-            }
-        } else if k == 0 {
-            block.fill(MaybeUninit::new(0.0));
-        }
-        if k == 0 {
-            // Nothing to add: the sum over an empty axis.
-            return;
-        }
-        // SAFETY: `block` holds `rows·n` values with row stride `n`, read only when `bias`
-        // wrote them; rows `first..first + rows` of the left operand and all of the right one
-        // lie inside their slices (checked above). gemm writes every value of the block.
-        unsafe {
-            gemm::gemm(
-                rows,
-                n,
-                k,
-                block.as_mut_ptr().cast::<f32>(),
-                1,
-                n as isize,
-                bias.is_some(),
-                lhs.as_ptr().add(first * lhs_rs),
-                lhs_cs as isize,
-                lhs_rs as isize,
-                rhs.as_ptr(),
-                rhs_cs as isize,
-                rhs_rs as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                threads,
-            );
-        }
-    };
     let spare = &mut out.spare_capacity_mut()[..m * n];
     if m * n * k < PARALLEL_PRODUCT {
-        block(0, spare, gemm::Parallelism::None);
+        product_rows([k, n], 0, lhs, rhs, start, spare, gemm::Parallelism::None);
     } else if let Some(rows) = block_rows(m, [k, n]) {
         spare
             .par_chunks_mut(rows * n)
             .enumerate()
-            .for_each(|(i, part)| block(i * rows, part, gemm::Parallelism::None));
+            .for_each(|(i, part)| {
+                let parallelism = gemm::Parallelism::None;
+                product_rows([k, n], i * rows, lhs, rhs, start, part, parallelism)
+            });
     } else {
-        block(0, spare, gemm::Parallelism::Rayon(0));
+        product_rows(
+            [k, n],
+            0,
+            lhs,
+            rhs,
+            start,
+            spare,
+            gemm::Parallelism::Rayon(0),
+        );
     }
-    // SAFETY: every block above wrote all of its `rows·n` values.
+    // SAFETY: `product_rows` wrote all `m·n` values.
     unsafe { out.set_len(m * n) };
     out
+}
+
+/// Panics unless both operands and the start lie inside their slices.
+fn check_operands([m, k, n]: [usize; 3], lhs: Operand, rhs: Operand, start: Start) {
+    let inside = |(values, rs, cs): Operand, rows: usize, cols: usize| {
+        rows * cols == 0 || (rows - 1) * rs + (cols - 1) * cs < values.len()
+    };
+    assert!(inside(lhs, m, k), "product: left operand out of bounds");
+    assert!(inside(rhs, k, n), "product: right operand out of bounds");
+    let fits = match start {
+        Start::Zero => true,
+        Start::Bias(bias) => bias.len() == n,
+        Start::Residual(rows, bias) => rows.len() == m * n && bias.len() == n,
+    };
+    assert!(fits, "product: start size");
+}
+
+/// Rows `first..first + out.len() / n` of [`product`] into `out` (operands checked by the
+/// caller), with the gemm crate's `parallelism`.
+fn product_rows(
+    [k, n]: [usize; 2],
+    first: usize,
+    (lhs, lhs_rs, lhs_cs): Operand,
+    (rhs, rhs_rs, rhs_cs): Operand,
+    start: Start,
+    out: &mut [MaybeUninit<f32>],
+    parallelism: gemm::Parallelism,
+) {
+    let rows = out.len() / n.max(1);
+    if rows == 0 {
+        return;
+    }
+    match start {
+        Start::Zero if k == 0 => out.fill(MaybeUninit::new(0.0)),
+        Start::Zero => {}
+        Start::Bias(bias) => out
+            .chunks_exact_mut(n)
+            .for_each(|row| _ = row.write_copy_of_slice(bias)),
+        Start::Residual(values, bias) => {
+            let values = &values[first * n..(first + rows) * n];
+            for (row, from) in out.chunks_exact_mut(n).zip(values.chunks_exact(n)) {
+                for ((o, v), b) in row.iter_mut().zip(from).zip(bias) {
+                    o.write(v + b);
+                }
+            }
+        }
+    }
+    if k == 0 {
+        // Nothing to add: the sum over an empty axis.
+        return;
+    }
+    // SAFETY: `out` holds `rows·n` values with row stride `n`, read only when the start
+    // wrote them; rows `first..first + rows` of the left operand and all of the right one lie
+    // inside their slices (checked by the caller). gemm writes every value of `out`.
+    unsafe {
+        gemm::gemm(
+            rows,
+            n,
+            k,
+            out.as_mut_ptr().cast::<f32>(),
+            1,
+            n as isize,
+            !matches!(start, Start::Zero),
+            lhs.as_ptr().add(first * lhs_rs),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
 }
 
 /// Products of at least this many multiply-adds (about 10 µs on one core) run on every core.
@@ -315,7 +477,10 @@ mod tests {
                         [m, k, n],
                         (lhs, rs, cs),
                         (&b, n, 1),
-                        with_bias.then_some(&bias[..]),
+                        match with_bias {
+                            true => Start::Bias(&bias),
+                            false => Start::Zero,
+                        },
                     );
                     assert_eq!(got.len(), m * n);
                     for (at, got) in got.iter().enumerate() {

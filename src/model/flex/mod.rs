@@ -4,6 +4,9 @@
 //!   (Flex calls a scalar libm `erf` per element on one thread).
 //! - **Linear layers** ([`linear()`]): `x·W + b` as one product added to rows that start as the
 //!   bias, and a backward step that writes the gradients straight from their products.
+//! - **Residual linear layers and feed-forward blocks in inference** ([`residual_linear()`],
+//!   [`feed_forward()`]): `x + input·W + b` as one product onto rows that start as `x + b`, and
+//!   the whole feed-forward block per block of rows, its hidden activations used in cache.
 //! - **Attention** ([`attention()`]): per sequence and head, all in cache, without the
 //!   `[n, heads, len, len]` tensors or the head split and merge of the generic path.
 //! - **Sparse products** ([`sparse_times()`]): a fixed sparse matrix times a dense one in
@@ -35,8 +38,8 @@ mod sparse;
 
 pub use attention::attention;
 pub use gelu::gelu;
-pub use linear::linear;
-pub(crate) use linear::product;
+pub(crate) use linear::{Start, product};
+pub use linear::{feed_forward, linear, residual_linear};
 pub use sparse::{SparseMatrix, sparse_times};
 
 /// `Autodiff<Flex>`'s float tensor (its type is not exported under a name).

@@ -156,7 +156,7 @@ fn tile<'a, const FMA: bool, const R: usize, const G: usize>(
 ///
 /// [`VectorPath::active`]: crate::cpu::VectorPath::active
 macro_rules! dispatch {
-    ($name:ident, $avx2:ident, $avx512:ident, $kernel:ident, ($($arg:ident: $ty:ty),*)) => {
+    ($vis:vis $name:ident, $avx2:ident, $avx512:ident, $kernel:ident, ($($arg:ident: $ty:ty),*)) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
         fn $avx2($($arg: $ty),*) {
@@ -169,7 +169,7 @@ macro_rules! dispatch {
             $kernel::<true>($($arg),*)
         }
 
-        fn $name($($arg: $ty),*) {
+        $vis fn $name($($arg: $ty),*) {
             match $crate::cpu::VectorPath::active() {
                 // SAFETY: the CPU has these instruction sets (`VectorPath::active` checked them).
                 #[cfg(target_arch = "x86_64")]
