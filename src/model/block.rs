@@ -55,7 +55,8 @@ impl<B: Backend> Block<B> {
         );
         let context = attention(q, k, v, padding, self.heads, self.dropout);
         if !dropout::active::<B>(self.dropout, &x.device()) {
-            // Inference: the residual connections fused into the products (on Flex).
+            // Dropout inactive (inference): the residual connections fused into the products
+            // (on plain Flex; the generic path under autodiff).
             let x = residual_linear(x, &self.attention_out, context);
             let y = self.norm_ff.forward(x.clone());
             return feed_forward(x, y, &self.ff_in, &self.ff_out);
@@ -119,9 +120,10 @@ mod tests {
     /// of rows) against Burn's generic operations on the same weights.
     #[test]
     fn flex_inference_matches_the_generic_path() {
-        // 24 rows: the feed-forward block in one piece; 320 rows (d 32, d_ff 128): in blocks.
+        // 24 rows: the feed-forward block in one piece; 360 rows (d 32, d_ff 128): in blocks,
+        // the last one shorter (5 × 64 + 40 rows on 2 threads, 3 × 96 + 72 on 1).
         inference_matches_the_generic_path([24, 48], [4, 6]);
-        inference_matches_the_generic_path([32, 128], [40, 8]);
+        inference_matches_the_generic_path([32, 128], [40, 9]);
     }
 
     fn inference_matches_the_generic_path([d, d_ff]: [usize; 2], [n, len]: [usize; 2]) {

@@ -72,7 +72,7 @@ pub fn residual_linear<B: Backend>(
     let [x, input] = plain([x, input])?;
     let [w] = plain([layer.weight.val()]).expect("a plain Flex input: a plain Flex layer");
     let [b] = plain([bias.val()]).expect("a plain Flex input: a plain Flex layer");
-    let (w, b) = (w.to_contiguous(), b.to_contiguous());
+    let [x, input, w, b] = [x, input, w, b].map(|t| t.to_contiguous());
     let [m, k] = dims2(&input);
     let n = dims2(&w)[1];
     let out = product(
@@ -102,11 +102,16 @@ pub fn feed_forward<B: Backend>(
     };
     let ([m, d], f) = (x.dims(), ff_in.weight.dims()[1]);
     let one_block = m * d * f < PARALLEL_PRODUCT;
-    let rows = match block_rows(m, [d, f]) {
-        _ if one_block => m,
-        Some(rows) => rows,
-        None => return Err([x, y]),
+    let rows = match one_block {
+        true => m,
+        false => match block_rows(m, [d, f]) {
+            Some(rows) => rows,
+            None => return Err([x, y]),
+        },
     };
+    if m * d * f == 0 {
+        return Err([x, y]);
+    }
     let [x, y] = plain([x, y])?;
     let [w1, w2] = plain([ff_in.weight.val(), ff_out.weight.val()])
         .expect("a plain Flex input: plain Flex layers");
@@ -131,20 +136,26 @@ pub fn feed_forward<B: Backend>(
         hidden.clear();
         let threads = gemm::Parallelism::None;
         let h = &mut hidden.spare_capacity_mut()[..r * f];
-        product_rows(
-            [d, f],
-            first,
-            (ys, d, 1),
-            (w1s, f, 1),
-            Start::Bias(b1s),
-            h,
-            threads,
-        );
-        // SAFETY: `product_rows` wrote all `r·f` values.
-        unsafe { hidden.set_len(r * f) };
+        // SAFETY: `y` holds rows `first..first + r` of `d` values, the weights and biases have
+        // their layers' shapes (asserted above), and `hidden` `r` rows of `f`;
+        // `product_rows` writes all `r·f` values of `h`.
+        unsafe {
+            product_rows(
+                [d, f],
+                first,
+                (ys, d, 1),
+                (w1s, f, 1),
+                Start::Bias(b1s),
+                h,
+                threads,
+            );
+            hidden.set_len(r * f);
+        }
         gelu_slice(hidden);
+        // The residual rows of this block (the left operand, `hidden`, starts at its row 0).
         let start = Start::Residual(&xs[first * d..(first + r) * d], b2s);
-        product_rows([f, d], 0, (hidden, f, 1), (w2s, d, 1), start, part, threads);
+        // SAFETY: as above.
+        unsafe { product_rows([f, d], 0, (hidden, f, 1), (w2s, d, 1), start, part, threads) };
     };
     let spare = &mut out.spare_capacity_mut()[..m * d];
     if one_block {
@@ -243,28 +254,25 @@ pub(crate) fn product([m, k, n]: [usize; 3], lhs: Operand, rhs: Operand, start: 
     check_operands([m, k, n], lhs, rhs, start);
     let mut out = Vec::with_capacity(m * n);
     let spare = &mut out.spare_capacity_mut()[..m * n];
-    if m * n * k < PARALLEL_PRODUCT {
-        product_rows([k, n], 0, lhs, rhs, start, spare, gemm::Parallelism::None);
-    } else if let Some(rows) = block_rows(m, [k, n]) {
-        spare
+    let big = m * n * k >= PARALLEL_PRODUCT;
+    // SAFETY (each `product_rows`): the operands and the start were checked for all `m` rows;
+    // each call writes all the values of its rows, which together are all `m·n` values.
+    match big.then(|| block_rows(m, [k, n])).flatten() {
+        Some(rows) => spare
             .par_chunks_mut(rows * n)
             .enumerate()
-            .for_each(|(i, part)| {
-                let parallelism = gemm::Parallelism::None;
-                product_rows([k, n], i * rows, lhs, rhs, start, part, parallelism)
-            });
-    } else {
-        product_rows(
-            [k, n],
-            0,
-            lhs,
-            rhs,
-            start,
-            spare,
-            gemm::Parallelism::Rayon(0),
-        );
+            .for_each(|(i, part)| unsafe {
+                let one = gemm::Parallelism::None;
+                product_rows([k, n], i * rows, lhs, rhs, start, part, one)
+            }),
+        None => unsafe {
+            let threads = match big {
+                true => gemm::Parallelism::Rayon(0),
+                false => gemm::Parallelism::None,
+            };
+            product_rows([k, n], 0, lhs, rhs, start, spare, threads)
+        },
     }
-    // SAFETY: `product_rows` wrote all `m·n` values.
     unsafe { out.set_len(m * n) };
     out
 }
@@ -284,9 +292,14 @@ fn check_operands([m, k, n]: [usize; 3], lhs: Operand, rhs: Operand, start: Star
     assert!(fits, "product: start size");
 }
 
-/// Rows `first..first + out.len() / n` of [`product`] into `out` (operands checked by the
-/// caller), with the gemm crate's `parallelism`.
-fn product_rows(
+/// Rows `first..first + out.len() / n` of [`product`] into `out`, with the gemm crate's
+/// `parallelism`: `first` offsets the left operand and a residual start's rows.
+///
+/// # Safety
+/// The left operand holds rows `first..first + out.len() / n` of `k` columns and the right one
+/// `k` rows of `n` columns at their strides, and a start's slices are as [`check_operands`]
+/// requires of a product of `first + out.len() / n` rows.
+unsafe fn product_rows(
     [k, n]: [usize; 2],
     first: usize,
     (lhs, lhs_rs, lhs_cs): Operand,
@@ -320,7 +333,7 @@ fn product_rows(
     }
     // SAFETY: `out` holds `rows·n` values with row stride `n`, read only when the start
     // wrote them; rows `first..first + rows` of the left operand and all of the right one lie
-    // inside their slices (checked by the caller). gemm writes every value of `out`.
+    // inside their slices (the caller's contract). gemm writes every value of `out`.
     unsafe {
         gemm::gemm(
             rows,
@@ -346,15 +359,15 @@ fn product_rows(
     }
 }
 
-/// Products of at least this many multiply-adds (about 10 µs on one core) run on every core.
+/// Products of at least this many multiply-adds (tens of µs on one core) run on every core.
 const PARALLEL_PRODUCT: usize = 1 << 20;
 
 /// Rows per block of a parallel product `[m, k, n]`, or `None` when it has too few rows to
 /// cut: about four blocks per thread (so that a thread held up elsewhere does not hold up the
-/// product), each at most about 256 KiB of output (it stays in cache between the bias and the
-/// product). Each block packs the right operand again, so a block has at least 64 rows, or 256
-/// when that operand does not fit in 256 KiB (a core's cache): then packing costs at most
-/// about 1/256 of the block's work.
+/// product), of about 256 KiB of output where the other bounds allow (it stays in cache between
+/// the start and the product). Each block packs the right operand again, so a block has at least
+/// 64 rows, or 256 when that operand does not fit in 256 KiB (a core's cache): then packing
+/// costs at most about 1/256 of the block's work.
 fn block_rows(m: usize, [k, n]: [usize; 2]) -> Option<usize> {
     let least = if k * n <= 64 * 1024 { 64 } else { 256 };
     let rows = m
@@ -470,16 +483,19 @@ mod tests {
                 (0..k * n).map(|i| value(i, 2)).collect::<Vec<_>>(),
             );
             let bias: Vec<f32> = (0..n).map(|i| value(i, 3)).collect();
-            // `a` read as stored ([m, k]) and as its transpose stored ([k, m]).
+            let residual: Vec<f32> = (0..m * n).map(|i| value(i, 4)).collect();
+            // `a` read as stored ([m, k]) and as its transpose stored ([k, m]); the output
+            // starting as zero, as the bias, and as residual rows plus the bias.
             for (lhs, rs, cs) in [(&a, k, 1), (&a, 1, m)] {
-                for with_bias in [false, true] {
+                for start in [0, 1, 2] {
                     let got = product(
                         [m, k, n],
                         (lhs, rs, cs),
                         (&b, n, 1),
-                        match with_bias {
-                            true => Start::Bias(&bias),
-                            false => Start::Zero,
+                        match start {
+                            0 => Start::Zero,
+                            1 => Start::Bias(&bias),
+                            _ => Start::Residual(&residual, &bias),
                         },
                     );
                     assert_eq!(got.len(), m * n);
@@ -488,10 +504,14 @@ mod tests {
                         let want = (0..k)
                             .map(|l| lhs[i * rs + l * cs] as f64 * b[l * n + j] as f64)
                             .sum::<f64>()
-                            + if with_bias { bias[j] as f64 } else { 0.0 };
+                            + match start {
+                                0 => 0.0,
+                                1 => bias[j] as f64,
+                                _ => (bias[j] + residual[at]) as f64,
+                            };
                         assert!(
                             (*got as f64 - want).abs() <= 1e-4 * want.abs().max(1.0),
-                            "[{m}, {k}, {n}] at ({i}, {j}), bias {with_bias}: {got} vs {want}"
+                            "[{m}, {k}, {n}] at ({i}, {j}), start {start}: {got} vs {want}"
                         );
                     }
                 }
