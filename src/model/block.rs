@@ -12,7 +12,9 @@ use burn::prelude::*;
 
 use crate::model::dropout;
 use crate::model::init::Init;
-use crate::model::ops::{Padding, attention, dropout, feed_forward, gelu, linear, residual_linear};
+use crate::model::ops::{
+    Padding, attention, dropout, feed_forward, gelu, layer_norm, linear, residual_linear,
+};
 
 /// One pre-norm encoder layer.
 #[derive(Module, Debug)]
@@ -47,7 +49,7 @@ impl<B: Backend> Block<B> {
 
     /// `x`: `[n, len, d]`, `padding` of its positions → `[n, len, d]`.
     pub fn forward(&self, x: Tensor<B, 3>, padding: &Padding<B>) -> Tensor<B, 3> {
-        let y = self.norm_attention.forward(x.clone());
+        let y = layer_norm(&self.norm_attention, x.clone());
         let (q, k, v) = (
             flat(&self.query, y.clone()),
             flat(&self.key, y.clone()),
@@ -58,11 +60,10 @@ impl<B: Backend> Block<B> {
             // Dropout inactive (inference): the residual connections fused into the products
             // (on plain Flex; the generic path under autodiff).
             let x = residual_linear(x, &self.attention_out, context);
-            let y = self.norm_ff.forward(x.clone());
-            return feed_forward(x, y, &self.ff_in, &self.ff_out);
+            return feed_forward(x, &self.norm_ff, &self.ff_in, &self.ff_out);
         }
         let x = x + dropout(flat(&self.attention_out, context), self.dropout);
-        let hidden = gelu(flat(&self.ff_in, self.norm_ff.forward(x.clone())));
+        let hidden = gelu(flat(&self.ff_in, layer_norm(&self.norm_ff, x.clone())));
         let ff = flat(&self.ff_out, dropout(hidden, self.dropout));
         x + dropout(ff, self.dropout)
     }
@@ -115,8 +116,8 @@ mod tests {
     use super::*;
     use burn::backend::Autodiff;
 
-    /// Inference on plain Flex (clue's linear, GELU and attention kernels, the residual
-    /// connections fused into the products, the feed-forward block on one thread and in blocks
+    /// Inference on plain Flex (clue's linear, GELU, layer norm and attention kernels, the
+    /// residual connections fused into the products, the feed-forward block on one thread and in blocks
     /// of rows) against Burn's generic operations on the same weights.
     #[test]
     fn flex_inference_matches_the_generic_path() {
@@ -127,10 +128,15 @@ mod tests {
     }
 
     fn inference_matches_the_generic_path([d, d_ff]: [usize; 2], [n, len]: [usize; 2]) {
+        use crate::model::flex::varied_norm;
         use crate::model::ops::GENERIC;
         use burn::backend::Flex;
         let dev = Default::default();
-        let encoder = Encoder::<Flex>::new(d, d_ff, 4, 2, 0.1, &mut Init::new(0, &dev));
+        let mut encoder = Encoder::<Flex>::new(d, d_ff, 4, 2, 0.1, &mut Init::new(0, &dev));
+        for layer in &mut encoder.layers {
+            layer.norm_attention = varied_norm(d, &dev);
+            layer.norm_ff = varied_norm(d, &dev);
+        }
         let x: Vec<f32> = (0..n * len * d)
             .map(|i| ((i * 29 % 97) as f32 - 48.0) / 24.0)
             .collect();

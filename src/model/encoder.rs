@@ -8,24 +8,7 @@ use crate::data::batcher::UserBatch;
 use crate::model::block::Encoder;
 use crate::model::config::{ModelConfig, ModelKind};
 use crate::model::init::Init;
-
-/// Mean of `x` over the positions that are not padding.
-///
-/// `x`: `[n, len, d]`, `pad`: `[n, len]` (true = padding) → `[n, d]`. Written with `mask_fill`
-/// so it keeps `x`'s dtype (bf16 stays bf16). A row of padding only gives zeros.
-pub fn masked_mean<B: Backend>(x: Tensor<B, 3>, pad: Tensor<B, 2, Bool>) -> Tensor<B, 2> {
-    let [n, len, d] = x.dims();
-    let pad3 = pad.unsqueeze_dim::<3>(2);
-    let count = x
-        .clone()
-        .slice([0..n, 0..len, 0..1])
-        .ones_like()
-        .mask_fill(pad3.clone(), 0.0)
-        .sum_dim(1)
-        .clamp_min(1.0);
-    let sum = x.mask_fill(pad3.expand([n, len, d]), 0.0).sum_dim(1);
-    (sum / count).squeeze_dim::<2>(1)
-}
+use crate::model::ops::pooled;
 
 fn transformer<B: Backend>(c: &ModelConfig, layers: usize, init: &mut Init<B>) -> Encoder<B> {
     Encoder::new(c.d_model, c.d_ff, c.heads, layers, c.dropout, init)
@@ -42,7 +25,7 @@ impl<B: Backend> ItemTransformer<B> {
     /// `tokens`: `[items, len, d]` embedded tokens, `pad`: `[items, len]` → item vectors `[items, d]`.
     pub fn forward(&self, tokens: Tensor<B, 3>, pad: Tensor<B, 2, Bool>) -> Tensor<B, 2> {
         let h = self.encoder.forward(tokens, pad.clone());
-        masked_mean(self.norm.forward(h), pad)
+        pooled(&self.norm, h, pad)
     }
 }
 
@@ -76,7 +59,7 @@ impl<B: Backend> ServiceTransformer<B> {
         let h = self
             .encoder
             .forward(x + self.position.forward(slot), pad.clone());
-        masked_mean(self.norm.forward(h), pad)
+        pooled(&self.norm, h, pad)
     }
 }
 

@@ -80,7 +80,9 @@ impl<'a, B: Backend> Init<'a, B> {
 
     /// A layer norm over `d` features (nothing random: γ = 1, β = 0).
     pub fn layer_norm(&mut self, d: usize) -> LayerNorm<B> {
-        let mut norm = LayerNormConfig::new(d).init(self.device);
+        let mut norm = LayerNormConfig::new(d)
+            .with_epsilon(crate::model::flex::LAYER_NORM_EPSILON)
+            .init(self.device);
         norm.gamma = self.param(norm.gamma.val());
         norm.beta = norm.beta.map(|beta| self.param(beta.val()));
         norm

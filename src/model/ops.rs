@@ -5,7 +5,7 @@
 use std::cell::OnceCell;
 use std::sync::Arc;
 
-use burn::nn::Linear;
+use burn::nn::{LayerNorm, Linear};
 use burn::prelude::*;
 use burn::tensor::{IndexingUpdateOp, activation};
 
@@ -66,26 +66,74 @@ pub fn residual_linear<B: Backend>(
     (x + linear(layer, input)).reshape([n, len, d])
 }
 
-/// `x + ff_out(gelu(ff_in(y)))`: a Transformer layer's feed-forward block with its residual
-/// connection, `x` and `y` (the normalised `x`): `[n, len, d]` (no dropout: the caller's path
-/// when dropout is inactive).
+/// `x + ff_out(gelu(ff_in(norm(x))))`: a pre-norm Transformer layer's feed-forward block with
+/// its residual connection, `x`: `[n, len, d]` (no dropout: the caller's path when dropout is
+/// inactive).
 pub fn feed_forward<B: Backend>(
     x: Tensor<B, 3>,
-    y: Tensor<B, 3>,
+    norm: &LayerNorm<B>,
     ff_in: &Linear<B>,
     ff_out: &Linear<B>,
 ) -> Tensor<B, 3> {
     let [n, len, d] = x.dims();
-    let (x, y) = (x.reshape([n * len, d]), y.reshape([n * len, d]));
-    let [x, y] = if fast::<B>() {
-        match flex::feed_forward(x, y, ff_in, ff_out) {
+    let x = x.reshape([n * len, d]);
+    let x = if fast::<B>() {
+        match flex::feed_forward(x, norm, ff_in, ff_out) {
             Ok(out) => return out.reshape([n, len, d]),
-            Err(back) => back,
+            Err(x) => x,
         }
     } else {
-        [x, y]
+        x
     };
+    let y = layer_norm(norm, x.clone());
     (x + linear(ff_out, gelu(linear(ff_in, y)))).reshape([n, len, d])
+}
+
+/// `norm(x)`: a layer norm over the last axis.
+pub fn layer_norm<B: Backend, const D: usize>(
+    norm: &LayerNorm<B>,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
+    let x = if fast::<B>() {
+        match flex::layer_norm(norm, x) {
+            Ok(y) => return y,
+            Err(x) => x,
+        }
+    } else {
+        x
+    };
+    norm.forward(x)
+}
+
+/// The mean of `norm(x)` over each sequence's positions that are not padding (`x`:
+/// `[n, len, d]`, `pad`: `[n, len]`, true = padding → `[n, d]`); a sequence of padding only
+/// gives zeros. The generic path is written with `mask_fill`, so it keeps `x`'s dtype (bf16
+/// stays bf16).
+pub fn pooled<B: Backend>(
+    norm: &LayerNorm<B>,
+    x: Tensor<B, 3>,
+    pad: Tensor<B, 2, Bool>,
+) -> Tensor<B, 2> {
+    let x = if fast::<B>() {
+        match flex::pooled(norm, x, &pad) {
+            Ok(y) => return y,
+            Err(x) => x,
+        }
+    } else {
+        x
+    };
+    let x = norm.forward(x);
+    let [n, len, d] = x.dims();
+    let pad3 = pad.unsqueeze_dim::<3>(2);
+    let count = x
+        .clone()
+        .slice([0..n, 0..len, 0..1])
+        .ones_like()
+        .mask_fill(pad3.clone(), 0.0)
+        .sum_dim(1)
+        .clamp_min(1.0);
+    let sum = x.mask_fill(pad3.expand([n, len, d]), 0.0).sum_dim(1);
+    (sum / count).squeeze_dim::<2>(1)
 }
 
 /// `x·Φ(x)` with Φ the standard normal CDF (PyTorch's `gelu`, `approximate="none"`).

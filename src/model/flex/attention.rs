@@ -3,6 +3,8 @@
 //! `[n, heads, len, len]` tensors or the head split and merge of the generic path (whose
 //! reshapes make Flex copy element by element); the backward step recomputes the weights.
 
+use std::mem::MaybeUninit;
+
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
@@ -144,16 +146,20 @@ impl Attention {
         let AttentionShape { len, d, heads, .. } = self.shape;
         let rows = len * d;
         let n = self.pad.len() / len.max(1);
-        let mut outputs: [Vec<f32>; N] = std::array::from_fn(|_| vec![0f32; n * rows]);
+        let mut outputs: [Vec<f32>; N] = std::array::from_fn(|_| Vec::with_capacity(n * rows));
         if rows == 0 {
             return outputs;
         }
         let (qs, ks, vs) = (f32s(&self.q), f32s(&self.k), f32s(&self.v));
-        let mut slices: Vec<[&mut [f32]; N]> = (0..n)
+        // Each task zero-fills its own rows (in cache, on every thread) just before it writes.
+        let mut slices: Vec<[&mut [MaybeUninit<f32>]; N]> = (0..n)
             .map(|_| std::array::from_fn(|_| &mut [][..]))
             .collect();
         for (o, output) in outputs.iter_mut().enumerate() {
-            for (s, chunk) in output.chunks_mut(rows).enumerate() {
+            for (s, chunk) in output.spare_capacity_mut()[..n * rows]
+                .chunks_mut(rows)
+                .enumerate()
+            {
                 slices[s][o] = chunk;
             }
         }
@@ -171,6 +177,11 @@ impl Attention {
                     .as_ref()
                     .map(|m| &m[s * weights..(s + 1) * weights]);
                 let inputs = [&qs[at.clone()], &ks[at.clone()], &vs[at]];
+                let out = out.map(|rows| {
+                    rows.fill(MaybeUninit::new(0.0));
+                    // SAFETY: just filled.
+                    unsafe { rows.assume_init_mut() }
+                });
                 f(
                     s,
                     inputs,
@@ -180,6 +191,10 @@ impl Attention {
                     scratch,
                 );
             });
+        for output in &mut outputs {
+            // SAFETY: the tasks filled all `n` sequences' rows.
+            unsafe { output.set_len(n * rows) };
+        }
         outputs
     }
 

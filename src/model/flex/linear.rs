@@ -10,12 +10,13 @@ use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::{Flex, FlexTensor};
-use burn::nn::Linear;
+use burn::nn::{LayerNorm, Linear};
 use burn::prelude::*;
 use burn::tensor::{DType, TensorMetadata};
 use rayon::prelude::*;
 
 use super::gelu::gelu_slice;
+use super::norm::with_norm;
 use super::{CHUNK, FlexFloat, f32s, from_flex, tensor, to_flex};
 use crate::backend::BackendKind;
 
@@ -84,21 +85,21 @@ pub fn residual_linear<B: Backend>(
     Ok(from_flex(FlexFloat::Plain(tensor(out, [m, n]))))
 }
 
-/// `x + gelu(y·W₁ + b₁)·W₂ + b₂`, the feed-forward block of a Transformer layer with its
-/// residual connection, for `x` and `y` (the normalised `x`): `[rows, d]`, in blocks of rows
-/// on the rayon pool: each block's hidden activations (`[rows, d_ff]`) are made, passed through
-/// GELU and used while they are in cache, and never written to memory as a whole. Plain Flex
-/// only (inference); `Err` gives the inputs back on any other backend, under autodiff, for
-/// layers without biases, or for a product too large to run on one thread that has too few
-/// rows to cut (the caller's unfused path runs it on every thread).
+/// `x + gelu(norm(x)·W₁ + b₁)·W₂ + b₂`, the feed-forward block of a pre-norm Transformer
+/// layer with its residual connection, for `x`: `[rows, d]`, in blocks of rows on the rayon
+/// pool: each block's rows are normalised, and its hidden activations (`[rows, d_ff]`) made,
+/// passed through GELU and used, while they are in cache; neither is written to memory as a
+/// whole. Plain Flex only (inference); `Err` gives the input back on any other backend, under
+/// autodiff, for layers without biases, or for a product too large to run on one thread that
+/// has too few rows to cut (the caller's unfused path runs it on every thread).
 pub fn feed_forward<B: Backend>(
     x: Tensor<B, 2>,
-    y: Tensor<B, 2>,
+    norm: &LayerNorm<B>,
     ff_in: &Linear<B>,
     ff_out: &Linear<B>,
-) -> Result<Tensor<B, 2>, [Tensor<B, 2>; 2]> {
+) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
     let (Some(b1), Some(b2)) = (&ff_in.bias, &ff_out.bias) else {
-        return Err([x, y]);
+        return Err(x);
     };
     let ([m, d], f) = (x.dims(), ff_in.weight.dims()[1]);
     let one_block = m * d * f < PARALLEL_PRODUCT;
@@ -106,73 +107,80 @@ pub fn feed_forward<B: Backend>(
         true => m,
         false => match block_rows(m, [d, f]) {
             Some(rows) => rows,
-            None => return Err([x, y]),
+            None => return Err(x),
         },
     };
     if m * d * f == 0 {
-        return Err([x, y]);
+        return Err(x);
     }
-    let [x, y] = plain([x, y])?;
+    let [x] = plain([x]).map_err(|[x]| x)?;
     let [w1, w2] = plain([ff_in.weight.val(), ff_out.weight.val()])
         .expect("a plain Flex input: plain Flex layers");
     let [b1, b2] = plain([b1.val(), b2.val()]).expect("a plain Flex input: plain Flex layers");
-    let [x, y, w1, b1, w2, b2] = [x, y, w1, b1, w2, b2].map(|t| t.to_contiguous());
-    let (xs, ys, w1s, b1s, w2s, b2s) = (
-        f32s(&x),
-        f32s(&y),
-        f32s(&w1),
-        f32s(&b1),
-        f32s(&w2),
-        f32s(&b2),
-    );
+    let [x, w1, b1, w2, b2] = [&x, &w1, &b1, &w2, &b2].map(|t| t.to_contiguous());
+    let (xs, w1s, b1s, w2s, b2s) = (f32s(&x), f32s(&w1), f32s(&b1), f32s(&w2), f32s(&b2));
     assert!(
-        [dims2(&y), dims2(&w1), dims2(&w2)] == [[m, d], [d, f], [f, d]]
-            && [b1s.len(), b2s.len()] == [f, d],
+        [dims2(&w1), dims2(&w2)] == [[d, f], [f, d]] && [b1s.len(), b2s.len()] == [f, d],
         "feed_forward: shapes"
     );
-    let mut out = Vec::with_capacity(m * d);
-    let block = |hidden: &mut Vec<f32>, (i, part): (usize, &mut [MaybeUninit<f32>])| {
-        let (first, r) = (i * rows, part.len() / d);
-        hidden.clear();
-        let threads = gemm::Parallelism::None;
-        let h = &mut hidden.spare_capacity_mut()[..r * f];
-        // SAFETY: `y` holds rows `first..first + r` of `d` values, the weights and biases have
-        // their layers' shapes (asserted above), and `hidden` `r` rows of `f`;
-        // `product_rows` writes all `r·f` values of `h`.
-        unsafe {
-            product_rows(
-                [d, f],
-                first,
-                (ys, d, 1),
-                (w1s, f, 1),
-                Start::Bias(b1s),
-                h,
-                threads,
+    let out = with_norm(norm, |norm| {
+        assert_eq!(norm.d(), d, "feed_forward: the layer norm's size");
+        let mut out = Vec::with_capacity(m * d);
+        let block = |(normed, hidden): &mut (Vec<f32>, Vec<f32>),
+                     (i, part): (usize, &mut [MaybeUninit<f32>])| {
+            let (first, r) = (i * rows, part.len() / d);
+            let threads = gemm::Parallelism::None;
+            normed.clear();
+            norm.rows(
+                &xs[first * d..(first + r) * d],
+                &mut normed.spare_capacity_mut()[..r * d],
             );
-            hidden.set_len(r * f);
+            hidden.clear();
+            let h = &mut hidden.spare_capacity_mut()[..r * f];
+            // SAFETY: `rows` wrote all `r·d` values of `normed`; the weights and biases have
+            // their layers' shapes (asserted above), and `hidden` `r` rows of `f`;
+            // `product_rows` writes all `r·f` values of `h`.
+            unsafe {
+                normed.set_len(r * d);
+                product_rows(
+                    [d, f],
+                    0,
+                    (normed, d, 1),
+                    (w1s, f, 1),
+                    Start::Bias(b1s),
+                    h,
+                    threads,
+                );
+                hidden.set_len(r * f);
+            }
+            gelu_slice(hidden);
+            // The residual rows of this block (the left operand, `hidden`, starts at its row 0).
+            let start = Start::Residual(&xs[first * d..(first + r) * d], b2s);
+            // SAFETY: as above.
+            unsafe { product_rows([f, d], 0, (hidden, f, 1), (w2s, d, 1), start, part, threads) };
+        };
+        let buffers = || (Vec::with_capacity(rows * d), Vec::with_capacity(rows * f));
+        let spare = &mut out.spare_capacity_mut()[..m * d];
+        if one_block {
+            block(&mut buffers(), (0, spare));
+        } else {
+            spare
+                .par_chunks_mut(rows * d)
+                .enumerate()
+                .for_each_init(buffers, block);
         }
-        gelu_slice(hidden);
-        // The residual rows of this block (the left operand, `hidden`, starts at its row 0).
-        let start = Start::Residual(&xs[first * d..(first + r) * d], b2s);
-        // SAFETY: as above.
-        unsafe { product_rows([f, d], 0, (hidden, f, 1), (w2s, d, 1), start, part, threads) };
-    };
-    let spare = &mut out.spare_capacity_mut()[..m * d];
-    if one_block {
-        block(&mut Vec::with_capacity(m * f), (0, spare));
-    } else {
-        spare
-            .par_chunks_mut(rows * d)
-            .enumerate()
-            .for_each_init(|| Vec::with_capacity(rows * f), block);
+        // SAFETY: every block wrote all of its values.
+        unsafe { out.set_len(m * d) };
+        tensor(out, [m, d])
+    });
+    match out {
+        Some(out) => Ok(from_flex(FlexFloat::Plain(out))),
+        None => Err(from_flex(FlexFloat::Plain(x))),
     }
-    // SAFETY: every block wrote all of its values.
-    unsafe { out.set_len(m * d) };
-    Ok(from_flex(FlexFloat::Plain(tensor(out, [m, d]))))
 }
 
 /// The plain Flex tensors of `tensors`, or all of them back when one is not one.
-fn plain<B: Backend, const D: usize, const N: usize>(
+pub(super) fn plain<B: Backend, const D: usize, const N: usize>(
     tensors: [Tensor<B, D>; N],
 ) -> Result<[FlexTensor; N], [Tensor<B, D>; N]> {
     if tensors.iter().any(|t| t.dtype() != DType::F32)

@@ -6,7 +6,10 @@
 //!   bias, and a backward step that writes the gradients straight from their products.
 //! - **Residual linear layers and feed-forward blocks in inference** ([`residual_linear()`],
 //!   [`feed_forward()`]): `x + input·W + b` as one product onto rows that start as `x + b`, and
-//!   the whole feed-forward block per block of rows, its hidden activations used in cache.
+//!   the whole feed-forward block (layer norm included) per block of rows, its hidden activations
+//!   used in cache.
+//! - **Layer norms in inference** ([`layer_norm()`], [`pooled()`]): each row written once, in
+//!   parallel, and the pooled mean of a layer-normed output without its mask and copies.
 //! - **Attention** ([`attention()`]): per sequence and head, all in cache, without the
 //!   `[n, heads, len, len]` tensors or the head split and merge of the generic path.
 //! - **Sparse products** ([`sparse_times()`]): a fixed sparse matrix times a dense one in
@@ -33,6 +36,7 @@ use burn::tensor::{DType, TensorData, TensorPrimitive};
 mod attention;
 mod gelu;
 mod linear;
+mod norm;
 mod simd;
 mod sparse;
 
@@ -40,6 +44,9 @@ pub use attention::attention;
 pub use gelu::gelu;
 pub(crate) use linear::{Start, product};
 pub use linear::{feed_forward, linear, residual_linear};
+#[cfg(test)]
+pub(crate) use norm::tests::varied_norm;
+pub use norm::{LAYER_NORM_EPSILON, layer_norm, pooled};
 pub use sparse::{SparseMatrix, sparse_times};
 
 /// `Autodiff<Flex>`'s float tensor (its type is not exported under a name).
