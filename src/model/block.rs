@@ -12,9 +12,7 @@ use burn::prelude::*;
 
 use crate::model::dropout;
 use crate::model::init::Init;
-use crate::model::ops::{
-    Padding, attention, dropout, feed_forward, gelu, layer_norm, linear, residual_linear,
-};
+use crate::model::ops::{Padding, attention, dropout, fused_layer, gelu, layer_norm, linear};
 
 /// One pre-norm encoder layer.
 #[derive(Module, Debug)]
@@ -49,6 +47,14 @@ impl<B: Backend> Block<B> {
 
     /// `x`: `[n, len, d]`, `padding` of its positions → `[n, len, d]`.
     pub fn forward(&self, x: Tensor<B, 3>, padding: &Padding<B>) -> Tensor<B, 3> {
+        // Dropout inactive (inference): the whole layer in one piece where there is a fused path.
+        let x = match dropout::active::<B>(self.dropout, &x.device()) {
+            true => x,
+            false => match fused_layer(self, x, padding) {
+                Ok(y) => return y,
+                Err(x) => x,
+            },
+        };
         let y = layer_norm(&self.norm_attention, x.clone());
         let (q, k, v) = (
             flat(&self.query, y.clone()),
@@ -56,12 +62,6 @@ impl<B: Backend> Block<B> {
             flat(&self.value, y),
         );
         let context = attention(q, k, v, padding, self.heads, self.dropout);
-        if !dropout::active::<B>(self.dropout, &x.device()) {
-            // Dropout inactive (inference): the residual connections fused into the products
-            // (on plain Flex; the generic path under autodiff).
-            let x = residual_linear(x, &self.attention_out, context);
-            return feed_forward(x, &self.norm_ff, &self.ff_in, &self.ff_out);
-        }
         let x = x + dropout(flat(&self.attention_out, context), self.dropout);
         let hidden = gelu(flat(&self.ff_in, layer_norm(&self.norm_ff, x.clone())));
         let ff = flat(&self.ff_out, dropout(hidden, self.dropout));
@@ -116,15 +116,17 @@ mod tests {
     use super::*;
     use burn::backend::Autodiff;
 
-    /// Inference on plain Flex (clue's linear, GELU, layer norm and attention kernels, the
-    /// residual connections fused into the products, the feed-forward block on one thread and in blocks
-    /// of rows) against Burn's generic operations on the same weights.
+    /// Inference on plain Flex (the fused layer: layer norms, products, attention and GELU per
+    /// block of sequences; the op-by-op fast kernels where it does not apply) against Burn's
+    /// generic operations on the same weights, with γ and β that differ by feature.
     #[test]
     fn flex_inference_matches_the_generic_path() {
-        // 24 rows: the feed-forward block in one piece; 360 rows (d 32, d_ff 128): in blocks,
-        // the last one shorter (5 × 64 + 40 rows on 2 threads, 3 × 96 + 72 on 1).
+        // 4 × 6 rows: the layer in one block on this thread. 41 sequences of 9 (d 32, d_ff 128):
+        // in blocks of whole sequences, the last one shorter (6 × 6 + 5 on 2 threads). 2 of 200:
+        // too few sequences to share a large layer, op by op.
         inference_matches_the_generic_path([24, 48], [4, 6]);
-        inference_matches_the_generic_path([32, 128], [40, 9]);
+        inference_matches_the_generic_path([32, 128], [41, 9]);
+        inference_matches_the_generic_path([32, 128], [2, 200]);
     }
 
     fn inference_matches_the_generic_path([d, d_ff]: [usize; 2], [n, len]: [usize; 2]) {

@@ -10,6 +10,7 @@ use burn::prelude::*;
 use burn::tensor::{IndexingUpdateOp, activation};
 
 use crate::backend::BackendKind;
+use crate::model::block::Block;
 use crate::model::flex;
 
 pub use crate::model::dropout::dropout;
@@ -46,47 +47,17 @@ pub fn linear<B: Backend>(layer: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
     layer.forward(x)
 }
 
-/// `x + layer(input)`: a linear layer with a residual connection, `x`: `[n, len, d_out]`,
-/// `input`: `[n, len, d_in]` (no dropout: the caller's path when dropout is inactive).
-pub fn residual_linear<B: Backend>(
+/// An encoder layer without dropout (inference) in one piece, `x`: `[n, len, d]`; `Err(x)`
+/// where there is no fused path (the caller runs it op by op).
+pub fn fused_layer<B: Backend>(
+    block: &Block<B>,
     x: Tensor<B, 3>,
-    layer: &Linear<B>,
-    input: Tensor<B, 3>,
-) -> Tensor<B, 3> {
-    let ([n, len, d], d_in) = (x.dims(), input.dims()[2]);
-    let (x, input) = (x.reshape([n * len, d]), input.reshape([n * len, d_in]));
-    let [x, input] = if fast::<B>() {
-        match flex::residual_linear(x, layer, input) {
-            Ok(y) => return y.reshape([n, len, d]),
-            Err(back) => back,
-        }
-    } else {
-        [x, input]
-    };
-    (x + linear(layer, input)).reshape([n, len, d])
-}
-
-/// `x + ff_out(gelu(ff_in(norm(x))))`: a pre-norm Transformer layer's feed-forward block with
-/// its residual connection, `x`: `[n, len, d]` (no dropout: the caller's path when dropout is
-/// inactive).
-pub fn feed_forward<B: Backend>(
-    x: Tensor<B, 3>,
-    norm: &LayerNorm<B>,
-    ff_in: &Linear<B>,
-    ff_out: &Linear<B>,
-) -> Tensor<B, 3> {
-    let [n, len, d] = x.dims();
-    let x = x.reshape([n * len, d]);
-    let x = if fast::<B>() {
-        match flex::feed_forward(x, norm, ff_in, ff_out) {
-            Ok(out) => return out.reshape([n, len, d]),
-            Err(x) => x,
-        }
-    } else {
-        x
-    };
-    let y = layer_norm(norm, x.clone());
-    (x + linear(ff_out, gelu(linear(ff_in, y)))).reshape([n, len, d])
+    padding: &Padding<B>,
+) -> Result<Tensor<B, 3>, Tensor<B, 3>> {
+    match fast::<B>() {
+        true => flex::layer(block, x, &padding.pad, MASKED_SCORE as f32),
+        false => Err(x),
+    }
 }
 
 /// `norm(x)`: a layer norm over the last axis.

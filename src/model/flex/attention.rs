@@ -90,14 +90,28 @@ struct Attention {
 
 /// The sizes of one sequence's attention.
 #[derive(Clone, Copy, Debug)]
-struct AttentionShape {
-    len: usize,
-    d: usize,
+pub(super) struct AttentionShape {
+    pub(super) len: usize,
+    pub(super) d: usize,
     heads: usize,
     scale: f32,
     masked_score: f32,
     /// `1/(1 − p)`: the scale of the weights dropout keeps.
     kept_scale: f32,
+}
+
+impl AttentionShape {
+    /// Sequences of `len` positions, `d` columns in `heads` heads, dropout `p` on the weights.
+    pub(super) fn new([len, d, heads]: [usize; 3], masked_score: f32, p: f64) -> Self {
+        AttentionShape {
+            len,
+            d,
+            heads,
+            scale: 1.0 / ((d / heads) as f32).sqrt(),
+            masked_score,
+            kept_scale: (1.0 / (1.0 - p)) as f32,
+        }
+    }
 }
 
 impl Attention {
@@ -126,14 +140,7 @@ impl Attention {
             v: v.to_contiguous(),
             pad,
             drop,
-            shape: AttentionShape {
-                len,
-                d,
-                heads,
-                scale: 1.0 / ((d / heads) as f32).sqrt(),
-                masked_score,
-                kept_scale: (1.0 / (1.0 - p)) as f32,
-            },
+            shape: AttentionShape::new([len, d, heads], masked_score, p),
         }
     }
 
@@ -248,7 +255,7 @@ fn attended(pad: &[bool]) -> usize {
 
 /// Buffers that one rayon task reuses from one sequence to the next.
 #[derive(Default)]
-struct Scratch {
+pub(super) struct Scratch {
     /// A head's queries and output gradients, transposed ([`Head::transpose`]).
     queries: Vec<f32>,
     d_out: Vec<f32>,
@@ -487,7 +494,7 @@ fn attend_backward_kernel<const FMA: bool>(
     }
 }
 
-dispatch!(attend, attend_avx2, attend_avx512, attend_kernel,
+dispatch!(pub(super) attend, attend_avx2, attend_avx512, attend_kernel,
     (shape: &AttentionShape, inputs: [&[f32]; 3], pad: &[bool], drop: Option<&[bool]>,
      out: &mut [f32], scratch: &mut Scratch));
 dispatch!(attend_backward, attend_backward_avx2, attend_backward_avx512, attend_backward_kernel,

@@ -10,13 +10,11 @@ use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::{Flex, FlexTensor};
-use burn::nn::{LayerNorm, Linear};
+use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::{DType, TensorMetadata};
 use rayon::prelude::*;
 
-use super::gelu::gelu_slice;
-use super::norm::with_norm;
 use super::{CHUNK, FlexFloat, f32s, from_flex, tensor, to_flex};
 use crate::backend::BackendKind;
 
@@ -58,124 +56,32 @@ pub fn linear<B: Backend>(
     }))
 }
 
-/// `x + input·W + b` of a linear layer with a bias, for `x`: `[rows, d_out]` and `input`:
-/// `[rows, d_in]` (a residual connection), as one product added to rows that start as `x + b`.
-/// Plain Flex only (inference: no backward step); `Err` gives the inputs back on any other
-/// backend, under autodiff, or for a layer without a bias.
-pub fn residual_linear<B: Backend>(
-    x: Tensor<B, 2>,
-    layer: &Linear<B>,
-    input: Tensor<B, 2>,
-) -> Result<Tensor<B, 2>, [Tensor<B, 2>; 2]> {
-    let Some(bias) = &layer.bias else {
-        return Err([x, input]);
-    };
-    let [x, input] = plain([x, input])?;
-    let [w] = plain([layer.weight.val()]).expect("a plain Flex input: a plain Flex layer");
-    let [b] = plain([bias.val()]).expect("a plain Flex input: a plain Flex layer");
-    let [x, input, w, b] = [x, input, w, b].map(|t| t.to_contiguous());
-    let [m, k] = dims2(&input);
-    let n = dims2(&w)[1];
-    let out = product(
-        [m, k, n],
-        (f32s(&input), k, 1),
-        (f32s(&w), n, 1),
-        Start::Residual(f32s(&x), f32s(&b)),
-    );
-    Ok(from_flex(FlexFloat::Plain(tensor(out, [m, n]))))
+/// A plain Flex linear layer with a bias: its weight (`[d_in, d_out]`) and bias, contiguous.
+pub(super) struct Dense {
+    w: FlexTensor,
+    b: FlexTensor,
+    /// `[d_in, d_out]`.
+    pub(super) dims: [usize; 2],
 }
 
-/// `x + gelu(norm(x)·W₁ + b₁)·W₂ + b₂`, the feed-forward block of a pre-norm Transformer
-/// layer with its residual connection, for `x`: `[rows, d]`, in blocks of rows on the rayon
-/// pool: each block's rows are normalised, and its hidden activations (`[rows, d_ff]`) made,
-/// passed through GELU and used, while they are in cache; neither is written to memory as a
-/// whole. Plain Flex only (inference); `Err` gives the input back on any other backend, under
-/// autodiff, for layers without biases, or for a product too large to run on one thread that
-/// has too few rows to cut (the caller's unfused path runs it on every thread).
-pub fn feed_forward<B: Backend>(
-    x: Tensor<B, 2>,
-    norm: &LayerNorm<B>,
-    ff_in: &Linear<B>,
-    ff_out: &Linear<B>,
-) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
-    let (Some(b1), Some(b2)) = (&ff_in.bias, &ff_out.bias) else {
-        return Err(x);
-    };
-    let ([m, d], f) = (x.dims(), ff_in.weight.dims()[1]);
-    let one_block = m * d * f < PARALLEL_PRODUCT;
-    let rows = match one_block {
-        true => m,
-        false => match block_rows(m, [d, f]) {
-            Some(rows) => rows,
-            None => return Err(x),
-        },
-    };
-    if m * d * f == 0 {
-        return Err(x);
+impl Dense {
+    /// `None` when `layer` has no bias or is not a plain Flex module.
+    pub(super) fn of<B: Backend>(layer: &Linear<B>) -> Option<Self> {
+        let bias = layer.bias.as_ref()?.val();
+        let ([w], [b]) = (plain([layer.weight.val()]).ok()?, plain([bias]).ok()?);
+        let (w, b) = (w.to_contiguous(), b.to_contiguous());
+        let dims = dims2(&w);
+        assert_eq!(f32s(&b).len(), dims[1], "linear: a bias of another size");
+        Some(Self { w, b, dims })
     }
-    let [x] = plain([x]).map_err(|[x]| x)?;
-    let [w1, w2] = plain([ff_in.weight.val(), ff_out.weight.val()])
-        .expect("a plain Flex input: plain Flex layers");
-    let [b1, b2] = plain([b1.val(), b2.val()]).expect("a plain Flex input: plain Flex layers");
-    let [x, w1, b1, w2, b2] = [&x, &w1, &b1, &w2, &b2].map(|t| t.to_contiguous());
-    let (xs, w1s, b1s, w2s, b2s) = (f32s(&x), f32s(&w1), f32s(&b1), f32s(&w2), f32s(&b2));
-    assert!(
-        [dims2(&w1), dims2(&w2)] == [[d, f], [f, d]] && [b1s.len(), b2s.len()] == [f, d],
-        "feed_forward: shapes"
-    );
-    let out = with_norm(norm, |norm| {
-        assert_eq!(norm.d(), d, "feed_forward: the layer norm's size");
-        let mut out = Vec::with_capacity(m * d);
-        let block = |(normed, hidden): &mut (Vec<f32>, Vec<f32>),
-                     (i, part): (usize, &mut [MaybeUninit<f32>])| {
-            let (first, r) = (i * rows, part.len() / d);
-            let threads = gemm::Parallelism::None;
-            normed.clear();
-            norm.rows(
-                &xs[first * d..(first + r) * d],
-                &mut normed.spare_capacity_mut()[..r * d],
-            );
-            hidden.clear();
-            let h = &mut hidden.spare_capacity_mut()[..r * f];
-            // SAFETY: `rows` wrote all `r·d` values of `normed`; the weights and biases have
-            // their layers' shapes (asserted above), and `hidden` `r` rows of `f`;
-            // `product_rows` writes all `r·f` values of `h`.
-            unsafe {
-                normed.set_len(r * d);
-                product_rows(
-                    [d, f],
-                    0,
-                    (normed, d, 1),
-                    (w1s, f, 1),
-                    Start::Bias(b1s),
-                    h,
-                    threads,
-                );
-                hidden.set_len(r * f);
-            }
-            gelu_slice(hidden);
-            // The residual rows of this block (the left operand, `hidden`, starts at its row 0).
-            let start = Start::Residual(&xs[first * d..(first + r) * d], b2s);
-            // SAFETY: as above.
-            unsafe { product_rows([f, d], 0, (hidden, f, 1), (w2s, d, 1), start, part, threads) };
-        };
-        let buffers = || (Vec::with_capacity(rows * d), Vec::with_capacity(rows * f));
-        let spare = &mut out.spare_capacity_mut()[..m * d];
-        if one_block {
-            block(&mut buffers(), (0, spare));
-        } else {
-            spare
-                .par_chunks_mut(rows * d)
-                .enumerate()
-                .for_each_init(buffers, block);
-        }
-        // SAFETY: every block wrote all of its values.
-        unsafe { out.set_len(m * d) };
-        tensor(out, [m, d])
-    });
-    match out {
-        Some(out) => Ok(from_flex(FlexFloat::Plain(out))),
-        None => Err(from_flex(FlexFloat::Plain(x))),
+
+    /// The weight as a product's right operand.
+    pub(super) fn weight(&self) -> Operand<'_> {
+        (f32s(&self.w), self.dims[1], 1)
+    }
+
+    pub(super) fn bias(&self) -> &[f32] {
+        f32s(&self.b)
     }
 }
 
@@ -249,7 +155,7 @@ pub(crate) enum Start<'a> {
 }
 
 /// A matrix operand: its values, row stride and column stride.
-type Operand<'a> = (&'a [f32], usize, usize);
+pub(super) type Operand<'a> = (&'a [f32], usize, usize);
 
 /// `lhs · rhs` for `[m, k, n]` = (`[m, k]`, `[k, n]`), each operand a slice with its row and
 /// column strides; row-major `[m, n]`, added to `start`. The gemm crate, as Flex. A large
@@ -307,7 +213,7 @@ fn check_operands([m, k, n]: [usize; 3], lhs: Operand, rhs: Operand, start: Star
 /// The left operand holds rows `first..first + out.len() / n` of `k` columns and the right one
 /// `k` rows of `n` columns at their strides, and a start's slices are as [`check_operands`]
 /// requires of a product of `first + out.len() / n` rows.
-unsafe fn product_rows(
+pub(super) unsafe fn product_rows(
     [k, n]: [usize; 2],
     first: usize,
     (lhs, lhs_rs, lhs_cs): Operand,
@@ -368,7 +274,7 @@ unsafe fn product_rows(
 }
 
 /// Products of at least this many multiply-adds (tens of µs on one core) run on every core.
-const PARALLEL_PRODUCT: usize = 1 << 20;
+pub(super) const PARALLEL_PRODUCT: usize = 1 << 20;
 
 /// Rows per block of a parallel product `[m, k, n]`, or `None` when it has too few rows to
 /// cut: about four blocks per thread (so that a thread held up elsewhere does not hold up the

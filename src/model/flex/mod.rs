@@ -4,10 +4,9 @@
 //!   (Flex calls a scalar libm `erf` per element on one thread).
 //! - **Linear layers** ([`linear()`]): `x·W + b` as one product added to rows that start as the
 //!   bias, and a backward step that writes the gradients straight from their products.
-//! - **Residual linear layers and feed-forward blocks in inference** ([`residual_linear()`],
-//!   [`feed_forward()`]): `x + input·W + b` as one product onto rows that start as `x + b`, and
-//!   the whole feed-forward block (layer norm included) per block of rows, its hidden activations
-//!   used in cache.
+//! - **Whole Transformer layers in inference** ([`layer()`]): every step of a pre-norm layer
+//!   per block of sequences, in cache; the residual connections as products onto rows that
+//!   start as `x + b`.
 //! - **Layer norms in inference** ([`layer_norm()`], [`pooled()`]): each row written once, in
 //!   parallel, and the pooled mean of a layer-normed output without its mask and copies.
 //! - **Attention** ([`attention()`]): per sequence and head, all in cache, without the
@@ -35,6 +34,7 @@ use burn::tensor::{DType, TensorData, TensorPrimitive};
 
 mod attention;
 mod gelu;
+mod layer;
 mod linear;
 mod norm;
 mod simd;
@@ -42,8 +42,9 @@ mod sparse;
 
 pub use attention::attention;
 pub use gelu::gelu;
+pub use layer::layer;
+pub use linear::linear;
 pub(crate) use linear::{Start, product};
-pub use linear::{feed_forward, linear, residual_linear};
 #[cfg(test)]
 pub(crate) use norm::tests::varied_norm;
 pub use norm::{LAYER_NORM_EPSILON, layer_norm, pooled};

@@ -7,6 +7,7 @@
 
 use std::mem::MaybeUninit;
 
+use burn::backend::flex::FlexTensor;
 use burn::nn::LayerNorm;
 use burn::prelude::*;
 use burn::tensor::TensorMetadata;
@@ -40,22 +41,30 @@ impl Norm<'_> {
     }
 }
 
-/// Runs `f` on the γ and β of `norm` as a [`Norm`] when `norm` is a plain Flex module with a β.
-pub(super) fn with_norm<B: Backend, T>(
-    norm: &LayerNorm<B>,
-    f: impl FnOnce(Norm) -> T,
-) -> Option<T> {
-    let beta = norm.beta.as_ref()?.val();
-    let [gamma, beta] = plain([norm.gamma.val(), beta])
-        .ok()?
-        .map(|t| t.to_contiguous());
-    let (gamma, beta) = (f32s(&gamma), f32s(&beta));
-    assert_eq!(
-        gamma.len(),
-        beta.len(),
-        "layer norm: γ and β differ in size"
-    );
-    Some(f(Norm { gamma, beta }))
+/// A plain Flex layer norm's γ and β, contiguous.
+pub(super) struct NormParams([FlexTensor; 2]);
+
+impl NormParams {
+    /// `None` when `norm` is not a plain Flex module with a β.
+    pub(super) fn of<B: Backend>(norm: &LayerNorm<B>) -> Option<Self> {
+        let beta = norm.beta.as_ref()?.val();
+        let params = plain([norm.gamma.val(), beta])
+            .ok()?
+            .map(|t| t.to_contiguous());
+        assert_eq!(
+            params[0].shape(),
+            params[1].shape(),
+            "layer norm: γ and β differ in size"
+        );
+        Some(Self(params))
+    }
+
+    pub(super) fn norm(&self) -> Norm<'_> {
+        Norm {
+            gamma: f32s(&self.0[0]),
+            beta: f32s(&self.0[1]),
+        }
+    }
 }
 
 /// `norm(x)` on plain Flex (`x`: `[..., d]`), each task normalising whole rows straight into
@@ -64,25 +73,22 @@ pub fn layer_norm<B: Backend, const D: usize>(
     norm: &LayerNorm<B>,
     x: Tensor<B, D>,
 ) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    let Some(params) = NormParams::of(norm) else {
+        return Err(x);
+    };
     let [x] = plain([x]).map_err(|[x]| x)?;
-    let out = with_norm(norm, |norm| {
-        let (x, d) = (x.to_contiguous(), norm.d());
-        let xs = f32s(&x);
-        assert_eq!(x.shape().dims::<D>()[D - 1], d, "layer norm: d");
-        let mut out = Vec::with_capacity(xs.len());
-        let rows = (CHUNK / d.max(1)).max(1) * d.max(1);
-        out.spare_capacity_mut()[..xs.len()]
-            .par_chunks_mut(rows)
-            .zip(xs.par_chunks(rows))
-            .for_each(|(out, x)| norm.rows(x, out));
-        // SAFETY: `rows` wrote every value.
-        unsafe { out.set_len(xs.len()) };
-        tensor(out, x.shape())
-    });
-    match out {
-        Some(out) => Ok(from_flex(FlexFloat::Plain(out))),
-        None => Err(from_flex(FlexFloat::Plain(x))),
-    }
+    let (x, norm) = (x.to_contiguous(), params.norm());
+    let (xs, d) = (f32s(&x), norm.d());
+    assert_eq!(x.shape().dims::<D>()[D - 1], d, "layer norm: d");
+    let mut out = Vec::with_capacity(xs.len());
+    let rows = (CHUNK / d.max(1)).max(1) * d.max(1);
+    out.spare_capacity_mut()[..xs.len()]
+        .par_chunks_mut(rows)
+        .zip(xs.par_chunks(rows))
+        .for_each(|(out, x)| norm.rows(x, out));
+    // SAFETY: `rows` wrote every value.
+    unsafe { out.set_len(xs.len()) };
+    Ok(from_flex(FlexFloat::Plain(tensor(out, x.shape()))))
 }
 
 /// The mean of `norm(x)` over each sequence's positions that are not padding, on plain Flex
@@ -94,42 +100,39 @@ pub fn pooled<B: Backend>(
     x: Tensor<B, 3>,
     pad: &Tensor<B, 2, Bool>,
 ) -> Result<Tensor<B, 2>, Tensor<B, 3>> {
+    let Some(params) = NormParams::of(norm) else {
+        return Err(x);
+    };
     let [x] = plain([x]).map_err(|[x]| x)?;
-    let [n, len, d] = x.shape().dims();
-    let out = with_norm(norm, |norm| {
-        assert_eq!(norm.d(), d, "layer norm: d");
-        let pad: Vec<bool> = pad.to_data().to_vec().expect("a boolean padding mask");
-        assert_eq!(pad.len(), n * len, "pooled: padding of another shape");
-        let x = x.to_contiguous();
-        let xs = f32s(&x);
-        let mut out = vec![0f32; n * d];
-        out.par_chunks_mut(d.max(1))
-            .enumerate()
-            .with_min_len((CHUNK / (len * d).max(1)).max(1))
-            .for_each_init(
-                || Vec::with_capacity(d),
-                |row, (s, sum)| {
-                    row.clear();
-                    let normed = &mut row.spare_capacity_mut()[..d];
-                    let mut kept = 0;
-                    for at in (s * len..(s + 1) * len).filter(|&at| !pad[at]) {
-                        let at = at * d;
-                        norm.rows(&xs[at..at + d], normed);
-                        // SAFETY: `rows` wrote all `d` values.
-                        let normed = unsafe { normed.assume_init_ref() };
-                        sum.iter_mut().zip(normed).for_each(|(s, v)| *s += v);
-                        kept += 1;
-                    }
-                    let kept = kept.max(1) as f32;
-                    sum.iter_mut().for_each(|s| *s /= kept);
-                },
-            );
-        tensor(out, [n, d])
-    });
-    match out {
-        Some(out) => Ok(from_flex(FlexFloat::Plain(out))),
-        None => Err(from_flex(FlexFloat::Plain(x))),
-    }
+    let ([n, len, d], norm) = (x.shape().dims(), params.norm());
+    assert_eq!(norm.d(), d, "layer norm: d");
+    let pad: Vec<bool> = pad.to_data().to_vec().expect("a boolean padding mask");
+    assert_eq!(pad.len(), n * len, "pooled: padding of another shape");
+    let x = x.to_contiguous();
+    let xs = f32s(&x);
+    let mut out = vec![0f32; n * d];
+    out.par_chunks_mut(d.max(1))
+        .enumerate()
+        .with_min_len((CHUNK / (len * d).max(1)).max(1))
+        .for_each_init(
+            || Vec::with_capacity(d),
+            |row, (s, sum)| {
+                row.clear();
+                let normed = &mut row.spare_capacity_mut()[..d];
+                let mut kept = 0;
+                for at in (s * len..(s + 1) * len).filter(|&at| !pad[at]) {
+                    let at = at * d;
+                    norm.rows(&xs[at..at + d], normed);
+                    // SAFETY: `rows` wrote all `d` values.
+                    let normed = unsafe { normed.assume_init_ref() };
+                    sum.iter_mut().zip(normed).for_each(|(s, v)| *s += v);
+                    kept += 1;
+                }
+                let kept = kept.max(1) as f32;
+                sum.iter_mut().for_each(|s| *s /= kept);
+            },
+        );
+    Ok(from_flex(FlexFloat::Plain(tensor(out, [n, d]))))
 }
 
 /// `out ← (x − mean)/√(var + ε)·γ + β` for each row of `x` (`γ.len()` values), two passes per
@@ -329,7 +332,10 @@ pub(crate) mod tests {
             .zip(b)
             .map(|(a, b)| (a - b).abs())
             // A NaN counts as an infinite difference (`f32::max` would drop it).
-            .fold(0.0, |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) })
+            .fold(
+                0.0,
+                |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
+            )
     }
 
     /// Both fast paths against a direct computation in f64 and against the generic path (Flex's
