@@ -212,7 +212,7 @@ fn normalise_avx512(x: &[f32], gamma: &[f32], beta: &[f32], out: &mut [MaybeUnin
     if d == 0 {
         return;
     }
-    assert!(beta.len() == d && x.len() % d == 0 && out.len() == x.len());
+    assert!(beta.len() == d && x.len().is_multiple_of(d) && out.len() == x.len());
     let full = d / 16 * 16;
     let tail = ((1u32 << (d - full)) - 1) as __mmask16;
     let (gamma, beta) = (gamma.as_ptr(), beta.as_ptr());
