@@ -3,8 +3,6 @@
 //! `[n, heads, len, len]` tensors or the head split and merge of the generic path (whose
 //! reshapes make Flex copy element by element); the backward step recomputes the weights.
 
-use std::mem::MaybeUninit;
-
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
@@ -20,13 +18,10 @@ use super::{FlexFloat, f32s, from_flex, tensor, to_flex};
 /// Multi-head attention on Flex: `q`, `k`, `v`: `[n, len, d]` with the heads side by side
 /// (`d = heads·d_head`), `pad`: `[n, len]` (true = padding) → the heads' outputs side by side,
 /// `[n, len, d]`. Per sequence and head: scores `q·kᵀ/√d_head`, `masked_score` for padding keys,
-/// softmax, dropout `p` on the weights (under autodiff or in a GradCache pass, as [`dropout`]),
-/// times `v`, all in cache; the generic path builds `[n, heads, len, len]` tensors and splits and
-/// merges the heads.
-/// Under `Autodiff<Flex>` it records its own backward step, which recomputes the weights.
+/// softmax, dropout `p` on the weights (under autodiff or in a GradCache pass), times `v`, all
+/// in cache; the generic path builds `[n, heads, len, len]` tensors and splits and merges the
+/// heads. Under `Autodiff<Flex>` it records its own backward step, which recomputes the weights.
 /// `None` on other backends: the caller takes the generic path.
-///
-/// [`dropout`]: crate::model::dropout::dropout
 pub fn attention<B: Backend>(
     q: &Tensor<B, 3>,
     k: &Tensor<B, 3>,
@@ -153,20 +148,16 @@ impl Attention {
         let AttentionShape { len, d, heads, .. } = self.shape;
         let rows = len * d;
         let n = self.pad.len() / len.max(1);
-        let mut outputs: [Vec<f32>; N] = std::array::from_fn(|_| Vec::with_capacity(n * rows));
+        let mut outputs: [Vec<f32>; N] = std::array::from_fn(|_| vec![0f32; n * rows]);
         if rows == 0 {
             return outputs;
         }
         let (qs, ks, vs) = (f32s(&self.q), f32s(&self.k), f32s(&self.v));
-        // Each task zero-fills its own rows (in cache, on every thread) just before it writes.
-        let mut slices: Vec<[&mut [MaybeUninit<f32>]; N]> = (0..n)
+        let mut slices: Vec<[&mut [f32]; N]> = (0..n)
             .map(|_| std::array::from_fn(|_| &mut [][..]))
             .collect();
         for (o, output) in outputs.iter_mut().enumerate() {
-            for (s, chunk) in output.spare_capacity_mut()[..n * rows]
-                .chunks_mut(rows)
-                .enumerate()
-            {
+            for (s, chunk) in output.chunks_mut(rows).enumerate() {
                 slices[s][o] = chunk;
             }
         }
@@ -184,11 +175,6 @@ impl Attention {
                     .as_ref()
                     .map(|m| &m[s * weights..(s + 1) * weights]);
                 let inputs = [&qs[at.clone()], &ks[at.clone()], &vs[at]];
-                let out = out.map(|rows| {
-                    rows.fill(MaybeUninit::new(0.0));
-                    // SAFETY: just filled.
-                    unsafe { rows.assume_init_mut() }
-                });
                 f(
                     s,
                     inputs,
@@ -198,10 +184,6 @@ impl Attention {
                     scratch,
                 );
             });
-        for output in &mut outputs {
-            // SAFETY: the tasks filled all `n` sequences' rows.
-            unsafe { output.set_len(n * rows) };
-        }
         outputs
     }
 
