@@ -12,7 +12,9 @@ use burn::prelude::*;
 
 use crate::model::dropout;
 use crate::model::init::Init;
-use crate::model::ops::{Padding, attention, dropout, fused_layer, gelu, layer_norm, linear};
+use crate::model::ops::{
+    LayerParts, Padding, attention, dropout, fused_layer, gelu, layer_norm, linear,
+};
 
 /// One pre-norm encoder layer.
 #[derive(Module, Debug)]
@@ -45,12 +47,27 @@ impl<B: Backend> Block<B> {
         }
     }
 
+    fn parts(&self) -> LayerParts<'_, B> {
+        LayerParts {
+            norms: [&self.norm_attention, &self.norm_ff],
+            linears: [
+                &self.query,
+                &self.key,
+                &self.value,
+                &self.attention_out,
+                &self.ff_in,
+                &self.ff_out,
+            ],
+            heads: self.heads,
+        }
+    }
+
     /// `x`: `[n, len, d]`, `padding` of its positions → `[n, len, d]`.
     pub fn forward(&self, x: Tensor<B, 3>, padding: &Padding<B>) -> Tensor<B, 3> {
         // Dropout inactive (inference): the whole layer in one piece where there is a fused path.
         let x = match dropout::active::<B>(self.dropout, &x.device()) {
             true => x,
-            false => match fused_layer(self, x, padding) {
+            false => match fused_layer(self.parts(), x, padding) {
                 Ok(y) => return y,
                 Err(x) => x,
             },

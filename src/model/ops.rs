@@ -10,11 +10,10 @@ use burn::prelude::*;
 use burn::tensor::{IndexingUpdateOp, activation};
 
 use crate::backend::BackendKind;
-use crate::model::block::Block;
 use crate::model::flex;
 
 pub use crate::model::dropout::dropout;
-pub use crate::model::flex::SparseMatrix;
+pub use crate::model::flex::{LayerParts, SparseMatrix};
 
 /// Score given to padding keys before the softmax (Burn's multi-head attention uses the same).
 pub const MASKED_SCORE: f64 = -1.0e4;
@@ -50,12 +49,12 @@ pub fn linear<B: Backend>(layer: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
 /// An encoder layer without dropout (inference) in one piece, `x`: `[n, len, d]`; `Err(x)`
 /// where there is no fused path (the caller runs it op by op).
 pub fn fused_layer<B: Backend>(
-    block: &Block<B>,
+    parts: LayerParts<B>,
     x: Tensor<B, 3>,
     padding: &Padding<B>,
 ) -> Result<Tensor<B, 3>, Tensor<B, 3>> {
     match fast::<B>() {
-        true => flex::layer(block, x, &padding.pad, MASKED_SCORE as f32),
+        true => flex::layer(parts, x, &padding.pad, MASKED_SCORE as f32),
         false => Err(x),
     }
 }

@@ -9,6 +9,7 @@
 
 use std::mem::MaybeUninit;
 
+use burn::nn::{LayerNorm, Linear};
 use burn::prelude::*;
 use rayon::prelude::*;
 
@@ -17,36 +18,36 @@ use super::gelu::gelu_slice;
 use super::linear::{Dense, PARALLEL_PRODUCT, Start, plain, product_rows};
 use super::norm::NormParams;
 use super::{FlexFloat, f32s, from_flex, tensor};
-use crate::model::block::Block;
 
-/// `block` (without dropout) on `x`: `[n, len, d]` with padding `pad` (`[n, len]`, true =
-/// padding), by blocks of whole sequences on the rayon pool. `Err(x)` on any other backend,
-/// under autodiff, for layers without biases, and when there are too few sequences to give
-/// every thread a share of a large layer (the caller's op-by-op path runs each op on every
+/// A pre-norm Transformer layer's parts, by reference.
+pub struct LayerParts<'a, B: Backend> {
+    /// Before the attention and before the feed-forward block.
+    pub norms: [&'a LayerNorm<B>; 2],
+    /// Query, key, value, attention output, feed-forward in and out.
+    pub linears: [&'a Linear<B>; 6],
+    pub heads: usize,
+}
+
+/// The layer of `parts` (without dropout) on `x`: `[n, len, d]` with padding `pad` (`[n, len]`,
+/// true = padding), by blocks of whole sequences on the rayon pool. `Err(x)` on any other
+/// backend, under autodiff, for layers without biases, and when there are too few sequences to
+/// give every thread a share of a large layer (the caller's op-by-op path runs each op on every
 /// thread).
 pub fn layer<B: Backend>(
-    block: &Block<B>,
+    parts: LayerParts<B>,
     x: Tensor<B, 3>,
     pad: &Tensor<B, 2, Bool>,
     masked_score: f32,
 ) -> Result<Tensor<B, 3>, Tensor<B, 3>> {
     let [n, len, d] = x.dims();
-    let f = block.ff_in.weight.dims()[1];
+    let f = parts.linears[4].weight.dims()[1];
     let threads = rayon::current_num_threads();
     let large = n * len * d * f >= PARALLEL_PRODUCT;
     if n * len * d == 0 || (large && n < 2 * threads) {
         return Err(x);
     }
-    let dense = [
-        &block.query,
-        &block.key,
-        &block.value,
-        &block.attention_out,
-        &block.ff_in,
-        &block.ff_out,
-    ]
-    .map(Dense::of);
-    let norms = [&block.norm_attention, &block.norm_ff].map(NormParams::of);
+    let dense = parts.linears.map(Dense::of);
+    let norms = parts.norms.map(NormParams::of);
     let (Some(params), [Some(norm_a), Some(norm_f)]) = (collect(dense), norms) else {
         return Err(x);
     };
@@ -62,7 +63,7 @@ pub fn layer<B: Backend>(
     let layer = Layer {
         params,
         norms: [norm_a.norm(), norm_f.norm()],
-        shape: AttentionShape::new([len, d, block.heads], masked_score, 0.0),
+        shape: AttentionShape::new([len, d, parts.heads], masked_score, 0.0),
         xs: f32s(&x),
         pad: &pad,
     };

@@ -42,7 +42,7 @@ mod sparse;
 
 pub use attention::attention;
 pub use gelu::gelu;
-pub use layer::layer;
+pub use layer::{LayerParts, layer};
 pub use linear::linear;
 pub(crate) use linear::{Start, product};
 #[cfg(test)]
