@@ -138,17 +138,27 @@ mod tests {
     /// generic operations on the same weights, with γ and β that differ by feature.
     #[test]
     fn flex_inference_matches_the_generic_path() {
-        // 4 × 6 rows: the layer in one block on this thread. 41 sequences of 9 (d 32, d_ff 128):
-        // in blocks of whole sequences, the last one shorter (6 × 6 + 5 on 2 threads). 2 of 200:
-        // too few sequences to share a large layer, op by op.
-        inference_matches_the_generic_path([24, 48], [4, 6]);
-        inference_matches_the_generic_path([32, 128], [41, 9]);
-        inference_matches_the_generic_path([32, 128], [2, 200]);
+        // On a pool of 2 threads, as CI's. 4 × 6 rows: the layer in one block on this thread.
+        // 41 sequences of 9 (d 32, d_ff 128): in blocks of whole sequences, the last one shorter
+        // (6 × 6 + 5). 2 of 200: too few sequences to share a large layer, op by op.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            inference_matches_the_generic_path([24, 48], [4, 6], true);
+            inference_matches_the_generic_path([32, 128], [41, 9], true);
+            inference_matches_the_generic_path([32, 128], [2, 200], false);
+        });
     }
 
-    fn inference_matches_the_generic_path([d, d_ff]: [usize; 2], [n, len]: [usize; 2]) {
+    fn inference_matches_the_generic_path(
+        [d, d_ff]: [usize; 2],
+        [n, len]: [usize; 2],
+        fused: bool,
+    ) {
         use crate::model::flex::varied_norm;
-        use crate::model::ops::GENERIC;
+        use crate::model::ops::{GENERIC, MASKED_SCORE};
         use burn::backend::Flex;
         let dev = Default::default();
         let mut encoder = Encoder::<Flex>::new(d, d_ff, 4, 2, 0.1, &mut Init::new(0, &dev));
@@ -159,15 +169,23 @@ mod tests {
         let x: Vec<f32> = (0..n * len * d)
             .map(|i| ((i * 29 % 97) as f32 - 48.0) / 24.0)
             .collect();
-        // Row i has i % len padding positions at its end.
+        // Sequence 1 is padding only; the others have s % len padding positions at their end.
         let pad: Vec<bool> = (0..n * len)
-            .map(|i| i % len >= len - (i / len) % len)
+            .map(|i| i / len == 1 || i % len >= len - (i / len) % len)
             .collect();
-        let run = |generic: bool| {
-            GENERIC.set(generic);
+        let tensors = || {
             let x = Tensor::<Flex, 3>::from_data(TensorData::new(x.clone(), [n, len, d]), &dev);
             let pad =
                 Tensor::<Flex, 2, Bool>::from_data(TensorData::new(pad.clone(), [n, len]), &dev);
+            (x, pad)
+        };
+        let (x0, pad0) = tensors();
+        let parts = encoder.layers[0].parts();
+        let took = crate::model::flex::layer(parts, x0, &pad0, MASKED_SCORE as f32).is_ok();
+        assert_eq!(took, fused, "{n}×{len}: the fused layer taken");
+        let run = |generic: bool| {
+            GENERIC.set(generic);
+            let (x, pad) = tensors();
             let y: Vec<f32> = encoder.forward(x, pad).into_data().to_vec().unwrap();
             GENERIC.set(false);
             y

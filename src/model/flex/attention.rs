@@ -98,6 +98,10 @@ pub(super) struct AttentionShape {
 impl AttentionShape {
     /// Sequences of `len` positions, `d` columns in `heads` heads, dropout `p` on the weights.
     pub(super) fn new([len, d, heads]: [usize; 3], masked_score: f32, p: f64) -> Self {
+        assert!(
+            heads > 0 && d.is_multiple_of(heads),
+            "attention: {heads} heads for {d} columns"
+        );
         AttentionShape {
             len,
             d,
@@ -121,10 +125,6 @@ impl Attention {
         assert!(
             k.shape().dims::<3>() == [n, len, d] && v.shape().dims::<3>() == [n, len, d],
             "attention: q, k and v differ in shape"
-        );
-        assert!(
-            heads > 0 && d % heads == 0,
-            "attention: {heads} heads for {d} columns"
         );
         assert_eq!(pad.len(), n * len, "attention: padding of another shape");
         let drop =

@@ -42,7 +42,8 @@ pub fn layer<B: Backend>(
     let [n, len, d] = x.dims();
     let f = parts.linears[4].weight.dims()[1];
     let threads = rayon::current_num_threads();
-    let large = n * len * d * f >= PARALLEL_PRODUCT;
+    // The products' multiply-adds and the attention's.
+    let large = n * len * (d * (4 * d + 2 * f) + 2 * len * d) >= PARALLEL_PRODUCT;
     if n * len * d == 0 || (large && n < 2 * threads) {
         return Err(x);
     }
@@ -60,6 +61,9 @@ pub fn layer<B: Backend>(
         params.iter().map(|p| p.dims).eq(expected),
         "layer: weights of other shapes"
     );
+    for norm in [&norm_a, &norm_f] {
+        assert_eq!(norm.norm().d(), d, "layer: a layer norm of another size");
+    }
     let layer = Layer {
         params,
         norms: [norm_a.norm(), norm_f.norm()],

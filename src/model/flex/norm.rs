@@ -2,8 +2,8 @@
 //! before its parallel pass, and the masked mean that pools a layer-normed encoder output took
 //! a mask, a copy and a sum (together a tenth of a `tiny` inference call on 2 cores). Here a
 //! layer norm writes each row once, in parallel; the pooled mean normalises each kept row in
-//! cache and adds it up; and the feed-forward block normalises its rows itself
-//! ([`super::feed_forward`]). Plain Flex only: under autodiff the generic path runs.
+//! cache and adds it up; and the fused layer ([`super::layer()`]) normalises its rows itself.
+//! Plain Flex only: under autodiff the generic path runs.
 
 use std::mem::MaybeUninit;
 
@@ -37,6 +37,13 @@ impl Norm<'_> {
     /// Normalises the rows of `x` (`d` values each) into `out`, writing all its values.
     pub(super) fn rows(&self, x: &[f32], out: &mut [MaybeUninit<f32>]) {
         assert_eq!(x.len(), out.len(), "layer norm: output of another size");
+        // Whole rows only: the kernels write every value of those.
+        assert!(
+            x.is_empty() || (self.d() > 0 && x.len().is_multiple_of(self.d())),
+            "layer norm: {} values are not rows of {}",
+            x.len(),
+            self.d()
+        );
         normalise(x, self.gamma, self.beta, out);
     }
 }
