@@ -33,15 +33,20 @@ fn fast<B: Backend>() -> bool {
     BackendKind::of::<B>() == BackendKind::Flex
 }
 
+/// `f(x)`, the fast path, where `B` has one; `Err(x)`, `x` back for the generic path, where
+/// `B` has none or `f` gives it back.
+fn fast_path<B: Backend, T, U>(x: T, f: impl FnOnce(T) -> Result<U, T>) -> Result<U, T> {
+    match fast::<B>() {
+        true => f(x),
+        false => Err(x),
+    }
+}
+
 /// `x·W + b` of a linear layer, `x`: `[rows, d_in]` → `[rows, d_out]`.
 pub fn linear<B: Backend>(layer: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
-    let x = if fast::<B>() {
-        match flex::linear(layer, x) {
-            Ok(y) => return y,
-            Err(x) => x,
-        }
-    } else {
-        x
+    let x = match fast_path::<B, _, _>(x, |x| flex::linear(layer, x)) {
+        Ok(y) => return y,
+        Err(x) => x,
     };
     layer.forward(x)
 }
@@ -53,10 +58,9 @@ pub fn fused_layer<B: Backend>(
     x: Tensor<B, 3>,
     padding: &Padding<B>,
 ) -> Result<Tensor<B, 3>, Tensor<B, 3>> {
-    match fast::<B>() {
-        true => flex::layer(parts, x, &padding.pad, MASKED_SCORE as f32),
-        false => Err(x),
-    }
+    fast_path::<B, _, _>(x, |x| {
+        flex::layer(parts, x, &padding.pad, MASKED_SCORE as f32)
+    })
 }
 
 /// `norm(x)`: a layer norm over the last axis.
@@ -64,13 +68,9 @@ pub fn layer_norm<B: Backend, const D: usize>(
     norm: &LayerNorm<B>,
     x: Tensor<B, D>,
 ) -> Tensor<B, D> {
-    let x = if fast::<B>() {
-        match flex::layer_norm(norm, x) {
-            Ok(y) => return y,
-            Err(x) => x,
-        }
-    } else {
-        x
+    let x = match fast_path::<B, _, _>(x, |x| flex::layer_norm(norm, x)) {
+        Ok(y) => return y,
+        Err(x) => x,
     };
     norm.forward(x)
 }
@@ -84,13 +84,9 @@ pub fn pooled<B: Backend>(
     x: Tensor<B, 3>,
     pad: Tensor<B, 2, Bool>,
 ) -> Tensor<B, 2> {
-    let x = if fast::<B>() {
-        match flex::pooled(norm, x, &pad) {
-            Ok(y) => return y,
-            Err(x) => x,
-        }
-    } else {
-        x
+    let x = match fast_path::<B, _, _>(x, |x| flex::pooled(norm, x, &pad)) {
+        Ok(y) => return y,
+        Err(x) => x,
     };
     let x = norm.forward(x);
     let [n, len, d] = x.dims();
@@ -108,13 +104,9 @@ pub fn pooled<B: Backend>(
 
 /// `x·Φ(x)` with Φ the standard normal CDF (PyTorch's `gelu`, `approximate="none"`).
 pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    let x = if fast::<B>() {
-        match flex::gelu(x) {
-            Ok(y) => return y,
-            Err(x) => x,
-        }
-    } else {
-        x
+    let x = match fast_path::<B, _, _>(x, |x| flex::gelu(x)) {
+        Ok(y) => return y,
+        Err(x) => x,
     };
     activation::gelu(x)
 }
@@ -130,13 +122,9 @@ pub fn sparse_times<B: Backend>(a: &Arc<SparseMatrix>, x: Tensor<B, 2>) -> Tenso
         x.dims()[0],
         a.shape()[1]
     );
-    let x = if fast::<B>() {
-        match flex::sparse_times(a, x) {
-            Ok(y) => return y,
-            Err(x) => x,
-        }
-    } else {
-        x
+    let x = match fast_path::<B, _, _>(x, |x| flex::sparse_times(a, x)) {
+        Ok(y) => return y,
+        Err(x) => x,
     };
     let device = x.device();
     let ([rows, _], d) = (a.shape(), x.dims()[1]);
