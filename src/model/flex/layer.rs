@@ -5,7 +5,8 @@
 //! sequences and runs the layer on them in its own buffers, in cache: layer norm, the q, k, v
 //! products, attention per sequence, the output product onto `x` (the residual connection),
 //! layer norm, the feed-forward block with GELU, and its product onto the residual rows. The
-//! kernels are the ones of the op-by-op path. Plain Flex only, without dropout.
+//! kernels are the ones of the op-by-op path; each weight is packed once per call for them all
+//! ([`Right`]). Plain Flex only, without dropout.
 
 use std::mem::MaybeUninit;
 
@@ -15,8 +16,9 @@ use rayon::prelude::*;
 
 use super::attention::{AttentionShape, Scratch, attend};
 use super::gelu::gelu_slice;
-use super::linear::{Dense, PARALLEL_PRODUCT, Start, plain, product_rows};
+use super::linear::{Dense, PARALLEL_PRODUCT, Right, plain, product_rows};
 use super::norm::NormParams;
+use super::panels::Start;
 use super::{FlexFloat, f32s, from_flex, tensor};
 
 /// A pre-norm Transformer layer's parts, by reference.
@@ -64,17 +66,22 @@ pub fn layer<B: Backend>(
     for norm in [&norm_a, &norm_f] {
         assert_eq!(norm.norm().d(), d, "layer: a layer norm of another size");
     }
+    let weights = params
+        .each_ref()
+        .map(|p| Right::new([n * len, p.dims[0], p.dims[1]], p.weight()));
     let layer = Layer {
-        params,
+        params: &params,
+        weights,
         norms: [norm_a.norm(), norm_f.norm()],
         shape: AttentionShape::new([len, d, parts.heads], masked_score, 0.0),
         xs: f32s(&x),
         pad: &pad,
     };
     // About four blocks per thread of a large layer, each of up to 64–256 rows (fewer where the
-    // hidden activations are wider: they stay within 256 KiB); a small layer in one block on
-    // this thread.
-    let most_rows = (64 * 1024 / f.max(1)).clamp(64, 256);
+    // hidden activations are wider: they stay within 1 MiB); a small layer in one block on
+    // this thread. Each block reads all the layer's weights (3 MiB on `small`, more than a
+    // core's L2 cache): blocks of 64 rows there made inference 1.2× slower than 256.
+    let most_rows = (256 * 1024 / f.max(1)).clamp(64, 256);
     let sequences = match large {
         true => n.div_ceil(4 * threads).min((most_rows / len).max(1)),
         false => n,
@@ -103,10 +110,11 @@ fn collect(dense: [Option<Dense>; 6]) -> Option<[Dense; 6]> {
     dense.try_into().ok()
 }
 
-/// A layer's weights (query, key, value, attention output, feed-forward in and out), norms and
-/// input, as slices.
+/// A layer's linear layers (query, key, value, attention output, feed-forward in and out),
+/// their weights as products' right operands, its norms and input, as slices.
 struct Layer<'a> {
-    params: [Dense; 6],
+    params: &'a [Dense; 6],
+    weights: [Right<'a>; 6],
     norms: [super::norm::Norm<'a>; 2],
     shape: AttentionShape,
     /// `[n, len, d]`.
@@ -131,7 +139,8 @@ impl Layer<'_> {
     /// The layer on the sequences from `first` on whose output rows are `out`.
     fn run(&self, first: usize, out: &mut [MaybeUninit<f32>], b: &mut Buffers) {
         let AttentionShape { len, d, .. } = self.shape;
-        let [query, key, value, attention_out, ff_in, ff_out] = &self.params;
+        let [query, key, value, attention_out, ff_in, ff_out] = self.params;
+        let [w_query, w_key, w_value, w_attention_out, w_ff_in, w_ff_out] = &self.weights;
         let f = ff_in.dims[1];
         let (rows, at) = (out.len() / d, first * len * d);
         let x = &self.xs[at..at + rows * d];
@@ -140,10 +149,11 @@ impl Layer<'_> {
         // have (checked by `layer`).
         let threads = gemm::Parallelism::None;
         let normed = &*unsafe { written(&mut b.normed, rows * d, |o| self.norms[0].rows(x, o)) };
-        for (buffer, layer) in [(&mut b.q, query), (&mut b.k, key), (&mut b.v, value)] {
+        let qkv = [(&mut b.q, query, w_query), (&mut b.k, key, w_key)];
+        for (buffer, layer, w) in qkv.into_iter().chain([(&mut b.v, value, w_value)]) {
             let start = Start::Bias(layer.bias());
             let product = |o: &mut [MaybeUninit<f32>]| unsafe {
-                product_rows([d, d], 0, (normed, d, 1), layer.weight(), start, o, threads)
+                product_rows([d, d], 0, (normed, d, 1), w, start, o, threads)
             };
             unsafe { written(buffer, rows * d, product) };
         }
@@ -168,7 +178,7 @@ impl Layer<'_> {
                     [d, d],
                     0,
                     (context, d, 1),
-                    attention_out.weight(),
+                    w_attention_out,
                     start,
                     o,
                     threads,
@@ -179,23 +189,13 @@ impl Layer<'_> {
         let hidden = unsafe {
             written(&mut b.hidden, rows * f, |o| {
                 let start = Start::Bias(ff_in.bias());
-                product_rows([d, f], 0, (normed, d, 1), ff_in.weight(), start, o, threads)
+                product_rows([d, f], 0, (normed, d, 1), w_ff_in, start, o, threads)
             })
         };
         gelu_slice(hidden);
         let start = Start::Residual(x, ff_out.bias());
         // SAFETY: as above.
-        unsafe {
-            product_rows(
-                [f, d],
-                0,
-                (hidden, f, 1),
-                ff_out.weight(),
-                start,
-                out,
-                threads,
-            )
-        };
+        unsafe { product_rows([f, d], 0, (hidden, f, 1), w_ff_out, start, out, threads) };
     }
 }
 

@@ -15,6 +15,7 @@ use burn::prelude::*;
 use burn::tensor::{DType, TensorMetadata};
 use rayon::prelude::*;
 
+use super::panels::{Operand, Panels, Start};
 use super::{CHUNK, FlexFloat, f32s, from_flex, tensor, to_flex};
 use crate::backend::BackendKind;
 
@@ -144,18 +145,28 @@ fn flex_linear(x: &FlexTensor, w: &FlexTensor, b: &FlexTensor) -> FlexTensor {
     tensor(out, [m, n])
 }
 
-/// What the output rows of a [`product`] start as (the product is added to them).
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Start<'a> {
-    Zero,
-    /// `[n]`, on every row: a linear layer's bias.
-    Bias(&'a [f32]),
-    /// `[m, n]` plus a bias `[n]` on every row: a residual connection around a linear layer.
-    Residual(&'a [f32], &'a [f32]),
+/// A product's right operand as given, and packed into [`Panels`] where clue's AVX-512 kernel
+/// takes it (the gemm crate runs the others).
+pub(super) struct Right<'a> {
+    given: Operand<'a>,
+    panels: Option<Panels>,
 }
 
-/// A matrix operand: its values, row stride and column stride.
-pub(super) type Operand<'a> = (&'a [f32], usize, usize);
+impl<'a> Right<'a> {
+    /// `rhs` (`[k, n]`) of products of `m` rows in all: packed when [`Panels::pack`] takes it.
+    pub(super) fn new([m, k, n]: [usize; 3], rhs: Operand<'a>) -> Self {
+        let panels = Panels::pack([m, k, n], rhs);
+        Right { given: rhs, panels }
+    }
+
+    /// `rhs` for the gemm crate.
+    fn given(rhs: Operand<'a>) -> Self {
+        Right {
+            given: rhs,
+            panels: None,
+        }
+    }
+}
 
 /// `lhs · rhs` for `[m, k, n]` = (`[m, k]`, `[k, n]`), each operand a slice with its row and
 /// column strides; row-major `[m, n]`, added to `start`. The gemm crate, as Flex. A large
@@ -169,22 +180,28 @@ pub(crate) fn product([m, k, n]: [usize; 3], lhs: Operand, rhs: Operand, start: 
     let mut out = Vec::with_capacity(m * n);
     let spare = &mut out.spare_capacity_mut()[..m * n];
     let big = m * n * k >= PARALLEL_PRODUCT;
+    let blocks = big.then(|| block_rows(m, [k, n])).flatten();
+    // A product with few rows but much work runs on the gemm crate's threads.
+    let rhs = match big && blocks.is_none() {
+        true => Right::given(rhs),
+        false => Right::new([m, k, n], rhs),
+    };
     // SAFETY (each `product_rows`): the operands and the start were checked for all `m` rows;
     // each call writes all the values of its rows, which together are all `m·n` values.
-    match big.then(|| block_rows(m, [k, n])).flatten() {
+    match blocks {
         Some(rows) => spare
             .par_chunks_mut(rows * n)
             .enumerate()
             .for_each(|(i, part)| unsafe {
                 let one = gemm::Parallelism::None;
-                product_rows([k, n], i * rows, lhs, rhs, start, part, one)
+                product_rows([k, n], i * rows, lhs, &rhs, start, part, one)
             }),
         None => unsafe {
             let threads = match big {
                 true => gemm::Parallelism::Rayon(0),
                 false => gemm::Parallelism::None,
             };
-            product_rows([k, n], 0, lhs, rhs, start, spare, threads)
+            product_rows([k, n], 0, lhs, &rhs, start, spare, threads)
         },
     }
     unsafe { out.set_len(m * n) };
@@ -206,8 +223,10 @@ fn check_operands([m, k, n]: [usize; 3], lhs: Operand, rhs: Operand, start: Star
     assert!(fits, "product: start size");
 }
 
-/// Rows `first..first + out.len() / n` of [`product`] into `out`, with the gemm crate's
-/// `parallelism`: `first` offsets the left operand and a residual start's rows.
+/// Rows `first..first + out.len() / n` of [`product`] into `out`: `first` offsets the left
+/// operand and a residual start's rows. clue's AVX-512 kernel where the right operand is
+/// packed into panels (and the left one has unit column stride), else the gemm crate with
+/// `parallelism`.
 ///
 /// # Safety
 /// The left operand holds rows `first..first + out.len() / n` of `k` columns and the right one
@@ -217,7 +236,7 @@ pub(super) unsafe fn product_rows(
     [k, n]: [usize; 2],
     first: usize,
     (lhs, lhs_rs, lhs_cs): Operand,
-    (rhs, rhs_rs, rhs_cs): Operand,
+    rhs: &Right,
     start: Start,
     out: &mut [MaybeUninit<f32>],
     parallelism: gemm::Parallelism,
@@ -226,6 +245,12 @@ pub(super) unsafe fn product_rows(
     if rows == 0 {
         return;
     }
+    if let Some(panels) = rhs.panels.as_ref().filter(|_| lhs_cs == 1) {
+        // SAFETY: the caller's contract, which is the kernel's.
+        unsafe { panels.product_rows(first, (lhs, lhs_rs, lhs_cs), start, out) };
+        return;
+    }
+    let (rhs, rhs_rs, rhs_cs) = rhs.given;
     match start {
         Start::Zero if k == 0 => out.fill(MaybeUninit::new(0.0)),
         Start::Zero => {}

@@ -37,6 +37,7 @@ mod gelu;
 mod layer;
 mod linear;
 mod norm;
+mod panels;
 mod simd;
 mod sparse;
 
@@ -44,10 +45,11 @@ pub use attention::attention;
 pub use gelu::gelu;
 pub use layer::{LayerParts, layer};
 pub use linear::linear;
-pub(crate) use linear::{Start, product};
+pub(crate) use linear::product;
 #[cfg(test)]
 pub(crate) use norm::tests::varied_norm;
 pub use norm::{LAYER_NORM_EPSILON, layer_norm, pooled};
+pub(crate) use panels::Start;
 pub use sparse::{SparseMatrix, sparse_times};
 
 /// `Autodiff<Flex>`'s float tensor (its type is not exported under a name).
