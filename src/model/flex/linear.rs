@@ -1,7 +1,8 @@
 //! Linear layers on Flex. Flex's matrix product zero-fills a byte buffer, copies it into an
-//! aligned one and adds the bias in a separate pass. Here `x·W + b` is one product (the gemm
-//! crate, as Flex) added to rows that start as the bias; the backward step writes the gradients
-//! straight from their products.
+//! aligned one and adds the bias in a separate pass. Here `x·W + b` is one product (clue's
+//! AVX-512 kernel of [`Panels`] for small weights where the CPU has it, else the gemm crate, as
+//! Flex) added to rows that start as the bias; the backward step writes the gradients straight
+//! from their products.
 
 use std::mem::MaybeUninit;
 
@@ -153,14 +154,15 @@ pub(super) struct Right<'a> {
 }
 
 impl<'a> Right<'a> {
-    /// `rhs` (`[k, n]`) of products of `m` rows in all: packed when [`Panels::pack`] takes it.
+    /// `rhs` (`[k, n]`) of products of `m` rows in all, with left operands of unit column
+    /// stride: packed when [`Panels::pack`] takes it.
     pub(super) fn new([m, k, n]: [usize; 3], rhs: Operand<'a>) -> Self {
         let panels = Panels::pack([m, k, n], rhs);
         Right { given: rhs, panels }
     }
 
     /// `rhs` for the gemm crate.
-    fn given(rhs: Operand<'a>) -> Self {
+    fn unpacked(rhs: Operand<'a>) -> Self {
         Right {
             given: rhs,
             panels: None,
@@ -169,22 +171,29 @@ impl<'a> Right<'a> {
 }
 
 /// `lhs · rhs` for `[m, k, n]` = (`[m, k]`, `[k, n]`), each operand a slice with its row and
-/// column strides; row-major `[m, n]`, added to `start`. The gemm crate, as Flex. A large
-/// product with many rows runs as blocks of rows on the rayon pool, each block one
-/// single-threaded gemm call whose output rows get their start while they are in cache (on
-/// 2 cores, copying the bias into all the rows first took a tenth of an inference call on one
-/// thread, and the gemm crate's own split of these shapes left a thread idle); a product with
-/// few rows (a weight gradient: `d_in` rows) uses the gemm crate's own threads.
+/// column strides; row-major `[m, n]`, added to `start`. A right operand that [`Panels`]
+/// takes is packed once for clue's AVX-512 kernel; the others go to the gemm crate, as Flex. A
+/// large product with many rows runs as blocks of rows on the rayon pool, each block one
+/// single-threaded call whose output rows get their start while they are in cache (on 2 cores,
+/// copying the bias into all the rows first took a tenth of an inference call on one thread,
+/// and the gemm crate's own split of these shapes left a thread idle); a product with few rows
+/// (a weight gradient: `d_in` rows) uses the gemm crate's own threads.
 pub(crate) fn product([m, k, n]: [usize; 3], lhs: Operand, rhs: Operand, start: Start) -> Vec<f32> {
     check_operands([m, k, n], lhs, rhs, start);
     let mut out = Vec::with_capacity(m * n);
     let spare = &mut out.spare_capacity_mut()[..m * n];
     let big = m * n * k >= PARALLEL_PRODUCT;
-    let blocks = big.then(|| block_rows(m, [k, n])).flatten();
+    let rhs = match lhs.2 {
+        1 => Right::new([m, k, n], rhs),
+        _ => Right::unpacked(rhs),
+    };
+    let blocks = big
+        .then(|| block_rows(m, [k, n], rhs.panels.is_some()))
+        .flatten();
     // A product with few rows but much work runs on the gemm crate's threads.
     let rhs = match big && blocks.is_none() {
-        true => Right::given(rhs),
-        false => Right::new([m, k, n], rhs),
+        true => Right::unpacked(rhs.given),
+        false => rhs,
     };
     // SAFETY (each `product_rows`): the operands and the start were checked for all `m` rows;
     // each call writes all the values of its rows, which together are all `m·n` values.
@@ -246,8 +255,8 @@ pub(super) unsafe fn product_rows(
         return;
     }
     if let Some(panels) = rhs.panels.as_ref().filter(|_| lhs_cs == 1) {
-        // SAFETY: the caller's contract, which is the kernel's.
-        unsafe { panels.product_rows(first, (lhs, lhs_rs, lhs_cs), start, out) };
+        assert_eq!(panels.dims(), [k, n], "product: panels of another shape");
+        panels.product_rows(first, (lhs, lhs_rs, lhs_cs), start, out);
         return;
     }
     let (rhs, rhs_rs, rhs_cs) = rhs.given;
@@ -304,11 +313,16 @@ pub(super) const PARALLEL_PRODUCT: usize = 1 << 20;
 /// Rows per block of a parallel product `[m, k, n]`, or `None` when it has too few rows to
 /// cut: about four blocks per thread (so that a thread held up elsewhere does not hold up the
 /// product), of about 256 KiB of output where the other bounds allow (it stays in cache between
-/// the start and the product). Each block packs the right operand again, so a block has at least
-/// 64 rows, or 256 when that operand does not fit in 256 KiB (a core's cache): then packing
-/// costs at most about 1/256 of the block's work.
-fn block_rows(m: usize, [k, n]: [usize; 2]) -> Option<usize> {
-    let least = if k * n <= 64 * 1024 { 64 } else { 256 };
+/// the start and the product). The gemm crate packs the right operand again for each block, so
+/// a block has at least 64 rows, or 256 when that operand does not fit in 256 KiB (a core's
+/// cache): then packing costs at most about 1/256 of the block's work. A right operand packed
+/// once into [`Panels`] (`packed`) needs only the 64.
+fn block_rows(m: usize, [k, n]: [usize; 2], packed: bool) -> Option<usize> {
+    let least = if packed || k * n <= 64 * 1024 {
+        64
+    } else {
+        256
+    };
     let rows = m
         .div_ceil(4 * rayon::current_num_threads())
         .min(64 * 1024 / n.max(1))
@@ -347,6 +361,7 @@ fn dims2(x: &FlexTensor) -> [usize; 2] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::VectorPath;
     use burn::backend::Autodiff;
 
     /// Flex's linear layer against Burn's, forward and backward, with a transposed input.
@@ -404,22 +419,29 @@ mod tests {
         assert_eq!(y, fast[0]);
     }
 
-    /// The product in each of its three ways (one thread, blocks of rows, the gemm crate's
-    /// threads), with and without a bias, a transposed left operand, and an empty inner axis,
-    /// against sums in f64.
+    /// The product in each of its ways (one thread; blocks of rows, with clue's AVX-512 kernel
+    /// where the CPU has it and the left operand has unit column stride, else the gemm crate;
+    /// the gemm crate's threads), with and without a bias, a transposed left operand, and an
+    /// empty inner axis, against sums in f64.
     #[test]
     fn product_matches_direct_sums() {
         let value = |i: usize, salt: usize| ((i * 31 + salt) % 23) as f32 / 11.0 - 1.0;
         for [m, k, n] in [[9, 5, 7], [300, 70, 50], [40, 600, 60], [150, 0, 8]] {
             let parallel = m * n * k >= PARALLEL_PRODUCT;
             assert_eq!(
-                (parallel, parallel && block_rows(m, [k, n]).is_some()),
+                (parallel, parallel && block_rows(m, [k, n], false).is_some()),
                 (m == 300 || m == 40, m == 300),
                 "[{m}, {k}, {n}]: the way this case is meant to test"
             );
             let (a, b) = (
                 (0..m * k).map(|i| value(i, 1)).collect::<Vec<_>>(),
                 (0..k * n).map(|i| value(i, 2)).collect::<Vec<_>>(),
+            );
+            let avx512 = VectorPath::active() == VectorPath::Avx512;
+            assert_eq!(
+                Right::new([m, k, n], (&b, n, 1)).panels.is_some(),
+                avx512 && m == 300,
+                "[{m}, {k}, {n}]: clue's kernel"
             );
             let bias: Vec<f32> = (0..n).map(|i| value(i, 3)).collect();
             let residual: Vec<f32> = (0..m * n).map(|i| value(i, 4)).collect();

@@ -3,7 +3,8 @@
 //! - **GELU** ([`gelu()`]): the exact GELU and its derivative, vectorised and on all cores
 //!   (Flex calls a scalar libm `erf` per element on one thread).
 //! - **Linear layers** ([`linear()`]): `x·W + b` as one product added to rows that start as the
-//!   bias, and a backward step that writes the gradients straight from their products.
+//!   bias, and a backward step that writes the gradients straight from their products; on
+//!   AVX-512, small weights are packed once for clue's own product kernel (`panels`).
 //! - **Whole Transformer layers in inference** ([`layer()`]): every step of a pre-norm layer
 //!   per block of sequences, in cache; the residual connections as products onto rows that
 //!   start as `x + b`.

@@ -15,7 +15,8 @@ use std::mem::MaybeUninit;
 
 use crate::cpu::VectorPath;
 
-/// What the output rows of a product (see [`product`](super::product)) start as (the product is added to them).
+/// What the output rows of a [`product`](super::product) start as (the product is added to
+/// them).
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Start<'a> {
     Zero,
@@ -30,11 +31,6 @@ pub(super) type Operand<'a> = (&'a [f32], usize, usize);
 
 /// Columns per panel: four vectors of 16.
 const PANEL: usize = 64;
-/// Rows per register tile.
-const TILE_ROWS: usize = 6;
-/// Inner-axis steps per pass over a panel, at most: 128 panel rows are 32 KiB, which stay in
-/// a core's L1 data cache (48 KiB on the Xeon and on Zen 5) while every row tile uses them.
-const DEPTH: usize = 128;
 /// The largest right operand packed into panels (`k·n`).
 pub(super) const MOST_VALUES: usize = 1 << 18;
 /// The fewest rows a packed operand serves: packing costs about as much as a product of
@@ -42,7 +38,9 @@ pub(super) const MOST_VALUES: usize = 1 << 18;
 pub(super) const LEAST_ROWS: usize = 256;
 
 /// A right operand `[k, n]` copied into panels of [`PANEL`] columns, each `k` rows of its
-/// columns after one another; the last panel is `16·⌈w/16⌉` columns wide, zeros past `n`.
+/// columns after one another; the last panel, of `w` columns, is `16·⌈w/16⌉` wide (zeros past
+/// `n`).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(super) struct Panels {
     values: Vec<f32>,
     k: usize,
@@ -80,26 +78,40 @@ impl Panels {
         Some(Self { values, k, n })
     }
 
+    /// `[k, n]`.
+    pub(super) fn dims(&self) -> [usize; 2] {
+        [self.k, self.n]
+    }
+
     /// Rows `first..first + out.len() / n` of `lhs · self` added to `start`, into `out` (as
-    /// [`product_rows`](super::linear::product_rows)). `lhs` must have unit column stride.
-    ///
-    /// # Safety
-    /// The left operand holds rows `first..first + out.len() / n` of `k` columns at its row
-    /// stride, and a residual start holds those rows of `n` columns.
-    pub(super) unsafe fn product_rows(
+    /// [`product_rows`](super::linear::product_rows)), every value written. Panics unless
+    /// `lhs` has unit column stride and holds those rows, and the start holds `n` bias values
+    /// (and those rows).
+    pub(super) fn product_rows(
         &self,
         first: usize,
         (lhs, lhs_rs, lhs_cs): Operand,
         start: Start,
         out: &mut [MaybeUninit<f32>],
     ) {
-        assert_eq!(lhs_cs, 1, "panels: a left operand with unit column stride");
+        let (k, n) = (self.k, self.n);
+        let rows = out.len() / n;
+        assert!(out.len() == rows * n, "panels: whole output rows");
+        if rows == 0 {
+            return;
+        }
         assert!(
-            out.len().is_multiple_of(self.n),
-            "panels: whole output rows"
+            lhs_cs == 1 && (first + rows - 1) * lhs_rs + k <= lhs.len(),
+            "panels: left operand out of bounds"
         );
-        // SAFETY: `pack` returned `self` only where the CPU has AVX-512 (on x86-64); the
-        // operands' bounds are the caller's contract.
+        let fits = match start {
+            Start::Zero => true,
+            Start::Bias(bias) => bias.len() == n,
+            Start::Residual(values, bias) => values.len() >= (first + rows) * n && bias.len() == n,
+        };
+        assert!(fits, "panels: start size");
+        // SAFETY: `pack` returned `self` only where the CPU has AVX-512 (on x86-64), and the
+        // operands hold what the kernel reads (checked above).
         #[cfg(target_arch = "x86_64")]
         unsafe {
             x86::product(self, first, (lhs, lhs_rs), start, out)
@@ -123,7 +135,13 @@ mod x86 {
     use std::arch::x86_64::*;
     use std::mem::MaybeUninit;
 
-    use super::{DEPTH, PANEL, Panels, Start, TILE_ROWS, panel_width};
+    use super::{PANEL, Panels, Start, panel_width};
+
+    /// Rows per register tile.
+    const TILE_ROWS: usize = 6;
+    /// Inner-axis steps per pass over a panel, at most: 128 panel rows are 32 KiB, which stay
+    /// in a core's L1 data cache (48 KiB on the Xeon and on Zen 5) while every tile uses them.
+    const DEPTH: usize = 128;
 
     /// Where one register tile reads and writes: its first row of the left operand (at the
     /// pass's first inner index), of the output and of a residual start, all `R` rows at
@@ -148,6 +166,10 @@ mod x86 {
 
     /// See [`Panels::product_rows`]: panel by panel, in passes of up to [`DEPTH`] inner
     /// indices (split evenly), every row tile of `out` per pass.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F, and the operands and start hold what
+    /// [`Panels::product_rows`] checks.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn product(
         panels: &Panels,
@@ -289,7 +311,7 @@ mod tests {
     use super::*;
 
     /// Every tile (6 rows down to 1; 4 vectors of columns down to 1, with masked tails), one
-    /// pass and several (`k` past [`DEPTH`]), each start, a block of rows from the middle of a
+    /// pass and several (`k` past 128), each start, a block of rows from the middle of a
     /// left operand whose rows are longer than `k`, and a strided (transposed) right operand,
     /// against sums in f64; and the cases the kernel leaves to the gemm crate.
     #[test]
@@ -305,8 +327,11 @@ mod tests {
         for [k, n] in [
             [1, 5],
             [7, 16],
+            [33, 40],
+            [5, 50],
             [64, 64],
             [129, 17],
+            [70, 176],
             [300, 130],
             [256, 1024],
         ] {
@@ -319,16 +344,17 @@ mod tests {
             let residual: Vec<f32> = (0..m * n).map(|i| value(i, 4)).collect();
             for (rhs, rs, cs) in [(&b, n, 1), (&bt, 1, k)] {
                 let panels = Panels::pack([m, k, n], (rhs, rs, cs)).expect("packed");
-                for (first, rows) in [(0, 13), (100, 6), (200, 1), (m - 11, 11)] {
-                    for start in 0..3 {
-                        let start = match start {
+                // Tiles of 6 and 1, 6, 6 and 3, 6 and 4, 2, 1, 6 and 5 rows.
+                let blocks = [(0, 13), (40, 6), (100, 15), (120, 10), (200, 2), (230, 1)];
+                for (first, rows) in blocks.into_iter().chain([(m - 11, 11)]) {
+                    for (which, name) in ["zero", "bias", "residual"].into_iter().enumerate() {
+                        let start = match which {
                             0 => Start::Zero,
                             1 => Start::Bias(&bias),
                             _ => Start::Residual(&residual, &bias),
                         };
                         let mut out = vec![MaybeUninit::new(f32::NAN); rows * n];
-                        // SAFETY: rows `first..first + rows` of both operands exist.
-                        unsafe { panels.product_rows(first, (&lhs, lhs_rs, 1), start, &mut out) };
+                        panels.product_rows(first, (&lhs, lhs_rs, 1), start, &mut out);
                         for (at, got) in out.iter().enumerate() {
                             let (i, j) = (first + at / n, at % n);
                             let want = (0..k)
@@ -343,7 +369,7 @@ mod tests {
                             let got = unsafe { got.assume_init() } as f64;
                             assert!(
                                 (got - want).abs() <= 1e-5 * want.abs().max(1.0),
-                                "[{k}, {n}], row {i}, column {j}, {start:?}: {got} vs {want}"
+                                "[{k}, {n}], row {i}, column {j}, {name}: {got} vs {want}"
                             );
                         }
                     }
