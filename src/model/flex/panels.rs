@@ -32,10 +32,11 @@ pub(super) type Operand<'a> = (&'a [f32], usize, usize);
 /// Columns per panel: four vectors of 16.
 const PANEL: usize = 64;
 /// The largest right operand packed into panels (`k·n`).
-pub(super) const MOST_VALUES: usize = 1 << 18;
-/// The fewest rows a packed operand serves: packing costs about as much as a product of
-/// 16 rows, and the gemm crate packs blocks of up to 256 rows itself.
-pub(super) const LEAST_ROWS: usize = 256;
+const MOST_VALUES: usize = 1 << 18;
+/// The fewest rows a packed operand serves: below it packing is a large share of the work (in a
+/// warm loop, packing a 64×64 weight value by value took as long as its product with about a
+/// hundred rows), and the gemm crate packs for blocks of this many rows itself.
+const LEAST_ROWS: usize = 256;
 
 /// A right operand `[k, n]` copied into panels of [`PANEL`] columns, each `k` rows of its
 /// columns after one another; the last panel, of `w` columns, is `16·⌈w/16⌉` wide (zeros past
