@@ -187,14 +187,15 @@ pub(crate) fn product([m, k, n]: [usize; 3], lhs: Operand, rhs: Operand, start: 
         1 => Right::new([m, k, n], rhs),
         _ => Right::unpacked(rhs),
     };
+    // A packed right operand serves at least 256 rows, always enough for blocks; a product with
+    // few rows but much work runs on the gemm crate's threads.
     let blocks = big
         .then(|| block_rows(m, [k, n], rhs.panels.is_some()))
         .flatten();
-    // A product with few rows but much work runs on the gemm crate's threads.
-    let rhs = match big && blocks.is_none() {
-        true => Right::unpacked(rhs.given),
-        false => rhs,
-    };
+    assert!(
+        !big || blocks.is_some() || rhs.panels.is_none(),
+        "product: a packed operand without blocks"
+    );
     // SAFETY (each `product_rows`): the operands and the start were checked for all `m` rows;
     // each call writes all the values of its rows, which together are all `m·n` values.
     match blocks {
