@@ -2,8 +2,8 @@
 # One prepared GPU check of clue on CUDA, side by side with the PyTorch reference.
 #
 # Usage: scripts/gpu-check.sh [STAGE_DIR]   (results go to $OUT, default ./gpu-out)
-# STAGE_DIR holds: clue (or clue.gz, a release build), optionally clue-lean (a build without
-# fusion and autotune), tiny.toml, prepared/ (clue prepare output of
+# STAGE_DIR holds: clue (or clue.gz, a release build), optionally clue-fused (a build with
+# Burn's fusion and autotune), tiny.toml, prepared/ (clue prepare output of
 # a small clue synth log), torch_clue_ref.py. Every step has its own time limit, and the script
 # stops starting new steps after $BUDGET seconds, so one call never overruns its lease.
 set -u
@@ -44,12 +44,12 @@ RATE=$!
 CUBECL_DEBUG_LOG=$LOG step bench-tiny-first 150 "$CLUE" -v bench --backend cuda --preset tiny --steps 3 --warmup 1
 kill $RATE 2>/dev/null; tail -n 4 "$OUT/compile-rate.txt"
 gzip -f "$LOG" 2>/dev/null
-# 1b. The lean build (no fusion, no autotune; README "A lean GPU build"), if the stage holds one
-# (STAGE/clue-lean: cargo build --release --no-default-features --features cuda): its first step
-# with its own cold cache, then small's steady state next to the default build's below.
-if [ -x "$STAGE/clue-lean" ]; then
-  CLUE_KERNEL_CACHE=/tmp/clue-kernels-lean step bench-tiny-lean-first 120 "$STAGE/clue-lean" -v bench --backend cuda --preset tiny --steps 3 --warmup 1
-  CLUE_KERNEL_CACHE=/tmp/clue-kernels-lean step bench-small-lean 150 "$STAGE/clue-lean" -v bench --backend cuda --preset small --steps 10 --warmup 3
+# 1b. The fused build (Burn's fusion + autotune; README "The GPU build"), if the stage holds one
+# (STAGE/clue-fused: cargo build --release --features fusion,autotune): its first step with its
+# own cold cache, then small's steady state next to the default build's below.
+if [ -x "$STAGE/clue-fused" ]; then
+  CLUE_KERNEL_CACHE=/tmp/clue-kernels-fused step bench-tiny-fused-first 120 "$STAGE/clue-fused" -v bench --backend cuda --preset tiny --steps 3 --warmup 1
+  CLUE_KERNEL_CACHE=/tmp/clue-kernels-fused step bench-small-fused 150 "$STAGE/clue-fused" -v bench --backend cuda --preset small --steps 10 --warmup 3
 fi
 # 2. The same run again: with the kernel cache warm it should start at once.
 step bench-tiny-cached 90 "$CLUE" -v bench --backend cuda --preset tiny --steps 5 --warmup 2
@@ -57,6 +57,7 @@ echo "   kernel cache: $(du -sh "$CLUE_KERNEL_CACHE" 2>/dev/null | cut -f1)"
 
 # 3. Learning on cuda: a few hundred steps of tiny (f32).
 step fit-f32 150 "$CLUE" fit --backend cuda --config "$STAGE/tiny.toml" --data "$STAGE/prepared" --out /tmp/gpu-runs/run-f32 --no-tui --set train.epochs=4
+grep -E "^GPU (warm-up|kernels after)" "$OUT/fit-f32.log" | sed 's/^/   /'
 cp /tmp/gpu-runs/run-f32/summary.json "$OUT/fit-f32-summary.json" 2>/dev/null && python3 -c "import json,sys; s=json.load(open(sys.argv[1])); print('   summary:', {k: s.get(k) for k in ['final_train_loss','final_valid_loss','valid_retrieval_top1','chance_top1','steps','wall_s']})" "$OUT/fit-f32-summary.json"
 
 # 4. Same weights on two backends: a bundle trained on the CPU, scored on cuda and on ndarray.

@@ -15,7 +15,7 @@ pub enum BackendKind {
     /// Another CPU backend (burn-ndarray): Burn's operations, clue's dropout masks.
     Cpu,
     /// A GPU backend (CUDA, wgpu): Burn's operations and random numbers, and fixed tensor
-    /// shapes (every new shape costs a kernel compilation and an autotune run).
+    /// shapes (a new shape can cost kernel compilations and, with autotuning, an autotune run).
     Accelerator,
 }
 
@@ -51,6 +51,14 @@ impl BackendKind {
             Self::Flex if crate::cpu::drives_from_pool() => crate::cpu::on_pool(f),
             _ => f(),
         }
+    }
+
+    /// A GPU backend with Burn's kernel fusion (the `fusion` feature): steps read their outputs
+    /// to the host themselves (`ClueOutput::settle`), so that Burn's metric thread never cuts
+    /// the queue of fused operations at a run-time-dependent place (each new cut compiles new
+    /// kernels). Without fusion the learner's thread reads them, which costs no sync in a step.
+    pub fn fused(self) -> bool {
+        cfg!(feature = "fusion") && self == Self::Accelerator
     }
 
     /// Draw dropout masks on the host with clue's seeded generator (cheap on a CPU, and the

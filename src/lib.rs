@@ -13,6 +13,7 @@ pub mod data;
 pub mod embed;
 pub mod error;
 pub mod eval;
+pub mod gpu;
 pub mod model;
 pub mod scaling;
 pub mod train;

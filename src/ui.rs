@@ -50,6 +50,20 @@ pub fn bar(len: u64, message: &str, bytes: bool) -> ProgressBar {
     bar
 }
 
+/// A spinner with a message and the elapsed time, redrawn every 200 ms even while the calling
+/// thread is busy; hidden like [`bar`].
+pub fn spinner() -> ProgressBar {
+    if verbosity() == 0 {
+        return ProgressBar::hidden();
+    }
+    let spinner = ProgressBar::new_spinner();
+    spinner.set_style(
+        ProgressStyle::with_template("{spinner} {msg} [{elapsed}]").expect("static template"),
+    );
+    spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+    spinner
+}
+
 /// Render rows of (label, value) as an aligned two-column table.
 pub fn table(title: &str, rows: &[(String, String)]) -> String {
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);

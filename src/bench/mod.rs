@@ -20,6 +20,7 @@ use crate::backend::BackendKind;
 use crate::cpu::{CpuInfo, peak_rss_mib};
 use crate::data::batcher::{Item, UserBatch, UserBatcher, UserSample};
 use crate::error::{ClueError, Result};
+use crate::gpu::kernel_work;
 use crate::model::init::Init;
 use crate::model::{ClueModel, ModelConfig};
 use crate::train::config::TrainConfig;
@@ -288,16 +289,22 @@ pub fn bench<B: AutodiffBackend>(
     let mut losses = Vec::new();
     for (i, samples) in batches.iter().enumerate() {
         let t0 = Instant::now();
+        let before = kernel_work();
         let batch: UserBatch<B> = batcher.batch(samples.clone(), &device);
         let out = TrainStep::step(&trainee, batch);
         trainee = trainee.optimize(&mut optim, train.lr, out.grads);
         let stats = out.item.sync();
         let took = t0.elapsed().as_secs_f64();
+        // On a GPU: what the step compiled (CubeCL logs a moment later; a close count).
+        let work = before
+            .zip(kernel_work())
+            .map(|(b, a)| format!(", {}", a.since(b)));
         crate::ui::detail(format!(
-            "train step {}/{}: {took:.3} s, loss {:.4}",
+            "train step {}/{}: {took:.3} s, loss {:.4}{}",
             i + 1,
             batches.len(),
-            stats.loss
+            stats.loss,
+            work.unwrap_or_default()
         ));
         if i >= warmup {
             times.push(took);

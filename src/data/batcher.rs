@@ -200,8 +200,8 @@ pub fn length_groups(lengths: &[usize], overhead: usize) -> Vec<usize> {
     cuts
 }
 
-/// Fixed tensor shapes for accelerators, where every new shape costs a kernel compilation and
-/// an autotune run: slots and tokens are padded to the model's maxima and the number of distinct
+/// Fixed tensor shapes for accelerators, where a new shape can cost kernel compilations (and an
+/// autotune run): slots and tokens are padded to the model's maxima and the number of distinct
 /// items to a multiple of `item_multiple`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FixedShape {

@@ -144,7 +144,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Whether process `pid` still runs (Linux: `/proc/PID`; elsewhere every process is assumed
 /// to, so nothing is cleaned).
-fn process_alive(pid: u32) -> bool {
+pub(crate) fn process_alive(pid: u32) -> bool {
     !cfg!(target_os = "linux") || Path::new(&format!("/proc/{pid}")).exists()
 }
 

@@ -30,6 +30,7 @@ use crate::train::renderer::LogRenderer;
 use crate::train::schedule::WarmupCosine;
 use crate::train::score::score;
 use crate::train::step::{StepGuard, StepSettings, Trainee};
+use crate::train::warmup::{Warmed, warm_up_run};
 use crate::ui;
 
 /// Files of a run directory.
@@ -428,6 +429,8 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
     let t = &config.train;
     let optim = t.optimizer().init::<B, Trainee<B>>();
     let schedule = WarmupCosine::new(t.lr, total_steps, t.warmup_fraction, t.final_lr_fraction);
+    // On a GPU: compile the batch shapes' kernels now, counted (see `warmup.rs`).
+    let warmed = warm_up_run(&trainee, &optim, &config, &data, &plan, &valid_users);
     let logs = resume_period
         .map(|k| ResumedLogs::protect(run, k + 1))
         .transpose()
@@ -445,6 +448,7 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
     let result = training.launch(Learner::new(trainee, optim, schedule));
     drop(cluster); // the nodes leave together, right after their last step
     drop(result.renderer);
+    warmed.iter().for_each(Warmed::report);
     if let Some(logs) = logs {
         logs.restore().map_err(|e| {
             ClueError::bad_file(

@@ -77,6 +77,8 @@ pub struct ClueOutput<B: Backend> {
     pub logits: Tensor<B, 2>,
     /// `[1]`
     pub logit_scale: Tensor<B, 1>,
+    /// The statistics, once read to the host by [`ClueOutput::settle`].
+    pub host: Option<BatchStats>,
 }
 
 impl<B: Backend> ClueOutput<B> {
@@ -87,19 +89,27 @@ impl<B: Backend> ClueOutput<B> {
             loss: out.loss,
             logits: out.logits,
             logit_scale: scale,
+            host: None,
         }
     }
-}
 
-impl<B: Backend> ItemLazy for ClueOutput<B> {
-    type ItemSync = BatchStats;
+    /// Read the statistics to the host now, on the calling thread. A step on a fusion backend
+    /// does so (`BackendKind::fused`): Burn's learner reads its outputs on its metric thread,
+    /// which would cut the operations being queued for the next step at a different place each
+    /// time, and every new cut compiles new fused kernels.
+    pub fn settle(mut self) -> Self {
+        if self.host.is_none() {
+            self.host = Some(self.stats());
+        }
+        self
+    }
 
-    fn sync(self) -> BatchStats {
+    fn stats(&self) -> BatchStats {
         let n = self.logits.dims()[0];
         let data = Transaction::default()
-            .register(self.loss)
-            .register(self.logits)
-            .register(self.logit_scale)
+            .register(self.loss.clone())
+            .register(self.logits.clone())
+            .register(self.logit_scale.clone())
             .execute();
         let f = |d: &TensorData| {
             d.clone()
@@ -108,6 +118,14 @@ impl<B: Backend> ItemLazy for ClueOutput<B> {
                 .expect("float data")
         };
         BatchStats::from_host(f(&data[0])[0], &f(&data[1]), n, f(&data[2])[0])
+    }
+}
+
+impl<B: Backend> ItemLazy for ClueOutput<B> {
+    type ItemSync = BatchStats;
+
+    fn sync(self) -> BatchStats {
+        self.host.clone().unwrap_or_else(|| self.stats())
     }
 }
 

@@ -15,4 +15,5 @@ pub mod renderer;
 pub mod schedule;
 pub mod score;
 pub mod step;
+pub mod warmup;
 pub mod watchdog;

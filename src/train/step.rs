@@ -135,6 +135,7 @@ impl<B: AutodiffBackend> Trainee<B> {
             loss: Tensor::from_floats([f32::NAN], &device),
             logits: Tensor::zeros([n, n], &device),
             logit_scale: self.model.logit_scale(),
+            host: None,
         };
         TrainOutput {
             grads: GradientsParams::new(),
@@ -182,8 +183,10 @@ impl<B: AutodiffBackend> TrainStep for Trainee<B> {
             }
         }
         let clip_norm = self.settings.clip_norm;
-        BackendKind::of::<B>().drive(|| clip_global_norm(self, &mut grads, clip_norm));
-        TrainOutput { grads, item: out }
+        let kind = BackendKind::of::<B>();
+        kind.drive(|| clip_global_norm(self, &mut grads, clip_norm));
+        let item = if kind.fused() { out.settle() } else { out };
+        TrainOutput { grads, item }
     }
 
     /// The optimizer step, then CLIP's clamp of the logit scale at ln 100. The clamp keeps the
@@ -213,6 +216,8 @@ impl<B: Backend> InferenceStep for Trainee<B> {
     type Output = ClueOutput<B>;
 
     fn step(&self, batch: UserBatch<B>) -> ClueOutput<B> {
-        BackendKind::of::<B>().drive(|| self.output(&batch))
+        let kind = BackendKind::of::<B>();
+        let out = kind.drive(|| self.output(&batch));
+        if kind.fused() { out.settle() } else { out }
     }
 }

@@ -135,30 +135,6 @@ fn score_table(report: &ScoreReport) -> String {
     )
 }
 
-/// Keep compiled GPU kernels on disk so that only the first run on a machine pays for compiling
-/// them: CubeCL's compilation cache goes to `$CLUE_KERNEL_CACHE`, else `$XDG_CACHE_HOME/clue/kernels`
-/// or `~/.cache/clue/kernels`, unless a `cubecl.toml` already names one. `CUBECL_*` variables
-/// (e.g. `CUBECL_DEBUG_LOG`, `CUBECL_AUTOTUNE_LEVEL`) still apply.
-#[cfg(any(feature = "wgpu", feature = "cuda"))]
-fn kernel_cache() {
-    use cubecl_runtime::config::{CubeClRuntimeConfig, RuntimeConfig, cache::CacheConfig};
-    let dir = std::env::var_os("CLUE_KERNEL_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("clue/kernels"))
-        })
-        .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/clue/kernels")));
-    let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
-    if config.compilation.cache.is_none()
-        && let Some(dir) = dir
-        && std::fs::create_dir_all(&dir).is_ok()
-    {
-        ui::detail(format!("kernel cache: {}", dir.display()));
-        config.compilation.cache = Some(CacheConfig::File(dir));
-    }
-    CubeClRuntimeConfig::set(config);
-}
-
 /// Fail with a clear message, not a panic, when a GPU backend finds no device.
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 fn probe<B: burn::tensor::backend::Backend>(device: &B::Device, what: &str) -> anyhow::Result<()> {
@@ -188,14 +164,14 @@ fn dispatch(d: &DeviceArgs, job: &Job) -> anyhow::Result<()> {
         #[cfg(feature = "wgpu")]
         BackendName::Wgpu => {
             let device = burn::backend::wgpu::WgpuDevice::DefaultDevice;
-            kernel_cache();
+            let _logs = clue::gpu::configure();
             probe::<burn::backend::Wgpu>(&device, "wgpu")?;
             run_job::<Autodiff<burn::backend::Wgpu>>(device, job)
         }
         #[cfg(feature = "cuda")]
         BackendName::Cuda => {
             let device = burn::backend::cuda::CudaDevice::new(d.device);
-            kernel_cache();
+            let _logs = clue::gpu::configure();
             probe::<burn::backend::Cuda>(&device, "CUDA")?;
             if let Job::Fit(f) = job
                 && let Some(Devices::Indices(ix)) = &f.devices

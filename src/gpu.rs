@@ -1,0 +1,187 @@
+//! The GPU runtime's set-up, shared by every command on `wgpu` and `cuda`: CubeCL's compiled
+//! kernels kept on disk, and a count of the kernels it compiles and the autotune keys it tunes
+//! (what `clue fit` shows while it warms up, and what `clue bench -v` prints per step).
+//!
+//! CubeCL reports each compilation and each tuned key to its loggers; clue points the two
+//! loggers at files of its own process (unless a `cubecl.toml` configures them, or
+//! `CLUE_KERNEL_COUNT=off`) and counts their lines.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// The files this process's compilation and autotune loggers write (set by [`configure`]).
+static LOGS: OnceLock<Logs> = OnceLock::new();
+
+#[derive(Debug)]
+#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
+struct Logs {
+    compiled: Option<PathBuf>,
+    tuned: Option<PathBuf>,
+}
+
+/// Kernels compiled and autotune keys tuned by this process so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KernelWork {
+    pub compiled: usize,
+    pub tuned: usize,
+}
+
+impl KernelWork {
+    /// The work done since `earlier`.
+    pub fn since(self, earlier: KernelWork) -> KernelWork {
+        KernelWork {
+            compiled: self.compiled.saturating_sub(earlier.compiled),
+            tuned: self.tuned.saturating_sub(earlier.tuned),
+        }
+    }
+}
+
+impl std::fmt::Display for KernelWork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = |n: usize| if n == 1 { "" } else { "s" };
+        write!(f, "{} kernel{} compiled", self.compiled, s(self.compiled))?;
+        if self.tuned > 0 {
+            write!(f, ", {} autotune key{} tuned", self.tuned, s(self.tuned))?;
+        }
+        Ok(())
+    }
+}
+
+/// What this process has compiled and tuned so far; `None` when nothing counts them (a CPU
+/// backend, or a `cubecl.toml` that sends CubeCL's compilation log elsewhere).
+pub fn kernel_work() -> Option<KernelWork> {
+    let logs = LOGS.get()?;
+    let compiled = count_lines(logs.compiled.as_deref()?, "[Compiling kernel]");
+    let tuned = logs
+        .tuned
+        .as_deref()
+        .map_or(0, |p| count_lines(p, "Fastest result"));
+    Some(KernelWork { compiled, tuned })
+}
+
+/// [`kernel_work`] once CubeCL's logger has caught up: CubeCL logs from a task of its own, a
+/// moment after the compilation, so this waits until the count has held for half a second
+/// (at most 5 s).
+pub fn settled_work() -> Option<KernelWork> {
+    let start = std::time::Instant::now();
+    let mut last = kernel_work()?;
+    let mut held = start;
+    while held.elapsed().as_millis() < 500 && start.elapsed().as_secs() < 5 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let now = kernel_work()?;
+        if now != last {
+            (last, held) = (now, std::time::Instant::now());
+        }
+    }
+    Some(last)
+}
+
+/// Lines of `path` that start with `prefix` (0 when it cannot be read: nothing logged yet).
+fn count_lines(path: &Path, prefix: &str) -> usize {
+    std::fs::read_to_string(path)
+        .map(|s| s.lines().filter(|l| l.starts_with(prefix)).count())
+        .unwrap_or(0)
+}
+
+/// Removes this process's log files when the command ends (see [`configure`]).
+#[derive(Debug)]
+#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
+pub struct LogFiles(Vec<PathBuf>);
+
+impl Drop for LogFiles {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Configure CubeCL before the first GPU call:
+/// - keep compiled kernels on disk so that only the first run on a machine pays for compiling
+///   them: the compilation cache goes to `$CLUE_KERNEL_CACHE`, else
+///   `$XDG_CACHE_HOME/clue/kernels` or `~/.cache/clue/kernels`, unless a `cubecl.toml` already
+///   names one;
+/// - count compilations and tuned keys ([`kernel_work`]): the two loggers write to
+///   `<cache>/logs/{compiled,tuned}-<pid>.log` (removed when the returned value drops, or by a
+///   later process once this one is gone) unless a `cubecl.toml` configures them or
+///   `CLUE_KERNEL_COUNT=off`. On wgpu, CubeCL then creates its instance with wgpu's debugging
+///   flags (Vulkan's validation layer runs where it is installed).
+///
+/// `CUBECL_*` variables (e.g. `CUBECL_DEBUG_LOG`, `CUBECL_AUTOTUNE_LEVEL`) still apply.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub fn configure() -> LogFiles {
+    use cubecl_runtime::config::{
+        CubeClRuntimeConfig, RuntimeConfig, autotune::AutotuneLogLevel, cache::CacheConfig,
+        compilation::CompilationLogLevel,
+    };
+    let dir = std::env::var_os("CLUE_KERNEL_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("clue/kernels"))
+        })
+        .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/clue/kernels")))
+        .filter(|d| std::fs::create_dir_all(d).is_ok());
+    let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+    if config.compilation.cache.is_none()
+        && let Some(dir) = &dir
+    {
+        crate::ui::detail(format!("kernel cache: {}", dir.display()));
+        config.compilation.cache = Some(CacheConfig::File(dir.clone()));
+    }
+    // A log file of this process's own, created (empty) here so that CubeCL's logger, which
+    // panics on a file it cannot open, finds it writable. CubeCL opens it once per logger
+    // (each device, each tuner), neither truncating nor appending unless told: appending keeps
+    // their lines from overwriting each other.
+    let logs = dir.unwrap_or_else(std::env::temp_dir).join("logs");
+    remove_dead_logs(&logs);
+    let pid = std::process::id();
+    let own = |name: &str| {
+        let path = logs.join(format!("{name}-{pid}.log"));
+        let made = std::fs::create_dir_all(&logs).and_then(|()| std::fs::File::create(&path));
+        made.is_ok().then_some(path)
+    };
+    // Counted only where a `cubecl.toml` (or `CUBECL_DEBUG_LOG`) gives the logger no sink.
+    let count = std::env::var("CLUE_KERNEL_COUNT").map_or(true, |v| v != "off");
+    let c = &mut config.compilation.logger;
+    let compiled = match count && no_sink(&c.file, c.stdout || c.stderr || c.log.is_some()) {
+        true => own("compiled").inspect(|p| {
+            (c.level, c.file, c.append) = (CompilationLogLevel::Basic, Some(p.clone()), true);
+        }),
+        false => None,
+    };
+    let a = &mut config.autotune.logger;
+    let tuned = match no_sink(&a.file, a.stdout || a.stderr || a.log.is_some()) {
+        true if compiled.is_some() => own("tuned").inspect(|p| {
+            (a.level, a.file, a.append) = (AutotuneLogLevel::Minimal, Some(p.clone()), true);
+        }),
+        _ => None,
+    };
+    CubeClRuntimeConfig::set(config);
+    let files = compiled.iter().chain(&tuned).cloned().collect();
+    let _ = LOGS.set(Logs { compiled, tuned });
+    LogFiles(files)
+}
+
+/// A CubeCL logger with no file and no other output.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn no_sink(file: &Option<PathBuf>, elsewhere: bool) -> bool {
+    file.is_none() && !elsewhere
+}
+
+/// Remove the kernel logs of processes that are gone (killed before they could).
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn remove_dead_logs(logs: &Path) {
+    let Ok(entries) = std::fs::read_dir(logs) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .strip_suffix(".log")
+            .and_then(|n| n.rsplit_once('-'))
+            .and_then(|(_, pid)| pid.parse::<u32>().ok());
+        if pid.is_some_and(|p| !crate::data::store::process_alive(p)) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! The GPU warm-up of `clue fit`: compile the kernels of the batch shapes the run will meet
+//! before the learner starts, with a live count, so that a first run on a machine shows
+//! "compiling GPU kernels" instead of a dashboard stuck at step 0, and training steps run at
+//! their steady speed from the first one.
+//!
+//! On a GPU backend batches are padded to fixed shapes (`data::batcher::FixedShape`): the model's
+//! maxima and the number of distinct items rounded up to a multiple of `ITEM_MULTIPLE`. CubeCL's
+//! kernels take shapes as run-time arguments, so a new item count compiles nothing new, except
+//! where it changes an autotune key (a build with the `autotune` feature): those round each size
+//! up to a power of two. The warm-up therefore runs one step per class of batches (number of
+//! users, power-of-two class of the item count) among the first epochs' batches, with the
+//! class's largest item count, counted from the data before training.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use burn::data::dataloader::batcher::Batcher;
+use burn::data::dataset::Dataset;
+use burn::module::AutodiffModule;
+use burn::optim::Optimizer;
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use burn::train::{InferenceStep, ItemLazy, TrainStep};
+
+use crate::data::augment::{VALID_ROUND, Views};
+use crate::data::batcher::{FixedShape, UserBatch, UserBatcher, UserDataset, UserSample};
+use crate::data::store::PreparedDataset;
+use crate::gpu::{KernelWork, kernel_work, settled_work};
+use crate::train::config::RunConfig;
+use crate::train::loader::EpochPlan;
+use crate::train::step::Trainee;
+use crate::ui;
+
+/// Epochs whose batches the warm-up's classes are taken from (a later epoch's batch in another
+/// class compiles during training, and `clue fit` counts it at the end).
+pub const WARM_EPOCHS: usize = 3;
+
+/// One batch to warm up: its users (with their views), and its distinct items padded to `items`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WarmShape {
+    pub users: Vec<u32>,
+    pub views: Option<Views>,
+    pub items: usize,
+}
+
+/// The samples of `users` as the run's datasets make them (each service cut to `fixed.items`).
+fn samples(
+    data: &Arc<PreparedDataset>,
+    users: &[u32],
+    views: Option<Views>,
+    fixed: FixedShape,
+) -> Vec<UserSample> {
+    let ds = UserDataset::with_users(data.clone(), users.to_vec(), fixed.items, fixed.tokens)
+        .with_views(views);
+    (0..ds.len()).filter_map(|i| ds.get(i)).collect()
+}
+
+/// The batches to warm among `batches` (users and views of each): each batch's distinct items
+/// rounded up to a multiple of `fixed.item_multiple`; of the batches with the same number of
+/// users and the same power-of-two class of item count, the one with the most items.
+pub fn warm_shapes(
+    data: &Arc<PreparedDataset>,
+    batches: impl IntoIterator<Item = (Vec<u32>, Option<Views>)>,
+    fixed: FixedShape,
+) -> Vec<WarmShape> {
+    let mut classes: BTreeMap<(usize, usize), WarmShape> = BTreeMap::new();
+    let m = fixed.item_multiple.max(1);
+    for (users, views) in batches {
+        let distinct: HashSet<u32> = samples(data, &users, views, fixed)
+            .iter()
+            .flat_map(|s| s.services.iter().flatten().map(|i| i.id))
+            .collect();
+        let items = distinct.len().max(1).div_ceil(m) * m;
+        let key = (users.len(), items.next_power_of_two());
+        if classes.get(&key).is_none_or(|c| items > c.items) {
+            let shape = WarmShape {
+                users,
+                views,
+                items,
+            };
+            classes.insert(key, shape);
+        }
+    }
+    classes.into_values().collect()
+}
+
+/// The batch of `shape`, its distinct items padded to exactly `shape.items`.
+fn warm_batch<B: Backend>(
+    shape: &WarmShape,
+    data: &Arc<PreparedDataset>,
+    fixed: FixedShape,
+    device: &B::Device,
+) -> UserBatch<B> {
+    let batcher = UserBatcher::fixed(FixedShape {
+        item_multiple: shape.items,
+        ..fixed
+    });
+    batcher.batch(samples(data, &shape.users, shape.views, fixed), device)
+}
+
+/// The count after the warm-up, to tell what training compiled after it.
+#[derive(Debug)]
+pub struct Warmed(Option<KernelWork>);
+
+impl Warmed {
+    /// Print what was compiled since the warm-up (nothing to print when nothing counts).
+    pub fn report(&self) {
+        if let (Some(before), Some(now)) = (self.0, settled_work()) {
+            ui::say(format!(
+                "GPU kernels after the warm-up: {}",
+                now.since(before)
+            ));
+        }
+    }
+}
+
+/// Sets its flag when dropped.
+struct Done<'a>(&'a AtomicBool);
+
+impl Drop for Done<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Run, on clones of the model and optimizer: a training step with its AdamW update per
+/// training shape (the first shape twice: AdamW's first update takes another path than the
+/// later ones), then a validation step per validation shape, showing the kernels compiled as
+/// they come. Each step reads its outputs to the host, as in training.
+pub fn warm_up<B, O>(
+    trainee: &Trainee<B>,
+    optim: &O,
+    lr: f64,
+    (data, fixed): (&Arc<PreparedDataset>, FixedShape),
+    train: &[WarmShape],
+    valid: &[WarmShape],
+) where
+    B: AutodiffBackend,
+    O: Optimizer<Trainee<B>, B> + Clone,
+{
+    let start = Instant::now();
+    let before = kernel_work();
+    let device = trainee.model.devices()[0].clone();
+    let twice = train.len().min(1); // the first training shape runs twice
+    let total = train.len() + twice + valid.len();
+    let cache = if cfg!(feature = "cuda") {
+        "; CUDA keeps them on disk for later runs"
+    } else {
+        ""
+    };
+    ui::say(format!(
+        "compiling GPU kernels for {total} warm-up steps before the first step (a first run can take minutes{cache})"
+    ));
+    let label = Mutex::new(String::new());
+    let done = AtomicBool::new(false);
+    let show = |i: usize, what: &str, s: &WarmShape| {
+        let line = format!(
+            "step {i}/{total}: {what}, {} users × {} items",
+            s.users.len(),
+            s.items
+        );
+        *label.lock().unwrap_or_else(|e| e.into_inner()) = line;
+    };
+    std::thread::scope(|scope| {
+        // Redraws the count while the steps compile (a CubeCL compile blocks the caller).
+        scope.spawn(|| {
+            let bar = ui::spinner();
+            while !done.load(Ordering::Relaxed) {
+                let count = before
+                    .zip(kernel_work())
+                    .map(|(b, now)| format!(" ({})", now.since(b).compiled))
+                    .unwrap_or_default();
+                let line = label.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                bar.set_message(format!("compiling GPU kernels{count} · {line}"));
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            bar.finish_and_clear();
+        });
+        let _done = Done(&done); // also when a step panics: the spinner's thread must end
+        let mut learner = trainee.clone();
+        let mut optim = optim.clone();
+        for (i, s) in train.iter().take(1).chain(train).enumerate() {
+            show(i + 1, "training", s);
+            let out = TrainStep::step(&learner, warm_batch::<B>(s, data, fixed, &device));
+            learner = learner.optimize(&mut optim, lr, out.grads);
+            let _ = out.item.sync();
+        }
+        let frozen = learner.valid();
+        for (i, s) in valid.iter().enumerate() {
+            show(train.len() + twice + 1 + i, "validation", s);
+            let batch = warm_batch::<B::InnerBackend>(s, data, fixed, &device);
+            let _ = InferenceStep::step(&frozen, batch).sync();
+        }
+    });
+    let work = before
+        .zip(settled_work())
+        .map(|(b, now)| format!("{} in", now.since(b)))
+        .unwrap_or_else(|| "done in".into());
+    ui::say(format!(
+        "GPU warm-up: {work} {:.1} s",
+        start.elapsed().as_secs_f64()
+    ));
+}
+
+/// `clue fit`'s warm-up on a backend with fixed shapes (a GPU; nothing on a CPU backend, where
+/// nothing is compiled), on one device: the batches of the first [`WARM_EPOCHS`] epochs and the
+/// validation batches; then the backend's generator is seeded again with the run's seed, so that
+/// the warm-up's dropout draws leave training as it would have been. Data-parallel and
+/// multi-node runs skip it (their workers' shares have other shapes).
+pub fn warm_up_run<B, O>(
+    trainee: &Trainee<B>,
+    optim: &O,
+    config: &RunConfig,
+    data: &Arc<PreparedDataset>,
+    plan: &EpochPlan,
+    valid_users: &[u32],
+) -> Option<Warmed>
+where
+    B: AutodiffBackend,
+    O: Optimizer<Trainee<B>, B> + Clone,
+{
+    let (m, t) = (&config.model, &config.train);
+    let fixed = UserBatcher::of::<B>(m.max_items, m.max_item_tokens).fixed?;
+    let s = &trainee.settings;
+    if s.workers.len() > 1 || s.place.multi_node() {
+        ui::say("no GPU warm-up with several workers: the first steps compile the kernels");
+        return None;
+    }
+    let bs = t.batch_size.max(1);
+    let train = (0..WARM_EPOCHS.min(config.train.epochs.max(1))).flat_map(|e| {
+        let order = plan.epoch_order(e);
+        let views = t.views((e * plan.periods_per_epoch()) as u64);
+        let batches: Vec<_> = order.chunks(bs).map(|c| (c.to_vec(), views)).collect();
+        batches
+    });
+    let train = warm_shapes(data, train, fixed);
+    let vb = t.eval_batch().max(1);
+    let valid = valid_users
+        .chunks(vb)
+        .map(|c| (c.to_vec(), t.views(VALID_ROUND)));
+    let valid = warm_shapes(data, valid, fixed);
+    warm_up(trainee, optim, t.lr, (data, fixed), &train, &valid);
+    B::seed(&trainee.model.devices()[0], t.seed);
+    Some(Warmed(kernel_work()))
+}
