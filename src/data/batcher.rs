@@ -67,29 +67,35 @@ impl UserDataset {
         self.views = views;
         self
     }
+
+    /// User `index` and its services' item ids as [`Dataset::get`] serves them, without tokens.
+    pub fn item_ids(&self, index: usize) -> Option<(u32, Vec<Vec<u32>>)> {
+        let user = *self.users.get(index)?;
+        let services: Vec<Vec<u32>> = (0..self.data.num_services())
+            .map(|s| {
+                let seq = self.data.sequence(user as usize, s);
+                seq[seq.len().saturating_sub(self.max_items)..].to_vec()
+            })
+            .collect();
+        Some(match &self.views {
+            Some(views) => (user, views.apply(user, &services)),
+            None => (user, services),
+        })
+    }
 }
 
 impl Dataset<UserSample> for UserDataset {
     fn get(&self, index: usize) -> Option<UserSample> {
-        let user = *self.users.get(index)?;
-        let services = (0..self.data.num_services())
-            .map(|s| {
-                let seq = self.data.sequence(user as usize, s);
-                let recent = &seq[seq.len().saturating_sub(self.max_items)..];
-                recent
-                    .iter()
-                    .map(|&id| {
-                        let mut tokens = self.data.item_tokens(id);
-                        tokens.truncate(self.max_item_tokens);
-                        Item { id, tokens }
-                    })
-                    .collect()
-            })
-            .collect::<Vec<Vec<Item>>>();
-        let services = match &self.views {
-            Some(views) => views.apply(user, &services),
-            None => services,
+        let (user, ids) = self.item_ids(index)?;
+        let item = |id: u32| {
+            let mut tokens = self.data.item_tokens(id);
+            tokens.truncate(self.max_item_tokens);
+            Item { id, tokens }
         };
+        let services = ids
+            .into_iter()
+            .map(|s| s.into_iter().map(item).collect())
+            .collect();
         Some(UserSample { user, services })
     }
 
@@ -200,9 +206,8 @@ pub fn length_groups(lengths: &[usize], overhead: usize) -> Vec<usize> {
     cuts
 }
 
-/// Fixed tensor shapes for accelerators, where a new shape can cost kernel compilations (and an
-/// autotune run): slots and tokens are padded to the model's maxima and the number of distinct
-/// items to a multiple of `item_multiple`.
+/// Fixed tensor shapes for accelerators (a new shape can cost compilations): slots and tokens
+/// padded to the model's maxima, the number of distinct items to a multiple of `item_multiple`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FixedShape {
     pub items: usize,

@@ -25,7 +25,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::train::{InferenceStep, ItemLazy, TrainStep};
 
 use crate::data::augment::{VALID_ROUND, Views};
-use crate::data::batcher::{FixedShape, UserBatch, UserBatcher, UserDataset, UserSample};
+use crate::data::batcher::{FixedShape, UserBatch, UserBatcher, UserDataset};
 use crate::data::store::PreparedDataset;
 use crate::gpu::{KernelWork, kernel_work, settled_work};
 use crate::train::config::RunConfig;
@@ -37,24 +37,16 @@ use crate::ui;
 /// class compiles during training, and `clue fit` counts it at the end).
 pub const WARM_EPOCHS: usize = 3;
 
+/// Batches counted per epoch at most (the first ones and the last): counting is host work over
+/// every item id of a batch (~10⁶ ids for a batch of 256 users of `base`).
+pub const WARM_BATCHES: usize = 300;
+
 /// One batch to warm up: its users (with their views), and its distinct items padded to `items`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WarmShape {
     pub users: Vec<u32>,
     pub views: Option<Views>,
     pub items: usize,
-}
-
-/// The samples of `users` as the run's datasets make them (each service cut to `fixed.items`).
-fn samples(
-    data: &Arc<PreparedDataset>,
-    users: &[u32],
-    views: Option<Views>,
-    fixed: FixedShape,
-) -> Vec<UserSample> {
-    let ds = UserDataset::with_users(data.clone(), users.to_vec(), fixed.items, fixed.tokens)
-        .with_views(views);
-    (0..ds.len()).filter_map(|i| ds.get(i)).collect()
 }
 
 /// The batches to warm among `batches` (users and views of each): each batch's distinct items
@@ -68,15 +60,18 @@ pub fn warm_shapes(
     let mut classes: BTreeMap<(usize, usize), WarmShape> = BTreeMap::new();
     let m = fixed.item_multiple.max(1);
     for (users, views) in batches {
-        let distinct: HashSet<u32> = samples(data, &users, views, fixed)
-            .iter()
-            .flat_map(|s| s.services.iter().flatten().map(|i| i.id))
+        let ds = UserDataset::with_users(data.clone(), users, fixed.items, fixed.tokens)
+            .with_views(views);
+        let distinct: HashSet<u32> = (0..ds.len())
+            .filter_map(|i| ds.item_ids(i))
+            .flat_map(|(_, ids)| ids.into_iter().flatten())
             .collect();
         let items = distinct.len().max(1).div_ceil(m) * m;
-        let key = (users.len(), items.next_power_of_two());
+        let key = (ds.len(), items.next_power_of_two());
         if classes.get(&key).is_none_or(|c| items > c.items) {
+            let users = (0..ds.len()).filter_map(|i| ds.item_ids(i)).map(|(u, _)| u);
             let shape = WarmShape {
-                users,
+                users: users.collect(),
                 views,
                 items,
             };
@@ -93,11 +88,14 @@ fn warm_batch<B: Backend>(
     fixed: FixedShape,
     device: &B::Device,
 ) -> UserBatch<B> {
+    let ds = UserDataset::with_users(data.clone(), shape.users.clone(), fixed.items, fixed.tokens)
+        .with_views(shape.views);
+    let samples = (0..ds.len()).filter_map(|i| ds.get(i)).collect();
     let batcher = UserBatcher::fixed(FixedShape {
         item_multiple: shape.items,
         ..fixed
     });
-    batcher.batch(samples(data, &shape.users, shape.views, fixed), device)
+    batcher.batch(samples, device)
 }
 
 /// The count after the warm-up, to tell what training compiled after it.
@@ -232,8 +230,12 @@ where
     let train = (0..WARM_EPOCHS.min(config.train.epochs.max(1))).flat_map(|e| {
         let order = plan.epoch_order(e);
         let views = t.views((e * plan.periods_per_epoch()) as u64);
-        let batches: Vec<_> = order.chunks(bs).map(|c| (c.to_vec(), views)).collect();
-        batches
+        let chunks: Vec<&[u32]> = order.chunks(bs).collect();
+        // At most WARM_BATCHES per epoch, the last (short) one always among them.
+        let skip = chunks.len().saturating_sub(WARM_BATCHES);
+        let first = &chunks[..chunks.len().saturating_sub(skip + 1)];
+        let kept = first.iter().chain(chunks.last());
+        kept.map(|c| (c.to_vec(), views)).collect::<Vec<_>>()
     });
     let train = warm_shapes(data, train, fixed);
     let vb = t.eval_batch().max(1);
