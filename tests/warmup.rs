@@ -6,14 +6,17 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use burn::backend::NdArray;
+use burn::backend::{Autodiff, NdArray};
 use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataset::Dataset;
 use clue::data::augment::Views;
 use clue::data::batcher::{FixedShape, UserBatch, UserBatcher, UserDataset};
 use clue::data::store::{PreparedDataset, Split};
+use clue::model::ClueModel;
+use clue::model::init::Init;
 use clue::train::loader::EpochPlan;
-use clue::train::warmup::warm_shapes;
+use clue::train::step::{StepGuard, StepSettings, Trainee};
+use clue::train::warmup::{warm_shapes, warm_up};
 
 mod common;
 
@@ -32,9 +35,13 @@ fn made(
     (batch.len(), batch.item_groups[0].dims()[0])
 }
 
-fn check(views: Option<Views>) {
+fn data() -> Arc<PreparedDataset> {
     let root = common::fixture(200, 11, 512, 32);
-    let data = Arc::new(PreparedDataset::open(&root.join("p"), true).unwrap());
+    Arc::new(PreparedDataset::open(&root.join("p"), true).unwrap())
+}
+
+fn check(views: Option<Views>) {
+    let data = data();
     let users = data.users_in(Split::Train);
     // Batches of 7 users hold ~60 distinct items (two classes); 7 leaves a short batch.
     let (batch, fixed) = (
@@ -92,4 +99,41 @@ fn warm_shapes_are_the_batchers_shapes_one_per_class_covering_every_batch() {
 #[test]
 fn warm_shapes_count_the_items_of_simclr_views() {
     check(Some(Views::new(7, 0)));
+}
+
+/// The warm-up trains copies: the run's step count (which keys its dropout masks and ends up in
+/// `summary.json`) stays where it was, and a bad warm-up step would not stop the run.
+#[test]
+fn the_warm_up_counts_no_step_of_the_run() {
+    type B = Autodiff<NdArray>;
+    let data = data();
+    let fixed = FixedShape {
+        items: 16,
+        tokens: 12,
+        item_multiple: 8,
+    };
+    let users = data.users_in(Split::Train);
+    let shapes = warm_shapes(&data, users.chunks(6).map(|c| (c.to_vec(), None)), fixed);
+    let guard = StepGuard::new(Default::default(), 4);
+    let config = common::small_model(data.manifest.vocab_size as usize);
+    let trainee = Trainee::<B> {
+        model: ClueModel::new(&config, &mut Init::new(3, &Default::default())),
+        settings: StepSettings {
+            clip_norm: 1.0,
+            guard: Some(guard.clone()),
+            ..Default::default()
+        },
+    };
+    let optim = burn::optim::AdamWConfig::new().init::<B, Trainee<B>>();
+    warm_up(
+        &trainee,
+        &optim,
+        1e-3,
+        (&data, fixed),
+        &shapes,
+        &shapes[..1],
+    );
+    assert!(shapes.len() >= 2, "{} shapes", shapes.len());
+    assert_eq!(guard.steps(), 4, "the run's step count moved");
+    assert_eq!(guard.bad_step(), None);
 }

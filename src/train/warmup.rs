@@ -178,6 +178,7 @@ pub fn warm_up<B, O>(
         });
         let _done = Done(&done); // also when a step panics: the spinner's thread must end
         let mut learner = trainee.clone();
+        learner.settings.guard = None; // the run's steps are not counted, nor stopped, here
         let mut optim = optim.clone();
         for (i, s) in train.iter().take(1).chain(train).enumerate() {
             show(i + 1, "training", s);
