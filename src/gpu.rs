@@ -140,7 +140,7 @@ pub fn configure() -> LogFiles {
         let made = std::fs::create_dir_all(&logs).and_then(|()| std::fs::File::create(&path));
         made.is_ok().then_some(path)
     };
-    // Counted only where a `cubecl.toml` (or `CUBECL_DEBUG_LOG`) gives the logger no sink.
+    // Counted unless a `cubecl.toml` (or `CUBECL_DEBUG_LOG`) already gives a logger a sink.
     let count = std::env::var("CLUE_KERNEL_COUNT").map_or(true, |v| v != "off");
     let c = &mut config.compilation.logger;
     let compiled = match count && no_sink(&c.file, c.stdout || c.stderr || c.log.is_some()) {

@@ -289,7 +289,7 @@ pub fn bench<B: AutodiffBackend>(
     let mut losses = Vec::new();
     for (i, samples) in batches.iter().enumerate() {
         let t0 = Instant::now();
-        let before = kernel_work();
+        let before = (crate::ui::verbosity() >= 2).then(kernel_work).flatten(); // -v only
         let batch: UserBatch<B> = batcher.batch(samples.clone(), &device);
         let out = TrainStep::step(&trainee, batch);
         trainee = trainee.optimize(&mut optim, train.lr, out.grads);

@@ -60,7 +60,7 @@ pub fn warm_shapes(
     let mut classes: BTreeMap<(usize, usize), WarmShape> = BTreeMap::new();
     let m = fixed.item_multiple.max(1);
     for (users, views) in batches {
-        let ds = UserDataset::with_users(data.clone(), users, fixed.items, fixed.tokens)
+        let ds = UserDataset::with_users(data.clone(), users.clone(), fixed.items, fixed.tokens)
             .with_views(views);
         let distinct: HashSet<u32> = (0..ds.len())
             .filter_map(|i| ds.item_ids(i))
@@ -69,9 +69,8 @@ pub fn warm_shapes(
         let items = distinct.len().max(1).div_ceil(m) * m;
         let key = (ds.len(), items.next_power_of_two());
         if classes.get(&key).is_none_or(|c| items > c.items) {
-            let users = (0..ds.len()).filter_map(|i| ds.item_ids(i)).map(|(u, _)| u);
             let shape = WarmShape {
-                users: users.collect(),
+                users,
                 views,
                 items,
             };
