@@ -6,6 +6,7 @@
 //! loggers at files of its own process (unless a `cubecl.toml` configures them, or
 //! `CLUE_KERNEL_COUNT=off`) and counts their lines.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -100,7 +101,10 @@ impl Drop for LogFiles {
 /// - keep compiled kernels on disk so that only the first run on a machine pays for compiling
 ///   them: the compilation cache goes to `$CLUE_KERNEL_CACHE`, else
 ///   `$XDG_CACHE_HOME/clue/kernels` or `~/.cache/clue/kernels`, unless a `cubecl.toml` already
-///   names one;
+///   names one; CubeCL's autotune results go to `<cache>/autotune` unless a `cubecl.toml`
+///   names a place other than CubeCL's default (the `target/` of the Cargo project around the
+///   working directory); on CUDA (`cuda`), the driver's cache goes to `<cache>/cuda` unless the
+///   environment sets `CUDA_CACHE_PATH` ([`driver_cache`]);
 /// - count compilations and tuned keys ([`kernel_work`]): the two loggers write to
 ///   `<cache>/logs/{compiled,tuned}-<pid>.log` (removed when the returned value drops, or by a
 ///   later process once this one is gone) unless a `cubecl.toml` configures them or
@@ -109,7 +113,7 @@ impl Drop for LogFiles {
 ///
 /// `CUBECL_*` variables (e.g. `CUBECL_DEBUG_LOG`, `CUBECL_AUTOTUNE_LEVEL`) still apply.
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
-pub fn configure() -> LogFiles {
+pub fn configure(cuda: bool) -> LogFiles {
     use cubecl_runtime::config::{
         CubeClRuntimeConfig, RuntimeConfig, autotune::AutotuneLogLevel, cache::CacheConfig,
         compilation::CompilationLogLevel,
@@ -122,11 +126,23 @@ pub fn configure() -> LogFiles {
         .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/clue/kernels")))
         .filter(|d| std::fs::create_dir_all(d).is_ok());
     let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
-    if config.compilation.cache.is_none()
-        && let Some(dir) = &dir
-    {
-        crate::ui::detail(format!("kernel cache: {}", dir.display()));
-        config.compilation.cache = Some(CacheConfig::File(dir.clone()));
+    if let Some(dir) = &dir {
+        if config.compilation.cache.is_none() {
+            crate::ui::detail(format!("kernel cache: {}", dir.display()));
+            config.compilation.cache = Some(CacheConfig::File(dir.clone()));
+        }
+        // CubeCL's default ("target") is the `target/` of the Cargo project around the working
+        // directory, if any: the same run would tune again from another directory.
+        if matches!(config.autotune.cache, CacheConfig::Target) {
+            config.autotune.cache = CacheConfig::File(dir.join("autotune"));
+        }
+        if cuda {
+            for (name, value) in driver_cache(dir, |v| std::env::var_os(v).is_some()) {
+                // SAFETY: no other thread runs yet (this is called before the GPU runtime or
+                // any of the command's threads starts), so none reads the environment meanwhile.
+                unsafe { std::env::set_var(name, value) };
+            }
+        }
     }
     // A log file of this process's own, created (empty) here so that CubeCL's logger, which
     // panics on a file it cannot open, finds it writable. CubeCL opens it once per logger
@@ -162,6 +178,23 @@ pub fn configure() -> LogFiles {
     LogFiles(files)
 }
 
+/// The CUDA driver's cache of the machine code it builds from the PTX that CubeCL compiles
+/// (CubeCL's kernel cache holds PTX, so a new process still waits for the driver unless its
+/// cache hits): the variables to set, where `is_set` says the environment does not set them
+/// already: `CUDA_CACHE_PATH` in the kernel cache (`<dir>/cuda`, instead of `~/.nv`, so that
+/// one directory keeps every cache of a machine or a container) and `CUDA_CACHE_MAXSIZE` at
+/// the driver's largest, 4 GiB.
+#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
+fn driver_cache(dir: &Path, is_set: impl Fn(&str) -> bool) -> Vec<(&'static str, OsString)> {
+    [
+        ("CUDA_CACHE_PATH", dir.join("cuda").into_os_string()),
+        ("CUDA_CACHE_MAXSIZE", OsString::from("4294967296")),
+    ]
+    .into_iter()
+    .filter(|(name, _)| !is_set(name))
+    .collect()
+}
+
 /// A CubeCL logger with no file and no other output.
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 fn no_sink(file: &Option<PathBuf>, elsewhere: bool) -> bool {
@@ -183,5 +216,29 @@ fn remove_dead_logs(logs: &Path) {
         if pid.is_some_and(|p| !crate::data::store::process_alive(p)) {
             let _ = std::fs::remove_file(e.path());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_driver_cache_goes_next_to_the_kernels_unless_the_environment_says_otherwise() {
+        let dir = Path::new("/cache/clue/kernels");
+        let none = driver_cache(dir, |_| false);
+        assert_eq!(
+            none,
+            [
+                (
+                    "CUDA_CACHE_PATH",
+                    OsString::from("/cache/clue/kernels/cuda")
+                ),
+                ("CUDA_CACHE_MAXSIZE", OsString::from("4294967296")),
+            ]
+        );
+        let path_set = driver_cache(dir, |v| v == "CUDA_CACHE_PATH");
+        assert_eq!(path_set, [none[1].clone()]);
+        assert!(driver_cache(dir, |_| true).is_empty());
     }
 }

@@ -307,7 +307,7 @@ fn a_separate_coordinator_serves_and_a_dead_node_stops_the_other() {
     second.kill().unwrap();
     let _ = second.wait();
     let killed = Instant::now();
-    let status = exit_within(&mut first, Duration::from_secs(60));
+    let status = exit_within(&mut first, Duration::from_secs(60), &log);
     let t = std::fs::read_to_string(log).unwrap();
     assert!(!status.success(), "node 0 went on alone: {t}");
     assert!(t.contains("training stopped after"), "{t}");
@@ -342,7 +342,7 @@ fn a_suspended_node_stops_the_other_after_the_peer_timeout() {
     let stopped = Command::new("kill").args(["-STOP", &pid]).status().unwrap();
     assert!(stopped.success(), "kill -STOP {pid}");
     let start = Instant::now();
-    let status = exit_within(&mut first.0, Duration::from_secs(60));
+    let status = exit_within(&mut first.0, Duration::from_secs(60), &log);
     let waited = start.elapsed();
     let t = std::fs::read_to_string(log).unwrap();
     assert!(!status.success(), "node 0 went on alone: {t}");
@@ -413,8 +413,13 @@ fn wait_for_checkpoint(out: &Path) {
     assert!(checkpointed(), "{out:?} has no checkpoint after 60 s");
 }
 
-/// `child`'s exit status, or a failed test (the child killed) if it runs past `limit`.
-fn exit_within(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+/// `child`'s exit status, or a failed test (the child killed, its output `log` shown) if it
+/// runs past `limit`.
+fn exit_within(
+    child: &mut std::process::Child,
+    limit: Duration,
+    log: &Path,
+) -> std::process::ExitStatus {
     let start = Instant::now();
     while start.elapsed() < limit {
         if let Some(status) = child.try_wait().unwrap() {
@@ -423,5 +428,6 @@ fn exit_within(child: &mut std::process::Child, limit: Duration) -> std::process
         std::thread::sleep(Duration::from_millis(100));
     }
     let _ = child.kill();
-    panic!("still running after {limit:?}");
+    let output = std::fs::read_to_string(log).unwrap_or_default();
+    panic!("still running after {limit:?}; its output:\n{output}");
 }

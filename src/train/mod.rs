@@ -17,3 +17,4 @@ pub mod score;
 pub mod step;
 pub mod warmup;
 pub mod watchdog;
+pub mod workers;

@@ -164,14 +164,14 @@ fn dispatch(d: &DeviceArgs, job: &Job) -> anyhow::Result<()> {
         #[cfg(feature = "wgpu")]
         BackendName::Wgpu => {
             let device = burn::backend::wgpu::WgpuDevice::DefaultDevice;
-            let _logs = clue::gpu::configure();
+            let _logs = clue::gpu::configure(false);
             probe::<burn::backend::Wgpu>(&device, "wgpu")?;
             run_job::<Autodiff<burn::backend::Wgpu>>(device, job)
         }
         #[cfg(feature = "cuda")]
         BackendName::Cuda => {
             let device = burn::backend::cuda::CudaDevice::new(d.device);
-            let _logs = clue::gpu::configure();
+            let _logs = clue::gpu::configure(true);
             probe::<burn::backend::Cuda>(&device, "CUDA")?;
             if let Job::Fit(f) = job
                 && let Some(Devices::Indices(ix)) = &f.devices
