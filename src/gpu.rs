@@ -103,8 +103,8 @@ impl Drop for LogFiles {
 ///   `$XDG_CACHE_HOME/clue/kernels` or `~/.cache/clue/kernels`, unless a `cubecl.toml` already
 ///   names one; CubeCL's autotune results go to `<cache>/autotune` unless a `cubecl.toml`
 ///   names a place other than CubeCL's default (the `target/` of the Cargo project around the
-///   working directory); on CUDA (`cuda`), the driver's cache goes to `<cache>/cuda` unless the
-///   environment sets `CUDA_CACHE_PATH` ([`driver_cache`]);
+///   working directory, else `~/.cache/cubecl`); the CUDA driver's cache is set apart, at the
+///   start of the process ([`point_driver_cache`]);
 /// - count compilations and tuned keys ([`kernel_work`]): the two loggers write to
 ///   `<cache>/logs/{compiled,tuned}-<pid>.log` (removed when the returned value drops, or by a
 ///   later process once this one is gone) unless a `cubecl.toml` configures them or
@@ -113,18 +113,12 @@ impl Drop for LogFiles {
 ///
 /// `CUBECL_*` variables (e.g. `CUBECL_DEBUG_LOG`, `CUBECL_AUTOTUNE_LEVEL`) still apply.
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
-pub fn configure(cuda: bool) -> LogFiles {
+pub fn configure() -> LogFiles {
     use cubecl_runtime::config::{
         CubeClRuntimeConfig, RuntimeConfig, autotune::AutotuneLogLevel, cache::CacheConfig,
         compilation::CompilationLogLevel,
     };
-    let dir = std::env::var_os("CLUE_KERNEL_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("clue/kernels"))
-        })
-        .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/clue/kernels")))
-        .filter(|d| std::fs::create_dir_all(d).is_ok());
+    let dir = cache_dir().filter(|d| std::fs::create_dir_all(d).is_ok());
     let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
     if let Some(dir) = &dir {
         if config.compilation.cache.is_none() {
@@ -132,16 +126,10 @@ pub fn configure(cuda: bool) -> LogFiles {
             config.compilation.cache = Some(CacheConfig::File(dir.clone()));
         }
         // CubeCL's default ("target") is the `target/` of the Cargo project around the working
-        // directory, if any: the same run would tune again from another directory.
+        // directory, else `~/.cache/cubecl`: a run from inside a project would tune again. The
+        // tuner adds `autotune/` itself.
         if matches!(config.autotune.cache, CacheConfig::Target) {
-            config.autotune.cache = CacheConfig::File(dir.join("autotune"));
-        }
-        if cuda {
-            for (name, value) in driver_cache(dir, |v| std::env::var_os(v).is_some()) {
-                // SAFETY: no other thread runs yet (this is called before the GPU runtime or
-                // any of the command's threads starts), so none reads the environment meanwhile.
-                unsafe { std::env::set_var(name, value) };
-            }
+            config.autotune.cache = CacheConfig::File(dir.clone());
         }
     }
     // A log file of this process's own, created (empty) here so that CubeCL's logger, which
@@ -178,16 +166,43 @@ pub fn configure(cuda: bool) -> LogFiles {
     LogFiles(files)
 }
 
+/// Where GPU runs keep their caches: `$CLUE_KERNEL_CACHE`, else `$XDG_CACHE_HOME/clue/kernels`
+/// or `~/.cache/clue/kernels`.
+#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
+fn cache_dir() -> Option<PathBuf> {
+    std::env::var_os("CLUE_KERNEL_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("clue/kernels"))
+        })
+        .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/clue/kernels")))
+}
+
+/// Point the CUDA driver's cache into the kernel cache ([`driver_cache`]), unless the
+/// environment already sets it.
+///
+/// # Safety
+/// It sets environment variables: no other thread may read or write the environment meanwhile
+/// (call it first thing in `main`).
+#[cfg(feature = "cuda")]
+pub unsafe fn point_driver_cache() {
+    let Some(dir) = cache_dir() else { return };
+    for (name, value) in driver_cache(&dir, |v| std::env::var_os(v).is_some()) {
+        // SAFETY: the caller's promise, above.
+        unsafe { std::env::set_var(name, value) };
+    }
+}
+
 /// The CUDA driver's cache of the machine code it builds from the PTX that CubeCL compiles
 /// (CubeCL's kernel cache holds PTX, so a new process still waits for the driver unless its
-/// cache hits): the variables to set, where `is_set` says the environment does not set them
-/// already: `CUDA_CACHE_PATH` in the kernel cache (`<dir>/cuda`, instead of `~/.nv`, so that
-/// one directory keeps every cache of a machine or a container) and `CUDA_CACHE_MAXSIZE` at
-/// the driver's largest, 4 GiB.
-#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
+/// cache hits): those of its two variables that `is_set` says are not set already,
+/// `CUDA_CACHE_PATH` in `<dir>/cuda-driver` (instead of `~/.nv`, so that one directory keeps
+/// every cache of a machine or a container; CubeCL's own PTX is in `<dir>/cuda`) and
+/// `CUDA_CACHE_MAXSIZE` at the driver's largest, 4 GiB.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn driver_cache(dir: &Path, is_set: impl Fn(&str) -> bool) -> Vec<(&'static str, OsString)> {
     [
-        ("CUDA_CACHE_PATH", dir.join("cuda").into_os_string()),
+        ("CUDA_CACHE_PATH", dir.join("cuda-driver").into_os_string()),
         ("CUDA_CACHE_MAXSIZE", OsString::from("4294967296")),
     ]
     .into_iter()
@@ -232,7 +247,7 @@ mod tests {
             [
                 (
                     "CUDA_CACHE_PATH",
-                    OsString::from("/cache/clue/kernels/cuda")
+                    OsString::from("/cache/clue/kernels/cuda-driver")
                 ),
                 ("CUDA_CACHE_MAXSIZE", OsString::from("4294967296")),
             ]

@@ -1,14 +1,17 @@
 //! The GPU warm-up's batch shapes (`clue fit` on wgpu/cuda compiles their kernels before the
 //! first step): they are the shapes the fixed-shape batcher really makes, one per class of the
-//! run's batches (over several epochs' orders, with and without SimCLR views), and every batch
-//! falls in a class that was warmed.
+//! run's batches (over several epochs' orders, with and without SimCLR views, whole or cut in
+//! data-parallel shares and GradCache chunks), and every batch falls in a class that was warmed.
 
 use std::collections::BTreeSet;
+use std::ops::Range;
 use std::sync::Arc;
 
+use burn::backend::ndarray::NdArrayDevice;
 use burn::backend::{Autodiff, NdArray};
 use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataset::Dataset;
+use burn::prelude::*;
 use clue::data::augment::Views;
 use clue::data::batcher::{FixedShape, UserBatch, UserBatcher, UserDataset};
 use clue::data::store::{PreparedDataset, Split};
@@ -16,7 +19,7 @@ use clue::model::ClueModel;
 use clue::model::init::Init;
 use clue::train::loader::EpochPlan;
 use clue::train::step::{StepGuard, StepSettings, Trainee};
-use clue::train::warmup::{warm_shapes, warm_up};
+use clue::train::warmup::{StepCut, warm_shapes, warm_up};
 
 mod common;
 
@@ -40,7 +43,23 @@ fn data() -> Arc<PreparedDataset> {
     Arc::new(PreparedDataset::open(&root.join("p"), true).unwrap())
 }
 
-fn check(views: Option<Views>) {
+/// The class of the batch of `users` that a step cut by `cut` encodes: its users, and the
+/// users and power-of-two class of padded items of each piece, as the batcher makes them.
+fn class_of(
+    data: &Arc<PreparedDataset>,
+    users: &[u32],
+    views: Option<Views>,
+    fixed: FixedShape,
+    cut: StepCut,
+) -> (usize, Vec<(usize, usize)>) {
+    let pieces = cut.pieces(users.len()).into_iter().map(|r| {
+        let (n, items) = made(data, &users[r], views, fixed);
+        (n, items.next_power_of_two())
+    });
+    (users.len(), pieces.collect())
+}
+
+fn check(views: Option<Views>, cut: StepCut) {
     let data = data();
     let users = data.users_in(Split::Train);
     // Batches of 7 users hold ~60 distinct items (two classes); 7 leaves a short batch.
@@ -61,11 +80,15 @@ fn check(views: Option<Views>) {
                 .collect::<Vec<_>>()
         })
         .collect();
-    let shapes = warm_shapes(&data, batches.iter().map(|b| (b.clone(), views)), fixed);
-    let class = |users: usize, items: usize| (users, items.next_power_of_two());
+    let shapes = warm_shapes(
+        &data,
+        batches.iter().map(|b| (b.clone(), views)),
+        fixed,
+        cut,
+    );
     let classes: BTreeSet<_> = shapes
         .iter()
-        .map(|s| class(s.users.len(), s.items))
+        .map(|s| class_of(&data, &s.users, s.views, fixed, cut))
         .collect();
     assert_eq!(classes.len(), shapes.len(), "one shape per class");
     assert!(classes.len() >= 3, "the test spans classes: {classes:?}");
@@ -80,29 +103,70 @@ fn check(views: Option<Views>) {
             (s.users.len(), s.items)
         );
     }
-    // Every batch of the three epochs falls in a warmed class, with at most its items.
+    // Every batch of the three epochs falls in a warmed class; uncut, with at most its items.
     for b in &batches {
-        let (n, items) = made(&data, b, views, fixed);
-        let warmed = shapes
-            .iter()
-            .find(|s| class(s.users.len(), s.items) == class(n, items))
-            .unwrap_or_else(|| panic!("no warmed shape for {n} users × {items} items"));
-        assert!(items <= warmed.items, "{items} > {}", warmed.items);
+        let class = class_of(&data, b, views, fixed, cut);
+        assert!(classes.contains(&class), "no warmed shape for {class:?}");
+        if cut == StepCut::default() {
+            let (n, items) = made(&data, b, views, fixed);
+            let warmed = shapes
+                .iter()
+                .find(|s| class_of(&data, &s.users, s.views, fixed, cut) == class)
+                .unwrap();
+            assert!(
+                items <= warmed.items,
+                "{n} users: {items} > {}",
+                warmed.items
+            );
+        }
     }
 }
 
 #[test]
 fn warm_shapes_are_the_batchers_shapes_one_per_class_covering_every_batch() {
-    check(None);
+    check(None, StepCut::default());
 }
 
 #[test]
 fn warm_shapes_count_the_items_of_simclr_views() {
-    check(Some(Views::new(7, 0)));
+    check(Some(Views::new(7, 0)), StepCut::default());
+}
+
+#[test]
+fn warm_shapes_class_the_pieces_of_data_parallel_and_grad_cache_steps() {
+    check(
+        None,
+        StepCut {
+            workers: 2,
+            chunk: 3,
+        },
+    );
+    check(
+        Some(Views::new(7, 0)),
+        StepCut {
+            workers: 3,
+            chunk: 0,
+        },
+    );
+}
+
+/// The pieces are those `parallel_step` and GradCache encode: consecutive shares of ⌈n / W⌉
+/// users, each in chunks where the chunk is smaller, and the first user alone for a worker
+/// left without a share (5 users over 4 workers: 2, 2, 1 and a stand-in).
+#[test]
+fn step_cuts_give_the_workers_shares_and_chunks() {
+    let cut = |workers, chunk, n| StepCut { workers, chunk }.pieces(n);
+    assert_eq!(cut(0, 0, 7), vec![Range { start: 0, end: 7 }]);
+    assert_eq!(cut(1, 3, 7), [0..3, 3..6, 6..7]);
+    assert_eq!(cut(2, 3, 7), [0..3, 3..4, 4..7]);
+    assert_eq!(cut(2, 4, 8), [0..4, 4..8]);
+    assert_eq!(cut(4, 0, 5), [0..2, 2..4, 4..5, 0..1]);
+    assert_eq!(cut(4, 0, 16), [0..4, 4..8, 8..12, 12..16]);
 }
 
 /// The warm-up trains copies: the run's step count (which keys its dropout masks and ends up in
-/// `summary.json`) stays where it was, and a bad warm-up step would not stop the run.
+/// `summary.json`) stays where it was, and a bad warm-up step would not stop the run; with one
+/// worker and with two data-parallel workers (their shares classed apart).
 #[test]
 fn the_warm_up_counts_no_step_of_the_run() {
     type B = Autodiff<NdArray>;
@@ -113,27 +177,40 @@ fn the_warm_up_counts_no_step_of_the_run() {
         item_multiple: 8,
     };
     let users = data.users_in(Split::Train);
-    let shapes = warm_shapes(&data, users.chunks(6).map(|c| (c.to_vec(), None)), fixed);
-    let guard = StepGuard::new(Default::default(), 4);
     let config = common::small_model(data.manifest.vocab_size as usize);
-    let trainee = Trainee::<B> {
-        model: ClueModel::new(&config, &mut Init::new(3, &Default::default())),
-        settings: StepSettings {
-            clip_norm: 1.0,
-            guard: Some(guard.clone()),
-            ..Default::default()
-        },
-    };
-    let optim = burn::optim::AdamWConfig::new().init::<B, Trainee<B>>();
-    warm_up(
-        &trainee,
-        &optim,
-        1e-3,
-        (&data, fixed),
-        &shapes,
-        &shapes[..1],
-    );
-    assert!(shapes.len() >= 2, "{} shapes", shapes.len());
-    assert_eq!(guard.steps(), 4, "the run's step count moved");
-    assert_eq!(guard.bad_step(), None);
+    for workers in [1, 2] {
+        let cut = StepCut { workers, chunk: 0 };
+        let shapes = warm_shapes(
+            &data,
+            users.chunks(6).map(|c| (c.to_vec(), None)),
+            fixed,
+            cut,
+        );
+        let guard = StepGuard::new(Default::default(), 4);
+        let trainee = Trainee::<B> {
+            model: ClueModel::new(&config, &mut Init::new(3, &Default::default())),
+            settings: StepSettings {
+                clip_norm: 1.0,
+                guard: Some(guard.clone()),
+                workers: vec![NdArrayDevice::default().to_id(); workers],
+                ..Default::default()
+            },
+        };
+        let optim = burn::optim::AdamWConfig::new().init::<B, Trainee<B>>();
+        warm_up(
+            &trainee,
+            &optim,
+            1e-3,
+            (&data, fixed),
+            &shapes,
+            &shapes[..1],
+        );
+        assert!(shapes.len() >= 2, "{} shapes", shapes.len());
+        assert_eq!(
+            guard.steps(),
+            4,
+            "{workers} worker(s): the run's step count moved"
+        );
+        assert_eq!(guard.bad_step(), None);
+    }
 }

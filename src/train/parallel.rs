@@ -139,7 +139,11 @@ pub fn parallel_step<B: AutodiffBackend>(
                 let _ = tx.send((k, result));
             }),
         )
-        .map_err(|e| format!("{}: {e}", shared.name(k)))?;
+        .map_err(|e| {
+            // The workers started before it would wait for it in the collective.
+            abandon_workers();
+            format!("{}: {e}", shared.name(k))
+        })?;
     }
     drop(tx);
     let results = shared
@@ -165,6 +169,7 @@ pub fn parallel_step<B: AutodiffBackend>(
                 )
             }
             Stop::Died(worker) => {
+                // Its thread may be gone: the next step starts the workers' threads again.
                 abandon_workers();
                 format!("{} died", shared.name(worker))
             }

@@ -7,11 +7,13 @@
 //! maxima and the number of distinct items rounded up to a multiple of `ITEM_MULTIPLE`. CubeCL's
 //! kernels take shapes as run-time arguments, so a new item count compiles nothing new, except
 //! where it changes an autotune key (a build with the `autotune` feature): those round each size
-//! up to a power of two. The warm-up therefore runs one step per class of batches (number of
-//! users, power-of-two class of the item count) among the first epochs' batches, with the
-//! class's largest item count, counted from the data before training.
+//! up to a power of two. The warm-up therefore runs one step per class of batches among the
+//! first epochs' batches (number of users; number of users and power-of-two class of the item
+//! count of each piece the step encodes: the batch, or its data-parallel shares and GradCache
+//! chunks), with the class's largest item count, counted from the data before training.
 
 use std::collections::{BTreeMap, HashSet};
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -49,35 +51,89 @@ pub struct WarmShape {
     pub items: usize,
 }
 
-/// The batches to warm among `batches` (users and views of each): each batch's distinct items
-/// rounded up to a multiple of `fixed.item_multiple`; of the batches with the same number of
-/// users and the same power-of-two class of item count, the one with the most items.
+/// How a training step cuts its batch before the model encodes it: over `workers`
+/// data-parallel workers (consecutive shares of ⌈n / workers⌉ users, as
+/// [`crate::train::parallel::parallel_step`] cuts them) and each share in GradCache chunks of
+/// `chunk` users (0: none).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepCut {
+    pub workers: usize,
+    pub chunk: usize,
+}
+
+impl StepCut {
+    /// The users of each piece the model encodes, of a batch of `n` users: the shares, each in
+    /// chunks where GradCache cuts it, and the batch's first user alone for the workers left
+    /// without a share (a short batch's stand-in).
+    pub fn pieces(self, n: usize) -> Vec<Range<usize>> {
+        let w = self.workers.max(1);
+        let cut = |r: Range<usize>, by: usize| {
+            r.clone()
+                .step_by(by.max(1))
+                .map(move |f| f..(f + by).min(r.end))
+        };
+        let shares: Vec<_> = cut(0..n, n.div_ceil(w)).collect();
+        let mut pieces = Vec::new();
+        for share in &shares {
+            match self.chunk {
+                c if c > 0 && c < share.len() => pieces.extend(cut(share.clone(), c)),
+                _ => pieces.push(share.clone()),
+            }
+        }
+        if shares.len() < w && n > 0 {
+            pieces.push(0..1);
+        }
+        pieces
+    }
+}
+
+/// The batches to warm among `batches` (users and views of each), for steps that cut them as
+/// `cut` says: each piece's distinct items rounded up to a multiple of `fixed.item_multiple`;
+/// of the batches whose pieces have the same numbers of users and the same power-of-two
+/// classes of item count, the one with the most items.
 pub fn warm_shapes(
     data: &Arc<PreparedDataset>,
     batches: impl IntoIterator<Item = (Vec<u32>, Option<Views>)>,
     fixed: FixedShape,
+    cut: StepCut,
 ) -> Vec<WarmShape> {
-    let mut classes: BTreeMap<(usize, usize), WarmShape> = BTreeMap::new();
+    type Class = (usize, Vec<(usize, usize)>);
+    let mut classes: BTreeMap<Class, (usize, WarmShape)> = BTreeMap::new();
     let m = fixed.item_multiple.max(1);
+    let padded = |distinct: usize| distinct.max(1).div_ceil(m) * m;
     for (users, views) in batches {
         let ds = UserDataset::with_users(data.clone(), users.clone(), fixed.items, fixed.tokens)
             .with_views(views);
-        let distinct: HashSet<u32> = (0..ds.len())
-            .filter_map(|i| ds.item_ids(i))
-            .flat_map(|(_, ids)| ids.into_iter().flatten())
+        let items: Vec<HashSet<u32>> = (0..ds.len())
+            .map(|i| {
+                ds.item_ids(i)
+                    .map(|(_, ids)| ids.into_iter().flatten().collect())
+                    .unwrap_or_default()
+            })
             .collect();
-        let items = distinct.len().max(1).div_ceil(m) * m;
-        let key = (ds.len(), items.next_power_of_two());
-        if classes.get(&key).is_none_or(|c| items > c.items) {
+        let distinct = |r: Range<usize>| items[r].iter().flatten().collect::<HashSet<_>>().len();
+        let pieces: Vec<(usize, usize)> = cut
+            .pieces(items.len())
+            .into_iter()
+            .map(|r| (r.len(), padded(distinct(r))))
+            .collect();
+        let weight = pieces.iter().map(|&(_, i)| i).sum::<usize>();
+        let class = pieces
+            .iter()
+            .map(|&(n, i)| (n, i.next_power_of_two()))
+            .collect();
+        let key = (items.len(), class);
+        if classes.get(&key).is_none_or(|(w, _)| weight > *w) {
+            let items = padded(distinct(0..items.len()));
             let shape = WarmShape {
                 users,
                 views,
                 items,
             };
-            classes.insert(key, shape);
+            classes.insert(key, (weight, shape));
         }
     }
-    classes.into_values().collect()
+    classes.into_values().map(|(_, s)| s).collect()
 }
 
 /// The batch of `shape`, its distinct items padded to exactly `shape.items`.
@@ -203,10 +259,11 @@ pub fn warm_up<B, O>(
 }
 
 /// `clue fit`'s warm-up on a backend with fixed shapes (a GPU; nothing on a CPU backend, where
-/// nothing is compiled), on one device: the batches of the first [`WARM_EPOCHS`] epochs and the
-/// validation batches; then the backend's generator is seeded again with the run's seed, so that
-/// the warm-up's dropout draws leave training as it would have been. Data-parallel and
-/// multi-node runs skip it (their workers' shares have other shapes).
+/// nothing is compiled), on one node: the batches of the first [`WARM_EPOCHS`] epochs, classed
+/// by the pieces its steps encode (data-parallel shares, GradCache chunks: [`StepCut`]), and
+/// the validation batches; then the backend's generator is seeded again with the run's seed, so
+/// that the warm-up's dropout draws leave training as it would have been. Multi-node runs skip
+/// it (every node would have to warm up in step with the others, within `--peer-timeout`).
 pub fn warm_up_run<B, O>(
     trainee: &Trainee<B>,
     optim: &O,
@@ -222,10 +279,14 @@ where
     let (m, t) = (&config.model, &config.train);
     let fixed = UserBatcher::of::<B>(m.max_items, m.max_item_tokens).fixed?;
     let s = &trainee.settings;
-    if s.workers.len() > 1 || s.place.multi_node() {
-        ui::say("no GPU warm-up with several workers: the first steps compile the kernels");
+    if s.place.multi_node() {
+        ui::say("no GPU warm-up on several nodes: the first steps compile the kernels");
         return None;
     }
+    let cut = StepCut {
+        workers: s.workers.len(),
+        chunk: s.grad_cache_chunk,
+    };
     let bs = t.batch_size.max(1);
     let train = (0..WARM_EPOCHS.min(config.train.epochs.max(1))).flat_map(|e| {
         let order = plan.epoch_order(e);
@@ -237,12 +298,12 @@ where
         let kept = first.iter().chain(chunks.last());
         kept.map(|c| (c.to_vec(), views)).collect::<Vec<_>>()
     });
-    let train = warm_shapes(data, train, fixed);
+    let train = warm_shapes(data, train, fixed, cut);
     let vb = t.eval_batch().max(1);
     let valid = valid_users
         .chunks(vb)
         .map(|c| (c.to_vec(), t.views(VALID_ROUND)));
-    let valid = warm_shapes(data, valid, fixed);
+    let valid = warm_shapes(data, valid, fixed, StepCut::default());
     warm_up(trainee, optim, t.lr, (data, fixed), &train, &valid);
     B::seed(&trainee.model.devices()[0], t.seed);
     Some(Warmed(kernel_work()))

@@ -1,11 +1,11 @@
 //! The threads of the data-parallel workers ([`crate::train::parallel`]): worker k's part of
-//! every step runs on the same thread, started at its first step and kept for the process.
+//! every step runs on the same thread, started at its first step and kept until a step gives up
+//! on its workers ([`abandon_workers`]).
 //!
-//! A thread per step would cost more than its start: CubeCL gives each thread a stream of its
-//! own (`StreamId::current`, numbered in order of first use), and on CUDA and wgpu each stream
-//! keeps its own pool of device memory. New threads every step would walk the device through
-//! up to 128 streams (CubeCL's `max_streams`), each holding on to a step's worth of memory, with
-//! a cross-stream synchronisation wherever a worker reads the replica made on another stream.
+//! A thread per step would cost more than its start on CUDA: CubeCL gives each thread a stream
+//! of its own (`StreamId::current`, numbered in order of first use), and each stream keeps its
+//! own pool of device memory, so new threads every step would walk each GPU through up to 128
+//! streams (CubeCL's `max_streams`), each of which can hold on to a step's worth of memory.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Mutex;
@@ -36,14 +36,17 @@ pub fn run_on_worker(k: usize, job: Job) -> Result<(), String> {
             .map_err(|e| format!("starting thread {name} failed: {e}"))?;
         queues.push(tx);
     }
-    // The thread ends only when its queue is dropped, so the send cannot fail while it is here.
-    queues[k]
-        .send(job)
-        .map_err(|_| format!("worker {k}'s thread is gone"))
+    // The thread ends when its queue is dropped, or if it dies between jobs: then the next
+    // step starts it again.
+    queues[k].send(job).map_err(|_| {
+        queues.truncate(k);
+        format!("worker {k}'s thread is gone")
+    })
 }
 
-/// Leave the workers' threads behind (one is stuck in a call that may never return): each ends
-/// once it has run the jobs it was given, and the next step starts new ones.
+/// Leave the workers' threads behind (one may be stuck in a call that never returns, or be
+/// waiting for a worker that never started): each ends once it has run the jobs it was given,
+/// and the next step starts new ones.
 pub fn abandon_workers() {
     QUEUES.lock().unwrap_or_else(|e| e.into_inner()).clear();
 }

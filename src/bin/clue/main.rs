@@ -164,14 +164,14 @@ fn dispatch(d: &DeviceArgs, job: &Job) -> anyhow::Result<()> {
         #[cfg(feature = "wgpu")]
         BackendName::Wgpu => {
             let device = burn::backend::wgpu::WgpuDevice::DefaultDevice;
-            let _logs = clue::gpu::configure(false);
+            let _logs = clue::gpu::configure();
             probe::<burn::backend::Wgpu>(&device, "wgpu")?;
             run_job::<Autodiff<burn::backend::Wgpu>>(device, job)
         }
         #[cfg(feature = "cuda")]
         BackendName::Cuda => {
             let device = burn::backend::cuda::CudaDevice::new(d.device);
-            let _logs = clue::gpu::configure(true);
+            let _logs = clue::gpu::configure();
             probe::<burn::backend::Cuda>(&device, "CUDA")?;
             if let Job::Fit(f) = job
                 && let Some(Devices::Indices(ix)) = &f.devices
@@ -590,6 +590,11 @@ fn die_quietly_on_closed_pipe() {
 fn die_quietly_on_closed_pipe() {}
 
 fn main() -> ExitCode {
+    // SAFETY: the first statement: no other thread exists yet.
+    #[cfg(feature = "cuda")]
+    unsafe {
+        clue::gpu::point_driver_cache()
+    };
     keep_freed_memory();
     die_quietly_on_closed_pipe();
     let cli = Cli::parse();
