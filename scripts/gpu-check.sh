@@ -53,7 +53,7 @@ if [ -x "$STAGE/clue-fused" ]; then
 fi
 # 2. The same run again: with the kernel cache warm it should start at once.
 step bench-tiny-cached 90 "$CLUE" -v bench --backend cuda --preset tiny --steps 5 --warmup 2
-echo "   kernel cache: $(du -sh "$CLUE_KERNEL_CACHE" 2>/dev/null | cut -f1)"
+echo "   kernel cache: $(du -sh "$CLUE_KERNEL_CACHE" 2>/dev/null | cut -f1) (CubeCL's PTX: $(du -sh "$CLUE_KERNEL_CACHE/cuda" 2>/dev/null | cut -f1); the driver's cache: $(du -sh "$CLUE_KERNEL_CACHE/cuda-driver" 2>/dev/null | cut -f1))"
 
 # 3. Learning on cuda: a few hundred steps of tiny (f32).
 step fit-f32 150 "$CLUE" fit --backend cuda --config "$STAGE/tiny.toml" --data "$STAGE/prepared" --out /tmp/gpu-runs/run-f32 --no-tui --set train.epochs=4
