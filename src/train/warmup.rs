@@ -90,7 +90,7 @@ impl StepCut {
 /// The batches to warm among `batches` (users and views of each), for steps that cut them as
 /// `cut` says: each piece's distinct items rounded up to a multiple of `fixed.item_multiple`;
 /// of the batches whose pieces have the same numbers of users and the same power-of-two
-/// classes of item count, the one with the most items.
+/// classes of item count, the one with the most items over its pieces.
 pub fn warm_shapes(
     data: &Arc<PreparedDataset>,
     batches: impl IntoIterator<Item = (Vec<u32>, Option<Views>)>,
