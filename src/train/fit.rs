@@ -13,6 +13,7 @@ use burn::train::metric::LearningRateMetric;
 use burn::train::{Interrupter, Learner, SupervisedTraining};
 use serde::{Deserialize, Serialize};
 
+use crate::backend::BackendKind;
 use crate::bundle::{BUNDLE_DIR, BundleInfo, SplitScore, read_json, save_bundle};
 use crate::data::augment::VALID_ROUND;
 use crate::data::batcher::{UserBatch, UserBatcher, UserDataset};
@@ -343,7 +344,9 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
             m.max_item_tokens,
         ))
         .batch_size(config.train.eval_batch())
-        .num_workers(config.train.workers)
+        // A GPU loads on the learner's thread: Burn's loader threads, new every epoch, would each
+        // take a CubeCL stream of their own (see `loader::loader_stream`).
+        .num_workers(config.train.workers * !BackendKind::of::<B>().fixed_shapes() as usize)
         .set_device(device.clone())
         .build(
             UserDataset::with_users(
