@@ -488,4 +488,22 @@ mod tests {
         assert_eq!(nested_subset(&users, 1e-9).len(), 1);
         assert_eq!(nested_subset(&users[..100], 0.07).len(), 7);
     }
+
+    /// Loader thread w of every epoch builds on one stream, apart from the other loader threads'
+    /// and from a new thread's own.
+    #[test]
+    fn each_loader_thread_keeps_its_first_stream() {
+        let on_new_thread = |w: usize| {
+            std::thread::spawn(move || (loader_stream(w), StreamId::current()))
+                .join()
+                .unwrap()
+        };
+        let (first, _) = on_new_thread(0);
+        let (again, own) = on_new_thread(0);
+        assert_eq!(again, first);
+        assert_ne!(own, first, "a new thread has a new stream of its own");
+        let (other, _) = on_new_thread(1);
+        assert_ne!(other, first);
+        assert_eq!(on_new_thread(1).0, other);
+    }
 }
