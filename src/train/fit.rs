@@ -345,7 +345,7 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
         ))
         .batch_size(config.train.eval_batch())
         // A GPU loads on the learner's thread: Burn's loader threads, new every epoch, would each
-        // take a CubeCL stream of their own (see `loader::loader_stream`).
+        // take a CubeCL stream of their own (see `crate::train::streams`).
         .num_workers(config.train.workers * !BackendKind::of::<B>().fixed_shapes() as usize)
         .set_device(device.clone())
         .build(

@@ -12,16 +12,15 @@
 //! data) is reported to the run's [`StepGuard`], which stops the learner before the period's
 //! checkpoint, instead of ending the period early as if its data had run out.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, sync_channel};
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataloader::{DataLoader, DataLoaderIterator, Progress};
 use burn::data::dataset::Dataset;
 use burn::prelude::*;
-use burn::tensor::StreamId;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -33,6 +32,7 @@ use crate::error::panic_message;
 use crate::model::dropout::splitmix64;
 use crate::train::config::TrainConfig;
 use crate::train::step::StepGuard;
+use crate::train::streams::{Role, on_kept_stream};
 
 /// Which users each training step sees, epoch after epoch.
 #[derive(Debug, Clone, PartialEq)]
@@ -300,21 +300,6 @@ impl<B: Backend> DataLoader<B, UserBatch<B>> for PlanLoader<B> {
     }
 }
 
-/// The CubeCL stream that loader thread `w` builds its batches on: that of the process's first
-/// loader thread `w`, for all the later ones. CubeCL gives each new thread a new stream (of 128
-/// per device), and on a GPU each stream keeps its own pool of device memory: each epoch's
-/// loader threads on new streams would leave pools holding their batches' memory (lavapipe's
-/// streaming log showed 2 new streams per epoch from this loader, and the run's resident
-/// memory grew until 128 streams were in use).
-fn loader_stream(w: usize) -> StreamId {
-    static STREAMS: Mutex<Vec<Option<StreamId>>> = Mutex::new(Vec::new());
-    let mut streams = STREAMS.lock().unwrap_or_else(|e| e.into_inner());
-    if streams.len() <= w {
-        streams.resize(w + 1, None);
-    }
-    *streams[w].get_or_insert_with(StreamId::current)
-}
-
 /// Batches of a dataset in order, built ahead by `workers` threads: worker `w` builds batches
 /// `w, w + workers, …`, each into its own two-deep channel, and the iterator takes them round
 /// robin — the order is fixed and at most `2 × workers` batches wait in memory.
@@ -349,7 +334,7 @@ impl<B: Backend> OrderedBatches<B> {
             let handle = std::thread::Builder::new()
                 .name(format!("clue-loader-{w}"))
                 .spawn(move || {
-                    loader_stream(w).executes(|| {
+                    on_kept_stream(Role::Loader, w, || {
                         for b in (w..batches).step_by(workers) {
                             let samples = (b * batch_size..((b + 1) * batch_size).min(items))
                                 .filter_map(|i| dataset.get(i))
@@ -487,23 +472,5 @@ mod tests {
         assert_eq!(nested_subset(&users, 1.0), users);
         assert_eq!(nested_subset(&users, 1e-9).len(), 1);
         assert_eq!(nested_subset(&users[..100], 0.07).len(), 7);
-    }
-
-    /// Loader thread w of every epoch builds on one stream, apart from the other loader threads'
-    /// and from a new thread's own.
-    #[test]
-    fn each_loader_thread_keeps_its_first_stream() {
-        let on_new_thread = |w: usize| {
-            std::thread::spawn(move || (loader_stream(w), StreamId::current()))
-                .join()
-                .unwrap()
-        };
-        let (first, _) = on_new_thread(0);
-        let (again, own) = on_new_thread(0);
-        assert_eq!(again, first);
-        assert_ne!(own, first, "a new thread has a new stream of its own");
-        let (other, _) = on_new_thread(1);
-        assert_ne!(other, first);
-        assert_eq!(on_new_thread(1).0, other);
     }
 }

@@ -15,6 +15,6 @@ pub mod renderer;
 pub mod schedule;
 pub mod score;
 pub mod step;
+pub mod streams;
 pub mod warmup;
 pub mod watchdog;
-pub mod workers;

@@ -42,8 +42,8 @@ use crate::train::config::TrainConfig;
 use crate::train::grad_cache::MaskKey;
 use crate::train::loss::is_finite;
 use crate::train::metrics::{ClueOutput, StepParts};
+use crate::train::streams::{Role, on_kept_stream};
 use crate::train::watchdog::{Stop, Watch};
-use crate::train::workers::{abandon_workers, run_on_worker};
 
 /// What a data-parallel step gives back: worker 0's output (on the main device) and the summed
 /// gradients, or the first failed worker's message.
@@ -125,25 +125,22 @@ pub fn parallel_step<B: AutodiffBackend>(
             panic_message(p.as_ref())
         )
     })?;
-    // On the workers' own threads, kept from step to step ([`run_on_worker`]), not scoped: a
-    // worker stuck in a call to a vanished node must not keep the step from failing.
+    // Threads of their own, not scoped: a worker stuck in a call to a vanished node must not
+    // keep the step from failing. Each runs on its worker's kept CubeCL stream (see
+    // [`crate::train::streams`]).
     let (tx, rx) = std::sync::mpsc::channel();
     for (k, ((replica, part), device)) in placed.into_iter().zip(devices).enumerate() {
         let (ours, tx, device) = (shared.clone(), tx.clone(), device.clone());
-        run_on_worker(
-            k,
-            Box::new(move || {
-                let result =
+        std::thread::Builder::new()
+            .name(format!("clue-worker-{k}"))
+            .spawn(move || {
+                let result = on_kept_stream(Role::Worker, k, || {
                     catch_unwind(AssertUnwindSafe(|| ours.work(k, replica, part, &device)))
-                        .unwrap_or_else(|_| Err(format!("{} died", ours.name(k))));
+                        .unwrap_or_else(|_| Err(format!("{} died", ours.name(k))))
+                });
                 let _ = tx.send((k, result));
-            }),
-        )
-        .map_err(|e| {
-            // The workers started before it would wait for it in the collective.
-            abandon_workers();
-            format!("{}: {e}", shared.name(k))
-        })?;
+            })
+            .map_err(|e| format!("starting {} failed: {e}", shared.name(k)))?;
     }
     drop(tx);
     let results = shared
@@ -155,10 +152,8 @@ pub fn parallel_step<B: AutodiffBackend>(
                 call,
                 waited,
             } => {
-                // The worker is left waiting: the run's end must not wait for it again, and
-                // no later step may queue behind it.
+                // The worker is left waiting: the run's end must not wait for it again.
                 abandon_membership();
-                abandon_workers();
                 format!(
                     "{} waited {} s for the other nodes while {call} at step {step}, longer \
                      than --peer-timeout: another node stopped answering (suspended, powered \
@@ -168,11 +163,7 @@ pub fn parallel_step<B: AutodiffBackend>(
                     waited.as_secs()
                 )
             }
-            Stop::Died(worker) => {
-                // Its thread may be gone: the next step starts the workers' threads again.
-                abandon_workers();
-                format!("{} died", shared.name(worker))
-            }
+            Stop::Died(worker) => format!("{} died", shared.name(worker)),
         })?;
     let mut main = None;
     for (k, r) in results.into_iter().enumerate() {

@@ -104,16 +104,17 @@ pub fn warm_shapes(
     for (users, views) in batches {
         let ds = UserDataset::with_users(data.clone(), users.clone(), fixed.items, fixed.tokens)
             .with_views(views);
-        let items: Vec<HashSet<u32>> = (0..ds.len())
+        let user_items: Vec<HashSet<u32>> = (0..ds.len())
             .map(|i| {
                 ds.item_ids(i)
                     .map(|(_, ids)| ids.into_iter().flatten().collect())
                     .unwrap_or_default()
             })
             .collect();
-        let distinct = |r: Range<usize>| items[r].iter().flatten().collect::<HashSet<_>>().len();
+        let distinct =
+            |r: Range<usize>| user_items[r].iter().flatten().collect::<HashSet<_>>().len();
         let pieces: Vec<(usize, usize)> = cut
-            .pieces(items.len())
+            .pieces(user_items.len())
             .into_iter()
             .map(|r| (r.len(), padded(distinct(r))))
             .collect();
@@ -122,13 +123,12 @@ pub fn warm_shapes(
             .iter()
             .map(|&(n, i)| (n, i.next_power_of_two()))
             .collect();
-        let key = (items.len(), class);
+        let key = (user_items.len(), class);
         if classes.get(&key).is_none_or(|(w, _)| weight > *w) {
-            let items = padded(distinct(0..items.len()));
             let shape = WarmShape {
+                items: padded(distinct(0..user_items.len())),
                 users,
                 views,
-                items,
             };
             classes.insert(key, (weight, shape));
         }
