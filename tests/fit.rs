@@ -15,7 +15,7 @@ use clue::data::prepare::{Objective, PrepareOptions, prepare};
 use clue::data::store::{PreparedDataset, Split};
 use clue::train::config::RunConfig;
 use clue::train::fit::{FitSummary, fit};
-use clue::train::loader::{EpochPlan, PlanLoader};
+use clue::train::loader::{EpochPlan, ListLoader, PlanLoader};
 use clue::train::schedule::WarmupCosine;
 
 const CLUE: &str = env!("CARGO_BIN_EXE_clue");
@@ -355,6 +355,36 @@ fn the_training_loader_serves_each_period_in_the_plans_order() {
     let resumed = loader(3);
     let got: Vec<u32> = resumed.iter().flat_map(|b| b.users).collect();
     assert_eq!(got, plan.period_users(3));
+}
+
+#[test]
+fn the_validation_loader_serves_every_user_in_order_at_each_pass() {
+    let path = prepared(300, 8);
+    let data = Arc::new(PreparedDataset::open(&path, true).unwrap());
+    let users = data.users_in(Split::Valid);
+    assert!(users.len() > 11, "{} validation users", users.len());
+    let mut config = tiny();
+    (config.train.eval_batch_size, config.train.workers) = (7, 3);
+    let loader = ListLoader::<NdArray>::held_out(data, users.clone(), &config, Default::default());
+    assert_eq!(loader.num_items(), users.len());
+    let batches = |l: &dyn DataLoader<NdArray, _>| {
+        l.iter()
+            .map(|b: clue::data::batcher::UserBatch<NdArray>| b.users)
+            .collect::<Vec<_>>()
+    };
+    for pass in 0..2 {
+        let got = batches(&loader);
+        assert_eq!(got.concat(), users, "pass {pass}");
+        assert_eq!(got.len(), users.len().div_ceil(7));
+        assert!(got[..got.len() - 1].iter().all(|b| b.len() == 7));
+    }
+    let part = loader.slice(3, 11);
+    assert_eq!(part.num_items(), 8);
+    assert_eq!(batches(part.as_ref()).concat(), users[3..11]);
+    assert_eq!(
+        batches(loader.slice(5, 10_000).as_ref()).concat(),
+        users[5..]
+    );
 }
 
 #[test]

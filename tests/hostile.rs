@@ -64,11 +64,11 @@ fn fit_args<'a>(data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> 
     args
 }
 
-/// The first item of the first training user's first sequence, set to an id no item has
-/// (the file keeps its size).
-fn corrupt_an_item_id(data: &Path) {
+/// The first item of the first `split` user's first sequence, set to an id no item has (the
+/// file keeps its size).
+fn corrupt_an_item_id(data: &Path, split: clue::data::store::Split) {
     let ds = clue::data::store::PreparedDataset::open(data, true).unwrap();
-    let user = ds.users_in(clue::data::store::Split::Train)[0] as usize;
+    let user = ds.users_in(split)[0] as usize;
     let services = ds.num_services();
     drop(ds);
     let offsets = std::fs::read(data.join("seqs.offsets.u64")).unwrap();
@@ -84,7 +84,7 @@ fn corrupt_an_item_id(data: &Path) {
 fn a_damaged_prepared_file_is_refused_before_training_and_a_dead_loader_fails_the_run() {
     let dir = tempfile::tempdir().unwrap();
     let data = prepared_copy(dir.path());
-    corrupt_an_item_id(&data);
+    corrupt_an_item_id(&data, clue::data::store::Split::Train);
     let d = data.display().to_string();
 
     // Checked by default: the SHA-256 in the manifest names the damaged file.
@@ -98,6 +98,25 @@ fn a_damaged_prepared_file_is_refused_before_training_and_a_dead_loader_fails_th
     assert_fails_after_a_panic(&out, &["training stopped after", "data-loading thread"]);
     assert!(!dir.path().join("unchecked/model").exists());
     assert!(!dir.path().join("unchecked/summary.json").exists());
+}
+
+/// A loader thread that dies while building a validation batch fails the run with its
+/// message, and the period's checkpoint is not written over the partial validation.
+#[test]
+fn a_loader_that_dies_in_validation_fails_the_run_and_leaves_no_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = prepared_copy(dir.path());
+    corrupt_an_item_id(&data, clue::data::store::Split::Valid);
+    let d = data.display().to_string();
+    let out = clue(dir.path(), &fit_args(&d, "run", &["--no-verify"]));
+    let err = assert_fails_after_a_panic(&out, &["training stopped after", "data-loading thread"]);
+    assert!(err.contains("no checkpoint was completed"), "{err}");
+    let files = std::fs::read_dir(dir.path().join("run/checkpoint")).map_or(0, |d| d.count());
+    assert_eq!(
+        files, 0,
+        "checkpoint files written after a failed validation"
+    );
+    assert!(!dir.path().join("run/model").exists());
 }
 
 #[test]

@@ -70,6 +70,11 @@ impl<B: Backend, R: FileRecorder<B>> Recorder<B> for AtomicRecorder<R> {
     type LoadArgs = PathBuf;
 
     fn save_item<I: Serialize>(&self, item: I, file: PathBuf) -> Result<(), RecorderError> {
+        // A run that failed (a loading thread died during validation, a checkpoint file could not
+        // be written) writes no further file: its last checkpoint stays the last whole one.
+        if self.guard.as_ref().is_some_and(|g| g.failure().is_some()) {
+            return Ok(());
+        }
         let target = file.with_extension(<R as FileRecorder<B>>::file_extension());
         let name = target
             .file_name()
@@ -203,6 +208,7 @@ mod tests {
     use super::*;
     use burn::backend::NdArray;
     use burn::record::{DefaultRecorder, Record};
+    use burn::train::Interrupter;
 
     #[derive(Record, Debug, Clone)]
     struct Numbers<B: Backend> {
@@ -246,5 +252,30 @@ mod tests {
             back.values.to_data().to_vec::<f32>().unwrap(),
             [1.0, 2.0, 2.0]
         );
+    }
+
+    #[test]
+    fn a_failed_run_writes_no_further_checkpoint() {
+        type B = NdArray;
+        let device = Default::default();
+        let dir = tempfile::tempdir().unwrap();
+        let guard = StepGuard::new(Interrupter::new(), 0);
+        let recorder = AtomicRecorder::new(DefaultRecorder::new(), Some(guard.clone()));
+        let save = |step: usize| {
+            let record = Numbers::<B> {
+                values: Tensor::from_floats([step as f32], &device),
+                step,
+            };
+            Recorder::<B>::record(&recorder, record, dir.path().join(format!("model-{step}")))
+                .unwrap();
+        };
+        save(1);
+        guard.fail("the data-loading thread clue-loader-0 failed");
+        save(2);
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        assert_eq!(names, vec!["model-1.mpk".to_string()]);
     }
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
+use burn::data::dataloader::DataLoader;
 use burn::prelude::*;
 use burn::record::DefaultRecorder;
 use burn::tensor::backend::AutodiffBackend;
@@ -13,10 +13,8 @@ use burn::train::metric::LearningRateMetric;
 use burn::train::{Interrupter, Learner, SupervisedTraining};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::BackendKind;
 use crate::bundle::{BUNDLE_DIR, BundleInfo, SplitScore, read_json, save_bundle};
-use crate::data::augment::VALID_ROUND;
-use crate::data::batcher::{UserBatch, UserBatcher, UserDataset};
+use crate::data::batcher::{UserBatch, UserBatcher};
 use crate::data::store::{PreparedDataset, Split, hold_lock, write_atomic};
 use crate::error::{ClueError, Result};
 use crate::model::init::Init;
@@ -24,7 +22,7 @@ use crate::model::{ClueModel, ParamCounts};
 use crate::train::checkpoint::{AtomicRecorder, ResumedLogs, SaveEveryPeriod};
 use crate::train::cluster::{Cluster, plan_id};
 use crate::train::config::RunConfig;
-use crate::train::loader::{EpochPlan, PlanLoader};
+use crate::train::loader::{EpochPlan, ListLoader, PlanLoader};
 use crate::train::metrics::{HISTORY_FILE, History, HistoryLog, Stat, StatMetric};
 use crate::train::parallel::{Devices, setup_line, worker_devices};
 use crate::train::renderer::LogRenderer;
@@ -338,25 +336,10 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
         .with_views(config.train.views_seed())
         .with_guard(guard.clone()),
     );
-    let valid_loader =
-        DataLoaderBuilder::<B::InnerBackend, _, _>::new(UserBatcher::of::<B::InnerBackend>(
-            m.max_items,
-            m.max_item_tokens,
-        ))
-        .batch_size(config.train.eval_batch())
-        // A GPU loads on the learner's thread: Burn's loader threads, new every epoch, would each
-        // take a CubeCL stream of their own (see `crate::train::streams`).
-        .num_workers(config.train.workers * !BackendKind::of::<B>().fixed_shapes() as usize)
-        .set_device(device.clone())
-        .build(
-            UserDataset::with_users(
-                data.clone(),
-                valid_users.clone(),
-                m.max_items,
-                m.max_item_tokens,
-            )
-            .with_views(config.train.views(VALID_ROUND)),
-        );
+    let valid_loader: Arc<dyn DataLoader<B::InnerBackend, _>> = Arc::new(
+        ListLoader::held_out(data.clone(), valid_users.clone(), &config, device.clone())
+            .with_guard(guard.clone()),
+    );
 
     let done = resume_period.unwrap_or(0);
     let history = HistoryLog::open(run, done)?;

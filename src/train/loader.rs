@@ -10,7 +10,8 @@
 //! [`PlanLoader`] is the Burn `DataLoader` that serves one period per `iter()` call, with worker
 //! threads that build batches ahead, in order. A loading thread that dies (a panic on damaged
 //! data) is reported to the run's [`StepGuard`], which stops the learner before the period's
-//! checkpoint, instead of ending the period early as if its data had run out.
+//! checkpoint, instead of ending the period early as if its data had run out. [`ListLoader`]
+//! serves the validation users the same way, all of them at each `iter()`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,17 +21,18 @@ use std::thread::JoinHandle;
 use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataloader::{DataLoader, DataLoaderIterator, Progress};
 use burn::data::dataset::Dataset;
+use burn::data::dataset::transform::PartialDataset;
 use burn::prelude::*;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
-use crate::data::augment::Views;
-use crate::data::batcher::{UserBatch, UserBatcher, UserDataset};
+use crate::data::augment::{VALID_ROUND, Views};
+use crate::data::batcher::{UserBatch, UserBatcher, UserDataset, UserSample};
 use crate::data::store::PreparedDataset;
 use crate::error::panic_message;
 use crate::model::dropout::splitmix64;
-use crate::train::config::TrainConfig;
+use crate::train::config::{RunConfig, TrainConfig};
 use crate::train::step::StepGuard;
 use crate::train::streams::{Role, on_kept_stream};
 
@@ -300,6 +302,85 @@ impl<B: Backend> DataLoader<B, UserBatch<B>> for PlanLoader<B> {
     }
 }
 
+/// Burn `DataLoader` over a fixed list of users (validation, scoring): each `iter()` serves all
+/// of them, in order, built ahead by threads like [`PlanLoader`]'s, on the same kept CubeCL
+/// streams (the two never load at once: an epoch's threads end with its last batch).
+pub struct ListLoader<B: Backend> {
+    dataset: Arc<dyn Dataset<UserSample>>,
+    batch_size: usize,
+    workers: usize,
+    batcher: UserBatcher,
+    device: B::Device,
+    guard: Option<Arc<StepGuard>>,
+}
+
+impl<B: Backend> ListLoader<B> {
+    /// The held-out `users` as validation and scoring serve them: `train.eval_batch()` users per
+    /// batch (SimCLR: the views of [`VALID_ROUND`]), built on `device` by `train.workers` threads.
+    pub fn held_out(
+        data: Arc<PreparedDataset>,
+        users: Vec<u32>,
+        config: &RunConfig,
+        device: B::Device,
+    ) -> Self {
+        let (m, t) = (&config.model, &config.train);
+        Self {
+            dataset: Arc::new(
+                UserDataset::with_users(data, users, m.max_items, m.max_item_tokens)
+                    .with_views(t.views(VALID_ROUND)),
+            ),
+            batch_size: t.eval_batch().max(1),
+            workers: t.workers.max(1),
+            batcher: UserBatcher::of::<B>(m.max_items, m.max_item_tokens),
+            device,
+            guard: None,
+        }
+    }
+
+    /// Report a dead loading thread to `guard` (which stops the learner).
+    pub fn with_guard(mut self, guard: Arc<StepGuard>) -> Self {
+        self.guard = Some(guard);
+        self
+    }
+
+    fn with(&self, dataset: Arc<dyn Dataset<UserSample>>, device: B::Device) -> Self {
+        Self {
+            dataset,
+            device,
+            batcher: self.batcher.clone(),
+            guard: self.guard.clone(),
+            ..*self
+        }
+    }
+}
+
+impl<B: Backend> DataLoader<B, UserBatch<B>> for ListLoader<B> {
+    fn iter<'a>(&'a self) -> Box<dyn DataLoaderIterator<UserBatch<B>> + 'a> {
+        Box::new(OrderedBatches::start(
+            self.dataset.clone(),
+            self.batch_size,
+            self.workers,
+            self.batcher.clone(),
+            self.device.clone(),
+            self.guard.clone(),
+        ))
+    }
+
+    fn num_items(&self) -> usize {
+        self.dataset.len()
+    }
+
+    fn to_device(&self, device: &B::Device) -> Arc<dyn DataLoader<B, UserBatch<B>>> {
+        Arc::new(self.with(self.dataset.clone(), device.clone()))
+    }
+
+    fn slice(&self, start: usize, end: usize) -> Arc<dyn DataLoader<B, UserBatch<B>>> {
+        let end = end.min(self.dataset.len());
+        let part = PartialDataset::new(self.dataset.clone(), start.min(end), end);
+        Arc::new(self.with(Arc::new(part), self.device.clone()))
+    }
+}
+
 /// Batches of a dataset in order, built ahead by `workers` threads: worker `w` builds batches
 /// `w, w + workers, …`, each into its own two-deep channel, and the iterator takes them round
 /// robin — the order is fixed and at most `2 × workers` batches wait in memory.
@@ -315,7 +396,7 @@ struct OrderedBatches<B: Backend> {
 
 impl<B: Backend> OrderedBatches<B> {
     fn start(
-        dataset: Arc<UserDataset>,
+        dataset: Arc<dyn Dataset<UserSample>>,
         batch_size: usize,
         workers: usize,
         batcher: UserBatcher,
@@ -361,14 +442,29 @@ impl<B: Backend> OrderedBatches<B> {
     }
 }
 
+impl<B: Backend> OrderedBatches<B> {
+    /// Hang up on the threads (so that none waits on a full channel) and wait for each to end.
+    fn join(&mut self) {
+        self.channels.clear();
+        for handle in self.workers.drain(..).flatten() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// An iterator dropped before its end (an interrupted epoch) leaves no thread loading.
+impl<B: Backend> Drop for OrderedBatches<B> {
+    fn drop(&mut self) {
+        self.join();
+    }
+}
+
 impl<B: Backend> Iterator for OrderedBatches<B> {
     type Item = UserBatch<B>;
 
     fn next(&mut self) -> Option<UserBatch<B>> {
         if self.next >= self.batches {
-            for handle in self.workers.drain(..).flatten() {
-                let _ = handle.join();
-            }
+            self.join();
             return None;
         }
         let w = self.next % self.channels.len();
@@ -392,8 +488,7 @@ impl<B: Backend> Iterator for OrderedBatches<B> {
                     Some(guard) => guard.fail(what),
                     None => panic!("{what}"),
                 }
-                // Hang up on the other workers (so joining them cannot wait on a full channel).
-                self.channels.clear();
+                self.join();
                 self.next = self.batches;
                 None
             }

@@ -4,18 +4,18 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use burn::data::dataloader::DataLoaderBuilder;
+use burn::data::dataloader::DataLoader;
 use burn::prelude::*;
 use burn::train::{InferenceStep, ItemLazy};
 use serde::{Deserialize, Serialize};
 
 use crate::bundle::{Bundle, SplitScore};
-use crate::data::augment::VALID_ROUND;
 use crate::data::batcher::{UserBatcher, UserDataset};
 use crate::data::store::{PreparedDataset, Split};
 use crate::error::{ClueError, Result};
 use crate::model::ClueModel;
 use crate::train::config::RunConfig;
+use crate::train::loader::ListLoader;
 use crate::train::metrics::BatchStats;
 use crate::train::step::{StepSettings, Trainee};
 
@@ -31,19 +31,7 @@ pub fn score<B: Backend>(
         settings: StepSettings::default(),
     };
     let n = users.len();
-    let ds = UserDataset::with_users(
-        data.clone(),
-        users,
-        config.model.max_items,
-        config.model.max_item_tokens,
-    )
-    .with_views(config.train.views(VALID_ROUND));
-    let loader = DataLoaderBuilder::<B, _, _>::new(UserBatcher::of::<B>(
-        config.model.max_items,
-        config.model.max_item_tokens,
-    ))
-    .batch_size(config.train.eval_batch())
-    .build(ds);
+    let loader = ListLoader::<B>::held_out(data.clone(), users, config, model.devices()[0].clone());
     let (mut loss, mut ab, mut ba, mut top10, mut top10_n, mut total) =
         (0.0, 0.0, 0.0, 0.0, 0usize, 0usize);
     for batch in loader.iter() {

@@ -1,4 +1,4 @@
-//! CubeCL streams kept for clue's own threads: thread k of a role (a training-loader thread, a
+//! CubeCL streams kept for clue's own threads: thread k of a role (a data-loading thread, a
 //! data-parallel worker) runs on the stream of the process's first thread k of that role, for
 //! every epoch and step, though each epoch and step starts threads of its own.
 //!
@@ -17,7 +17,7 @@ use burn::tensor::StreamId;
 /// Whose thread a stream is kept for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Role {
-    /// Thread `w` of the training loader ([`crate::train::loader`]).
+    /// Thread `w` of a data loader: training, validation or scoring ([`crate::train::loader`]).
     Loader,
     /// Data-parallel worker `k` ([`crate::train::parallel`]).
     Worker,
@@ -53,7 +53,7 @@ mod tests {
     }
 
     /// Thread k of a role keeps one stream from thread to thread, apart from thread k ± 1's, the
-    /// the other role's and a new thread's own.
+    /// other role's and a new thread's own.
     #[test]
     fn each_thread_of_a_role_keeps_its_first_stream() {
         let (first, _) = on_new_thread(Role::Loader, 0);
