@@ -266,23 +266,21 @@ impl<B: Backend> PlanLoader<B> {
 impl<B: Backend> DataLoader<B, UserBatch<B>> for PlanLoader<B> {
     fn iter<'a>(&'a self) -> Box<dyn DataLoaderIterator<UserBatch<B>> + 'a> {
         let period = self.next.fetch_add(1, Ordering::SeqCst);
-        let dataset = Arc::new(
-            UserDataset::with_users(
-                self.data.clone(),
-                self.users(period),
-                self.max_items,
-                self.max_item_tokens,
-            )
-            .with_views(self.views_seed.map(|s| Views::new(s, period as u64))),
-        );
-        Box::new(OrderedBatches::start(
-            dataset,
-            self.plan.batch_size,
-            self.workers,
-            self.batcher.clone(),
-            self.device.clone(),
-            self.guard.clone(),
-        ))
+        let dataset = UserDataset::with_users(
+            self.data.clone(),
+            self.users(period),
+            self.max_items,
+            self.max_item_tokens,
+        )
+        .with_views(self.views_seed.map(|s| Views::new(s, period as u64)));
+        Box::new(OrderedBatches::start(&ListLoader {
+            dataset: Arc::new(dataset),
+            batch_size: self.plan.batch_size,
+            workers: self.workers,
+            batcher: self.batcher.clone(),
+            device: self.device.clone(),
+            guard: self.guard.clone(),
+        }))
     }
 
     fn num_items(&self) -> usize {
@@ -302,9 +300,10 @@ impl<B: Backend> DataLoader<B, UserBatch<B>> for PlanLoader<B> {
     }
 }
 
-/// Burn `DataLoader` over a fixed list of users (validation, scoring): each `iter()` serves all
-/// of them, in order, built ahead by threads like [`PlanLoader`]'s, on the same kept CubeCL
-/// streams (the two never load at once: an epoch's threads end with its last batch).
+/// Burn `DataLoader` over a fixed list of users (validation, scoring, and each period of a
+/// [`PlanLoader`]): each `iter()` serves all of them, in order, built ahead by `workers` threads
+/// on the loaders' kept CubeCL streams (training and validation never load at once: an epoch's
+/// threads end with its last batch).
 pub struct ListLoader<B: Backend> {
     dataset: Arc<dyn Dataset<UserSample>>,
     batch_size: usize,
@@ -356,14 +355,7 @@ impl<B: Backend> ListLoader<B> {
 
 impl<B: Backend> DataLoader<B, UserBatch<B>> for ListLoader<B> {
     fn iter<'a>(&'a self) -> Box<dyn DataLoaderIterator<UserBatch<B>> + 'a> {
-        Box::new(OrderedBatches::start(
-            self.dataset.clone(),
-            self.batch_size,
-            self.workers,
-            self.batcher.clone(),
-            self.device.clone(),
-            self.guard.clone(),
-        ))
+        Box::new(OrderedBatches::start(self))
     }
 
     fn num_items(&self) -> usize {
@@ -395,23 +387,19 @@ struct OrderedBatches<B: Backend> {
 }
 
 impl<B: Backend> OrderedBatches<B> {
-    fn start(
-        dataset: Arc<dyn Dataset<UserSample>>,
-        batch_size: usize,
-        workers: usize,
-        batcher: UserBatcher,
-        device: B::Device,
-        guard: Option<Arc<StepGuard>>,
-    ) -> Self {
+    /// Start building `list`'s batches.
+    fn start(list: &ListLoader<B>) -> Self {
+        let (dataset, batch_size, guard) = (&list.dataset, list.batch_size, list.guard.clone());
         let items = dataset.len();
         let batches = items.div_ceil(batch_size);
-        let workers = workers.min(batches).max(1);
+        let workers = list.workers.min(batches).max(1);
         let mut channels = Vec::with_capacity(workers);
         let mut handles = Vec::with_capacity(workers);
         for w in 0..workers {
             let (tx, rx) = sync_channel(2);
             channels.push(rx);
-            let (dataset, batcher, device) = (dataset.clone(), batcher.clone(), device.clone());
+            let (dataset, batcher, device) =
+                (dataset.clone(), list.batcher.clone(), list.device.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("clue-loader-{w}"))
                 .spawn(move || {
