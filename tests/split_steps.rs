@@ -57,6 +57,7 @@ fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
 /// users' items, and (fixed shapes) keeps its item groups a multiple of the batcher's.
 #[test]
 fn a_split_batch_embeds_like_batches_of_its_chunks() {
+    let _serial = serial();
     let data = data();
     let dev = Default::default();
     let c = config(data.manifest.vocab_size as usize, ModelKind::Stacked, 0.0);
@@ -160,6 +161,17 @@ fn with_workers<B: AutodiffBackend>(mut t: Trainee<B>, workers: usize) -> Traine
     t
 }
 
+/// Held by every test here that trains: one at a time per process. Run side by side (the test
+/// harness's threads), GradCache steps of different models gave wrong gradients now and then:
+/// 2 of 8 runs of this file with `--test-threads=6`, once in CI with 2 threads, none of 5 with
+/// 1; every test passes alone. Burn's autodiff keeps one process-wide graph registry; clue
+/// trains one model at a time per process (a sweep's runs and eval's probes one after another),
+/// so the tests check each step alone. The cause is not found yet.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Largest |Δ| between two gradient lists over the largest gradient (the gradients of an
 /// untrained encoder are small: its users look alike); checks both have the same parameters.
 fn compare(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
@@ -233,6 +245,7 @@ fn same_steps<B: AutodiffBackend>(
 
 #[test]
 fn chunks_of_4_match_the_plain_step_at_batch_32() {
+    let _serial = serial();
     for kind in [ModelKind::Stacked, ModelKind::Flat] {
         chunks_match_the_plain_step::<Autodiff<NdArray>>(kind);
     }
@@ -275,6 +288,7 @@ fn one_chunk_replays_dropout<B: AutodiffBackend>() {
 
 #[test]
 fn a_single_chunk_replays_the_plain_steps_dropout() {
+    let _serial = serial();
     one_chunk_replays_dropout::<Autodiff<NdArray>>();
     one_chunk_replays_dropout::<Autodiff<Flex>>();
 }
@@ -282,6 +296,7 @@ fn a_single_chunk_replays_the_plain_steps_dropout() {
 /// After a GradCache step, dropout is off again outside training (validation on the same thread).
 #[test]
 fn dropout_stays_off_for_inference_after_a_cached_step() {
+    let _serial = serial();
     let data = data();
     let dev = Default::default();
     let part = samples(&data, 8);
@@ -334,6 +349,7 @@ fn chunk_masks_agree<B: AutodiffBackend>() {
 
 #[test]
 fn every_chunk_keeps_its_dropout_masks_across_both_passes() {
+    let _serial = serial();
     chunk_masks_agree::<Autodiff<NdArray>>();
     chunk_masks_agree::<Autodiff<Flex>>();
 }
@@ -343,6 +359,7 @@ fn every_chunk_keeps_its_dropout_masks_across_both_passes() {
 /// weights after 3 steps; NdArray and Flex, both encoder kinds on NdArray.
 #[test]
 fn two_workers_of_8_match_one_of_16() {
+    let _serial = serial();
     let data = data();
     for kind in [ModelKind::Stacked, ModelKind::Flat] {
         let one = trainee::<Autodiff<NdArray>>(&data, kind, 0.0, 0);
@@ -363,6 +380,7 @@ fn two_workers_of_8_match_one_of_16() {
 /// stops the step with a message naming it; the other worker does not wait forever.
 #[test]
 fn a_failing_worker_stops_the_step_and_is_named() {
+    let _serial = serial();
     let data = data();
     let dev = Default::default();
     let mut part = samples(&data, 8);
@@ -405,6 +423,7 @@ fn worker_counts_that_cannot_split_the_batch_are_refused() {
 /// user's place in the batch, wherever it runs) — and, without dropout, the plain step of 16.
 #[test]
 fn grad_cache_inside_workers_matches_one_process() {
+    let _serial = serial();
     let data = data();
     let one = trainee::<Autodiff<NdArray>>(&data, ModelKind::Stacked, 0.3, 4);
     let two = with_workers(trainee(&data, ModelKind::Stacked, 0.3, 4), 2);
@@ -423,6 +442,7 @@ fn grad_cache_inside_workers_matches_one_process() {
 /// chance, and the summary counts every step.
 #[test]
 fn fit_with_two_workers_trains() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let data = common::fixture(600, 0, 16, 16).join("p");
     let config = RunConfig::from_toml(
