@@ -161,12 +161,13 @@ fn with_workers<B: AutodiffBackend>(mut t: Trainee<B>, workers: usize) -> Traine
     t
 }
 
-/// Held by every test here that trains: one at a time per process. Run side by side (the test
-/// harness's threads), GradCache steps of different models gave wrong gradients now and then:
-/// 2 of 8 runs of this file with `--test-threads=6`, once in CI with 2 threads, none of 5 with
-/// 1; every test passes alone. Burn's autodiff keeps one process-wide graph registry; clue
-/// trains one model at a time per process (a sweep's runs and eval's probes one after another),
-/// so the tests check each step alone. The cause is not found yet.
+/// Held by every test here that trains: one at a time per process. Side by side (the test
+/// harness's threads), GradCache steps of different models gave wrong gradients now and then
+/// (2 of 8 runs of this file with `--test-threads=6`, once in CI): after a backward pass a
+/// model's parameter nodes are consumed, and another thread's backward pass could clean up a
+/// later chunk's graph mid-forward (Burn's autodiff keeps one process-wide graph registry).
+/// `MaskKey::replay` now encodes each chunk with a fresh replica (10 of 10 runs at 6 threads
+/// passed without this lock); the lock stays so that CI does not depend on other such windows.
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())

@@ -116,6 +116,7 @@ impl MaskKey {
         let [rows, d] = cached.dims();
         let n = rows / services;
         let mut first = offset;
+        let device = model.devices()[0].clone();
         for c in chunks {
             let m = c.len();
             let rows: Vec<Tensor<B::InnerBackend, 2>> = (0..services)
@@ -126,9 +127,15 @@ impl MaskKey {
                 })
                 .collect();
             let g = Tensor::<B, 2>::from_inner(Tensor::cat(rows, 0));
-            let z = self.masks(first, || model.forward(c));
+            // A fresh replica (same parameter ids) per chunk: after a backward pass the model's
+            // parameter nodes are consumed, and a graph holding none of them looks unused to
+            // Burn's process-wide cleanup, which another thread's backward pass (another
+            // data-parallel worker) could then run in the middle of this chunk's forward pass,
+            // dropping part of its gradient.
+            let replica = model.clone().fork(&device);
+            let z = self.masks(first, || replica.forward(c));
             let grads = (z * g).sum().backward();
-            total.accumulate(model, GradientsParams::from_grads(grads, model));
+            total.accumulate(model, GradientsParams::from_grads(grads, &replica));
             first += m;
         }
     }
