@@ -57,7 +57,6 @@ fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
 /// users' items, and (fixed shapes) keeps its item groups a multiple of the batcher's.
 #[test]
 fn a_split_batch_embeds_like_batches_of_its_chunks() {
-    let _serial = serial();
     let data = data();
     let dev = Default::default();
     let c = config(data.manifest.vocab_size as usize, ModelKind::Stacked, 0.0);
@@ -161,18 +160,6 @@ fn with_workers<B: AutodiffBackend>(mut t: Trainee<B>, workers: usize) -> Traine
     t
 }
 
-/// Held by every test here that trains: one at a time per process. Side by side (the test
-/// harness's threads), GradCache steps of different models gave wrong gradients now and then
-/// (2 of 8 runs of this file with `--test-threads=6`, once in CI): after a backward pass a
-/// model's parameter nodes are consumed, and another thread's backward pass could clean up a
-/// later chunk's graph mid-forward (Burn's autodiff keeps one process-wide graph registry).
-/// `MaskKey::replay` now encodes each chunk with a fresh replica (10 of 10 runs at 6 threads
-/// passed without this lock); the lock stays so that CI does not depend on other such windows.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Largest |Δ| between two gradient lists over the largest gradient (the gradients of an
 /// untrained encoder are small: its users look alike); checks both have the same parameters.
 fn compare(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
@@ -246,7 +233,6 @@ fn same_steps<B: AutodiffBackend>(
 
 #[test]
 fn chunks_of_4_match_the_plain_step_at_batch_32() {
-    let _serial = serial();
     for kind in [ModelKind::Stacked, ModelKind::Flat] {
         chunks_match_the_plain_step::<Autodiff<NdArray>>(kind);
     }
@@ -289,7 +275,6 @@ fn one_chunk_replays_dropout<B: AutodiffBackend>() {
 
 #[test]
 fn a_single_chunk_replays_the_plain_steps_dropout() {
-    let _serial = serial();
     one_chunk_replays_dropout::<Autodiff<NdArray>>();
     one_chunk_replays_dropout::<Autodiff<Flex>>();
 }
@@ -297,7 +282,6 @@ fn a_single_chunk_replays_the_plain_steps_dropout() {
 /// After a GradCache step, dropout is off again outside training (validation on the same thread).
 #[test]
 fn dropout_stays_off_for_inference_after_a_cached_step() {
-    let _serial = serial();
     let data = data();
     let dev = Default::default();
     let part = samples(&data, 8);
@@ -325,10 +309,13 @@ fn chunk_masks_agree<B: AutodiffBackend>() {
     let (out, grads) = grad_cache_step(&t.model, 5, &batch, 4, 7);
     let grads = grads.expect("a finite loss");
     let chunks = batch.split(4, 1);
+    // Encoded by a replica (the same parameter ids), as `MaskKey::replay` does: the step's
+    // backward passes consumed the model's own nodes (see the test after this one).
+    let replica = t.model.clone().fork(&dev);
     let z: Vec<Tensor<B, 2>> = chunks
         .iter()
         .enumerate()
-        .map(|(k, c)| with_chunk_masks(5, 7, 4 * k as u64, || t.model.forward(c)))
+        .map(|(k, c)| with_chunk_masks(5, 7, 4 * k as u64, || replica.forward(c)))
         .collect();
     let d = z[0].dims()[1];
     let rows = (0..2)
@@ -337,8 +324,8 @@ fn chunk_masks_agree<B: AutodiffBackend>() {
                 .map(move |z| z.clone().slice([s * 4..s * 4 + 4, 0..d]))
         })
         .collect();
-    let reference = contrastive_loss(Tensor::cat(rows, 0), 2, t.model.logit_scale()).loss;
-    let expected = GradientsParams::from_grads(reference.backward(), &t.model);
+    let reference = contrastive_loss(Tensor::cat(rows, 0), 2, replica.logit_scale()).loss;
+    let expected = GradientsParams::from_grads(reference.backward(), &replica);
     let (la, lb) = (
         reference.into_scalar().elem::<f32>(),
         out.loss.into_scalar().elem::<f32>(),
@@ -350,9 +337,62 @@ fn chunk_masks_agree<B: AutodiffBackend>() {
 
 #[test]
 fn every_chunk_keeps_its_dropout_masks_across_both_passes() {
-    let _serial = serial();
     chunk_masks_agree::<Autodiff<NdArray>>();
     chunk_masks_agree::<Autodiff<Flex>>();
+}
+
+/// GradCache steps give their gradients while another thread of the process back-propagates.
+/// A backward pass makes Burn 0.21's process-wide graph registry forget the nodes it went
+/// through, the parameters' included, so a graph built on the same parameters afterwards holds
+/// none of them. At a `cat` (which lets go of its inputs before it registers its output) such a
+/// graph can look unused to another thread's backward pass, whose clean-up then frees its first
+/// nodes, and part of the gradient is lost. `MaskKey::replay` therefore encodes each chunk with a
+/// fresh replica; with the model itself, this test failed (parameters without a gradient).
+#[test]
+fn cached_steps_keep_their_gradients_while_another_thread_backpropagates() {
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    type A = Autodiff<NdArray>;
+    let data = data();
+    let dev = Default::default();
+    let t = trainee::<A>(&data, ModelKind::Stacked, 0.0, 4);
+    let batch: UserBatch<A> = UserBatcher::default().batch(samples(&data, 16), &dev);
+    let step = || {
+        let grads = grad_cache_step(&t.model, 5, &batch, 4, 0).1;
+        grads_of(&t, &grads.expect("a finite loss"))
+    };
+    let alone = step();
+    let stop = AtomicBool::new(false);
+    let (diffs, noise) = std::thread::scope(|s| {
+        let noise = s.spawn(|| {
+            let mut passes = 0;
+            while !stop.load(Relaxed) {
+                let v = Tensor::<A, 1>::from_floats([1.0, 2.0], &dev).require_grad();
+                let _ = (v.clone() * v).sum().backward();
+                passes += 1;
+            }
+            passes
+        });
+        // Stops the other thread on the way out, a panicking step included (else the scope
+        // would wait for it forever).
+        struct Stop<'a>(&'a AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Relaxed);
+            }
+        }
+        let stopping = Stop(&stop);
+        let diffs: Vec<f32> = (0..8).map(|_| compare(&alone, &step())).collect();
+        drop(stopping);
+        (diffs, noise.join().unwrap())
+    });
+    assert!(
+        noise > 100,
+        "the other thread back-propagated ({noise} passes)"
+    );
+    assert!(
+        diffs.iter().all(|d| *d < 1e-5),
+        "relative gradient |Δ| of 8 steps beside another thread: {diffs:?}"
+    );
 }
 
 /// 2 workers × 8 users (each worker's InfoNCE against all 16, the logit scale's gradient
@@ -360,7 +400,6 @@ fn every_chunk_keeps_its_dropout_masks_across_both_passes() {
 /// weights after 3 steps; NdArray and Flex, both encoder kinds on NdArray.
 #[test]
 fn two_workers_of_8_match_one_of_16() {
-    let _serial = serial();
     let data = data();
     for kind in [ModelKind::Stacked, ModelKind::Flat] {
         let one = trainee::<Autodiff<NdArray>>(&data, kind, 0.0, 0);
@@ -381,7 +420,6 @@ fn two_workers_of_8_match_one_of_16() {
 /// stops the step with a message naming it; the other worker does not wait forever.
 #[test]
 fn a_failing_worker_stops_the_step_and_is_named() {
-    let _serial = serial();
     let data = data();
     let dev = Default::default();
     let mut part = samples(&data, 8);
@@ -424,7 +462,6 @@ fn worker_counts_that_cannot_split_the_batch_are_refused() {
 /// user's place in the batch, wherever it runs) — and, without dropout, the plain step of 16.
 #[test]
 fn grad_cache_inside_workers_matches_one_process() {
-    let _serial = serial();
     let data = data();
     let one = trainee::<Autodiff<NdArray>>(&data, ModelKind::Stacked, 0.3, 4);
     let two = with_workers(trainee(&data, ModelKind::Stacked, 0.3, 4), 2);
@@ -443,7 +480,6 @@ fn grad_cache_inside_workers_matches_one_process() {
 /// chance, and the summary counts every step.
 #[test]
 fn fit_with_two_workers_trains() {
-    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let data = common::fixture(600, 0, 16, 16).join("p");
     let config = RunConfig::from_toml(

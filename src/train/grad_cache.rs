@@ -127,11 +127,11 @@ impl MaskKey {
                 })
                 .collect();
             let g = Tensor::<B, 2>::from_inner(Tensor::cat(rows, 0));
-            // A fresh replica (same parameter ids) per chunk: after a backward pass the model's
-            // parameter nodes are consumed, and a graph holding none of them looks unused to
-            // Burn's process-wide cleanup, which another thread's backward pass (another
-            // data-parallel worker) could then run in the middle of this chunk's forward pass,
-            // dropping part of its gradient.
+            // A fresh replica (same parameter ids) per chunk: a backward pass makes Burn 0.21's
+            // process-wide graph registry forget the parameters' nodes, so a chunk encoded by the
+            // model itself would hold none of them, and at a `cat` another thread's backward
+            // pass (another data-parallel worker) could free the chunk's first nodes, losing
+            // part of its gradient (tests/split_steps.rs reproduces it).
             let replica = model.clone().fork(&device);
             let z = self.masks(first, || replica.forward(c));
             let grads = (z * g).sum().backward();
