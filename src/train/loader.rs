@@ -183,19 +183,15 @@ pub fn nested_subset(users: &[u32], fraction: f64) -> Vec<u32> {
 pub struct PlanLoader<B: Backend> {
     plan: Arc<EpochPlan>,
     data: Arc<PreparedDataset>,
-    batcher: UserBatcher,
     max_items: usize,
     max_item_tokens: usize,
-    workers: usize,
-    device: B::Device,
+    loading: Loading<B>,
     /// Next period to serve, shared by the copies `to_device` makes.
     next: Arc<AtomicUsize>,
     /// `slice(start, end)`: only these positions of each period (multi-device splits).
     range: Option<(usize, usize)>,
     /// SimCLR: views drawn with this seed, one round per period.
     views_seed: Option<u64>,
-    /// Told when a loading thread dies.
-    guard: Option<Arc<StepGuard>>,
 }
 
 impl<B: Backend> PlanLoader<B> {
@@ -212,23 +208,26 @@ impl<B: Backend> PlanLoader<B> {
         first: usize,
     ) -> Self {
         Self {
+            loading: Loading {
+                batch_size: plan.batch_size,
+                workers: workers.max(1),
+                batcher,
+                device,
+                guard: None,
+            },
             plan,
             data,
-            batcher,
             max_items,
             max_item_tokens,
-            workers: workers.max(1),
-            device,
             next: Arc::new(AtomicUsize::new(first)),
             range: None,
             views_seed: None,
-            guard: None,
         }
     }
 
     /// Report a dead loading thread to `guard` (which stops the learner).
     pub fn with_guard(mut self, guard: Arc<StepGuard>) -> Self {
-        self.guard = Some(guard);
+        self.loading.guard = Some(guard);
         self
     }
 
@@ -250,15 +249,10 @@ impl<B: Backend> PlanLoader<B> {
         Self {
             plan: self.plan.clone(),
             data: self.data.clone(),
-            batcher: self.batcher.clone(),
-            max_items: self.max_items,
-            max_item_tokens: self.max_item_tokens,
-            workers: self.workers,
-            device,
+            loading: self.loading.on(device),
             next: self.next.clone(),
             range,
-            views_seed: self.views_seed,
-            guard: self.guard.clone(),
+            ..*self
         }
     }
 }
@@ -273,14 +267,7 @@ impl<B: Backend> DataLoader<B, UserBatch<B>> for PlanLoader<B> {
             self.max_item_tokens,
         )
         .with_views(self.views_seed.map(|s| Views::new(s, period as u64)));
-        Box::new(OrderedBatches::start(&ListLoader {
-            dataset: Arc::new(dataset),
-            batch_size: self.plan.batch_size,
-            workers: self.workers,
-            batcher: self.batcher.clone(),
-            device: self.device.clone(),
-            guard: self.guard.clone(),
-        }))
+        Box::new(OrderedBatches::start(Arc::new(dataset), &self.loading))
     }
 
     fn num_items(&self) -> usize {
@@ -296,7 +283,7 @@ impl<B: Backend> DataLoader<B, UserBatch<B>> for PlanLoader<B> {
             Some((s, _)) => (s + start, s + end),
             None => (start, end),
         };
-        Arc::new(self.copy(self.device.clone(), Some(range)))
+        Arc::new(self.copy(self.loading.device.clone(), Some(range)))
     }
 }
 
@@ -306,11 +293,29 @@ impl<B: Backend> DataLoader<B, UserBatch<B>> for PlanLoader<B> {
 /// threads end with its last batch).
 pub struct ListLoader<B: Backend> {
     dataset: Arc<dyn Dataset<UserSample>>,
+    loading: Loading<B>,
+}
+
+/// How a loader builds its batches: `batch_size` users each, by `workers` threads, on `device`;
+/// a thread that dies is reported to `guard`.
+struct Loading<B: Backend> {
     batch_size: usize,
     workers: usize,
     batcher: UserBatcher,
     device: B::Device,
     guard: Option<Arc<StepGuard>>,
+}
+
+impl<B: Backend> Loading<B> {
+    /// The same, onto `device`.
+    fn on(&self, device: B::Device) -> Self {
+        Self {
+            batcher: self.batcher.clone(),
+            device,
+            guard: self.guard.clone(),
+            ..*self
+        }
+    }
 }
 
 impl<B: Backend> ListLoader<B> {
@@ -328,34 +333,33 @@ impl<B: Backend> ListLoader<B> {
                 UserDataset::with_users(data, users, m.max_items, m.max_item_tokens)
                     .with_views(t.views(VALID_ROUND)),
             ),
-            batch_size: t.eval_batch().max(1),
-            workers: t.workers.max(1),
-            batcher: UserBatcher::of::<B>(m.max_items, m.max_item_tokens),
-            device,
-            guard: None,
+            loading: Loading {
+                batch_size: t.eval_batch().max(1),
+                workers: t.workers.max(1),
+                batcher: UserBatcher::of::<B>(m.max_items, m.max_item_tokens),
+                device,
+                guard: None,
+            },
         }
     }
 
     /// Report a dead loading thread to `guard` (which stops the learner).
     pub fn with_guard(mut self, guard: Arc<StepGuard>) -> Self {
-        self.guard = Some(guard);
+        self.loading.guard = Some(guard);
         self
     }
 
     fn with(&self, dataset: Arc<dyn Dataset<UserSample>>, device: B::Device) -> Self {
         Self {
             dataset,
-            device,
-            batcher: self.batcher.clone(),
-            guard: self.guard.clone(),
-            ..*self
+            loading: self.loading.on(device),
         }
     }
 }
 
 impl<B: Backend> DataLoader<B, UserBatch<B>> for ListLoader<B> {
     fn iter<'a>(&'a self) -> Box<dyn DataLoaderIterator<UserBatch<B>> + 'a> {
-        Box::new(OrderedBatches::start(self))
+        Box::new(OrderedBatches::start(self.dataset.clone(), &self.loading))
     }
 
     fn num_items(&self) -> usize {
@@ -369,7 +373,7 @@ impl<B: Backend> DataLoader<B, UserBatch<B>> for ListLoader<B> {
     fn slice(&self, start: usize, end: usize) -> Arc<dyn DataLoader<B, UserBatch<B>>> {
         let end = end.min(self.dataset.len());
         let part = PartialDataset::new(self.dataset.clone(), start.min(end), end);
-        Arc::new(self.with(Arc::new(part), self.device.clone()))
+        Arc::new(self.with(Arc::new(part), self.loading.device.clone()))
     }
 }
 
@@ -387,19 +391,22 @@ struct OrderedBatches<B: Backend> {
 }
 
 impl<B: Backend> OrderedBatches<B> {
-    /// Start building `list`'s batches.
-    fn start(list: &ListLoader<B>) -> Self {
-        let (dataset, batch_size, guard) = (&list.dataset, list.batch_size, list.guard.clone());
+    /// Start building `dataset`'s batches as `loading` says.
+    fn start(dataset: Arc<dyn Dataset<UserSample>>, loading: &Loading<B>) -> Self {
+        let (batch_size, guard) = (loading.batch_size, loading.guard.clone());
         let items = dataset.len();
         let batches = items.div_ceil(batch_size);
-        let workers = list.workers.min(batches).max(1);
+        let workers = loading.workers.min(batches).max(1);
         let mut channels = Vec::with_capacity(workers);
         let mut handles = Vec::with_capacity(workers);
         for w in 0..workers {
             let (tx, rx) = sync_channel(2);
             channels.push(rx);
-            let (dataset, batcher, device) =
-                (dataset.clone(), list.batcher.clone(), list.device.clone());
+            let (dataset, batcher, device) = (
+                dataset.clone(),
+                loading.batcher.clone(),
+                loading.device.clone(),
+            );
             let handle = std::thread::Builder::new()
                 .name(format!("clue-loader-{w}"))
                 .spawn(move || {
