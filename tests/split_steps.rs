@@ -310,7 +310,8 @@ fn chunk_masks_agree<B: AutodiffBackend>() {
     let grads = grads.expect("a finite loss");
     let chunks = batch.split(4, 1);
     // Encoded by a replica (the same parameter ids), as `MaskKey::replay` does: the step's
-    // backward passes consumed the model's own nodes (see the test after this one).
+    // backward passes consumed the model's own nodes (see
+    // `cached_steps_keep_their_gradients_while_another_thread_backpropagates`).
     let replica = t.model.clone().fork(&dev);
     let z: Vec<Tensor<B, 2>> = chunks
         .iter()
@@ -361,7 +362,7 @@ fn cached_steps_keep_their_gradients_while_another_thread_backpropagates() {
         grads_of(&t, &grads.expect("a finite loss"))
     };
     let alone = step();
-    let stop = AtomicBool::new(false);
+    let (stop, started) = (AtomicBool::new(false), AtomicBool::new(false));
     let (diffs, noise) = std::thread::scope(|s| {
         let noise = s.spawn(|| {
             let mut passes = 0;
@@ -369,6 +370,7 @@ fn cached_steps_keep_their_gradients_while_another_thread_backpropagates() {
                 let v = Tensor::<A, 1>::from_floats([1.0, 2.0], &dev).require_grad();
                 let _ = (v.clone() * v).sum().backward();
                 passes += 1;
+                started.store(true, Relaxed);
             }
             passes
         });
@@ -381,14 +383,14 @@ fn cached_steps_keep_their_gradients_while_another_thread_backpropagates() {
             }
         }
         let stopping = Stop(&stop);
+        while !started.load(Relaxed) && !noise.is_finished() {
+            std::thread::yield_now();
+        }
         let diffs: Vec<f32> = (0..8).map(|_| compare(&alone, &step())).collect();
         drop(stopping);
         (diffs, noise.join().unwrap())
     });
-    assert!(
-        noise > 100,
-        "the other thread back-propagated ({noise} passes)"
-    );
+    assert!(noise > 0, "the other thread back-propagated");
     assert!(
         diffs.iter().all(|d| *d < 1e-5),
         "relative gradient |Δ| of 8 steps beside another thread: {diffs:?}"
