@@ -2,6 +2,7 @@
 //! names what is wrong, leave no final output holding partial data, and never end in a panic
 //! report — or, where the input is legal, succeed.
 
+use clue::data::store::{PreparedDataset, Split};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
@@ -64,10 +65,11 @@ fn fit_args<'a>(data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> 
     args
 }
 
-/// The first item of the first `split` user's first sequence, set to an id no item has (the
-/// file keeps its size).
-fn corrupt_an_item_id(data: &Path, split: clue::data::store::Split) {
-    let ds = clue::data::store::PreparedDataset::open(data, true).unwrap();
+/// A prepared copy in `dir` whose first `split` user's first item is set to an id no item has
+/// (the file keeps its size); its path.
+fn copy_with_a_bad_item_id(dir: &Path, split: Split) -> String {
+    let data = prepared_copy(dir);
+    let ds = PreparedDataset::open(&data, true).unwrap();
     let user = ds.users_in(split)[0] as usize;
     let services = ds.num_services();
     drop(ds);
@@ -78,14 +80,13 @@ fn corrupt_an_item_id(data: &Path, split: clue::data::store::Split) {
     let mut items = std::fs::read(&path).unwrap();
     items[4 * at..4 * at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
     std::fs::write(&path, items).unwrap();
+    data.display().to_string()
 }
 
 #[test]
 fn a_damaged_prepared_file_is_refused_before_training_and_a_dead_loader_fails_the_run() {
     let dir = tempfile::tempdir().unwrap();
-    let data = prepared_copy(dir.path());
-    corrupt_an_item_id(&data, clue::data::store::Split::Train);
-    let d = data.display().to_string();
+    let d = copy_with_a_bad_item_id(dir.path(), Split::Train);
 
     // Checked by default: the SHA-256 in the manifest names the damaged file.
     let out = clue(dir.path(), &fit_args(&d, "checked", &[]));
@@ -105,9 +106,7 @@ fn a_damaged_prepared_file_is_refused_before_training_and_a_dead_loader_fails_th
 #[test]
 fn a_loader_that_dies_in_validation_fails_the_run_and_leaves_no_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let data = prepared_copy(dir.path());
-    corrupt_an_item_id(&data, clue::data::store::Split::Valid);
-    let d = data.display().to_string();
+    let d = copy_with_a_bad_item_id(dir.path(), Split::Valid);
     let out = clue(dir.path(), &fit_args(&d, "run", &["--no-verify"]));
     let err = assert_fails_after_a_panic(&out, &["training stopped after", "data-loading thread"]);
     assert!(err.contains("no checkpoint was completed"), "{err}");
