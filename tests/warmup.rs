@@ -17,9 +17,11 @@ use clue::data::batcher::{FixedShape, UserBatch, UserBatcher, UserDataset};
 use clue::data::store::{PreparedDataset, Split};
 use clue::model::ClueModel;
 use clue::model::init::Init;
+use clue::train::cluster::Place;
+use clue::train::config::{RunConfig, TrainConfig};
 use clue::train::loader::EpochPlan;
 use clue::train::step::{StepGuard, StepSettings, Trainee};
-use clue::train::warmup::{StepCut, warm_shapes, warm_up};
+use clue::train::warmup::{StepCut, WarmPlan, warm_shapes, warm_up};
 
 mod common;
 
@@ -37,6 +39,13 @@ fn made(
     assert_eq!(batch.item_groups.len(), 1, "one group with a fixed shape");
     (batch.len(), batch.item_groups[0].dims()[0])
 }
+
+/// The fixed shape of the warm-up tests: the small model's maxima, items padded to 8.
+const FIXED: FixedShape = FixedShape {
+    items: 16,
+    tokens: 12,
+    item_multiple: 8,
+};
 
 fn data() -> Arc<PreparedDataset> {
     let root = common::fixture(200, 11, 512, 32);
@@ -171,11 +180,7 @@ fn step_cuts_give_the_workers_shares_and_chunks() {
 fn the_warm_up_counts_no_step_of_the_run() {
     type B = Autodiff<NdArray>;
     let data = data();
-    let fixed = FixedShape {
-        items: 16,
-        tokens: 12,
-        item_multiple: 8,
-    };
+    let fixed = FIXED;
     let users = data.users_in(Split::Train);
     let config = common::small_model(data.manifest.vocab_size as usize);
     for workers in [1, 2] {
@@ -204,7 +209,8 @@ fn the_warm_up_counts_no_step_of_the_run() {
             (&data, fixed),
             &shapes,
             &shapes[..1],
-        );
+        )
+        .unwrap();
         assert!(shapes.len() >= 2, "{} shapes", shapes.len());
         assert_eq!(
             guard.steps(),
@@ -213,4 +219,69 @@ fn the_warm_up_counts_no_step_of_the_run() {
         );
         assert_eq!(guard.bad_step(), None);
     }
+}
+
+/// On several nodes the warm-up classes the pieces of every node's workers: 2 nodes × 1 worker
+/// cut a batch as 2 workers of one process do, not as 1 worker does; and the steps the nodes
+/// compare when they join tell the two apart.
+#[test]
+fn the_warm_up_of_two_nodes_cuts_batches_over_every_nodes_workers() {
+    let data = data();
+    let fixed = FIXED;
+    let config = RunConfig {
+        model: common::small_model(data.manifest.vocab_size as usize),
+        train: TrainConfig {
+            batch_size: 6,
+            epochs: 1,
+            ..Default::default()
+        },
+    };
+    let plan = EpochPlan::for_run(&config.train, &data.users_in(Split::Train));
+    let warm = |nodes: usize, workers: usize| {
+        let settings = StepSettings {
+            workers: vec![NdArrayDevice::default().to_id(); workers],
+            place: Place {
+                nodes,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        WarmPlan::new(&settings, &config, (&data, fixed), &plan, &[])
+    };
+    let cut = |workers| {
+        let batches = plan.epoch_order(0);
+        let batches = batches.chunks(6).map(|c| (c.to_vec(), None));
+        warm_shapes(&data, batches, fixed, StepCut { workers, chunk: 0 })
+    };
+    let two_nodes = warm(2, 1);
+    assert_eq!(two_nodes.train, cut(2));
+    assert_ne!(cut(2), cut(1), "the cut makes no difference here");
+    assert_eq!(two_nodes, warm(1, 2));
+    assert_ne!(two_nodes.steps(), warm(1, 1).steps());
+}
+
+/// A warm-up step that fails (here every data-parallel worker's forward pass: the model's
+/// vocabulary is smaller than the data's) ends the warm-up with the failure named, not a panic.
+#[test]
+fn a_failed_warm_up_step_is_an_error_naming_the_worker() {
+    type B = Autodiff<NdArray>;
+    let data = data();
+    let fixed = FIXED;
+    let users = data.users_in(Split::Train);
+    let batches = users.chunks(6).take(2).map(|c| (c.to_vec(), None));
+    let shapes = warm_shapes(&data, batches, fixed, StepCut::default());
+    let trainee = Trainee::<B> {
+        model: ClueModel::new(
+            &common::small_model(8),
+            &mut Init::new(3, &Default::default()),
+        ),
+        settings: StepSettings {
+            clip_norm: 1.0,
+            workers: vec![NdArrayDevice::default().to_id(); 2],
+            ..Default::default()
+        },
+    };
+    let optim = burn::optim::AdamWConfig::new().init::<B, Trainee<B>>();
+    let e = warm_up(&trainee, &optim, 1e-3, (&data, fixed), &shapes, &[]).unwrap_err();
+    assert!(e.contains("worker 0") && e.contains("forward"), "{e}");
 }

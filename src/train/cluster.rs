@@ -35,6 +35,7 @@ use burn_communication::Address;
 
 use crate::error::{ClueError, Result};
 use crate::train::config::{RunConfig, TrainConfig};
+use crate::train::warmup::WarmPlan;
 
 /// This node's place in a multi-node run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -336,9 +337,10 @@ pub struct Membership<B: Backend> {
 /// meeting them again.
 static ABANDONED: AtomicBool = AtomicBool::new(false);
 
-/// Called when a worker is left waiting in a collective call for nodes that stopped answering:
-/// the [`Membership`]'s end then leaves at once instead of calling the other nodes again (which
-/// would wait out its time limit, behind the stuck call).
+/// Called when a worker is left waiting in a collective call for nodes that stopped answering,
+/// or when a collective call failed (a node left): the [`Membership`]'s end then leaves at once
+/// instead of calling the other nodes again (which would wait out its time limit, behind a
+/// stuck call, or fail).
 pub fn abandon_membership() {
     ABANDONED.store(true, Ordering::Relaxed);
 }
@@ -386,13 +388,15 @@ impl Drop for Coordinator {
 }
 
 /// What every node of a run must have the same of: the config (not its data-loader threads),
-/// the prepared data, the resume point and the ids of the model's parameters (the order in which
-/// gradients are laid end to end).
+/// the prepared data, the resume point, the ids of the model's parameters (the order in which
+/// gradients are laid end to end) and the warm-up's steps (`warm`: none on a CPU backend; a GPU
+/// node with a CPU node would otherwise train out of step by the warm-up's steps).
 pub fn plan_id<B: Backend, M: Module<B>>(
     config: &RunConfig,
     manifest_sha256: &str,
     resume_period: Option<usize>,
     model: &M,
+    warm: Option<&WarmPlan>,
 ) -> Vec<String> {
     let mut config = config.clone();
     config.train.workers = 0;
@@ -401,6 +405,7 @@ pub fn plan_id<B: Backend, M: Module<B>>(
         config.to_toml(),
         manifest_sha256.to_string(),
         format!("{resume_period:?} {ids:?}"),
+        format!("warm-up: {:?}", warm.map(WarmPlan::steps)),
     ]
 }
 

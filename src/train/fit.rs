@@ -29,7 +29,7 @@ use crate::train::renderer::LogRenderer;
 use crate::train::schedule::WarmupCosine;
 use crate::train::score::score;
 use crate::train::step::{StepGuard, StepSettings, Trainee};
-use crate::train::warmup::{Warmed, warm_up_run};
+use crate::train::warmup::{WarmPlan, Warmed, warm_up_stopped};
 use crate::ui;
 
 /// Files of a run directory.
@@ -389,7 +389,16 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
                 .unwrap_or_default(),
         },
     };
-    let plan_id = plan_id(&config, &manifest_sha256, resume_period, &trainee.model);
+    // On a GPU: the batch shapes whose kernels the warm-up compiles (see `warmup.rs`).
+    let warm = WarmPlan::of_run::<B>(&trainee.settings, &config, &data, &plan, &valid_users);
+    let model = &trainee.model;
+    let plan_id = plan_id(
+        &config,
+        &manifest_sha256,
+        resume_period,
+        model,
+        warm.as_ref(),
+    );
     let devices = worker_devices::<B>(&workers, &device);
     let params = trainee.model.param_counts();
     let checkpoints = match config.train.checkpoint_every {
@@ -415,9 +424,7 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
     let t = &config.train;
     let optim = t.optimizer().init::<B, Trainee<B>>();
     let schedule = WarmupCosine::new(t.lr, total_steps, t.warmup_fraction, t.final_lr_fraction);
-    // On a GPU: compile the batch shapes' kernels now, counted (see `warmup.rs`).
-    let warmed = warm_up_run(&trainee, &optim, &config, &data, &plan, &valid_users);
-    let logs = resume_period
+    let mut logs = resume_period
         .map(|k| ResumedLogs::protect(run, k + 1))
         .transpose()
         .map_err(|e| {
@@ -427,10 +434,18 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
                 "check the run directory's permissions",
             )
         })?;
-    // Joined last, so that nothing fails between the join and the first step.
-    let cluster = (options.cluster.as_ref())
+    // Joined last, so that only the warm-up's steps (in step on every node) come between the
+    // join and the first step.
+    let (cluster, warmed) = (options.cluster.as_ref())
         .map(|c| c.start::<B::InnerBackend>(&config.train, &devices, &plan_id, run))
-        .transpose()?;
+        .transpose()
+        .and_then(|cluster| {
+            let warmed = warm.map(|w| w.run(&trainee, &optim, (t.lr, t.seed), &data));
+            let stopped = |why: String| warm_up_stopped(&why, run, resume_period.is_some());
+            Ok((cluster, warmed.transpose().map_err(stopped)?))
+        })
+        // No step was made: a resumed run's logs go back as they were.
+        .inspect_err(|_| drop(logs.take().map(ResumedLogs::restore)))?;
     let result = training.launch(Learner::new(trainee, optim, schedule));
     drop(cluster); // the nodes leave together, right after their last step
     drop(result.renderer);

@@ -120,6 +120,9 @@ pub fn parallel_step<B: AutodiffBackend>(
             .collect::<Vec<_>>()
     }))
     .map_err(|p| {
+        if place.multi_node() {
+            abandon_membership(); // the other nodes see this one leave
+        }
         format!(
             "placing the model and the batch on the workers' devices failed: {}",
             panic_message(p.as_ref())
@@ -276,9 +279,11 @@ impl Shared {
         Ok(result)
     }
 
-    /// The message of worker `k`'s collective call `what` that failed with `e`.
+    /// The message of worker `k`'s collective call `what` that failed with `e`. On several
+    /// nodes the run's end then leaves without meeting the others (one of them left).
     fn failure(&self, k: usize, what: &str, e: CollectiveError) -> String {
         let hint = if self.place.multi_node() {
+            abandon_membership();
             " (did another node stop? its output says why)"
         } else {
             ""

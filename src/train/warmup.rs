@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::ops::Range;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,15 +25,16 @@ use burn::module::AutodiffModule;
 use burn::optim::Optimizer;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use burn::train::{InferenceStep, ItemLazy, TrainStep};
+use burn::train::{InferenceStep, Interrupter, ItemLazy, TrainStep};
 
 use crate::data::augment::{VALID_ROUND, Views};
 use crate::data::batcher::{FixedShape, UserBatch, UserBatcher, UserDataset};
 use crate::data::store::PreparedDataset;
+use crate::error::ClueError;
 use crate::gpu::{KernelWork, kernel_work, settled_work};
 use crate::train::config::RunConfig;
 use crate::train::loader::EpochPlan;
-use crate::train::step::Trainee;
+use crate::train::step::{StepGuard, StepSettings, Trainee};
 use crate::ui;
 
 /// Epochs whose batches the warm-up's classes are taken from (a later epoch's batch in another
@@ -181,7 +183,8 @@ impl Drop for Done<'_> {
 /// Run, on clones of the model and optimizer: a training step with its AdamW update per
 /// training shape (the first shape twice: AdamW's first update takes another path than the
 /// later ones), then a validation step per validation shape, showing the kernels compiled as
-/// they come. Each step reads its outputs to the host, as in training.
+/// they come. Each step reads its outputs to the host, as in training. A training step that
+/// fails (a data-parallel worker, or another node, stopped) ends the warm-up with its message.
 pub fn warm_up<B, O>(
     trainee: &Trainee<B>,
     optim: &O,
@@ -189,7 +192,8 @@ pub fn warm_up<B, O>(
     (data, fixed): (&Arc<PreparedDataset>, FixedShape),
     train: &[WarmShape],
     valid: &[WarmShape],
-) where
+) -> Result<(), String>
+where
     B: AutodiffBackend,
     O: Optimizer<Trainee<B>, B> + Clone,
 {
@@ -216,7 +220,7 @@ pub fn warm_up<B, O>(
         );
         *label.lock().unwrap_or_else(|e| e.into_inner()) = line;
     };
-    std::thread::scope(|scope| {
+    let warmed = std::thread::scope(|scope| {
         // Redraws the count while the steps compile (a CubeCL compile blocks the caller).
         scope.spawn(|| {
             let bar = ui::spinner();
@@ -233,11 +237,16 @@ pub fn warm_up<B, O>(
         });
         let _done = Done(&done); // also when a step panics: the spinner's thread must end
         let mut learner = trainee.clone();
-        learner.settings.guard = None; // the run's steps are not counted, nor stopped, here
+        // The run's steps are not counted, nor stopped, here; a failed step reports to this.
+        let guard = StepGuard::new(Interrupter::new(), 0);
+        learner.settings.guard = Some(guard.clone());
         let mut optim = optim.clone();
         for (i, s) in train.iter().take(1).chain(train).enumerate() {
             show(i + 1, "training", s);
             let out = TrainStep::step(&learner, warm_batch::<B>(s, data, fixed, &device));
+            if let Some(failure) = guard.failure() {
+                return Err(failure);
+            }
             learner = learner.optimize(&mut optim, lr, out.grads);
             let _ = out.item.sync();
         }
@@ -247,7 +256,9 @@ pub fn warm_up<B, O>(
             let batch = warm_batch::<B::InnerBackend>(s, data, fixed, &device);
             let _ = InferenceStep::step(&frozen, batch).sync();
         }
+        Ok(())
     });
+    warmed?;
     let work = before
         .zip(settled_work())
         .map(|(b, now)| format!("{} in", now.since(b)))
@@ -256,55 +267,125 @@ pub fn warm_up<B, O>(
         "GPU warm-up: {work} {:.1} s",
         start.elapsed().as_secs_f64()
     ));
+    Ok(())
 }
 
-/// `clue fit`'s warm-up on a backend with fixed shapes (a GPU; nothing on a CPU backend, where
-/// nothing is compiled), on one node: the batches of the first [`WARM_EPOCHS`] epochs, classed
-/// by the pieces its steps encode (data-parallel shares, GradCache chunks: [`StepCut`]), and
-/// the validation batches; then the backend's generator is seeded again with the run's seed, so
-/// that the warm-up's dropout draws leave training as it would have been. Multi-node runs skip
-/// it (every node would have to warm up in step with the others, within `--peer-timeout`).
-pub fn warm_up_run<B, O>(
-    trainee: &Trainee<B>,
-    optim: &O,
-    config: &RunConfig,
-    data: &Arc<PreparedDataset>,
-    plan: &EpochPlan,
-    valid_users: &[u32],
-) -> Option<Warmed>
-where
-    B: AutodiffBackend,
-    O: Optimizer<Trainee<B>, B> + Clone,
-{
-    let (m, t) = (&config.model, &config.train);
-    let fixed = UserBatcher::of::<B>(m.max_items, m.max_item_tokens).fixed?;
-    let s = &trainee.settings;
-    if s.place.multi_node() {
-        ui::say("no GPU warm-up on several nodes: the first steps compile the kernels");
-        return None;
+/// The warm-up of a run: the shape of its batches and the batches to warm, for training and
+/// validation. On several nodes every node must warm the same (it is part of the plan they
+/// compare when they join, [`crate::train::cluster::plan_id`]): their warm-up steps meet in
+/// the same collective calls, as training's do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WarmPlan {
+    pub fixed: FixedShape,
+    pub train: Vec<WarmShape>,
+    pub valid: Vec<WarmShape>,
+}
+
+impl WarmPlan {
+    /// `clue fit`'s warm-up on a backend with fixed shapes (a GPU; none on a CPU backend, where
+    /// nothing is compiled).
+    pub fn of_run<B: Backend>(
+        settings: &StepSettings,
+        config: &RunConfig,
+        data: &Arc<PreparedDataset>,
+        plan: &EpochPlan,
+        valid_users: &[u32],
+    ) -> Option<Self> {
+        let m = &config.model;
+        let fixed = UserBatcher::of::<B>(m.max_items, m.max_item_tokens).fixed?;
+        Some(Self::new(
+            settings,
+            config,
+            (data, fixed),
+            plan,
+            valid_users,
+        ))
     }
-    let cut = StepCut {
-        workers: s.workers.len(),
-        chunk: s.grad_cache_chunk,
+
+    /// The warm-up of a run's plan with batches of shape `fixed`: the batches of the first
+    /// [`WARM_EPOCHS`] epochs, classed by the pieces its steps encode (data-parallel shares over
+    /// every node's workers, GradCache chunks, as `settings` say: [`StepCut`]), and the
+    /// validation batches.
+    pub fn new(
+        settings: &StepSettings,
+        config: &RunConfig,
+        (data, fixed): (&Arc<PreparedDataset>, FixedShape),
+        plan: &EpochPlan,
+        valid_users: &[u32],
+    ) -> Self {
+        let t = &config.train;
+        let cut = StepCut {
+            workers: settings.workers.len().max(1) * settings.place.nodes,
+            chunk: settings.grad_cache_chunk,
+        };
+        let bs = t.batch_size.max(1);
+        let train = (0..WARM_EPOCHS.min(t.epochs.max(1))).flat_map(|e| {
+            let order = plan.epoch_order(e);
+            let views = t.views((e * plan.periods_per_epoch()) as u64);
+            let chunks: Vec<&[u32]> = order.chunks(bs).collect();
+            // At most WARM_BATCHES per epoch, the last (short) one always among them.
+            let skip = chunks.len().saturating_sub(WARM_BATCHES);
+            let first = &chunks[..chunks.len().saturating_sub(skip + 1)];
+            let kept = first.iter().chain(chunks.last());
+            kept.map(|c| (c.to_vec(), views)).collect::<Vec<_>>()
+        });
+        let vb = t.eval_batch().max(1);
+        let valid = valid_users
+            .chunks(vb)
+            .map(|c| (c.to_vec(), t.views(VALID_ROUND)));
+        Self {
+            fixed,
+            train: warm_shapes(data, train, fixed, cut),
+            valid: warm_shapes(data, valid, fixed, StepCut::default()),
+        }
+    }
+
+    /// What the nodes of a run compare: the batch shape, and the users and items of each step.
+    pub fn steps(&self) -> String {
+        let sizes = |shapes: &[WarmShape]| -> Vec<(usize, usize)> {
+            shapes.iter().map(|s| (s.users.len(), s.items)).collect()
+        };
+        format!(
+            "{:?} {:?} {:?}",
+            self.fixed,
+            sizes(&self.train),
+            sizes(&self.valid)
+        )
+    }
+
+    /// Run the warm-up ([`warm_up`]) on copies of `trainee` and `optim` at learning rate `lr`,
+    /// then seed the backend's generator again with the run's `seed`, so that the warm-up's
+    /// dropout draws leave training as it would have been. Fails with the first failed step's
+    /// message; on several nodes a step fails on every node alike, or, when a node exits, stops
+    /// the others with a lost node.
+    pub fn run<B, O>(
+        &self,
+        trainee: &Trainee<B>,
+        optim: &O,
+        (lr, seed): (f64, u64),
+        data: &Arc<PreparedDataset>,
+    ) -> Result<Warmed, String>
+    where
+        B: AutodiffBackend,
+        O: Optimizer<Trainee<B>, B> + Clone,
+    {
+        let (train, valid) = (&self.train, &self.valid);
+        warm_up(trainee, optim, lr, (data, self.fixed), train, valid)?;
+        B::seed(&trainee.model.devices()[0], seed);
+        Ok(Warmed(kernel_work()))
+    }
+}
+
+/// The error of a warm-up that stopped with `why` before the first step of the run in `run`
+/// (`resumed`: a run resumed with `--resume`).
+pub fn warm_up_stopped(why: &str, run: &Path, resumed: bool) -> ClueError {
+    let again = match resumed {
+        true => format!("run `clue fit --resume --out {}` again", run.display()),
+        false => "start the run again".into(),
     };
-    let bs = t.batch_size.max(1);
-    let train = (0..WARM_EPOCHS.min(config.train.epochs.max(1))).flat_map(|e| {
-        let order = plan.epoch_order(e);
-        let views = t.views((e * plan.periods_per_epoch()) as u64);
-        let chunks: Vec<&[u32]> = order.chunks(bs).collect();
-        // At most WARM_BATCHES per epoch, the last (short) one always among them.
-        let skip = chunks.len().saturating_sub(WARM_BATCHES);
-        let first = &chunks[..chunks.len().saturating_sub(skip + 1)];
-        let kept = first.iter().chain(chunks.last());
-        kept.map(|c| (c.to_vec(), views)).collect::<Vec<_>>()
-    });
-    let train = warm_shapes(data, train, fixed, cut);
-    let vb = t.eval_batch().max(1);
-    let valid = valid_users
-        .chunks(vb)
-        .map(|c| (c.to_vec(), t.views(VALID_ROUND)));
-    let valid = warm_shapes(data, valid, fixed, StepCut::default());
-    warm_up(trainee, optim, t.lr, (data, fixed), &train, &valid);
-    B::seed(&trainee.model.devices()[0], t.seed);
-    Some(Warmed(kernel_work()))
+    ClueError::bad_file(
+        run,
+        format!("the GPU warm-up stopped before the first step: {why}"),
+        format!("no step was made: fix the cause and {again}"),
+    )
 }

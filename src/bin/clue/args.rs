@@ -201,7 +201,7 @@ pub struct FitArgs {
     /// embeddings, summing the gradients) before the run stops: a node that vanishes without
     /// closing its connections (power loss, a cut network, a suspended process) would otherwise
     /// leave the others waiting for ever. The wait includes the other nodes' compute: allow for
-    /// the slowest node's step (and a GPU's first-step kernel compiles).
+    /// the slowest node's step (and, on a GPU, how much longer its warm-up compiles take).
     #[arg(
         long,
         value_name = "SECONDS",

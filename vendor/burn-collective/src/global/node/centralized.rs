@@ -37,11 +37,12 @@ where
                 let device = device.clone();
                 let data_service = data_service.clone();
                 async move {
+                    // clue's fix: a node that left is an error, not a panic.
                     let data = data_service
                         .download_tensor((*address).clone(), 0.into())
                         .await
-                        .expect("Couldn't find the tensor for transfer id 0");
-                    B::float_from_data(data, &device)
+                        .ok_or(GlobalCollectiveError::PeerLost(*id))?;
+                    Ok::<_, GlobalCollectiveError>(B::float_from_data(data, &device))
                 }
             })
             .collect::<FuturesUnordered<_>>();
@@ -49,6 +50,7 @@ where
         // Sum all downloads async
         let mut sum = tensor;
         while let Some(res) = futures.next().await {
+            let res = res?; // clue's fix: a node that left is an error
             if shape != res.shape() {
                 return Err(GlobalCollectiveError::PeerSentIncoherentTensor);
             }
@@ -68,10 +70,11 @@ where
 
         // Transfer 2: Download result
         let central_addr = nodes.get(&central).unwrap().clone();
+        // clue's fix: a central node that left is an error, not a panic.
         let data = data_service
             .download_tensor(central_addr, 1.into())
             .await
-            .expect("Couldn't find the tensor for transfer id 1");
+            .ok_or(GlobalCollectiveError::PeerLost(central))?;
 
         let res = B::float_from_data(data, device);
         if shape != res.shape() {
@@ -82,7 +85,8 @@ where
     };
 
     // Wait for all nodes to finish
-    sync_service.sync().await;
+    // clue's fix: a node that left is an error (`SyncService::sync`).
+    sync_service.sync().await?;
 
     Ok(res)
 }

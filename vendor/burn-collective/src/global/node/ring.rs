@@ -107,7 +107,8 @@ where
     .await?;
 
     // Wait for all nodes to finish
-    sync_service.sync().await;
+    // clue's fix: a node that left is an error (`SyncService::sync`).
+    sync_service.sync().await?;
 
     // merge slices
     Ok(B::float_cat(slices, slice_dim))

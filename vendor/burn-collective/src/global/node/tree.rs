@@ -89,7 +89,8 @@ where
     }
 
     // Final barrier
-    sync_service.sync().await;
+    // clue's fix: a node that left is an error (`SyncService::sync`).
+    sync_service.sync().await?;
 
     Ok(result)
 }
