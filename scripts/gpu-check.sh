@@ -104,6 +104,8 @@ if [ $(( $(date +%s) - START + 170 )) -le "$BUDGET" ]; then
   NODE1=$!
   step fit-node0 150 "$CLUE" fit --backend cuda --config "$STAGE/tiny.toml" --data "$STAGE/prepared" --out /tmp/gpu-runs/node0 --no-tui --set train.epochs=1 --nodes 2 --node-rank 0 --coordinator 127.0.0.1:29500 --join-timeout 60
   wait $NODE1; tail -n 3 "$OUT/fit-node1.log"
+  # Both nodes warm up in step after the join.
+  grep -E "^GPU (warm-up|kernels after)" "$OUT/fit-node0.log" "$OUT/fit-node1.log" | sed 's/^/   /'
 else
   echo "== fit-node0/1: skipped (budget)"
 fi
