@@ -361,10 +361,11 @@ fn a_suspended_node_stops_the_other_after_the_peer_timeout() {
 }
 
 /// The GPU warm-up runs on several nodes too, after the join, each node's steps meeting the
-/// others' (the test warms with fixed shapes on ndarray, as `clue fit` does on a GPU): warmed
+/// others' (the test runs the library's warm-up with fixed shapes on ndarray; `clue fit` warms
+/// up on a GPU only): a node that would warm up and one that would not refuse to start; warmed
 /// nodes stay in step and make the same first training step, byte for byte, as nodes that did
-/// not warm up; a node that dies during the other's warm-up stops it with a message, not a
-/// panic or a wait.
+/// not warm up; a node that dies right after the join stops the other's warm-up with a
+/// message, not a panic or a wait.
 #[test]
 fn nodes_warm_up_together_and_a_dead_node_stops_the_warm_up() {
     let dir = tempfile::tempdir().unwrap();
@@ -444,9 +445,10 @@ fn nodes_warm_up_together_and_a_dead_node_stops_the_warm_up() {
 
 /// One node of `nodes_warm_up_together_and_a_dead_node_stops_the_warm_up`, in a process of its
 /// own (that test starts this binary again; without its settings this does nothing). It joins
-/// a two-node run of the small model (batch 8, one worker, dropout on), then, by its mode,
-/// warms up (`warm`), does not (`cold`) or exits at once (`die`), then makes one training step
-/// and writes `ok` and the model's bytes, or `error` and the message, to its output file.
+/// a two-node run of the small model (batch 8, one worker, dropout on) with a warm-up in its
+/// plan (modes `warm` and `die`) or none (`cold`), then warms up (`warm`) or exits at once
+/// (`die`), then makes one training step and writes `ok` and the model's bytes, or `error` and
+/// the message, to its output file.
 #[test]
 #[ignore = "a node process of nodes_warm_up_together_and_a_dead_node_stops_the_warm_up"]
 fn warm_up_node() {
@@ -522,7 +524,8 @@ fn node_step(
     let valid = data.users_in(Split::Valid);
     let warm = (mode != "cold")
         .then(|| WarmPlan::new(&trainee.settings, &config, (&data, fixed), &plan, &valid));
-    let id = plan_id(&config, "test", None, &trainee.model, warm.as_ref());
+    let steps = warm.as_ref().map(WarmPlan::steps);
+    let id = plan_id(&config, "test", None, &trainee.model, steps);
     let joined = cluster.start::<NdArray>(t, &[device], &id, run)?;
     let mut optim = t.optimizer().init::<B, Trainee<B>>();
     if mode == "die" {

@@ -35,7 +35,6 @@ use burn_communication::Address;
 
 use crate::error::{ClueError, Result};
 use crate::train::config::{RunConfig, TrainConfig};
-use crate::train::warmup::WarmPlan;
 
 /// This node's place in a multi-node run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -389,14 +388,15 @@ impl Drop for Coordinator {
 
 /// What every node of a run must have the same of: the config (not its data-loader threads),
 /// the prepared data, the resume point, the ids of the model's parameters (the order in which
-/// gradients are laid end to end) and the warm-up's steps (`warm`: none on a CPU backend; a GPU
-/// node with a CPU node would otherwise train out of step by the warm-up's steps).
+/// gradients are laid end to end) and the warm-up's steps (`warm`,
+/// [`crate::train::warmup::WarmPlan::steps`]: none on a CPU backend; a GPU node with a CPU node
+/// would otherwise train out of step by the warm-up's steps).
 pub fn plan_id<B: Backend, M: Module<B>>(
     config: &RunConfig,
     manifest_sha256: &str,
     resume_period: Option<usize>,
     model: &M,
-    warm: Option<&WarmPlan>,
+    warm: Option<String>,
 ) -> Vec<String> {
     let mut config = config.clone();
     config.train.workers = 0;
@@ -405,7 +405,7 @@ pub fn plan_id<B: Backend, M: Module<B>>(
         config.to_toml(),
         manifest_sha256.to_string(),
         format!("{resume_period:?} {ids:?}"),
-        format!("warm-up: {:?}", warm.map(WarmPlan::steps)),
+        format!("warm-up: {warm:?}"),
     ]
 }
 

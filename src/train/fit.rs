@@ -391,13 +391,12 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
     };
     // On a GPU: the batch shapes whose kernels the warm-up compiles (see `warmup.rs`).
     let warm = WarmPlan::of_run::<B>(&trainee.settings, &config, &data, &plan, &valid_users);
-    let model = &trainee.model;
     let plan_id = plan_id(
         &config,
         &manifest_sha256,
         resume_period,
-        model,
-        warm.as_ref(),
+        &trainee.model,
+        warm.as_ref().map(WarmPlan::steps),
     );
     let devices = worker_devices::<B>(&workers, &device);
     let params = trainee.model.param_counts();
