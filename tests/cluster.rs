@@ -319,6 +319,15 @@ fn a_separate_coordinator_serves_and_a_dead_node_stops_the_other() {
         "{:?}",
         killed.elapsed()
     );
+    // The coordinator still holds the lost run's nodes: a new run on it is refused at once,
+    // with the fix.
+    let again = dir.path().join("again");
+    std::fs::create_dir_all(&again).unwrap();
+    for out in two_nodes(&again, data, port, [running; 2]) {
+        let t = text(&out);
+        assert!(!out.status.success(), "{t}");
+        assert!(t.contains("restart `clue coordinator`"), "{t}");
+    }
     let _ = coordinator.kill();
     let _ = coordinator.wait();
 }

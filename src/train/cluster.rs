@@ -261,12 +261,18 @@ impl Cluster {
                     ));
                 }
                 Ok(Err(e)) => {
+                    // burn-collective's error type cannot be named here: its text tells.
+                    let hint = if e.contains("DoubleRegister") {
+                        "the coordinator still holds the nodes of a run that lost a node (it forgets a node only when the node leaves): restart `clue coordinator`, then start every node again"
+                    } else {
+                        "start every node with the same --nodes and --coordinator, each with its own --node-rank"
+                    };
                     return Err(ClueError::config(
                         format!(
                             "node {} could not join the run at {}: {e}",
                             self.rank, self.coordinator
                         ),
-                        "start every node with the same --nodes and --coordinator, each with its own --node-rank",
+                        hint,
                     ));
                 }
                 Err(_) => {
