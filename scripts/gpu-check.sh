@@ -94,6 +94,8 @@ step bench-base-f32 120 "$CLUE" -v bench --backend cuda --preset base --steps 10
 step torch-base-f32 60 python3 "$REF" $BASE
 step bench-small-bf16 120 "$CLUE" -v bench --backend cuda --precision bf16 --preset small --steps 10 --warmup 3
 step torch-small-bf16 60 python3 "$REF" $SMALL --dtype bf16
+# Data-parallel in bf16: the workers' shared flags are read back from bf16 tensors.
+step bench-small-workers-bf16 90 "$CLUE" -v bench --backend cuda --precision bf16 --preset small --workers 2 --steps 3 --warmup 1
 step fit-bf16 150 "$CLUE" fit --backend cuda --precision bf16 --config "$STAGE/tiny.toml" --data "$STAGE/prepared" --out /tmp/gpu-runs/run-bf16 --no-tui --set train.epochs=4
 step bench-base-bf16 120 "$CLUE" -v bench --backend cuda --precision bf16 --preset base --steps 10 --warmup 3
 step torch-base-bf16 60 python3 "$REF" $BASE --dtype bf16

@@ -111,7 +111,8 @@ fn two_nodes_on_loopback_train_like_one_process_with_all_their_workers() {
         for (rank, out) in [&rank0, &rank1].into_iter().enumerate() {
             let t = text(out);
             assert!(out.status.success(), "node {rank}: {t}");
-            let line = format!("data-parallel over 2 nodes × {workers} workers");
+            let s = if workers == 1 { "" } else { "s" };
+            let line = format!("data-parallel over 2 nodes × {workers} worker{s}");
             assert!(t.contains(&line), "node {rank}: {t}");
             assert!(!t.contains("panicked"), "node {rank}: {t}");
         }
@@ -230,6 +231,16 @@ fn multi_node_runs_that_cannot_work_fail_clearly() {
         "{}",
         text(&alone)
     );
+    // It said once that it joins, not once per connection attempt.
+    assert_eq!(
+        text(&alone)
+            .matches(&format!("node 1 of 2: joining the run at {coordinator}"))
+            .count(),
+        1,
+        "{}",
+        text(&alone)
+    );
+    assert!(!text(&alone).contains("Connecting to"), "{}", text(&alone));
     assert!(
         start.elapsed() < Duration::from_secs(30),
         "{:?}",
@@ -270,7 +281,7 @@ fn multi_node_runs_that_cannot_work_fail_clearly() {
     for (rank, out) in [&rank0, &rank1].into_iter().enumerate() {
         assert!(!out.status.success(), "node {rank}");
         assert!(
-            text(out).contains("the nodes do not run the same plan"),
+            text(out).contains("the nodes do not run the same plan: their config differs"),
             "node {rank}: {}",
             text(out)
         );
@@ -421,7 +432,10 @@ fn nodes_warm_up_together_and_a_dead_node_stops_the_warm_up() {
     // start: their steps would meet out of step.
     for (out, _) in pair(["warm", "cold"]) {
         let t = String::from_utf8_lossy(&out);
-        assert!(t.contains("the nodes do not run the same plan"), "{t}");
+        assert!(
+            t.contains("the nodes do not run the same plan: their GPU warm-up differs"),
+            "{t}"
+        );
     }
     let [(warm1, said1), (warm0, said0)] = pair(["warm", "warm"]);
     let [(cold1, _), (cold0, _)] = pair(["cold", "cold"]);

@@ -12,6 +12,7 @@ use burn::backend::{Autodiff, NdArray};
 use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataset::Dataset;
 use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
 use clue::data::augment::Views;
 use clue::data::batcher::{FixedShape, UserBatch, UserBatcher, UserDataset};
 use clue::data::store::{PreparedDataset, Split};
@@ -178,12 +179,47 @@ fn step_cuts_give_the_workers_shares_and_chunks() {
 /// worker and with two data-parallel workers (their shares classed apart).
 #[test]
 fn the_warm_up_counts_no_step_of_the_run() {
-    type B = Autodiff<NdArray>;
+    warm_up_counts_no_step::<Autodiff<NdArray>>(&[1, 2]);
+}
+
+/// The same on a backend whose float type is not f32, as bf16 is with `--precision bf16` on
+/// CUDA: the data-parallel step reads back the flags its workers share, and failed there
+/// ("worker 0 died") while it read them as f32. In f64, in a process of its own: a device's
+/// float type is set by the first backend that makes a tensor on it, and the other tests use
+/// NdArray in f32.
+#[test]
+fn data_parallel_steps_run_in_another_float_type() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "warm_up_in_f64", "--ignored", "--nocapture"])
+        .env("CLUE_TEST_F64", "1")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("1 passed"), "{said}");
+}
+
+#[test]
+#[ignore = "run in a process of its own by data_parallel_steps_run_in_another_float_type"]
+fn warm_up_in_f64() {
+    if std::env::var_os("CLUE_TEST_F64").is_none() {
+        return;
+    }
+    let probe = Tensor::<NdArray<f64>, 1>::from_floats([1.0], &Default::default());
+    assert_eq!(
+        probe.dtype(),
+        burn::tensor::DType::F64,
+        "the device works in f64"
+    );
+    warm_up_counts_no_step::<Autodiff<NdArray<f64>>>(&[2]);
+}
+
+fn warm_up_counts_no_step<B: AutodiffBackend>(worker_counts: &[usize]) {
     let data = data();
     let fixed = FIXED;
     let users = data.users_in(Split::Train);
     let config = common::small_model(data.manifest.vocab_size as usize);
-    for workers in [1, 2] {
+    for &workers in worker_counts {
         let cut = StepCut { workers, chunk: 0 };
         let shapes = warm_shapes(
             &data,
@@ -197,7 +233,7 @@ fn the_warm_up_counts_no_step_of_the_run() {
             settings: StepSettings {
                 clip_norm: 1.0,
                 guard: Some(guard.clone()),
-                workers: vec![NdArrayDevice::default().to_id(); workers],
+                workers: vec![B::Device::default().to_id(); workers],
                 ..Default::default()
             },
         };

@@ -10,9 +10,9 @@
 //!
 //! The workers join once per run ([`Cluster::join`]) and leave when the [`Membership`] is
 //! dropped. Joining waits for every node, with a time limit: an unreachable coordinator or a
-//! node that never comes is an error, not a hang. Before training the nodes compare a
-//! fingerprint of their plan (config, data, parameters, resume point) and refuse to train
-//! apart.
+//! node that never comes is an error, not a hang. Before training the nodes compare their plans
+//! part by part (config, data, resume point, parameters, warm-up, workers) and refuse to train
+//! apart, naming the part that differs.
 
 use std::hash::{Hash, Hasher};
 use std::io::Read;
@@ -21,8 +21,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::{Duration, Instant};
 
 use burn::collective::{
     AllReduceStrategy, CollectiveConfig, PeerId, ReduceOperation, all_reduce, finish_collective,
@@ -30,11 +30,12 @@ use burn::collective::{
 };
 use burn::module::Module;
 use burn::prelude::*;
-use burn::tensor::TensorPrimitive;
+use burn::tensor::{DType, TensorPrimitive};
 use burn_communication::Address;
 
 use crate::error::{ClueError, Result};
 use crate::train::config::{RunConfig, TrainConfig};
+use crate::ui;
 
 /// This node's place in a multi-node run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -216,12 +217,13 @@ impl Cluster {
     }
 
     /// Join the run with one worker per device: register every worker (global peer ids
-    /// `rank × W + k`), wait for all the nodes, then check that every node has the plan with
-    /// this `fingerprint`. Fails, rather than waiting for ever, after the join timeout.
+    /// `rank × W + k`), wait for all the nodes (saying every [`JOIN_TICK`] that it still waits),
+    /// then check that every node has this `plan`, naming the parts that differ. Fails, rather
+    /// than waiting for ever, after the join timeout.
     pub fn join<B: Backend>(
         &self,
         devices: &[B::Device],
-        fingerprint: u64,
+        plan: &[(&'static str, String)],
     ) -> Result<Membership<B>> {
         // The node's tensor service listens on this port: say so now if it cannot.
         can_listen(
@@ -232,14 +234,22 @@ impl Cluster {
         reset_collective::<B>();
         let w = devices.len();
         let peers: Vec<PeerId> = (0..w).map(|k| PeerId((self.rank * w + k) as u32)).collect();
+        let hashes: Vec<u64> = (plan.iter())
+            .map(|part| {
+                let mut hasher = std::hash::DefaultHasher::new();
+                part.hash(&mut hasher);
+                hasher.finish()
+            })
+            .collect();
         let (tx, rx) = mpsc::channel();
         for (&peer, device) in peers.iter().zip(devices) {
             let (tx, device, config) = (tx.clone(), device.clone(), self.config(w));
+            let hashes = hashes.clone();
             // Detached: a join that never returns must not keep the process alive.
             std::thread::spawn(move || {
                 let joined = register::<B>(peer, device.clone(), config)
                     .map_err(|e| format!("joining: {e:?}"))
-                    .and_then(|()| same_plan::<B>(peer, &device, fingerprint));
+                    .and_then(|()| same_plan::<B>(peer, &device, &hashes));
                 let _ = tx.send(joined);
             });
         }
@@ -250,15 +260,29 @@ impl Cluster {
         let mut membership = Membership { peers: Vec::new() };
         let joined: Vec<(PeerId, B::Device)> =
             peers.iter().copied().zip(devices.to_vec()).collect();
+        let wait = self.join_timeout.as_secs();
+        ui::say(format!(
+            "node {} of {}: joining the run at {} (waiting up to {wait} s for every node)",
+            self.rank, self.nodes, self.coordinator
+        ));
+        let start = Instant::now();
         for _ in 0..w {
-            match rx.recv_timeout(self.join_timeout) {
-                Ok(Ok(same)) if same => {}
-                Ok(Ok(_)) => {
+            let answer = loop {
+                let left = self.join_timeout.saturating_sub(start.elapsed());
+                match rx.recv_timeout(left.min(JOIN_TICK)) {
+                    Err(RecvTimeoutError::Timeout) if left > JOIN_TICK => ui::say(format!(
+                        "node {}: still waiting for every node to join ({} s of {wait} s)",
+                        self.rank,
+                        start.elapsed().as_secs()
+                    )),
+                    answer => break answer,
+                }
+            };
+            match answer {
+                Ok(Ok(same)) if same.iter().all(|&s| s) => {}
+                Ok(Ok(same)) => {
                     membership.peers = joined;
-                    return Err(ClueError::config(
-                        "the nodes do not run the same plan: their config, prepared data, parameters, number of workers or resume point differ",
-                        "run every node with the same --config/--set, the same prepared data (same manifest) and the same --resume state",
-                    ));
+                    return Err(plans_differ(plan, &same));
                 }
                 Ok(Err(e)) => {
                     // burn-collective's error type cannot be named here: its text tells.
@@ -298,35 +322,65 @@ impl Cluster {
     }
 }
 
-/// Whether every worker of every node has the plan `fingerprint`: the sum of each 16-bit part
-/// over all workers is the number of workers times this worker's part (exact in f32 up to 256
-/// workers). Also the run's last meeting, with any fingerprint ([`Membership`]'s drop).
+/// For each of `hashes`, whether every worker of every node has it: the sum of each of its
+/// bytes over all workers is the number of workers times this worker's byte. The sums are made
+/// in f32 whatever the backend's float type (bf16 would round them), exact up to 65,793 workers.
+/// Also the run's last meeting, with no hashes ([`Membership`]'s drop).
 fn same_plan<B: Backend>(
     peer: PeerId,
     device: &B::Device,
-    fingerprint: u64,
-) -> std::result::Result<bool, String> {
-    let parts: Vec<f32> = (0..4)
-        .map(|i| ((fingerprint >> (16 * i)) & 0xffff) as f32)
+    hashes: &[u64],
+) -> std::result::Result<Vec<bool>, String> {
+    let bytes: Vec<f32> = hashes
+        .iter()
+        .flat_map(|h| h.to_le_bytes())
+        .map(f32::from)
         .chain([1.0])
         .collect();
-    let summed = all_reduce::<B>(
-        peer,
-        Tensor::<B, 1>::from_floats(parts.as_slice(), device)
-            .into_primitive()
-            .tensor(),
-        ReduceOperation::Sum,
-    )
-    .map_err(|e| format!("comparing plans: {e:?}"))?;
+    let n = bytes.len();
+    let own = Tensor::<B, 1>::from_data(TensorData::new(bytes.clone(), [n]), (device, DType::F32));
+    let summed = all_reduce::<B>(peer, own.into_primitive().tensor(), ReduceOperation::Sum)
+        .map_err(|e| format!("comparing plans: {e:?}"))?;
     let summed: Vec<f32> = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(summed))
         .into_data()
+        .convert::<f32>()
         .to_vec()
         .map_err(|e| format!("{e:?}"))?;
-    let workers = summed[4];
-    Ok(parts[..4]
-        .iter()
-        .zip(&summed)
-        .all(|(own, sum)| (own * workers - sum).abs() < 0.5))
+    let workers = summed[n - 1];
+    Ok(bytes[..n - 1]
+        .chunks(8)
+        .zip(summed.chunks(8))
+        .map(|(own, sum)| own.iter().zip(sum).all(|(o, s)| o * workers == *s))
+        .collect())
+}
+
+/// The error of nodes whose plans differ in the parts `same` marks false.
+fn plans_differ(plan: &[(&'static str, String)], same: &[bool]) -> ClueError {
+    let differ: Vec<&str> = (plan.iter().zip(same))
+        .filter(|(_, same)| !**same)
+        .map(|((what, _), _)| *what)
+        .collect();
+    let resume = plan.iter().find(|(what, _)| *what == RESUME);
+    match resume {
+        Some((_, here)) if differ == [RESUME] => ClueError::config(
+            format!(
+                "the nodes do not run the same plan: their resume point differs (this node resumes from {here})"
+            ),
+            "each node resumes from its own latest complete checkpoint (checkpoint/model-K.mpk with optim-K and scheduler-K); a node that stopped while writing one has an older one: on the nodes whose latest checkpoint is newer than the others', move that checkpoint's three files aside, then start every node again with --resume",
+        ),
+        _ => ClueError::config(
+            format!(
+                "the nodes do not run the same plan: their {} {}",
+                differ.join(", "),
+                if differ.len() == 1 {
+                    "differs"
+                } else {
+                    "differ"
+                }
+            ),
+            "run every node with the same --config/--set, the same prepared data (same manifest), the same --devices count, the same backend and the same --resume state",
+        ),
+    }
 }
 
 /// A node's workers, joined for the whole run. When dropped they meet every other node's workers
@@ -359,22 +413,31 @@ impl<B: Backend> Drop for Membership<B> {
         for (peer, device) in self.peers.drain(..) {
             let tx = tx.clone();
             std::thread::spawn(move || {
-                let _ = same_plan::<B>(peer, &device, 0);
+                let _ = same_plan::<B>(peer, &device, &[]);
                 let _ = finish_collective::<B>(peer);
                 let _ = tx.send(());
             });
         }
         drop(tx);
-        let deadline = std::time::Instant::now() + LEAVE_TIMEOUT;
+        let deadline = Instant::now() + LEAVE_TIMEOUT;
         while rx
-            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .is_ok()
         {}
     }
 }
 
+/// "2 nodes × 1 worker": a run's nodes and the workers of each.
+pub fn nodes_by_workers(nodes: usize, workers: usize) -> String {
+    let s = if workers == 1 { "" } else { "s" };
+    format!("{nodes} nodes × {workers} worker{s}")
+}
+
 /// How long the end of a run waits for the other nodes.
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How often a node waiting for the others to join says that it still waits.
+const JOIN_TICK: Duration = Duration::from_secs(30);
 
 /// The coordinator rank 0 runs: a child process (`clue coordinator --port P`), stopped when
 /// this is dropped (and by itself when its parent dies: its standard input closes).
@@ -403,17 +466,28 @@ pub fn plan_id<B: Backend, M: Module<B>>(
     resume_period: Option<usize>,
     model: &M,
     warm: Option<String>,
-) -> Vec<String> {
+) -> Plan {
     let mut config = config.clone();
     config.train.workers = 0;
     let ids = burn::module::list_param_ids(model);
+    let resume = match resume_period {
+        None => "the start".to_string(),
+        Some(k) => format!("checkpoint {k}"),
+    };
     vec![
-        config.to_toml(),
-        manifest_sha256.to_string(),
-        format!("{resume_period:?} {ids:?}"),
-        format!("warm-up: {warm:?}"),
+        ("config", config.to_toml()),
+        ("prepared data", manifest_sha256.to_string()),
+        (RESUME, resume),
+        ("model's parameters", format!("{ids:?}")),
+        ("GPU warm-up", format!("{warm:?}")),
     ]
 }
+
+/// What every node must have the same of: (what it is, its value), compared by hash.
+pub type Plan = Vec<(&'static str, String)>;
+
+/// The plan part that names the checkpoint a run resumes from.
+const RESUME: &str = "resume point";
 
 /// A running multi-node membership: the coordinator (on rank 0) and this node's workers.
 pub struct Joined<B: Backend> {
@@ -430,26 +504,25 @@ impl Cluster {
         &self,
         train: &TrainConfig,
         devices: &[B::Device],
-        plan: &[String],
+        plan: &[(&'static str, String)],
         run: &Path,
     ) -> Result<Joined<B>> {
         let all = self.nodes * devices.len();
         if !train.batch_size.is_multiple_of(all) {
             return Err(ClueError::config(
                 format!(
-                    "train.batch_size = {} does not divide into {} nodes × {} workers",
+                    "train.batch_size = {} does not divide into {}",
                     train.batch_size,
-                    self.nodes,
-                    devices.len()
+                    nodes_by_workers(self.nodes, devices.len())
                 ),
                 format!("use a batch size that is a multiple of {all}"),
             ));
         }
         let coordinator = self.start_coordinator(&run.join("coordinator.log"))?;
         // Every node must also have the same number of workers (peer ids are rank × W + k).
-        let mut hasher = std::hash::DefaultHasher::new();
-        (plan, devices.len()).hash(&mut hasher);
-        let membership = self.join::<B>(devices, hasher.finish())?;
+        let mut plan = plan.to_vec();
+        plan.push(("number of workers", devices.len().to_string()));
+        let membership = self.join::<B>(devices, &plan)?;
         Ok(Joined {
             _membership: membership,
             _coordinator: coordinator,

@@ -37,7 +37,7 @@ use crate::data::batcher::UserBatch;
 use crate::data::chunk::item_multiple;
 use crate::error::{ClueError, Result, panic_message};
 use crate::model::ClueModel;
-use crate::train::cluster::{Cluster, Place, abandon_membership};
+use crate::train::cluster::{Cluster, Place, abandon_membership, nodes_by_workers};
 use crate::train::config::TrainConfig;
 use crate::train::grad_cache::MaskKey;
 use crate::train::loss::is_finite;
@@ -139,7 +139,10 @@ pub fn parallel_step<B: AutodiffBackend>(
             .spawn(move || {
                 let result = on_kept_stream(Role::Worker, k, || {
                     catch_unwind(AssertUnwindSafe(|| ours.work(k, replica, part, &device)))
-                        .unwrap_or_else(|_| Err(format!("{} died", ours.name(k))))
+                        .unwrap_or_else(|p| {
+                            let why = panic_message(p.as_ref());
+                            Err(format!("{} died: {why}", ours.name(k)))
+                        })
                 });
                 let _ = tx.send((k, result));
             })
@@ -196,9 +199,8 @@ pub fn worker_devices<B: Backend>(ids: &[DeviceId], main: &B::Device) -> Vec<B::
 pub fn setup_line(workers: usize, cluster: Option<&Cluster>, grad_cache: usize) -> String {
     let mut line = match (workers, cluster) {
         (w, Some(c)) => format!(
-            ", data-parallel over {} nodes × {} workers",
-            c.nodes,
-            w.max(1)
+            ", data-parallel over {}",
+            nodes_by_workers(c.nodes, w.max(1))
         ),
         (0 | 1, None) => String::new(),
         (w, None) => format!(", data-parallel over {w} workers"),
@@ -270,18 +272,19 @@ impl Shared {
         }
         let config = CollectiveConfig::default().with_num_devices(self.workers);
         register::<B::InnerBackend>(peer, device.clone(), config)
-            .map_err(|e| self.failure(k, "joining the collective", e))?;
+            .map_err(|e| self.give_up(k, "joining the collective", e))?;
         let result = self.collective(k, &model, &part, device);
         // Always leave, so that no peer stays registered after this step.
         let left = finish_collective::<B::InnerBackend>(peer);
         let result = result?;
-        left.map_err(|e| self.failure(k, "leaving the collective", e))?;
+        left.map_err(|e| self.give_up(k, "leaving the collective", e))?;
         Ok(result)
     }
 
-    /// The message of worker `k`'s collective call `what` that failed with `e`. On several
-    /// nodes the run's end then leaves without meeting the others (one of them left).
-    fn failure(&self, k: usize, what: &str, e: CollectiveError) -> String {
+    /// Gives the run up after worker `k`'s collective call `what` failed with `e`, and says why.
+    /// On several nodes this abandons the membership: the run's end then leaves without meeting
+    /// the others (one of them left).
+    fn give_up(&self, k: usize, what: &str, e: CollectiveError) -> String {
         let hint = if self.place.multi_node() {
             abandon_membership();
             " (did another node stop? its output says why)"
@@ -303,7 +306,7 @@ impl Shared {
         self.watch
             .waiting(k, what, || all_reduce::<B>(peer, x, ReduceOperation::Sum))
             .map(|sum| Tensor::from_primitive(TensorPrimitive::Float(sum)))
-            .map_err(|e| self.failure(k, what, e))
+            .map_err(|e| self.give_up(k, what, e))
     }
 
     /// The collective calls of worker `k`'s step, the same on every worker whatever fails.
@@ -366,7 +369,7 @@ impl Shared {
                     let out = ClueOutput::of(all, services, model.logit_scale());
                     let nothing = z.sum() * 0.0 + model.logit_scale() * 0.0;
                     let grads = GradientsParams::from_grads(nothing.backward(), model);
-                    return (out, Some(grads));
+                    return (out, Some(Flat::of(model, grads)));
                 }
                 match &z {
                     // Own rows with their graph: the gradient flows through them only.
@@ -400,7 +403,8 @@ impl Shared {
                     key.replay(model, &subs, &cached, first, &mut total);
                     grads = total.grads();
                 }
-                (out, Some(grads))
+                // Laid end to end here, where a failure is caught and shared below.
+                (out, Some(Flat::of(model, grads)))
             }))
             .map_err(|p| panic_text(&self.name(k), "loss or backward pass", p))
         });
@@ -410,9 +414,11 @@ impl Shared {
             matches!(outcome, Ok((_, None))) as u8 as f32,
         ];
         let flags = Tensor::<B::InnerBackend, 1>::from_floats(flags, device);
+        // Read as f32 whatever the backend's float type (bf16 on `--precision bf16`).
         let flags: Vec<f32> = self
             .summed(k, "sharing the step's state", flags)?
             .into_data()
+            .convert::<f32>()
             .to_vec()
             .expect("two flags");
         match outcome {
@@ -421,10 +427,10 @@ impl Shared {
             Ok((out, grads)) => {
                 let what = "summing the gradients";
                 let grads = match grads {
-                    Some(g) if flags[1] == 0.0 => Some(
+                    Some(flat) if flags[1] == 0.0 => Some(
                         self.watch
-                            .waiting(k, what, || sum_gradients(model, g, peer))
-                            .map_err(|e| self.failure(k, what, e))?,
+                            .waiting(k, what, || flat.summed(model, peer))
+                            .map_err(|e| self.give_up(k, what, e))?,
                     ),
                     _ => None,
                 };
@@ -434,74 +440,95 @@ impl Shared {
     }
 }
 
-/// Sum every worker's gradients with one all-reduce, not one per parameter (across nodes each
-/// all-reduce is a round of messages): the gradients are laid end to end in the order the
-/// model visits its parameters, the same on every worker.
-fn sum_gradients<B: AutodiffBackend>(
-    model: &ClueModel<B>,
-    mut grads: GradientsParams,
-    peer: PeerId,
-) -> std::result::Result<GradientsParams, CollectiveError> {
-    struct Take<'a, B: AutodiffBackend> {
-        grads: &'a mut GradientsParams,
-        parts: Vec<Tensor<B::InnerBackend, 1>>,
-        taken: Vec<ParamId>,
-    }
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Take<'_, B> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
-                self.parts.push(g.reshape([-1]));
-                self.taken.push(param.id);
+/// A worker's gradients laid end to end, in the order the model visits its parameters (the
+/// same on every worker), so that one all-reduce sums them all: across nodes each all-reduce is
+/// a round of messages.
+struct Flat<B: AutodiffBackend> {
+    /// The gradients `taken` held, end to end; `None` when there were none.
+    flat: Option<Tensor<B::InnerBackend, 1>>,
+    taken: Vec<ParamId>,
+    /// The gradients of parameters the model does not visit (none today).
+    rest: GradientsParams,
+}
+
+impl<B: AutodiffBackend> Flat<B> {
+    fn of(model: &ClueModel<B>, mut grads: GradientsParams) -> Self {
+        struct Take<'a, B: AutodiffBackend> {
+            grads: &'a mut GradientsParams,
+            parts: Vec<Tensor<B::InnerBackend, 1>>,
+            taken: Vec<ParamId>,
+        }
+        impl<B: AutodiffBackend> ModuleVisitor<B> for Take<'_, B> {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+                if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
+                    self.parts.push(g.reshape([-1]));
+                    self.taken.push(param.id);
+                }
             }
         }
-    }
-    /// Cuts the summed vector back into the gradients `taken` held, in the same order.
-    struct Put<B: AutodiffBackend> {
-        summed: Tensor<B::InnerBackend, 1>,
-        at: usize,
-        taken: Vec<ParamId>,
-        next: usize,
-        grads: GradientsParams,
-    }
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Put<B> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            if self.taken.get(self.next) != Some(&param.id) {
-                return;
-            }
-            self.next += 1;
-            let shape = param.val().shape();
-            let end = self.at + shape.num_elements();
-            let g = self
-                .summed
-                .clone()
-                .narrow(0, self.at, end - self.at)
-                .reshape(shape);
-            self.grads.register::<B::InnerBackend, D>(param.id, g);
-            self.at = end;
+        let mut take = Take::<B> {
+            grads: &mut grads,
+            parts: Vec::new(),
+            taken: Vec::new(),
+        };
+        model.visit(&mut take);
+        let (parts, taken) = (take.parts, take.taken);
+        Flat {
+            flat: (!parts.is_empty()).then(|| Tensor::cat(parts, 0)),
+            taken,
+            rest: grads,
         }
     }
-    let mut take = Take::<B> {
-        grads: &mut grads,
-        parts: Vec::new(),
-        taken: Vec::new(),
-    };
-    model.visit(&mut take);
-    let (parts, taken) = (take.parts, take.taken);
-    if parts.is_empty() {
-        return Ok(grads);
+
+    /// Every worker's gradients summed (an all-reduce), cut back into the gradients.
+    fn summed(
+        self,
+        model: &ClueModel<B>,
+        peer: PeerId,
+    ) -> std::result::Result<GradientsParams, CollectiveError> {
+        /// Cuts the summed vector back into the gradients `taken` held, in the same order.
+        struct Put<B: AutodiffBackend> {
+            summed: Tensor<B::InnerBackend, 1>,
+            at: usize,
+            taken: Vec<ParamId>,
+            next: usize,
+            grads: GradientsParams,
+        }
+        impl<B: AutodiffBackend> ModuleVisitor<B> for Put<B> {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+                if self.taken.get(self.next) != Some(&param.id) {
+                    return;
+                }
+                self.next += 1;
+                let shape = param.val().shape();
+                let end = self.at + shape.num_elements();
+                let g = self
+                    .summed
+                    .clone()
+                    .narrow(0, self.at, end - self.at)
+                    .reshape(shape);
+                self.grads.register::<B::InnerBackend, D>(param.id, g);
+                self.at = end;
+            }
+        }
+        let Some(flat) = self.flat else {
+            return Ok(self.rest);
+        };
+        let summed = all_reduce::<B::InnerBackend>(
+            peer,
+            flat.into_primitive().tensor(),
+            ReduceOperation::Sum,
+        )?;
+        let mut put = Put::<B> {
+            summed: Tensor::from_primitive(TensorPrimitive::Float(summed)),
+            at: 0,
+            taken: self.taken,
+            next: 0,
+            grads: self.rest,
+        };
+        model.visit(&mut put);
+        Ok(put.grads)
     }
-    let flat = Tensor::cat(parts, 0);
-    let summed =
-        all_reduce::<B::InnerBackend>(peer, flat.into_primitive().tensor(), ReduceOperation::Sum)?;
-    let mut put = Put::<B> {
-        summed: Tensor::from_primitive(TensorPrimitive::Float(summed)),
-        at: 0,
-        taken,
-        next: 0,
-        grads,
-    };
-    model.visit(&mut put);
-    Ok(put.grads)
 }
 
 /// The message of a worker's panic.
