@@ -45,24 +45,31 @@ fn fit_args<'a>(data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> 
 
 /// Both ranks of a two-node run, each with its own extra arguments; rank 1 starts first.
 fn two_nodes(dir: &Path, data: &str, port: u16, extra: [&[&str]; 2]) -> [Output; 2] {
+    node_pair(dir, port, |rank| {
+        let out = dir.join(format!("node{rank}"));
+        let args = fit_args(data, out.to_str().unwrap(), extra[rank]);
+        args.into_iter().map(String::from).collect()
+    })
+}
+
+/// Both ranks of a two-node run, rank r started with `args(r)` and the run's node arguments;
+/// rank 1 starts first.
+fn node_pair(dir: &Path, port: u16, args: impl Fn(usize) -> Vec<String>) -> [Output; 2] {
     let coordinator = format!("127.0.0.1:{port}");
     let run = |rank: usize| {
-        let out = dir.join(format!("node{rank}"));
-        let out = out.to_str().unwrap();
         let rank_text = rank.to_string();
-        let mut args = fit_args(data, out, extra[rank]);
-        args.extend([
-            "--nodes",
-            "2",
-            "--node-rank",
-            &rank_text,
-            "--coordinator",
-            &coordinator,
-            "--join-timeout",
-            "60",
-        ]);
         Command::new(env!("CARGO_BIN_EXE_clue"))
-            .args(args)
+            .args(args(rank))
+            .args([
+                "--nodes",
+                "2",
+                "--node-rank",
+                &rank_text,
+                "--coordinator",
+                &coordinator,
+                "--join-timeout",
+                "60",
+            ])
             .current_dir(dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -234,7 +241,9 @@ fn multi_node_runs_that_cannot_work_fail_clearly() {
     // It said once that it joins, not once per connection attempt.
     assert_eq!(
         text(&alone)
-            .matches(&format!("node 1 of 2: joining the run at {coordinator}"))
+            .matches(&format!(
+                "node 1 (ranks 0 to 1): joining the run at {coordinator}"
+            ))
             .count(),
         1,
         "{}",
@@ -285,6 +294,65 @@ fn multi_node_runs_that_cannot_work_fail_clearly() {
             "node {rank}: {}",
             text(out)
         );
+    }
+}
+
+/// Each node resumes from its own latest complete checkpoint. Nodes whose latest differ (one
+/// stopped while writing its checkpoint) refuse to start, each naming its own; the fix the
+/// refusal names (move the newer checkpoint aside) resumes them to the weights of the run that
+/// was not interrupted.
+#[test]
+fn nodes_resuming_from_different_checkpoints_are_refused_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::fixture(600, 0, 16, 16).join("p");
+    let data = data.to_str().unwrap();
+    let two: &[&str] = &["--set", "train.epochs=2"];
+    for (rank, out) in two_nodes(dir.path(), data, free_ports(), [two; 2])
+        .iter()
+        .enumerate()
+    {
+        assert!(out.status.success(), "node {rank}: {}", text(out));
+    }
+    let node = |rank: usize| dir.path().join(format!("node{rank}"));
+    let uninterrupted = common::weights(&node(0));
+    // Both stopped before the end; node 1 while writing its second checkpoint.
+    for rank in [0, 1] {
+        std::fs::remove_file(node(rank).join("summary.json")).unwrap();
+        std::fs::remove_dir_all(node(rank).join("model")).unwrap();
+    }
+    let second = |rank: usize| {
+        ["model", "optim", "scheduler"].map(|p| node(rank).join(format!("checkpoint/{p}-2.mpk")))
+    };
+    for file in second(1) {
+        std::fs::remove_file(file).unwrap();
+    }
+    let resume = || {
+        node_pair(dir.path(), free_ports(), |rank| {
+            let run = node(rank).to_str().unwrap().to_string();
+            vec!["fit".into(), "--resume".into(), run, "--no-tui".into()]
+        })
+    };
+    for (rank, out) in resume().iter().enumerate() {
+        let t = text(out);
+        assert!(!out.status.success(), "node {rank}: {t}");
+        let own = format!(
+            "their resume point differs (this node resumes from checkpoint {})",
+            2 - rank
+        );
+        assert!(t.contains(&own), "node {rank}: {t}");
+        assert!(
+            t.contains("move that checkpoint's three files aside"),
+            "{t}"
+        );
+    }
+    let aside = dir.path().join("aside");
+    std::fs::create_dir(&aside).unwrap();
+    for file in second(0) {
+        std::fs::rename(&file, aside.join(file.file_name().unwrap())).unwrap();
+    }
+    for (rank, out) in resume().iter().enumerate() {
+        assert!(out.status.success(), "node {rank}: {}", text(out));
+        assert_eq!(common::weights(&node(rank)), uninterrupted, "node {rank}");
     }
 }
 
@@ -384,8 +452,8 @@ fn a_suspended_node_stops_the_other_after_the_peer_timeout() {
 /// others' (the test runs the library's warm-up with fixed shapes on ndarray; `clue fit` warms
 /// up on a GPU only): a node that would warm up and one that would not refuse to start; warmed
 /// nodes stay in step and make the same first training step, byte for byte, as nodes that did
-/// not warm up; a node that dies right after the join stops the other's warm-up with a
-/// message, not a panic or a wait.
+/// not warm up; nodes in f64 do the same, and refuse to start with a node in f32; a node that
+/// dies right after the join stops the other's warm-up with a message, not a panic or a wait.
 #[test]
 fn nodes_warm_up_together_and_a_dead_node_stops_the_warm_up() {
     let dir = tempfile::tempdir().unwrap();
@@ -456,6 +524,15 @@ fn nodes_warm_up_together_and_a_dead_node_stops_the_warm_up() {
         warm0 == cold0 && cold0 == cold1,
         "warming up changed the run"
     );
+    // Nodes whose float type is not f32 (f64 here, as bf16 is on CUDA) compare their plans,
+    // warm up and train in step; a node in f64 with one in f32 refuses to start.
+    let [(f1, _), (f0, said)] = pair(["f64", "f64"]);
+    assert!(ok(&f0), "{}: {said}", String::from_utf8_lossy(&f0));
+    assert!(f0 == f1, "the f64 nodes made different steps");
+    for (out, _) in pair(["f64", "warm"]) {
+        let t = String::from_utf8_lossy(&out);
+        assert!(t.contains("their backend differs"), "{t}");
+    }
     // Node 1 dies after the join: node 0's warm-up stops at its first step.
     let [_, (stopped, said)] = pair(["warm", "die"]);
     let t = String::from_utf8_lossy(&stopped);
@@ -471,7 +548,7 @@ fn nodes_warm_up_together_and_a_dead_node_stops_the_warm_up() {
 /// a two-node run of the small model (batch 8, one worker, dropout on) with a warm-up in its
 /// plan (modes `warm` and `die`) or none (`cold`), then warms up (`warm`) or exits at once
 /// (`die`), then makes one training step and writes `ok` and the model's bytes, or `error` and
-/// the message, to its output file.
+/// the message, to its output file. Mode `f64` is `warm` on NdArray in f64.
 #[test]
 #[ignore = "a node process of nodes_warm_up_together_and_a_dead_node_stops_the_warm_up"]
 fn warm_up_node() {
@@ -482,23 +559,29 @@ fn warm_up_node() {
     let data = std::env::var("CLUE_TEST_NODE_DATA").unwrap();
     let out = std::path::PathBuf::from(std::env::var("CLUE_TEST_NODE_OUT").unwrap());
     let run = out.parent().unwrap();
-    let written = match node_step(rank.parse().unwrap(), port, mode, Path::new(&data), run) {
+    let (rank, data) = (rank.parse().unwrap(), Path::new(&data));
+    // `f64`: warm, on a backend whose float type is not f32 (as bf16 is on CUDA).
+    let stepped = match mode {
+        "f64" => node_step::<burn::backend::NdArray<f64>>(rank, port, "warm", data, run),
+        _ => node_step::<burn::backend::NdArray>(rank, port, mode, data, run),
+    };
+    let written = match stepped {
         Ok(bytes) => [b"ok ".as_slice(), &bytes].concat(),
         Err(e) => format!("error {e}").into_bytes(),
     };
     std::fs::write(out, written).unwrap();
 }
 
-/// `warm_up_node`'s work: the model's bytes after one training step.
-fn node_step(
+/// `warm_up_node`'s work on the backend `I`: the model's bytes after one training step.
+fn node_step<I: burn::tensor::backend::Backend<Device = burn::backend::ndarray::NdArrayDevice>>(
     rank: usize,
     port: &str,
     mode: &str,
     data: &Path,
     run: &Path,
 ) -> clue::error::Result<Vec<u8>> {
+    use burn::backend::Autodiff;
     use burn::backend::ndarray::NdArrayDevice;
-    use burn::backend::{Autodiff, NdArray};
     use burn::data::dataloader::batcher::Batcher;
     use burn::data::dataset::Dataset;
     use burn::module::AutodiffModule;
@@ -513,7 +596,7 @@ fn node_step(
     use clue::train::loader::EpochPlan;
     use clue::train::step::{StepSettings, Trainee};
     use clue::train::warmup::{WarmPlan, warm_up_stopped};
-    type B = Autodiff<NdArray>;
+    type B<I> = Autodiff<I>;
 
     let data = std::sync::Arc::new(PreparedDataset::open(data, true)?);
     let mut config = RunConfig {
@@ -529,7 +612,7 @@ fn node_step(
     let coordinator = format!("127.0.0.1:{port}");
     let timeouts = [Duration::from_secs(60); 2];
     let cluster = Cluster::new(2, rank, Some(&coordinator), None, timeouts, true)?;
-    let trainee = Trainee::<B> {
+    let trainee = Trainee::<B<I>> {
         model: ClueModel::new(&config.model, &mut Init::new(t.seed, &device)),
         settings: StepSettings {
             clip_norm: t.grad_clip_norm,
@@ -549,8 +632,8 @@ fn node_step(
         .then(|| WarmPlan::new(&trainee.settings, &config, (&data, fixed), &plan, &valid));
     let steps = warm.as_ref().map(WarmPlan::steps);
     let id = plan_id(&config, "test", None, &trainee.model, steps);
-    let joined = cluster.start::<NdArray>(t, &[device], &id, run)?;
-    let mut optim = t.optimizer().init::<B, Trainee<B>>();
+    let joined = cluster.start::<I>(t, &[device], &id, run)?;
+    let mut optim = t.optimizer().init::<B<I>, Trainee<B<I>>>();
     if mode == "die" {
         std::process::exit(0);
     }

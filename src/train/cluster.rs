@@ -14,7 +14,6 @@
 //! part by part (config, data, resume point, parameters, warm-up, workers) and refuse to train
 //! apart, naming the part that differs.
 
-use std::hash::{Hash, Hasher};
 use std::io::Read;
 use std::net::{TcpListener, ToSocketAddrs};
 use std::path::Path;
@@ -32,6 +31,7 @@ use burn::module::Module;
 use burn::prelude::*;
 use burn::tensor::{DType, TensorPrimitive};
 use burn_communication::Address;
+use sha2::{Digest, Sha256};
 
 use crate::error::{ClueError, Result};
 use crate::train::config::{RunConfig, TrainConfig};
@@ -234,11 +234,15 @@ impl Cluster {
         reset_collective::<B>();
         let w = devices.len();
         let peers: Vec<PeerId> = (0..w).map(|k| PeerId((self.rank * w + k) as u32)).collect();
+        // A stable hash (nodes may be built by different Rust releases).
         let hashes: Vec<u64> = (plan.iter())
-            .map(|part| {
-                let mut hasher = std::hash::DefaultHasher::new();
-                part.hash(&mut hasher);
-                hasher.finish()
+            .map(|(what, value)| {
+                let digest = Sha256::new()
+                    .chain_update(what)
+                    .chain_update([0])
+                    .chain_update(value)
+                    .finalize();
+                u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
             })
             .collect();
         let (tx, rx) = mpsc::channel();
@@ -262,8 +266,10 @@ impl Cluster {
             peers.iter().copied().zip(devices.to_vec()).collect();
         let wait = self.join_timeout.as_secs();
         ui::say(format!(
-            "node {} of {}: joining the run at {} (waiting up to {wait} s for every node)",
-            self.rank, self.nodes, self.coordinator
+            "node {} (ranks 0 to {}): joining the run at {} (waiting up to {wait} s for every node)",
+            self.rank,
+            self.nodes - 1,
+            self.coordinator
         ));
         let start = Instant::now();
         for _ in 0..w {
@@ -299,7 +305,16 @@ impl Cluster {
                         hint,
                     ));
                 }
-                Err(_) => {
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(ClueError::config(
+                        format!(
+                            "node {} could not join the run at {}: a worker's join stopped without an answer (its panic is printed above)",
+                            self.rank, self.coordinator
+                        ),
+                        "this is a bug in clue: please report it with the output above",
+                    ));
+                }
+                Err(RecvTimeoutError::Timeout) => {
                     return Err(ClueError::config(
                         format!(
                             "node {} waited {} s at the coordinator {} and the run did not start",
@@ -322,10 +337,11 @@ impl Cluster {
     }
 }
 
-/// For each of `hashes`, whether every worker of every node has it: the sum of each of its
-/// bytes over all workers is the number of workers times this worker's byte. The sums are made
-/// in f32 whatever the backend's float type (bf16 would round them), exact up to 65,793 workers.
-/// Also the run's last meeting, with no hashes ([`Membership`]'s drop).
+/// For each of `hashes`, whether every worker of every node has it, as far as sums tell: the
+/// sum of each of its bytes over all workers is the number of workers times this worker's byte
+/// (other nodes' bytes that differ but average out would pass; with hashes, a matter of chance).
+/// The sums are made in f32 whatever the backend's float type (bf16 would round them), exact up
+/// to 65,793 workers. Also the run's last meeting, with no hashes ([`Membership`]'s drop).
 fn same_plan<B: Backend>(
     peer: PeerId,
     device: &B::Device,
@@ -366,7 +382,7 @@ fn plans_differ(plan: &[(&'static str, String)], same: &[bool]) -> ClueError {
             format!(
                 "the nodes do not run the same plan: their resume point differs (this node resumes from {here})"
             ),
-            "each node resumes from its own latest complete checkpoint (checkpoint/model-K.mpk with optim-K and scheduler-K); a node that stopped while writing one has an older one: on the nodes whose latest checkpoint is newer than the others', move that checkpoint's three files aside, then start every node again with --resume",
+            "start every node with --resume, or none; each node resumes from its own latest complete checkpoint (checkpoint/model-K.mpk with optim-K and scheduler-K), and a node that stopped while writing one has an older one: on the nodes whose latest checkpoint is newer than the others', move that checkpoint's three files aside, then start every node again with --resume",
         ),
         _ => ClueError::config(
             format!(
@@ -378,7 +394,7 @@ fn plans_differ(plan: &[(&'static str, String)], same: &[bool]) -> ClueError {
                     "differ"
                 }
             ),
-            "run every node with the same --config/--set, the same prepared data (same manifest), the same --devices count, the same backend and the same --resume state",
+            "run every node with the same --config/--set, the same prepared data (same manifest), the same --devices count, the same --backend and --precision and the same --resume state",
         ),
     }
 }
@@ -475,6 +491,8 @@ pub fn plan_id<B: Backend, M: Module<B>>(
         Some(k) => format!("checkpoint {k}"),
     };
     vec![
+        // Its type names the float type too (`--precision`).
+        ("backend", std::any::type_name::<B>().to_string()),
         ("config", config.to_toml()),
         ("prepared data", manifest_sha256.to_string()),
         (RESUME, resume),
