@@ -11,8 +11,8 @@
 //! The workers join once per run ([`Cluster::join`]) and leave when the [`Membership`] is
 //! dropped. Joining waits for every node, with a time limit: an unreachable coordinator or a
 //! node that never comes is an error, not a hang. Before training the nodes compare their plans
-//! part by part (config, data, resume point, parameters, warm-up, workers) and refuse to train
-//! apart, naming the part that differs.
+//! part by part (backend and float type, config, data, resume point, parameters, warm-up,
+//! workers) and refuse to train apart, naming the part that differs.
 
 use std::io::Read;
 use std::net::{TcpListener, ToSocketAddrs};
