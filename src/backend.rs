@@ -53,6 +53,24 @@ impl BackendKind {
         }
     }
 
+    /// Runs `f`, data-parallel worker `k`'s part of a step (one of `workers`): on Flex, where the
+    /// program allows it, on a rayon pool of the worker's own with its share of the threads
+    /// ([`crate::cpu::on_worker_pool`]); elsewhere on the calling thread.
+    pub fn drive_worker<R: Send>(
+        self,
+        k: usize,
+        workers: usize,
+        f: impl FnOnce() -> R + Send,
+    ) -> R {
+        match self {
+            Self::Flex if crate::cpu::drives_from_pool() => {
+                let threads = (rayon::current_num_threads() / workers.max(1)).max(1);
+                crate::cpu::on_worker_pool(k, threads, f)
+            }
+            _ => f(),
+        }
+    }
+
     /// A GPU backend with Burn's kernel fusion (the `fusion` feature): steps read their outputs
     /// to the host themselves (`ClueOutput::settle`), so that Burn's metric thread never cuts
     /// the queue of fused operations at a run-time-dependent place (each new cut compiles new

@@ -22,8 +22,9 @@
 //!
 //! Other architectures keep their default environment (the setter says so by returning `false`).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use serde::Serialize;
 
@@ -94,21 +95,54 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         return f();
     }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(PoisonError::into_inner);
-    // Always on the pool's first thread, so that the work's memory comes from one allocator
-    // arena (glibc gives each thread its own, and each keeps what it freed: alternating threads
-    // doubled `small`'s peak memory). The other threads take the broadcast, return at once and
-    // are free for the work's parallel operations.
+    first_thread(rayon::broadcast(on_first_thread(f)))
+}
+
+/// A broadcast that runs `f` on the pool's first thread only, so that the work's memory comes
+/// from one allocator arena (glibc gives each thread its own, and each keeps what it freed:
+/// alternating threads doubled `small`'s peak memory). The other threads take the broadcast,
+/// return at once and are free for the work's parallel operations.
+fn on_first_thread<R: Send>(
+    f: impl FnOnce() -> R + Send,
+) -> impl Fn(rayon::BroadcastContext<'_>) -> Option<R> + Sync {
     let f = Mutex::new(Some(f));
-    let mut results = rayon::broadcast(|thread| {
-        if thread.index() != 0 {
-            return None;
-        }
-        let f = f.lock().unwrap_or_else(PoisonError::into_inner).take();
-        f.map(|f| f())
-    });
+    move |thread| {
+        let f = (thread.index() == 0).then(|| f.lock().unwrap_or_else(PoisonError::into_inner));
+        f.and_then(|mut f| f.take()).map(|f| f())
+    }
+}
+
+/// The first thread's result of an [`on_first_thread`] broadcast.
+fn first_thread<R>(mut results: Vec<Option<R>>) -> R {
     results
         .swap_remove(0)
         .expect("the pool's first thread ran the work")
+}
+
+/// `f()` on the first thread of data-parallel worker `k`'s own rayon pool of `threads` threads
+/// (made at the first call and kept for the process), while the calling thread waits. Worker
+/// threads that drove rayon's global pool from outside it all at once would hand every
+/// operation over to the pool's threads, each time waking them (the cost [`on_pool`] removes for
+/// one model); in a pool of its own, each worker computes on its share of the cores. The pools
+/// are apart, so no worker's job runs nested inside another's.
+pub fn on_worker_pool<R: Send>(k: usize, threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    static POOLS: Mutex<BTreeMap<(usize, usize), Arc<rayon::ThreadPool>>> =
+        Mutex::new(BTreeMap::new());
+    let pool = (POOLS.lock().unwrap_or_else(PoisonError::into_inner))
+        .entry((k, threads))
+        .or_insert_with(|| {
+            // Its threads flush denormals as this thread does (set, not inherited: on Windows a
+            // new thread starts with the default bits).
+            let flush = flushes_denormals();
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(move |t| format!("clue-worker-{k}-pool-{t}"))
+                .start_handler(move |_| flush_here(flush))
+                .build();
+            Arc::new(pool.expect("a worker's thread pool"))
+        })
+        .clone();
+    first_thread(pool.broadcast(on_first_thread(f)))
 }
 
 /// Run `f` on the calling thread and on every thread of rayon's global pool (creating the pool
@@ -124,23 +158,23 @@ fn on_every_thread<T: Send>(f: impl Fn() -> T + Sync) -> Vec<T> {
 /// switch (x86-64); elsewhere it does nothing. Call it before the work starts: threads that
 /// already exist outside rayon's pool keep their bits.
 pub fn set_flush_denormals(on: bool) -> bool {
+    on_every_thread(|| flush_here(on));
+    cfg!(target_arch = "x86_64")
+}
+
+/// Turn the flushing of denormals on or off for the calling thread (x86-64; elsewhere nothing).
+fn flush_here(on: bool) {
     #[cfg(target_arch = "x86_64")]
     {
-        on_every_thread(|| {
-            let v = mxcsr::get();
-            mxcsr::set(if on {
-                v | mxcsr::FLUSH
-            } else {
-                v & !mxcsr::FLUSH
-            });
+        let v = mxcsr::get();
+        mxcsr::set(if on {
+            v | mxcsr::FLUSH
+        } else {
+            v & !mxcsr::FLUSH
         });
-        true
     }
     #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = on;
-        false
-    }
+    let _ = on;
 }
 
 /// Whether the calling thread flushes denormals (both FTZ and DAZ set).
@@ -397,6 +431,38 @@ mod tests {
         let panicked = std::panic::catch_unwind(|| on_pool(|| panic!("in the work")));
         assert!(panicked.is_err());
         assert_eq!(on_pool(|| 7), 7);
+    }
+
+    /// Each data-parallel worker computes on a pool of its own, of the size asked, on the same
+    /// thread from call to call, apart from rayon's global pool and the other workers' pools.
+    #[test]
+    fn each_worker_computes_on_a_kept_pool_of_its_own() {
+        let on_worker = |k: usize, threads: usize| {
+            on_worker_pool(k, threads, move || {
+                let sum: u64 = (0..100_000u64).into_par_iter().sum();
+                assert_eq!(sum, 99_999 * 50_000);
+                let name = std::thread::current().name().map(String::from);
+                (
+                    name,
+                    std::thread::current().id(),
+                    rayon::current_num_threads(),
+                )
+            })
+        };
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| on_worker(0, 1));
+            let b = s.spawn(|| on_worker(1, 2));
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        assert_eq!((a.0.as_deref(), a.2), (Some("clue-worker-0-pool-0"), 1));
+        assert_eq!((b.0.as_deref(), b.2), (Some("clue-worker-1-pool-0"), 2));
+        let global = on_pool(|| std::thread::current().id());
+        assert!(a.1 != b.1 && a.1 != global && b.1 != global);
+        assert_eq!(on_worker(0, 1).1, a.1, "worker 0's pool was not kept");
+        // A panic reaches the caller, and the pool still serves.
+        let panicked = std::panic::catch_unwind(|| on_worker_pool(0, 1, || panic!("in the work")));
+        assert!(panicked.is_err());
+        assert_eq!(on_worker(0, 1).1, a.1);
     }
 
     #[test]

@@ -60,6 +60,9 @@ fn node_pair(dir: &Path, port: u16, args: impl Fn(usize) -> Vec<String>) -> [Out
         let rank_text = rank.to_string();
         Command::new(env!("CARGO_BIN_EXE_clue"))
             .args(args(rank))
+            // One thread per node: a worker computes on its share of the threads (one in a
+            // process of two workers on two cores), and some of its sums split by thread count.
+            .env("RAYON_NUM_THREADS", "1")
             .args([
                 "--nodes",
                 "2",
@@ -94,7 +97,7 @@ fn text(out: &Output) -> String {
 
 /// Two nodes train as one process with all their workers. One worker each: the same weights,
 /// byte for byte, as two workers in one process (the batch's chunks, dropout keys and the sum
-/// of two gradients are the same), on both nodes. Two workers each: within 1e-4 of four
+/// of two gradients are the same; each worker computes on one thread), on both nodes. Two workers each: within 1e-4 of four
 /// workers in one process (the four gradients are summed in another order). Rank 0 keeps the
 /// coordinator's log.
 #[test]
@@ -107,10 +110,13 @@ fn two_nodes_on_loopback_train_like_one_process_with_all_their_workers() {
         std::fs::create_dir_all(&root).unwrap();
         let all = (2 * workers).to_string();
         let one = root.join("one");
-        let single = common::clue(
-            &root,
-            &fit_args(data, one.to_str().unwrap(), &["--devices", &all]),
-        );
+        // Two threads, whatever the machine: one per worker, as on each node.
+        let single = Command::new(env!("CARGO_BIN_EXE_clue"))
+            .args(fit_args(data, one.to_str().unwrap(), &["--devices", &all]))
+            .env("RAYON_NUM_THREADS", "2")
+            .current_dir(&root)
+            .output()
+            .unwrap();
         assert!(single.status.success(), "{}", text(&single));
         let each = workers.to_string();
         let extra: &[&str] = &["--devices", &each];
@@ -297,12 +303,14 @@ fn multi_node_runs_that_cannot_work_fail_clearly() {
     }
 }
 
-/// Each node resumes from its own latest complete checkpoint. Nodes whose latest differ (one
-/// stopped while writing its checkpoint) refuse to start, each naming its own; the fix the
-/// refusal names (move the newer checkpoint aside) resumes them to the weights of the run that
-/// was not interrupted.
+/// Resumed nodes agree on the newest checkpoint that every node holds. One node stopped while
+/// writing its second checkpoint: both resume from the first, the node that holds the second
+/// says so, and both end with the weights of the run that was not interrupted (after a try in
+/// which one node failed between the join and the first step, which stopped the other). A node
+/// started without `--resume` beside one with it is refused, each saying which it is; so are
+/// nodes with no checkpoint in common, until a checkpoint is copied over.
 #[test]
-fn nodes_resuming_from_different_checkpoints_are_refused_with_the_fix() {
+fn resumed_nodes_agree_on_the_newest_checkpoint_they_all_hold() {
     let dir = tempfile::tempdir().unwrap();
     let data = common::fixture(600, 0, 16, 16).join("p");
     let data = data.to_str().unwrap();
@@ -320,37 +328,91 @@ fn nodes_resuming_from_different_checkpoints_are_refused_with_the_fix() {
         std::fs::remove_file(node(rank).join("summary.json")).unwrap();
         std::fs::remove_dir_all(node(rank).join("model")).unwrap();
     }
-    let second = |rank: usize| {
-        ["model", "optim", "scheduler"].map(|p| node(rank).join(format!("checkpoint/{p}-2.mpk")))
-    };
-    for file in second(1) {
-        std::fs::remove_file(file).unwrap();
+    for p in ["model", "optim", "scheduler"] {
+        std::fs::remove_file(node(1).join(format!("checkpoint/{p}-2.mpk"))).unwrap();
     }
-    let resume = || {
-        node_pair(dir.path(), free_ports(), |rank| {
-            let run = node(rank).to_str().unwrap().to_string();
-            vec!["fit".into(), "--resume".into(), run, "--no-tui".into()]
-        })
+    let resume = |rank: usize| {
+        let run = node(rank).to_str().unwrap().to_string();
+        vec!["fit".into(), "--resume".into(), run, "--no-tui".into()]
     };
-    for (rank, out) in resume().iter().enumerate() {
-        let t = text(out);
-        assert!(!out.status.success(), "node {rank}: {t}");
-        let own = format!(
-            "their resume point differs (this node resumes from checkpoint {})",
-            2 - rank
-        );
+    // A node that fails after the join (a damaged history.json) stops the other at its first
+    // step, and the two runs stay resumable.
+    let history = node(1).join("history.json");
+    let kept = std::fs::read(&history).unwrap();
+    std::fs::write(&history, b"{ damaged").unwrap();
+    let started = Instant::now();
+    let [rank0, rank1] = node_pair(dir.path(), free_ports(), resume);
+    // The failing node leaves at once: had it waited for the others at a last meeting they never
+    // come to (they are in their first step), the pair would take 20 s more (`LEAVE_TIMEOUT`).
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    let (t0, t1) = (text(&rank0), text(&rank1));
+    assert!(
+        !rank1.status.success() && t1.contains("history.json"),
+        "{t1}"
+    );
+    assert!(
+        !rank0.status.success() && t0.contains("did another node stop?"),
+        "{t0}"
+    );
+    assert!(
+        !t0.contains("panicked") && !t1.contains("panicked"),
+        "{t0}\n{t1}"
+    );
+    std::fs::write(&history, kept).unwrap();
+
+    let [rank0, rank1] = node_pair(dir.path(), free_ports(), resume);
+    for (rank, out) in [&rank0, &rank1].into_iter().enumerate() {
+        assert!(out.status.success(), "node {rank}: {}", text(out));
+        assert_eq!(common::weights(&node(rank)), uninterrupted, "node {rank}");
+    }
+    let said =
+        "resuming from checkpoint 1, the newest that every node holds (this node's latest is 2)";
+    assert!(text(&rank0).contains(said), "{}", text(&rank0));
+    assert!(!text(&rank1).contains("resuming from checkpoint"));
+
+    // Node 0 resumes again (its run has finished: it has nothing to resume), node 1 starts anew.
+    std::fs::remove_file(node(0).join("summary.json")).unwrap();
+    let fresh = dir.path().join("fresh");
+    let mixed = node_pair(dir.path(), free_ports(), |rank| match rank {
+        0 => resume(0),
+        _ => fit_args(data, fresh.to_str().unwrap(), two)
+            .into_iter()
+            .map(String::from)
+            .collect(),
+    });
+    for (rank, here) in ["with", "without"].into_iter().enumerate() {
+        let t = text(&mixed[rank]);
+        assert!(!mixed[rank].status.success(), "node {rank}: {t}");
+        let own =
+            format!("some were started with --resume and some without (this node {here} --resume)");
         assert!(t.contains(&own), "node {rank}: {t}");
+    }
+
+    // Node 1 holds no complete checkpoint, node 0 two: both refuse (starting again would throw
+    // node 0's away), and resume once node 0's newest is copied to node 1, as the fix says.
+    std::fs::remove_dir_all(node(0).join("model")).unwrap();
+    std::fs::remove_file(node(1).join("summary.json")).unwrap();
+    std::fs::remove_dir_all(node(1).join("checkpoint")).unwrap();
+    let refused = node_pair(dir.path(), free_ports(), resume);
+    for (rank, here) in ["[1, 2]", "none"].into_iter().enumerate() {
+        let t = text(&refused[rank]);
+        assert!(!refused[rank].status.success(), "node {rank}: {t}");
+        let own = format!("the nodes hold no checkpoint in common (this node holds {here})");
         assert!(
-            t.contains("move that checkpoint's three files aside"),
-            "{t}"
+            t.contains(&own) && t.contains("copy the newest checkpoint's three files"),
+            "node {rank}: {t}"
         );
     }
-    let aside = dir.path().join("aside");
-    std::fs::create_dir(&aside).unwrap();
-    for file in second(0) {
-        std::fs::rename(&file, aside.join(file.file_name().unwrap())).unwrap();
+    std::fs::create_dir(node(1).join("checkpoint")).unwrap();
+    for p in ["model", "optim", "scheduler"] {
+        let file = format!("checkpoint/{p}-2.mpk");
+        std::fs::copy(node(0).join(&file), node(1).join(&file)).unwrap();
     }
-    for (rank, out) in resume().iter().enumerate() {
+    for (rank, out) in node_pair(dir.path(), free_ports(), resume)
+        .iter()
+        .enumerate()
+    {
         assert!(out.status.success(), "node {rank}: {}", text(out));
         assert_eq!(common::weights(&node(rank)), uninterrupted, "node {rank}");
     }
@@ -631,8 +693,8 @@ fn node_step<I: burn::tensor::backend::Backend<Device = burn::backend::ndarray::
     let warm = (mode != "cold")
         .then(|| WarmPlan::new(&trainee.settings, &config, (&data, fixed), &plan, &valid));
     let steps = warm.as_ref().map(WarmPlan::steps);
-    let id = plan_id(&config, "test", None, &trainee.model, steps);
-    let joined = cluster.start::<I>(t, &[device], &id, run)?;
+    let id = plan_id(&config, "test", false, &trainee.model, steps);
+    let (joined, _) = cluster.start::<I>(t, &[device], (&id, None), run)?;
     let mut optim = t.optimizer().init::<B<I>, Trainee<B<I>>>();
     if mode == "die" {
         std::process::exit(0);

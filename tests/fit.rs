@@ -185,7 +185,7 @@ fn a_killed_run_resumes_with_the_same_steps_schedule_and_weights_as_an_uninterru
     };
     let mut child = fit_cmd(&run).spawn().unwrap();
     let start = Instant::now();
-    while clue::train::fit::last_checkpoint(&run).is_none() {
+    while clue::train::checkpoint::last_checkpoint(&run).is_none() {
         assert!(
             start.elapsed() < Duration::from_secs(120),
             "no checkpoint after 2 minutes"
@@ -198,7 +198,7 @@ fn a_killed_run_resumes_with_the_same_steps_schedule_and_weights_as_an_uninterru
         !run.join("summary.json").exists(),
         "the run was killed before its end"
     );
-    let done = clue::train::fit::last_checkpoint(&run).expect("a complete checkpoint");
+    let done = clue::train::checkpoint::last_checkpoint(&run).expect("a complete checkpoint");
 
     let config = RunConfig::load(&run.join("config.toml")).unwrap();
     let manifest: serde_json::Value =

@@ -27,6 +27,8 @@ use burn::train::metric::store::EventStoreClient;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::error::{ClueError, Result};
+use crate::train::metrics::HISTORY_FILE;
 use crate::train::step::StepGuard;
 
 #[derive(Debug, Default, Clone)]
@@ -137,6 +139,49 @@ fn two_before(target: &Path) -> Option<PathBuf> {
     let k: usize = k.parse().ok()?;
     let ext = target.extension()?.to_str()?;
     (k > 2).then(|| target.with_file_name(format!("{kind}-{}.{ext}", k - 2)))
+}
+
+/// The periods (Burn epochs: an epoch, or `train.checkpoint_every` steps) with a complete
+/// checkpoint in `run/checkpoint` (model, optimizer and scheduler), oldest first.
+pub fn complete_checkpoints(run: &Path) -> Vec<usize> {
+    let dir = run.join("checkpoint");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut held: Vec<usize> = (entries.filter_map(|e| e.ok()))
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            name.strip_prefix("model-")?
+                .strip_suffix(".mpk")?
+                .parse::<usize>()
+                .ok()
+        })
+        .filter(|&k| {
+            ["optim", "scheduler"]
+                .iter()
+                .all(|p| dir.join(format!("{p}-{k}.mpk")).exists())
+        })
+        .collect();
+    held.sort_unstable();
+    held
+}
+
+/// The last period with a complete checkpoint in `run/checkpoint`.
+pub fn last_checkpoint(run: &Path) -> Option<usize> {
+    complete_checkpoints(run).last().copied()
+}
+
+/// Remove what a run that starts again from its first step left: its checkpoint files and
+/// metric logs (a new start would mix its own with them).
+pub fn clear_progress(run: &Path) -> Result<()> {
+    for dir in ["checkpoint", "train", "valid"] {
+        let path = run.join(dir);
+        if path.exists() {
+            std::fs::remove_dir_all(&path).map_err(|e| ClueError::io(&path, e))?;
+        }
+    }
+    let _ = std::fs::remove_file(run.join(HISTORY_FILE));
+    Ok(())
 }
 
 /// Save at the end of every period and delete nothing (the guarded recorder retires old files).

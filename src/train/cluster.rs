@@ -5,19 +5,20 @@
 //! global batch is split over all `nodes × workers` workers and node R's workers take their
 //! shares (see [`crate::train::parallel`]). The all-reduces go first between a node's workers,
 //! then between nodes through each node's tensor service (`--node-address`), after the nodes
-//! have met at the coordinator. Rank 0 starts the coordinator (`clue coordinator`) as a child
-//! process unless `--coordinator-running` says one already runs.
+//! have met at the coordinator. Rank 0 starts the coordinator (`clue coordinator`,
+//! [`crate::train::coordinator`]) as a child process unless `--coordinator-running` says one
+//! already runs.
 //!
 //! The workers join once per run ([`Cluster::join`]) and leave when the [`Membership`] is
 //! dropped. Joining waits for every node, with a time limit: an unreachable coordinator or a
 //! node that never comes is an error, not a hang. Before training the nodes compare their plans
-//! part by part (backend and float type, config, data, resume point, parameters, warm-up,
-//! workers) and refuse to train apart, naming the part that differs.
+//! part by part (backend and float type, config, data, whether they resume, parameters, warm-up,
+//! workers) and refuse to train apart, naming the part that differs. Resumed nodes then agree on
+//! the newest checkpoint that every one of them holds ([`Resume`]): a node that stopped while
+//! writing a checkpoint has an older one than the others.
 
-use std::io::Read;
-use std::net::{TcpListener, ToSocketAddrs};
+use std::net::ToSocketAddrs;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -35,6 +36,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{ClueError, Result};
 use crate::train::config::{RunConfig, TrainConfig};
+use crate::train::coordinator::{Coordinator, can_listen};
 use crate::ui;
 
 /// This node's place in a multi-node run.
@@ -82,13 +84,6 @@ impl Place {
     pub fn multi_node(self) -> bool {
         self.nodes > 1
     }
-}
-
-/// Refuse a port this machine cannot listen on (taken, or not allowed), naming `what` it is for.
-fn can_listen(port: u16, what: &str, fix: &str) -> Result<()> {
-    TcpListener::bind(("0.0.0.0", port))
-        .map(drop)
-        .map_err(|e| ClueError::config(format!("{what} cannot listen on port {port}: {e}"), fix))
 }
 
 /// `host:port`, checked.
@@ -220,11 +215,15 @@ impl Cluster {
     /// `rank × W + k`), wait for all the nodes (saying every [`JOIN_TICK`] that it still waits),
     /// then check that every node has this `plan`, naming the parts that differ. Fails, rather
     /// than waiting for ever, after the join timeout.
+    ///
+    /// With `resume`, the nodes (whose plans agree) then find the newest checkpoint that every
+    /// node holds: the period returned, or `None` when some node holds none.
     pub fn join<B: Backend>(
         &self,
         devices: &[B::Device],
         plan: &[(&'static str, String)],
-    ) -> Result<Membership<B>> {
+        resume: Option<&Resume>,
+    ) -> Result<(Membership<B>, Option<usize>)> {
         // The node's tensor service listens on this port: say so now if it cannot.
         can_listen(
             self.node_port,
@@ -248,12 +247,22 @@ impl Cluster {
         let (tx, rx) = mpsc::channel();
         for (&peer, device) in peers.iter().zip(devices) {
             let (tx, device, config) = (tx.clone(), device.clone(), self.config(w));
-            let hashes = hashes.clone();
+            let (hashes, resume) = (hashes.clone(), resume.cloned());
             // Detached: a join that never returns must not keep the process alive.
             std::thread::spawn(move || {
                 let joined = register::<B>(peer, device.clone(), config)
                     .map_err(|e| format!("joining: {e:?}"))
-                    .and_then(|()| same_plan::<B>(peer, &device, &hashes));
+                    .and_then(|()| same_plan::<B>(peer, &device, &hashes))
+                    .and_then(|same| {
+                        // Every node sees the same sums, so all of them take this branch or none.
+                        let held = match resume {
+                            Some(r) if same.iter().all(|&s| s) => {
+                                r.newest_held::<B>(peer, &device)?
+                            }
+                            _ => (None, false),
+                        };
+                        Ok((same, held))
+                    });
                 let _ = tx.send(joined);
             });
         }
@@ -272,6 +281,7 @@ impl Cluster {
             self.coordinator
         ));
         let start = Instant::now();
+        let (mut newest, mut held_somewhere) = (None, false);
         for _ in 0..w {
             let answer = loop {
                 let left = self.join_timeout.saturating_sub(start.elapsed());
@@ -285,8 +295,8 @@ impl Cluster {
                 }
             };
             match answer {
-                Ok(Ok(same)) if same.iter().all(|&s| s) => {}
-                Ok(Ok(same)) => {
+                Ok(Ok((same, held))) if same.iter().all(|&s| s) => (newest, held_somewhere) = held,
+                Ok(Ok((same, _))) => {
                     membership.peers = joined;
                     return Err(plans_differ(plan, &same));
                 }
@@ -333,8 +343,53 @@ impl Cluster {
             }
         }
         membership.peers = joined;
-        Ok(membership)
+        match resume {
+            // Every node sees the same sums: all of them refuse, and meet once more as they leave.
+            Some(r) if newest.is_none() && held_somewhere => Err(no_checkpoint_in_common(&r.held)),
+            _ => Ok((membership, newest)),
+        }
     }
+}
+
+/// A resumed node's complete checkpoints (the periods after which they were written) among the
+/// run's `periods`.
+#[derive(Debug, Clone)]
+pub struct Resume {
+    pub held: Vec<usize>,
+    pub periods: usize,
+}
+
+impl Resume {
+    /// The newest period whose checkpoint every worker of every node holds (`None` if none is
+    /// held by all), and whether any node holds one: one flag per period, summed over the
+    /// workers.
+    fn newest_held<B: Backend>(
+        &self,
+        peer: PeerId,
+        device: &B::Device,
+    ) -> std::result::Result<(Option<usize>, bool), String> {
+        let mut flags = vec![0.0; self.periods + 1];
+        for &k in self.held.iter().filter(|&&k| k <= self.periods) {
+            flags[k] = 1.0;
+        }
+        let (held_by, workers) = sum_over_workers::<B>(peer, device, flags)
+            .map_err(|e| format!("comparing checkpoints: {e}"))?;
+        let newest = (1..=self.periods).rev().find(|&k| held_by[k] == workers);
+        Ok((newest, held_by.iter().any(|&n| n > 0.0)))
+    }
+}
+
+/// The error of resumed nodes with no checkpoint in common, where some node holds one (starting
+/// again would throw it away).
+fn no_checkpoint_in_common(held: &[usize]) -> ClueError {
+    let here = match held {
+        [] => "none".to_string(),
+        _ => format!("{held:?}"),
+    };
+    ClueError::config(
+        format!("the nodes hold no checkpoint in common (this node holds {here})"),
+        "every node holds the same weights: copy the newest checkpoint's three files (checkpoint/model-K.mpk, optim-K.mpk and scheduler-K.mpk) from a node that holds it into the checkpoint folder of the others' run directories, then start every node again with --resume",
+    )
 }
 
 /// For each of `hashes`, whether every worker of every node has it, as far as sums tell: the
@@ -347,27 +402,39 @@ fn same_plan<B: Backend>(
     device: &B::Device,
     hashes: &[u64],
 ) -> std::result::Result<Vec<bool>, String> {
-    let bytes: Vec<f32> = hashes
-        .iter()
+    let bytes: Vec<f32> = (hashes.iter())
         .flat_map(|h| h.to_le_bytes())
         .map(f32::from)
-        .chain([1.0])
         .collect();
-    let n = bytes.len();
-    let own = Tensor::<B, 1>::from_data(TensorData::new(bytes.clone(), [n]), (device, DType::F32));
-    let summed = all_reduce::<B>(peer, own.into_primitive().tensor(), ReduceOperation::Sum)
-        .map_err(|e| format!("comparing plans: {e:?}"))?;
-    let summed: Vec<f32> = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(summed))
-        .into_data()
-        .convert::<f32>()
-        .to_vec()
-        .map_err(|e| format!("{e:?}"))?;
-    let workers = summed[n - 1];
-    Ok(bytes[..n - 1]
+    let (summed, workers) = sum_over_workers::<B>(peer, device, bytes.clone())
+        .map_err(|e| format!("comparing plans: {e}"))?;
+    Ok(bytes
         .chunks(8)
         .zip(summed.chunks(8))
         .map(|(own, sum)| own.iter().zip(sum).all(|(o, s)| o * workers == *s))
         .collect())
+}
+
+/// `values` summed over every worker of every node, and the number of workers. The sums are
+/// made in f32 whatever the backend's float type (bf16 would round them): exact while they stay
+/// below 2^24.
+fn sum_over_workers<B: Backend>(
+    peer: PeerId,
+    device: &B::Device,
+    mut values: Vec<f32>,
+) -> std::result::Result<(Vec<f32>, f32), String> {
+    values.push(1.0);
+    let n = values.len();
+    let own = Tensor::<B, 1>::from_data(TensorData::new(values, [n]), (device, DType::F32));
+    let summed = all_reduce::<B>(peer, own.into_primitive().tensor(), ReduceOperation::Sum)
+        .map_err(|e| format!("{e:?}"))?;
+    let mut summed: Vec<f32> = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(summed))
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .map_err(|e| format!("{e:?}"))?;
+    let workers = summed.pop().expect("the count");
+    Ok((summed, workers))
 }
 
 /// The error of nodes whose plans differ in the parts `same` marks false.
@@ -380,9 +447,9 @@ fn plans_differ(plan: &[(&'static str, String)], same: &[bool]) -> ClueError {
     match resume {
         Some((_, here)) if differ == [RESUME] => ClueError::config(
             format!(
-                "the nodes do not run the same plan: their resume point differs (this node resumes from {here})"
+                "the nodes do not run the same plan: some were started with --resume and some without (this node {here})"
             ),
-            "start every node with --resume, or none; each node resumes from its own latest complete checkpoint (checkpoint/model-K.mpk with optim-K and scheduler-K), and a node that stopped while writing one has an older one: on the nodes whose latest checkpoint is newer than the others', move that checkpoint's three files aside, then start every node again with --resume",
+            "start every node with --resume (they resume from the newest checkpoint that every node holds), or every node without it",
         ),
         _ => ClueError::config(
             format!(
@@ -455,47 +522,31 @@ const LEAVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How often a node waiting for the others to join says that it still waits.
 const JOIN_TICK: Duration = Duration::from_secs(30);
 
-/// The coordinator rank 0 runs: a child process (`clue coordinator --port P`), stopped when
-/// this is dropped (and by itself when its parent dies: its standard input closes).
-pub struct Coordinator {
-    child: Child,
-}
-
-impl Drop for Coordinator {
-    fn drop(&mut self) {
-        // The other nodes left at about the same time as this one (they met at the end): give
-        // their goodbyes a moment to reach the coordinator.
-        std::thread::sleep(Duration::from_millis(500));
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// What every node of a run must have the same of: the config (not its data-loader threads),
-/// the prepared data, the resume point, the ids of the model's parameters (the order in which
+/// the prepared data, whether it resumes, the ids of the model's parameters (the order in which
 /// gradients are laid end to end) and the warm-up's steps (`warm`,
 /// [`crate::train::warmup::WarmPlan::steps`]: none on a CPU backend; a GPU node with a CPU node
 /// would otherwise train out of step by the warm-up's steps).
 pub fn plan_id<B: Backend, M: Module<B>>(
     config: &RunConfig,
     manifest_sha256: &str,
-    resume_period: Option<usize>,
+    resume: bool,
     model: &M,
     warm: Option<String>,
 ) -> Plan {
     let mut config = config.clone();
     config.train.workers = 0;
     let ids = burn::module::list_param_ids(model);
-    let resume = match resume_period {
-        None => "the start".to_string(),
-        Some(k) => format!("checkpoint {k}"),
+    let resume = match resume {
+        false => "without --resume",
+        true => "with --resume",
     };
     vec![
         // Its type names the float type too (`--precision`).
         ("backend", std::any::type_name::<B>().to_string()),
         ("config", config.to_toml()),
         ("prepared data", manifest_sha256.to_string()),
-        (RESUME, resume),
+        (RESUME, resume.to_string()),
         ("model's parameters", format!("{ids:?}")),
         ("GPU warm-up", format!("{warm:?}")),
     ]
@@ -504,8 +555,8 @@ pub fn plan_id<B: Backend, M: Module<B>>(
 /// What every node must have the same of: (what it is, its value), compared by hash.
 pub type Plan = Vec<(&'static str, String)>;
 
-/// The plan part that names the checkpoint a run resumes from.
-const RESUME: &str = "resume point";
+/// The plan part that says whether a run resumes.
+const RESUME: &str = "--resume";
 
 /// A running multi-node membership: the coordinator (on rank 0) and this node's workers.
 pub struct Joined<B: Backend> {
@@ -517,14 +568,15 @@ pub struct Joined<B: Backend> {
 impl Cluster {
     /// Before training: check that the batch splits over every worker of every node, start the
     /// coordinator on rank 0 (its log in `run/coordinator.log`), and join with one worker per
-    /// device. `plan` names what must be the same on every node.
+    /// device. `plan` names what must be the same on every node; with `resume`, also returns the
+    /// newest checkpoint that every node holds ([`Cluster::join`]).
     pub fn start<B: Backend>(
         &self,
         train: &TrainConfig,
         devices: &[B::Device],
-        plan: &[(&'static str, String)],
+        (plan, resume): (&[(&'static str, String)], Option<&Resume>),
         run: &Path,
-    ) -> Result<Joined<B>> {
+    ) -> Result<(Joined<B>, Option<usize>)> {
         let all = self.nodes * devices.len();
         if !train.batch_size.is_multiple_of(all) {
             return Err(ClueError::config(
@@ -540,70 +592,19 @@ impl Cluster {
         // Every node must also have the same number of workers (peer ids are rank × W + k).
         let mut plan = plan.to_vec();
         plan.push(("number of workers", devices.len().to_string()));
-        let membership = self.join::<B>(devices, &plan)?;
-        Ok(Joined {
+        let (membership, newest) = self.join::<B>(devices, &plan, resume)?;
+        let joined = Joined {
             _membership: membership,
             _coordinator: coordinator,
-        })
+        };
+        Ok((joined, newest))
     }
 
     /// On rank 0 (unless the coordinator already runs): start the coordinator, its output in
     /// `log`. Fails if it cannot listen on its port.
     pub fn start_coordinator(&self, log: &Path) -> Result<Option<Coordinator>> {
-        if self.rank != 0 || self.coordinator_running {
-            return Ok(None);
-        }
-        let port = self.coordinator_port;
-        can_listen(
-            port,
-            "the coordinator",
-            "choose a free port for --coordinator, or pass --coordinator-running if one already runs there",
-        )?;
-        let file = std::fs::File::create(log).map_err(|e| ClueError::io(log, e))?;
-        let err = file.try_clone().map_err(|e| ClueError::io(log, e))?;
-        let exe = std::env::current_exe().map_err(|e| ClueError::io("clue", e))?;
-        let child = Command::new(exe)
-            .args([
-                "coordinator",
-                "--port",
-                &port.to_string(),
-                "--until-stdin-closes",
-            ])
-            .stdin(Stdio::piped())
-            .stdout(file)
-            .stderr(err)
-            .spawn()
-            .map_err(|e| ClueError::io("clue coordinator", e))?;
-        let mut coordinator = Coordinator { child };
-        // Up at once, or failed at once (its port taken in between).
-        std::thread::sleep(Duration::from_millis(300));
-        if let Ok(Some(status)) = coordinator.child.try_wait() {
-            return Err(ClueError::bad_file(
-                log,
-                format!("the coordinator stopped at once ({status})"),
-                "read its log; choose a free port for --coordinator",
-            ));
-        }
-        Ok(Some(coordinator))
+        let ours = self.rank == 0 && !self.coordinator_running;
+        ours.then(|| Coordinator::start(self.coordinator_port, log))
+            .transpose()
     }
-}
-
-/// `clue coordinator --port P`: run the coordinator until Ctrl+C or SIGTERM, or (with
-/// `until_stdin_closes`) until standard input closes.
-pub fn serve_coordinator(port: u16, until_stdin_closes: bool) -> Result<()> {
-    can_listen(port, "the coordinator", "choose a free port")?;
-    if until_stdin_closes {
-        std::thread::spawn(|| {
-            let mut sink = [0u8; 64];
-            while matches!(std::io::stdin().read(&mut sink), Ok(n) if n > 0) {}
-            std::process::exit(0);
-        });
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| ClueError::io("the coordinator's runtime", e))?;
-    eprintln!("clue coordinator: listening on port {port}");
-    runtime.block_on(burn_collective::start_global_orchestrator(port));
-    Ok(())
 }

@@ -19,11 +19,14 @@ use crate::data::store::{PreparedDataset, Split, hold_lock, write_atomic};
 use crate::error::{ClueError, Result};
 use crate::model::init::Init;
 use crate::model::{ClueModel, ParamCounts};
-use crate::train::checkpoint::{AtomicRecorder, ResumedLogs, SaveEveryPeriod};
-use crate::train::cluster::{Cluster, plan_id};
+use crate::train::checkpoint::{
+    AtomicRecorder, ResumedLogs, SaveEveryPeriod, clear_progress, complete_checkpoints,
+    last_checkpoint,
+};
+use crate::train::cluster::{Cluster, Resume, abandon_membership, plan_id};
 use crate::train::config::RunConfig;
 use crate::train::loader::{EpochPlan, ListLoader, PlanLoader};
-use crate::train::metrics::{HISTORY_FILE, History, HistoryLog, Stat, StatMetric};
+use crate::train::metrics::{History, HistoryLog, Stat, StatMetric};
 use crate::train::parallel::{Devices, setup_line, worker_devices};
 use crate::train::renderer::LogRenderer;
 use crate::train::schedule::WarmupCosine;
@@ -107,28 +110,6 @@ pub struct FitSummary {
     pub pf_days: f64,
     pub wall_seconds: f64,
     pub history: History,
-}
-
-/// Last period (Burn epoch: an epoch, or `train.checkpoint_every` steps) with a complete
-/// checkpoint in `run/checkpoint`.
-pub fn last_checkpoint(run: &Path) -> Option<usize> {
-    let dir = run.join("checkpoint");
-    std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().to_string();
-            name.strip_prefix("model-")?
-                .strip_suffix(".mpk")?
-                .parse::<usize>()
-                .ok()
-        })
-        .filter(|&k| {
-            ["optim", "scheduler"]
-                .iter()
-                .all(|p| run.join("checkpoint").join(format!("{p}-{k}.mpk")).exists())
-        })
-        .max()
 }
 
 /// The run's config (from the run directory on `--resume`) completed with the dataset's
@@ -235,33 +216,26 @@ fn init_run_dir(
     )
 }
 
-/// The period whose checkpoint a resumed run starts from.
-fn resume_period(options: &FitOptions) -> Result<Option<usize>> {
-    if !options.resume {
-        return Ok(None);
-    }
-    let last = last_checkpoint(&options.out);
-    if last.is_none() {
-        ui::say(format!(
-            "{} has no complete checkpoint yet: starting it from its first step",
-            options.out.display()
-        ));
-        clear_progress(&options.out)?;
-    }
-    Ok(last)
-}
-
-/// Remove what a run that never completed a checkpoint left: its checkpoint files and metric
-/// logs (a new start would mix its own with them).
-fn clear_progress(run: &Path) -> Result<()> {
-    for dir in ["checkpoint", "train", "valid"] {
-        let path = run.join(dir);
-        if path.exists() {
-            std::fs::remove_dir_all(&path).map_err(|e| ClueError::io(&path, e))?;
+/// Before a resumed run: say where it resumes when that is not its own latest checkpoint
+/// (`held`: a node's, where nodes resume together), and clear its progress when it starts again
+/// from its first step (it holds no complete checkpoint; nor does any other node).
+fn resume_from(run: &Path, held: &[usize], newest: Option<usize>) -> Result<()> {
+    match (newest, held.last()) {
+        (None, _) => {
+            ui::say(format!(
+                "{} has no complete checkpoint yet: starting it from its first step",
+                run.display()
+            ));
+            clear_progress(run)
         }
+        (Some(k), Some(&latest)) if latest > k => {
+            ui::say(format!(
+                "resuming from checkpoint {k}, the newest that every node holds (this node's latest is {latest})"
+            ));
+            Ok(())
+        }
+        _ => Ok(()),
     }
-    let _ = std::fs::remove_file(run.join(HISTORY_FILE));
-    Ok(())
 }
 
 /// Hold the run directory (`.lock`, an OS lock that dies with the process) until the returned
@@ -312,14 +286,81 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
     B::seed(&device, config.train.seed);
     let steps_per_epoch = plan.steps_per_epoch();
     let total_steps = plan.total_steps();
-    // Burn's "epochs" are the plan's periods: each ends with validation and a checkpoint.
-    let resume_period = resume_period(options)?;
+    let mut trainee = Trainee {
+        model: ClueModel::new(&config.model, &mut Init::new(config.train.seed, &device)),
+        settings: StepSettings {
+            clip_norm: config.train.grad_clip_norm,
+            seed: config.train.seed,
+            guard: None,
+            grad_cache_chunk: config.train.grad_cache_chunk,
+            workers: workers.clone(),
+            place: options
+                .cluster
+                .as_ref()
+                .map(Cluster::place)
+                .unwrap_or_default(),
+        },
+    };
+    // On a GPU: the batch shapes whose kernels the warm-up compiles (see `warmup.rs`).
+    let warm = WarmPlan::of_run::<B>(&trainee.settings, &config, &data, &plan, &valid_users);
+    let plan_id = plan_id(
+        &config,
+        &manifest_sha256,
+        options.resume,
+        &trainee.model,
+        warm.as_ref().map(WarmPlan::steps),
+    );
+    let devices = worker_devices::<B>(&workers, &device);
+    let params = trainee.model.param_counts();
+    let checkpoints = match config.train.checkpoint_every {
+        0 => "checkpoint each epoch".to_string(),
+        n => format!("checkpoint each epoch and every {n} steps"),
+    };
+    let setup = setup_line(
+        workers.len(),
+        options.cluster.as_ref(),
+        config.train.grad_cache_chunk,
+    );
+    ui::say(format!(
+        "training on {} ({}): {} parameters ({} non-embedding), {} train / {} valid users, {} epochs × {} steps{setup}, {checkpoints}",
+        options.backend,
+        B::name(&device),
+        params.total,
+        params.non_embedding,
+        plan.users().len(),
+        valid_users.len(),
+        config.train.epochs,
+        steps_per_epoch
+    ));
+    // Burn's "epochs" are the plan's periods: each ends with validation and a checkpoint. A
+    // resumed run starts after its latest complete one; resumed nodes, after the newest that
+    // every node holds, so they join before anything that depends on it is made.
+    let held = (options.resume).then(|| Resume {
+        held: complete_checkpoints(run),
+        periods: plan.periods(),
+    });
+    let (cluster, resume_period) = match &options.cluster {
+        Some(c) => c
+            .start::<B::InnerBackend>(&config.train, &devices, (&plan_id, held.as_ref()), run)
+            .map(|(joined, newest)| (Some(joined), newest))?,
+        None => (None, held.as_ref().and_then(|h| h.held.last().copied())),
+    };
+    // A failure from here to the warm-up is this node's alone: it leaves the other nodes at
+    // once (they stop at their next collective call) instead of meeting them out of step.
+    let leave = |e: ClueError| {
+        if cluster.is_some() {
+            abandon_membership();
+        }
+        e
+    };
+    if let Some(held) = &held {
+        resume_from(run, &held.held, resume_period).map_err(leave)?;
+    }
+    let done = resume_period.unwrap_or(0);
     // Counts steps and collects failures (a non-finite loss, a checkpoint write, a loader thread).
     let interrupter = Interrupter::new();
-    let guard = StepGuard::new(
-        interrupter.clone(),
-        plan.steps_before(resume_period.unwrap_or(0)),
-    );
+    let guard = StepGuard::new(interrupter.clone(), plan.steps_before(done));
+    trainee.settings.guard = Some(guard.clone());
 
     let m = &config.model;
     let train_loader: Arc<dyn DataLoader<B, UserBatch<B>>> = Arc::new(
@@ -331,7 +372,7 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
             m.max_item_tokens,
             config.train.workers,
             device.clone(),
-            resume_period.unwrap_or(0),
+            done,
         )
         .with_views(config.train.views_seed())
         .with_guard(guard.clone()),
@@ -341,8 +382,7 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
             .with_guard(guard.clone()),
     );
 
-    let done = resume_period.unwrap_or(0);
-    let history = HistoryLog::open(run, done)?;
+    let history = HistoryLog::open(run, done).map_err(leave)?;
     let stats = [
         Stat::Loss,
         Stat::Top1AB,
@@ -374,52 +414,6 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
         let lines = if ui::verbosity() == 0 { 0 } else { 4 };
         training = training.renderer(LogRenderer::new(lines, plan.clone()));
     }
-    let trainee = Trainee {
-        model: ClueModel::new(&config.model, &mut Init::new(config.train.seed, &device)),
-        settings: StepSettings {
-            clip_norm: config.train.grad_clip_norm,
-            seed: config.train.seed,
-            guard: Some(guard.clone()),
-            grad_cache_chunk: config.train.grad_cache_chunk,
-            workers: workers.clone(),
-            place: options
-                .cluster
-                .as_ref()
-                .map(Cluster::place)
-                .unwrap_or_default(),
-        },
-    };
-    // On a GPU: the batch shapes whose kernels the warm-up compiles (see `warmup.rs`).
-    let warm = WarmPlan::of_run::<B>(&trainee.settings, &config, &data, &plan, &valid_users);
-    let plan_id = plan_id(
-        &config,
-        &manifest_sha256,
-        resume_period,
-        &trainee.model,
-        warm.as_ref().map(WarmPlan::steps),
-    );
-    let devices = worker_devices::<B>(&workers, &device);
-    let params = trainee.model.param_counts();
-    let checkpoints = match config.train.checkpoint_every {
-        0 => "checkpoint each epoch".to_string(),
-        n => format!("checkpoint each epoch and every {n} steps"),
-    };
-    let setup = setup_line(
-        workers.len(),
-        options.cluster.as_ref(),
-        config.train.grad_cache_chunk,
-    );
-    ui::say(format!(
-        "training on {} ({}): {} parameters ({} non-embedding), {} train / {} valid users, {} epochs × {} steps{setup}, {checkpoints}",
-        options.backend,
-        B::name(&device),
-        params.total,
-        params.non_embedding,
-        plan.users().len(),
-        valid_users.len(),
-        config.train.epochs,
-        steps_per_epoch
-    ));
     let t = &config.train;
     let optim = t.optimizer().init::<B, Trainee<B>>();
     let schedule = WarmupCosine::new(t.lr, total_steps, t.warmup_fraction, t.final_lr_fraction);
@@ -427,22 +421,15 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
         .map(|k| ResumedLogs::protect(run, k + 1))
         .transpose()
         .map_err(|e| {
-            ClueError::bad_file(
+            leave(ClueError::bad_file(
                 run,
                 format!("cannot set its metric logs aside: {e}"),
                 "check the run directory's permissions",
-            )
+            ))
         })?;
-    // Joined last, so that only the warm-up's steps (in step on every node) come between the
-    // join and the first step.
-    let (cluster, warmed) = (options.cluster.as_ref())
-        .map(|c| c.start::<B::InnerBackend>(&config.train, &devices, &plan_id, run))
-        .transpose()
-        .and_then(|cluster| {
-            let warmed = warm.map(|w| w.run(&trainee, &optim, (t.lr, t.seed), &data));
-            let stopped = |why: String| warm_up_stopped(&why, run, resume_period.is_some());
-            Ok((cluster, warmed.transpose().map_err(stopped)?))
-        })
+    let warmed = warm.map(|w| w.run(&trainee, &optim, (t.lr, t.seed), &data));
+    let warmed = (warmed.transpose())
+        .map_err(|why| warm_up_stopped(&why, run, resume_period.is_some()))
         // No step was made: a resumed run's logs go back as they were.
         .inspect_err(|_| drop(logs.take().map(ResumedLogs::restore)))?;
     let result = training.launch(Learner::new(trainee, optim, schedule));

@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod cluster;
 pub mod config;
+pub mod coordinator;
 pub mod fit;
 pub mod grad_cache;
 pub mod loader;

@@ -33,6 +33,7 @@ use burn::tensor::TensorPrimitive;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::backend::DeviceId;
 
+use crate::backend::BackendKind;
 use crate::data::batcher::UserBatch;
 use crate::data::chunk::item_multiple;
 use crate::error::{ClueError, Result, panic_message};
@@ -132,17 +133,18 @@ pub fn parallel_step<B: AutodiffBackend>(
     // keep the step from failing. Each runs on its worker's kept CubeCL stream (see
     // [`crate::train::streams`]).
     let (tx, rx) = std::sync::mpsc::channel();
+    let (kind, w) = (BackendKind::of::<B>(), devices.len());
     for (k, ((replica, part), device)) in placed.into_iter().zip(devices).enumerate() {
         let (ours, tx, device) = (shared.clone(), tx.clone(), device.clone());
         std::thread::Builder::new()
             .name(format!("clue-worker-{k}"))
             .spawn(move || {
                 let result = on_kept_stream(Role::Worker, k, || {
-                    catch_unwind(AssertUnwindSafe(|| ours.work(k, replica, part, &device)))
-                        .unwrap_or_else(|p| {
-                            let why = panic_message(p.as_ref());
-                            Err(format!("{} died: {why}", ours.name(k)))
-                        })
+                    let work = || kind.drive_worker(k, w, || ours.work(k, replica, part, &device));
+                    catch_unwind(AssertUnwindSafe(work)).unwrap_or_else(|p| {
+                        let why = panic_message(p.as_ref());
+                        Err(format!("{} died: {why}", ours.name(k)))
+                    })
                 });
                 let _ = tx.send((k, result));
             })
