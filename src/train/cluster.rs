@@ -217,7 +217,8 @@ impl Cluster {
     /// than waiting for ever, after the join timeout.
     ///
     /// With `resume`, the nodes (whose plans agree) then find the newest checkpoint that every
-    /// node holds: the period returned, or `None` when some node holds none.
+    /// node holds: the period returned, or `None` when no node holds one; nodes with none in
+    /// common, where some node holds one, are refused ([`no_checkpoint_in_common`]).
     pub fn join<B: Backend>(
         &self,
         devices: &[B::Device],
