@@ -97,9 +97,9 @@ fn text(out: &Output) -> String {
 
 /// Two nodes train as one process with all their workers. One worker each: the same weights,
 /// byte for byte, as two workers in one process (the batch's chunks, dropout keys and the sum
-/// of two gradients are the same; each worker computes on one thread), on both nodes. Two workers each: within 1e-4 of four
-/// workers in one process (the four gradients are summed in another order). Rank 0 keeps the
-/// coordinator's log.
+/// of two gradients are the same; each worker computes on one thread), on both nodes. Two
+/// workers each: within 1e-4 of four workers in one process (the four gradients are summed in
+/// another order). Rank 0 keeps the coordinator's log.
 #[test]
 fn two_nodes_on_loopback_train_like_one_process_with_all_their_workers() {
     let dir = tempfile::tempdir().unwrap();
@@ -111,12 +111,8 @@ fn two_nodes_on_loopback_train_like_one_process_with_all_their_workers() {
         let all = (2 * workers).to_string();
         let one = root.join("one");
         // Two threads, whatever the machine: one per worker, as on each node.
-        let single = Command::new(env!("CARGO_BIN_EXE_clue"))
-            .args(fit_args(data, one.to_str().unwrap(), &["--devices", &all]))
-            .env("RAYON_NUM_THREADS", "2")
-            .current_dir(&root)
-            .output()
-            .unwrap();
+        let args = fit_args(data, one.to_str().unwrap(), &["--devices", &all]);
+        let single = common::clue_with(&root, &args, &[("RAYON_NUM_THREADS", "2")]);
         assert!(single.status.success(), "{}", text(&single));
         let each = workers.to_string();
         let extra: &[&str] = &["--devices", &each];
@@ -307,8 +303,10 @@ fn multi_node_runs_that_cannot_work_fail_clearly() {
 /// writing its second checkpoint: both resume from the first, the node that holds the second
 /// says so, and both end with the weights of the run that was not interrupted (after a try in
 /// which one node failed between the join and the first step, which stopped the other). A node
-/// started without `--resume` beside one with it is refused, each saying which it is; so are
-/// nodes with no checkpoint in common, until a checkpoint is copied over.
+/// whose run has finished trains the last period again with one that has not; where both have
+/// finished, neither trains. A node started without `--resume` beside one with it is refused,
+/// each saying which it is; so are nodes with no checkpoint in common, until a checkpoint is
+/// copied over.
 #[test]
 fn resumed_nodes_agree_on_the_newest_checkpoint_they_all_hold() {
     let dir = tempfile::tempdir().unwrap();
@@ -323,6 +321,9 @@ fn resumed_nodes_agree_on_the_newest_checkpoint_they_all_hold() {
     }
     let node = |rank: usize| dir.path().join(format!("node{rank}"));
     let uninterrupted = common::weights(&node(0));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(node(0).join("summary.json")).unwrap()).unwrap();
+    let first_period = summary["steps"].as_u64().unwrap() / 2;
     // Both stopped before the end; node 1 while writing its second checkpoint.
     for rank in [0, 1] {
         std::fs::remove_file(node(rank).join("summary.json")).unwrap();
@@ -355,6 +356,9 @@ fn resumed_nodes_agree_on_the_newest_checkpoint_they_all_hold() {
         !rank0.status.success() && t0.contains("did another node stop?"),
         "{t0}"
     );
+    // Node 0 names the checkpoint it resumed from, not the newer one it holds.
+    let named = format!("the last complete checkpoint (after step {first_period}) is kept");
+    assert!(t0.contains(&named), "{t0}");
     assert!(
         !t0.contains("panicked") && !t1.contains("panicked"),
         "{t0}\n{t1}"
@@ -371,8 +375,37 @@ fn resumed_nodes_agree_on_the_newest_checkpoint_they_all_hold() {
     assert!(text(&rank0).contains(said), "{}", text(&rank0));
     assert!(!text(&rank1).contains("resuming from checkpoint"));
 
-    // Node 0 resumes again (its run has finished: it has nothing to resume), node 1 starts anew.
-    std::fs::remove_file(node(0).join("summary.json")).unwrap();
+    // Node 1 stopped again before its last checkpoint, after node 0 had finished: node 0 joins
+    // (alone, it would say "nothing to resume" and leave node 1 waiting out --join-timeout) and
+    // the two train the last period again, to the same weights.
+    std::fs::remove_file(node(1).join("summary.json")).unwrap();
+    std::fs::remove_dir_all(node(1).join("model")).unwrap();
+    for p in ["model", "optim", "scheduler"] {
+        std::fs::remove_file(node(1).join(format!("checkpoint/{p}-2.mpk"))).unwrap();
+    }
+    let [rank0, rank1] = node_pair(dir.path(), free_ports(), resume);
+    for (rank, out) in [&rank0, &rank1].into_iter().enumerate() {
+        assert!(out.status.success(), "node {rank}: {}", text(out));
+        assert_eq!(common::weights(&node(rank)), uninterrupted, "node {rank}");
+    }
+    let t0 = text(&rank0);
+    assert!(t0.contains("has finished: joining the other nodes") && t0.contains(said));
+    // Every node has finished: all of them say so and leave their runs as they were (a summary
+    // written again would differ in its wall time).
+    let summaries = [0, 1].map(|rank| std::fs::read(node(rank).join("summary.json")).unwrap());
+    let done = node_pair(dir.path(), free_ports(), resume);
+    for (rank, out) in done.iter().enumerate() {
+        let t = text(out);
+        assert!(out.status.success(), "node {rank}: {t}");
+        assert!(
+            t.contains("every node has finished, nothing to resume"),
+            "{t}"
+        );
+        let summary = std::fs::read(node(rank).join("summary.json")).unwrap();
+        assert_eq!(summary, summaries[rank], "node {rank}");
+    }
+
+    // A finished node started with --resume beside one that starts anew without it.
     let fresh = dir.path().join("fresh");
     let mixed = node_pair(dir.path(), free_ports(), |rank| match rank {
         0 => resume(0),

@@ -30,6 +30,7 @@ use serde::de::DeserializeOwned;
 use crate::error::{ClueError, Result};
 use crate::train::metrics::HISTORY_FILE;
 use crate::train::step::StepGuard;
+use crate::ui;
 
 #[derive(Debug, Default, Clone)]
 pub struct AtomicRecorder<R> {
@@ -182,6 +183,28 @@ pub fn clear_progress(run: &Path) -> Result<()> {
     }
     let _ = std::fs::remove_file(run.join(HISTORY_FILE));
     Ok(())
+}
+
+/// Before a resumed run: say where it resumes when that is not its own latest checkpoint
+/// (`held`: a node's, where nodes resume together), and clear its progress when it starts again
+/// from its first step (it holds no complete checkpoint; nor does any other node).
+pub fn resume_from(run: &Path, held: &[usize], newest: Option<usize>) -> Result<()> {
+    match (newest, held.last()) {
+        (None, _) => {
+            ui::say(format!(
+                "{} has no complete checkpoint yet: starting it from its first step",
+                run.display()
+            ));
+            clear_progress(run)
+        }
+        (Some(k), Some(&latest)) if latest > k => {
+            ui::say(format!(
+                "resuming from checkpoint {k}, the newest that every node holds (this node's latest is {latest})"
+            ));
+            Ok(())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Save at the end of every period and delete nothing (the guarded recorder retires old files).

@@ -15,7 +15,9 @@
 //! part by part (backend and float type, config, data, whether they resume, parameters, warm-up,
 //! workers) and refuse to train apart, naming the part that differs. Resumed nodes then agree on
 //! the newest checkpoint that every one of them holds ([`Resume`]): a node that stopped while
-//! writing a checkpoint has an older one than the others.
+//! writing a checkpoint has an older one than the others. A node whose run has finished joins
+//! too: it trains the last periods again with a node that has not, or, where every node has
+//! finished, all of them say there is nothing to resume.
 
 use std::net::ToSocketAddrs;
 use std::path::Path;
@@ -217,14 +219,15 @@ impl Cluster {
     /// than waiting for ever, after the join timeout.
     ///
     /// With `resume`, the nodes (whose plans agree) then find the newest checkpoint that every
-    /// node holds: the period returned, or `None` when no node holds one; nodes with none in
-    /// common, where some node holds one, are refused ([`no_checkpoint_in_common`]).
+    /// node holds (`None` when no node holds one) and whether every node has finished; nodes
+    /// with no checkpoint in common, where some node holds one, are refused
+    /// ([`no_checkpoint_in_common`]).
     pub fn join<B: Backend>(
         &self,
         devices: &[B::Device],
         plan: &[(&'static str, String)],
         resume: Option<&Resume>,
-    ) -> Result<(Membership<B>, Option<usize>)> {
+    ) -> Result<(Membership<B>, Agreed)> {
         // The node's tensor service listens on this port: say so now if it cannot.
         can_listen(
             self.node_port,
@@ -260,7 +263,7 @@ impl Cluster {
                             Some(r) if same.iter().all(|&s| s) => {
                                 r.newest_held::<B>(peer, &device)?
                             }
-                            _ => (None, false),
+                            _ => (Agreed::default(), false),
                         };
                         Ok((same, held))
                     });
@@ -282,7 +285,7 @@ impl Cluster {
             self.coordinator
         ));
         let start = Instant::now();
-        let (mut newest, mut held_somewhere) = (None, false);
+        let (mut agreed, mut held_somewhere) = (Agreed::default(), false);
         for _ in 0..w {
             let answer = loop {
                 let left = self.join_timeout.saturating_sub(start.elapsed());
@@ -296,7 +299,7 @@ impl Cluster {
                 }
             };
             match answer {
-                Ok(Ok((same, held))) if same.iter().all(|&s| s) => (newest, held_somewhere) = held,
+                Ok(Ok((same, held))) if same.iter().all(|&s| s) => (agreed, held_somewhere) = held,
                 Ok(Ok((same, _))) => {
                     membership.peers = joined;
                     return Err(plans_differ(plan, &same));
@@ -346,37 +349,52 @@ impl Cluster {
         membership.peers = joined;
         match resume {
             // Every node sees the same sums: all of them refuse, and meet once more as they leave.
-            Some(r) if newest.is_none() && held_somewhere => Err(no_checkpoint_in_common(&r.held)),
-            _ => Ok((membership, newest)),
+            Some(r) if !agreed.finished && agreed.newest.is_none() && held_somewhere => {
+                Err(no_checkpoint_in_common(&r.held))
+            }
+            _ => Ok((membership, agreed)),
         }
     }
 }
 
 /// A resumed node's complete checkpoints (the periods after which they were written) among the
-/// run's `periods`.
+/// run's `periods`, and whether its run has finished (its summary is written).
 #[derive(Debug, Clone)]
 pub struct Resume {
     pub held: Vec<usize>,
     pub periods: usize,
+    pub finished: bool,
+}
+
+/// What resumed nodes agree on when they join: the newest period whose checkpoint every node
+/// holds (`None`: no node holds one, or the nodes do not resume), and whether every node's run
+/// has finished (then there is nothing to resume).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Agreed {
+    pub newest: Option<usize>,
+    pub finished: bool,
 }
 
 impl Resume {
-    /// The newest period whose checkpoint every worker of every node holds (`None` if none is
-    /// held by all), and whether any node holds one: one flag per period, summed over the
-    /// workers.
+    /// What every worker of every node holds ([`Agreed`]), and whether any node holds a
+    /// checkpoint: one flag per period and one for a finished run, summed over the workers.
     fn newest_held<B: Backend>(
         &self,
         peer: PeerId,
         device: &B::Device,
-    ) -> std::result::Result<(Option<usize>, bool), String> {
-        let mut flags = vec![0.0; self.periods + 1];
+    ) -> std::result::Result<(Agreed, bool), String> {
+        let mut flags = vec![0.0; self.periods + 2];
         for &k in self.held.iter().filter(|&&k| k <= self.periods) {
             flags[k] = 1.0;
         }
+        flags[self.periods + 1] = if self.finished { 1.0 } else { 0.0 };
         let (held_by, workers) = sum_over_workers::<B>(peer, device, flags)
             .map_err(|e| format!("comparing checkpoints: {e}"))?;
-        let newest = (1..=self.periods).rev().find(|&k| held_by[k] == workers);
-        Ok((newest, held_by.iter().any(|&n| n > 0.0)))
+        let agreed = Agreed {
+            newest: (1..=self.periods).rev().find(|&k| held_by[k] == workers),
+            finished: held_by[self.periods + 1] == workers,
+        };
+        Ok((agreed, held_by[..=self.periods].iter().any(|&n| n > 0.0)))
     }
 }
 
@@ -569,15 +587,15 @@ pub struct Joined<B: Backend> {
 impl Cluster {
     /// Before training: check that the batch splits over every worker of every node, start the
     /// coordinator on rank 0 (its log in `run/coordinator.log`), and join with one worker per
-    /// device. `plan` names what must be the same on every node; with `resume`, also returns the
-    /// newest checkpoint that every node holds ([`Cluster::join`]).
+    /// device. `plan` names what must be the same on every node; with `resume`, also returns
+    /// what the nodes agree on ([`Cluster::join`]).
     pub fn start<B: Backend>(
         &self,
         train: &TrainConfig,
         devices: &[B::Device],
         (plan, resume): (&[(&'static str, String)], Option<&Resume>),
         run: &Path,
-    ) -> Result<(Joined<B>, Option<usize>)> {
+    ) -> Result<(Joined<B>, Agreed)> {
         let all = self.nodes * devices.len();
         if !train.batch_size.is_multiple_of(all) {
             return Err(ClueError::config(
@@ -593,12 +611,12 @@ impl Cluster {
         // Every node must also have the same number of workers (peer ids are rank × W + k).
         let mut plan = plan.to_vec();
         plan.push(("number of workers", devices.len().to_string()));
-        let (membership, newest) = self.join::<B>(devices, &plan, resume)?;
+        let (membership, agreed) = self.join::<B>(devices, &plan, resume)?;
         let joined = Joined {
             _membership: membership,
             _coordinator: coordinator,
         };
-        Ok((joined, newest))
+        Ok((joined, agreed))
     }
 
     /// On rank 0 (unless the coordinator already runs): start the coordinator, its output in

@@ -21,7 +21,7 @@ use crate::model::init::Init;
 use crate::model::{ClueModel, ParamCounts};
 use crate::train::checkpoint::{
     AtomicRecorder, ResumedLogs, SaveEveryPeriod, clear_progress, complete_checkpoints,
-    last_checkpoint,
+    last_checkpoint, resume_from,
 };
 use crate::train::cluster::{Cluster, Resume, abandon_membership, plan_id};
 use crate::train::config::RunConfig;
@@ -216,26 +216,14 @@ fn init_run_dir(
     )
 }
 
-/// Before a resumed run: say where it resumes when that is not its own latest checkpoint
-/// (`held`: a node's, where nodes resume together), and clear its progress when it starts again
-/// from its first step (it holds no complete checkpoint; nor does any other node).
-fn resume_from(run: &Path, held: &[usize], newest: Option<usize>) -> Result<()> {
-    match (newest, held.last()) {
-        (None, _) => {
-            ui::say(format!(
-                "{} has no complete checkpoint yet: starting it from its first step",
-                run.display()
-            ));
-            clear_progress(run)
-        }
-        (Some(k), Some(&latest)) if latest > k => {
-            ui::say(format!(
-                "resuming from checkpoint {k}, the newest that every node holds (this node's latest is {latest})"
-            ));
-            Ok(())
-        }
-        _ => Ok(()),
-    }
+/// The summary of a finished `run`, resumed (`every`: what the nodes found, if several).
+fn nothing_to_resume(run: &Path, every: &str) -> Result<FitSummary> {
+    ui::say(format!(
+        "{} has finished: {every}nothing to resume (its model is in {})",
+        run.display(),
+        run.join(BUNDLE_DIR).display()
+    ));
+    read_json(&run.join(SUMMARY))
 }
 
 /// Hold the run directory (`.lock`, an OS lock that dies with the process) until the returned
@@ -273,13 +261,15 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
         .unwrap_or_default();
     let manifest_sha256 = data.manifest.hash();
     let _lock = lock_run(run)?;
-    if options.resume && run.join(SUMMARY).exists() {
-        ui::say(format!(
-            "{} has finished: nothing to resume (its model is in {})",
-            run.display(),
-            run.join(BUNDLE_DIR).display()
-        ));
-        return read_json(&run.join(SUMMARY));
+    // A finished node of several still joins: another node may not have finished.
+    let finished = options.resume && run.join(SUMMARY).exists();
+    match &options.cluster {
+        _ if !finished => {}
+        None => return nothing_to_resume(run, ""),
+        Some(_) => ui::say(format!(
+            "{} has finished: joining the other nodes, to train its last periods again with any that has not",
+            run.display()
+        )),
     }
     init_run_dir(options, &config, &data_dir, &manifest_sha256)?;
 
@@ -338,11 +328,21 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
     let held = (options.resume).then(|| Resume {
         held: complete_checkpoints(run),
         periods: plan.periods(),
+        finished,
     });
     let (cluster, resume_period) = match &options.cluster {
-        Some(c) => c
-            .start::<B::InnerBackend>(&config.train, &devices, (&plan_id, held.as_ref()), run)
-            .map(|(joined, newest)| (Some(joined), newest))?,
+        Some(c) => {
+            let (joined, agreed) = c.start::<B::InnerBackend>(
+                &config.train,
+                &devices,
+                (&plan_id, held.as_ref()),
+                run,
+            )?;
+            if agreed.finished {
+                return nothing_to_resume(run, "every node has finished, ");
+            }
+            (Some(joined), agreed.newest)
+        }
         None => (None, held.as_ref().and_then(|h| h.held.last().copied())),
     };
     // A failure from here to the warm-up is this node's alone: it leaves the other nodes at
@@ -487,13 +487,22 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
     Ok(summary)
 }
 
+/// The step after which the newest complete checkpoint that the run reached was written (a node
+/// that resumed with the others from an older checkpoint than its own latest still holds the
+/// newer one, which this run may not have reached).
+fn last_kept(guard: &StepGuard, run: &Path, plan: &EpochPlan) -> Option<usize> {
+    (complete_checkpoints(run).into_iter())
+        .map(|k| plan.steps_before(k))
+        .rfind(|&step| step <= guard.steps())
+}
+
 /// The error of a run that a non-finite loss stopped, if one did.
 fn stopped_on_non_finite_loss(guard: &StepGuard, run: &Path, plan: &EpochPlan) -> Result<()> {
     let Some(step) = guard.bad_step() else {
         return Ok(());
     };
-    let last = last_checkpoint(run)
-        .map(|k| format!("after step {}", plan.steps_before(k)))
+    let last = last_kept(guard, run, plan)
+        .map(|step| format!("after step {step}"))
         .unwrap_or_else(|| "none yet".into());
     Err(ClueError::config(
         format!("training stopped: {DIVERGED} at step {step} (last good checkpoint: {last})"),
@@ -510,10 +519,9 @@ fn stopped_early(guard: &StepGuard, run: &Path, plan: &EpochPlan) -> Result<()> 
         None if steps < total => "training was interrupted".to_string(),
         None => return Ok(()),
     };
-    let last = match last_checkpoint(run) {
-        Some(k) => format!(
-            "the last complete checkpoint (after step {}) is kept: fix the cause and run `clue fit --resume --out {}`",
-            plan.steps_before(k),
+    let last = match last_kept(guard, run, plan) {
+        Some(step) => format!(
+            "the last complete checkpoint (after step {step}) is kept: fix the cause and run `clue fit --resume --out {}`",
             run.display()
         ),
         None => "no checkpoint was completed: fix the cause and start the run again".to_string(),

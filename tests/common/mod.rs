@@ -6,8 +6,14 @@ use std::path::{Path, PathBuf};
 
 /// Run the `clue` binary of this build in `dir` and collect its output.
 pub fn clue(dir: &Path, args: &[&str]) -> std::process::Output {
+    clue_with(dir, args, &[])
+}
+
+/// [`clue`] with these environment variables set.
+pub fn clue_with(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_clue"))
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(dir)
         .output()
         .unwrap()
