@@ -383,24 +383,28 @@ fn resumed_nodes_agree_on_the_newest_checkpoint_they_all_hold() {
     for p in ["model", "optim", "scheduler"] {
         std::fs::remove_file(node(1).join(format!("checkpoint/{p}-2.mpk"))).unwrap();
     }
+    let finished = std::fs::read(node(0).join("summary.json")).unwrap();
     let [rank0, rank1] = node_pair(dir.path(), free_ports(), resume);
     for (rank, out) in [&rank0, &rank1].into_iter().enumerate() {
         assert!(out.status.success(), "node {rank}: {}", text(out));
         assert_eq!(common::weights(&node(rank)), uninterrupted, "node {rank}");
     }
     let t0 = text(&rank0);
-    assert!(t0.contains("has finished: joining the other nodes") && t0.contains(said));
-    // Every node has finished: all of them say so and leave their runs as they were (a summary
-    // written again would differ in its wall time).
+    let joins = "has finished: joining the other nodes";
+    assert!(t0.contains(joins) && t0.contains(said), "{t0}");
+    // Node 0 trained again: its summary was written again (a new wall time).
+    assert_ne!(
+        std::fs::read(node(0).join("summary.json")).unwrap(),
+        finished
+    );
+    // Every node has finished: all of them say so and leave their summaries as they were.
     let summaries = [0, 1].map(|rank| std::fs::read(node(rank).join("summary.json")).unwrap());
     let done = node_pair(dir.path(), free_ports(), resume);
     for (rank, out) in done.iter().enumerate() {
         let t = text(out);
         assert!(out.status.success(), "node {rank}: {t}");
-        assert!(
-            t.contains("every node has finished, nothing to resume"),
-            "{t}"
-        );
+        let said = "and every other node have finished: nothing to resume";
+        assert!(t.contains(said), "{t}");
         let summary = std::fs::read(node(rank).join("summary.json")).unwrap();
         assert_eq!(summary, summaries[rank], "node {rank}");
     }
@@ -422,8 +426,9 @@ fn resumed_nodes_agree_on_the_newest_checkpoint_they_all_hold() {
         assert!(t.contains(&own), "node {rank}: {t}");
     }
 
-    // Node 1 holds no complete checkpoint, node 0 two: both refuse (starting again would throw
-    // node 0's away), and resume once node 0's newest is copied to node 1, as the fix says.
+    // Node 1 holds no complete checkpoint, node 0 (finished, its model lost) two: both refuse
+    // (starting again would throw node 0's away), and resume once node 0's newest is copied to
+    // node 1, as the fix says: node 0 from its last checkpoint too, writing its model again.
     std::fs::remove_dir_all(node(0).join("model")).unwrap();
     std::fs::remove_file(node(1).join("summary.json")).unwrap();
     std::fs::remove_dir_all(node(1).join("checkpoint")).unwrap();
@@ -449,6 +454,26 @@ fn resumed_nodes_agree_on_the_newest_checkpoint_they_all_hold() {
         assert!(out.status.success(), "node {rank}: {}", text(out));
         assert_eq!(common::weights(&node(rank)), uninterrupted, "node {rank}");
     }
+
+    // Node 0 has finished, node 1 has not, and neither holds a checkpoint: both refuse rather
+    // than train node 0's run again from its first step.
+    std::fs::remove_file(node(1).join("summary.json")).unwrap();
+    for rank in [0, 1] {
+        std::fs::remove_dir_all(node(rank).join("checkpoint")).unwrap();
+    }
+    let refused = node_pair(dir.path(), free_ports(), resume);
+    for (rank, here) in ["has", "has not"].into_iter().enumerate() {
+        let t = text(&refused[rank]);
+        assert!(!refused[rank].status.success(), "node {rank}: {t}");
+        let own = format!(
+            "no node holds a checkpoint to train the others from (this node {here} finished)"
+        );
+        assert!(
+            t.contains(&own) && t.contains("without --resume"),
+            "node {rank}: {t}"
+        );
+    }
+    assert!(node(0).join("summary.json").exists() && node(0).join("history.json").exists());
 }
 
 /// A coordinator started apart (`clue coordinator`) serves a run whose rank 0 is told it runs

@@ -219,9 +219,9 @@ impl Cluster {
     /// than waiting for ever, after the join timeout.
     ///
     /// With `resume`, the nodes (whose plans agree) then find the newest checkpoint that every
-    /// node holds (`None` when no node holds one) and whether every node has finished; nodes
-    /// with no checkpoint in common, where some node holds one, are refused
-    /// ([`no_checkpoint_in_common`]).
+    /// node holds and whether every node has finished ([`Agreed`]); nodes with no checkpoint in
+    /// common, where some node holds one or has finished, are refused
+    /// ([`no_checkpoint_in_common`]): starting again would throw it away.
     pub fn join<B: Backend>(
         &self,
         devices: &[B::Device],
@@ -263,7 +263,7 @@ impl Cluster {
                             Some(r) if same.iter().all(|&s| s) => {
                                 r.newest_held::<B>(peer, &device)?
                             }
-                            _ => (Agreed::default(), false),
+                            _ => Agreed::default(),
                         };
                         Ok((same, held))
                     });
@@ -285,7 +285,7 @@ impl Cluster {
             self.coordinator
         ));
         let start = Instant::now();
-        let (mut agreed, mut held_somewhere) = (Agreed::default(), false);
+        let mut agreed = Agreed::default();
         for _ in 0..w {
             let answer = loop {
                 let left = self.join_timeout.saturating_sub(start.elapsed());
@@ -299,7 +299,7 @@ impl Cluster {
                 }
             };
             match answer {
-                Ok(Ok((same, held))) if same.iter().all(|&s| s) => (agreed, held_somewhere) = held,
+                Ok(Ok((same, held))) if same.iter().all(|&s| s) => agreed = held,
                 Ok(Ok((same, _))) => {
                     membership.peers = joined;
                     return Err(plans_differ(plan, &same));
@@ -349,8 +349,12 @@ impl Cluster {
         membership.peers = joined;
         match resume {
             // Every node sees the same sums: all of them refuse, and meet once more as they leave.
-            Some(r) if !agreed.finished && agreed.newest.is_none() && held_somewhere => {
-                Err(no_checkpoint_in_common(&r.held))
+            // Starting again from the first step would lose a checkpoint or a finished run.
+            Some(r) if agreed.newest.is_none() && !agreed.finished => {
+                match agreed.held_anywhere || agreed.finished_anywhere {
+                    true => Err(no_checkpoint_in_common(r, agreed.held_anywhere)),
+                    false => Ok((membership, agreed)),
+                }
             }
             _ => Ok((membership, agreed)),
         }
@@ -367,22 +371,25 @@ pub struct Resume {
 }
 
 /// What resumed nodes agree on when they join: the newest period whose checkpoint every node
-/// holds (`None`: no node holds one, or the nodes do not resume), and whether every node's run
-/// has finished (then there is nothing to resume).
+/// holds (`None`: none is held by all, or the nodes do not resume), and whether every node's
+/// run has finished (then there is nothing to resume).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Agreed {
     pub newest: Option<usize>,
     pub finished: bool,
+    /// Whether some node holds a checkpoint, and whether some node has finished.
+    held_anywhere: bool,
+    finished_anywhere: bool,
 }
 
 impl Resume {
-    /// What every worker of every node holds ([`Agreed`]), and whether any node holds a
-    /// checkpoint: one flag per period and one for a finished run, summed over the workers.
+    /// What every worker of every node holds ([`Agreed`]): one flag per period and one for a
+    /// finished run, summed over the workers.
     fn newest_held<B: Backend>(
         &self,
         peer: PeerId,
         device: &B::Device,
-    ) -> std::result::Result<(Agreed, bool), String> {
+    ) -> std::result::Result<Agreed, String> {
         let mut flags = vec![0.0; self.periods + 2];
         for &k in self.held.iter().filter(|&&k| k <= self.periods) {
             flags[k] = 1.0;
@@ -390,20 +397,31 @@ impl Resume {
         flags[self.periods + 1] = if self.finished { 1.0 } else { 0.0 };
         let (held_by, workers) = sum_over_workers::<B>(peer, device, flags)
             .map_err(|e| format!("comparing checkpoints: {e}"))?;
-        let agreed = Agreed {
+        let finished_by = held_by[self.periods + 1];
+        Ok(Agreed {
             newest: (1..=self.periods).rev().find(|&k| held_by[k] == workers),
-            finished: held_by[self.periods + 1] == workers,
-        };
-        Ok((agreed, held_by[..=self.periods].iter().any(|&n| n > 0.0)))
+            finished: finished_by == workers,
+            held_anywhere: held_by[..=self.periods].iter().any(|&n| n > 0.0),
+            finished_anywhere: finished_by > 0.0,
+        })
     }
 }
 
-/// The error of resumed nodes with no checkpoint in common, where some node holds one (starting
-/// again would throw it away).
-fn no_checkpoint_in_common(held: &[usize]) -> ClueError {
-    let here = match held {
+/// The error of resumed nodes with no checkpoint in common where some node holds one
+/// (`held_anywhere`) or, holding none, has finished: starting again would throw it away.
+fn no_checkpoint_in_common(r: &Resume, held_anywhere: bool) -> ClueError {
+    if !held_anywhere {
+        let here = if r.finished { "has" } else { "has not" };
+        return ClueError::config(
+            format!(
+                "some nodes have finished, and no node holds a checkpoint to train the others from (this node {here} finished)"
+            ),
+            "start every node again without --resume, each with a new --out (a finished node's model stays in its run directory)",
+        );
+    }
+    let here = match r.held.as_slice() {
         [] => "none".to_string(),
-        _ => format!("{held:?}"),
+        held => format!("{held:?}"),
     };
     ClueError::config(
         format!("the nodes hold no checkpoint in common (this node holds {here})"),

@@ -216,10 +216,10 @@ fn init_run_dir(
     )
 }
 
-/// The summary of a finished `run`, resumed (`every`: what the nodes found, if several).
-fn nothing_to_resume(run: &Path, every: &str) -> Result<FitSummary> {
+/// The summary of a finished `run`, resumed (`who`: "has", or what the nodes found).
+fn nothing_to_resume(run: &Path, who: &str) -> Result<FitSummary> {
     ui::say(format!(
-        "{} has finished: {every}nothing to resume (its model is in {})",
+        "{} {who} finished: nothing to resume (its model is in {})",
         run.display(),
         run.join(BUNDLE_DIR).display()
     ));
@@ -265,7 +265,7 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
     let finished = options.resume && run.join(SUMMARY).exists();
     match &options.cluster {
         _ if !finished => {}
-        None => return nothing_to_resume(run, ""),
+        None => return nothing_to_resume(run, "has"),
         Some(_) => ui::say(format!(
             "{} has finished: joining the other nodes, to train its last periods again with any that has not",
             run.display()
@@ -339,7 +339,7 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
                 run,
             )?;
             if agreed.finished {
-                return nothing_to_resume(run, "every node has finished, ");
+                return nothing_to_resume(run, "and every other node have");
             }
             (Some(joined), agreed.newest)
         }
@@ -355,6 +355,11 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
     };
     if let Some(held) = &held {
         resume_from(run, &held.held, resume_period).map_err(leave)?;
+    }
+    if finished {
+        // Training again, the run is an interrupted one until it ends (its model stays).
+        let summary = run.join(SUMMARY);
+        std::fs::remove_file(&summary).map_err(|e| leave(ClueError::io(&summary, e)))?;
     }
     let done = resume_period.unwrap_or(0);
     // Counts steps and collects failures (a non-finite loss, a checkpoint write, a loader thread).
@@ -521,7 +526,7 @@ fn stopped_early(guard: &StepGuard, run: &Path, plan: &EpochPlan) -> Result<()> 
     };
     let last = match last_kept(guard, run, plan) {
         Some(step) => format!(
-            "the last complete checkpoint (after step {step}) is kept: fix the cause and run `clue fit --resume --out {}`",
+            "the last complete checkpoint (after step {step}) is kept: fix the cause and run `clue fit --resume {}`",
             run.display()
         ),
         None => "no checkpoint was completed: fix the cause and start the run again".to_string(),

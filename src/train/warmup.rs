@@ -380,7 +380,7 @@ impl WarmPlan {
 /// (`resumed`: a run resumed with `--resume`).
 pub fn warm_up_stopped(why: &str, run: &Path, resumed: bool) -> ClueError {
     let again = match resumed {
-        true => format!("run `clue fit --resume --out {}` again", run.display()),
+        true => format!("run `clue fit --resume {}` again", run.display()),
         false => "start the run again".into(),
     };
     ClueError::bad_file(
