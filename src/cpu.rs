@@ -11,12 +11,13 @@
 //! MXCSR has two bits that make the hardware treat them as zero instead: FTZ (a denormal result
 //! becomes 0) and DAZ (a denormal operand reads as 0). [`set_flush_denormals`] sets both on the
 //! calling thread and on every thread of rayon's global pool (where the gemm crate and clue's own
-//! kernels run). Threads created later (data loaders, Burn's learner threads, ndarray's
-//! matrix-product pool) inherit the calling thread's bits: on Linux a new thread starts with a
-//! copy of its creator's floating-point environment (not so on Windows, where only the
-//! calling thread and rayon's pool are set). PyTorch offers the
-//! same switch (`torch.set_flush_denormal`); its own kernels avoid the penalty. The values that
-//! flush are below 1.2·10⁻³⁸, far under anything a float32 model's result depends on.
+//! kernels run) and of the data-parallel workers' pools (whose threads made later set the bits
+//! of the thread that made the pool). Threads created later (data loaders, Burn's learner
+//! threads, ndarray's matrix-product pool) inherit the calling thread's bits: on Linux a new
+//! thread starts with a copy of its creator's floating-point environment (not so on Windows,
+//! where only the calling thread and rayon's pools are set). PyTorch offers the same switch
+//! (`torch.set_flush_denormal`); its own kernels avoid the penalty. The values that flush are
+//! below 1.2·10⁻³⁸, far under anything a float32 model's result depends on.
 //! (Rust and LLVM assume the default environment, so a value the compiler computes at build
 //! time can still be denormal; the bits govern what the CPU computes at run time.)
 //!
@@ -126,9 +127,7 @@ fn first_thread<R>(mut results: Vec<Option<R>>) -> R {
 /// one model); in a pool of its own, each worker computes on its share of the cores. The pools
 /// are apart, so no worker's job runs nested inside another's.
 pub fn on_worker_pool<R: Send>(k: usize, threads: usize, f: impl FnOnce() -> R + Send) -> R {
-    static POOLS: Mutex<BTreeMap<(usize, usize), Arc<rayon::ThreadPool>>> =
-        Mutex::new(BTreeMap::new());
-    let pool = (POOLS.lock().unwrap_or_else(PoisonError::into_inner))
+    let pool = (WORKER_POOLS.lock().unwrap_or_else(PoisonError::into_inner))
         .entry((k, threads))
         .or_insert_with(|| {
             // Its threads flush denormals as this thread does (set, not inherited: on Windows a
@@ -145,18 +144,30 @@ pub fn on_worker_pool<R: Send>(k: usize, threads: usize, f: impl FnOnce() -> R +
     first_thread(pool.broadcast(on_first_thread(f)))
 }
 
-/// Run `f` on the calling thread and on every thread of rayon's global pool (creating the pool
-/// if it does not exist yet); the results, calling thread first.
+/// The data-parallel workers' pools ([`on_worker_pool`]), by worker and number of threads.
+static WORKER_POOLS: Mutex<BTreeMap<(usize, usize), Arc<rayon::ThreadPool>>> =
+    Mutex::new(BTreeMap::new());
+
+/// Run `f` on the calling thread, on every thread of rayon's global pool (creating the pool if
+/// it does not exist yet) and on every thread of the workers' pools made so far; the results,
+/// calling thread first. Between steps: a worker's pool busy with a step waits for it.
 fn on_every_thread<T: Send>(f: impl Fn() -> T + Sync) -> Vec<T> {
     let mut all = vec![f()];
     all.extend(rayon::broadcast(|_| f()));
+    let pools: Vec<_> = (WORKER_POOLS.lock().unwrap_or_else(PoisonError::into_inner))
+        .values()
+        .cloned()
+        .collect();
+    for pool in pools {
+        all.extend(pool.broadcast(|_| f()));
+    }
     all
 }
 
 /// Turn the flushing of denormals to zero (FTZ and DAZ) on or off for the calling thread, the
-/// threads it creates from now on, and rayon's global pool. Returns whether this CPU has the
-/// switch (x86-64); elsewhere it does nothing. Call it before the work starts: threads that
-/// already exist outside rayon's pool keep their bits.
+/// threads it creates from now on, rayon's global pool and the workers' pools. Returns whether
+/// this CPU has the switch (x86-64); elsewhere it does nothing. Call it before the work starts:
+/// threads that already exist outside rayon's pools keep their bits.
 pub fn set_flush_denormals(on: bool) -> bool {
     on_every_thread(|| flush_here(on));
     cfg!(target_arch = "x86_64")
@@ -187,13 +198,14 @@ pub fn flushes_denormals() -> bool {
     false
 }
 
-/// [`flushes_denormals`] on the calling thread, then on each thread of rayon's global pool.
+/// [`flushes_denormals`] on the calling thread, then on each thread of rayon's global pool and
+/// of the workers' pools.
 pub fn flushes_denormals_everywhere() -> Vec<bool> {
     on_every_thread(flushes_denormals)
 }
 
 /// Which denormal events the CPU has seen since [`clear_fp_flags`], on the calling thread or any
-/// thread of rayon's pool (x86's sticky MXCSR flags; all false elsewhere).
+/// thread of rayon's pools (x86's sticky MXCSR flags; all false elsewhere).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct FpFlags {
     /// Some operation read a denormal operand (the slow case on Intel cores).
@@ -202,13 +214,14 @@ pub struct FpFlags {
     pub underflow: bool,
 }
 
-/// Clear the sticky status flags on the calling thread and rayon's pool.
+/// Clear the sticky status flags on the calling thread and rayon's pools (the global pool and
+/// the workers').
 pub fn clear_fp_flags() {
     #[cfg(target_arch = "x86_64")]
     on_every_thread(|| mxcsr::set(mxcsr::get() & !(mxcsr::DENORMAL_FLAG | mxcsr::UNDERFLOW_FLAG)));
 }
 
-/// The sticky status flags since [`clear_fp_flags`], over the calling thread and rayon's pool.
+/// The sticky status flags since [`clear_fp_flags`], over the calling thread and rayon's pools.
 pub fn fp_flags() -> FpFlags {
     #[cfg(target_arch = "x86_64")]
     {
@@ -463,6 +476,22 @@ mod tests {
         let panicked = std::panic::catch_unwind(|| on_worker_pool(0, 1, || panic!("in the work")));
         assert!(panicked.is_err());
         assert_eq!(on_worker(0, 1).1, a.1);
+    }
+
+    /// The sticky flags are read and cleared on the workers' pools too (`clue bench --workers 2
+    /// --denormal-census` reads them there): an underflow made on a worker's pool is seen, then
+    /// cleared there.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn fp_flags_cover_the_workers_pools() {
+        let underflows_here = || mxcsr::get() & mxcsr::UNDERFLOW_FLAG != 0;
+        on_worker_pool(5, 1, || {
+            std::hint::black_box(std::hint::black_box(1e-30f32) * std::hint::black_box(1e-30f32));
+        });
+        assert!(on_worker_pool(5, 1, underflows_here));
+        assert!(fp_flags().underflow);
+        clear_fp_flags();
+        assert!(!on_worker_pool(5, 1, underflows_here), "not cleared there");
     }
 
     #[test]

@@ -5,10 +5,11 @@
 //! hardware would without flushing; with flushing on, the stored values hold none and the
 //! "underflow" flags still say where they would have been made.
 //!
-//! The flags are read on the calling thread and rayon's pool, where the Flex backend and clue's
-//! kernels compute; the `ndarray` backend's matrix products run on their own threads
-//! (`matrixmultiply`), whose flags are not read. The flags are best-effort: the compiler
-//! assumes the default floating-point environment and may fold or move float operations.
+//! The flags are read on the calling thread and rayon's pools (the global one and, with
+//! `--workers`, each data-parallel worker's), where the Flex backend and clue's kernels compute;
+//! the `ndarray` backend's matrix products run on their own threads (`matrixmultiply`), whose
+//! flags are not read. The flags are best-effort: the compiler assumes the default
+//! floating-point environment and may fold or move float operations.
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::adaptor::OptimizerAdaptor;
