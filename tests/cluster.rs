@@ -426,9 +426,10 @@ fn resumed_nodes_agree_on_the_newest_checkpoint_they_all_hold() {
         assert!(t.contains(&own), "node {rank}: {t}");
     }
 
-    // Node 1 holds no complete checkpoint, node 0 (finished, its model lost) two: both refuse
-    // (starting again would throw node 0's away), and resume once node 0's newest is copied to
-    // node 1, as the fix says: node 0 from its last checkpoint too, writing its model again.
+    // Node 1 holds no complete checkpoint, node 0 two (its model lost, it has not finished):
+    // both refuse (starting again would throw node 0's away), and resume once node 0's newest
+    // is copied to node 1, as the fix says: node 0 from its last checkpoint too, writing its
+    // model again.
     std::fs::remove_dir_all(node(0).join("model")).unwrap();
     std::fs::remove_file(node(1).join("summary.json")).unwrap();
     std::fs::remove_dir_all(node(1).join("checkpoint")).unwrap();

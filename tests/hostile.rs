@@ -207,6 +207,12 @@ fn a_checkpoint_that_cannot_be_written_fails_the_run_which_can_then_resume_or_re
         std::fs::read(dir.path().join("run/summary.json")).unwrap(),
         summary
     );
+    // One whose model was lost writes it again from its last checkpoint, the same weights.
+    let weights = common::weights(&dir.path().join("run"));
+    std::fs::remove_dir_all(dir.path().join("run/model")).unwrap();
+    let text = said(&clue(dir.path(), &["fit", "--no-tui", "--resume", "run"]));
+    assert!(!text.contains("has finished"), "{text}");
+    assert_eq!(common::weights(&dir.path().join("run")), weights);
     assert_fails(
         &clue(dir.path(), &fit_args(&d, "run", &[])),
         &["already holds a run", "--resume"],

@@ -261,8 +261,9 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
         .unwrap_or_default();
     let manifest_sha256 = data.manifest.hash();
     let _lock = lock_run(run)?;
-    // A finished node of several still joins: another node may not have finished.
-    let finished = options.resume && run.join(SUMMARY).exists();
+    // A finished node of several still joins: another node may not have finished. A run whose
+    // model was lost resumes from its last checkpoint and writes it again.
+    let finished = options.resume && run.join(SUMMARY).exists() && run.join(BUNDLE_DIR).is_dir();
     match &options.cluster {
         _ if !finished => {}
         None => return nothing_to_resume(run, "has"),
