@@ -405,6 +405,10 @@ fn resumed_nodes_agree_on_the_newest_checkpoint_they_all_hold() {
         assert!(out.status.success(), "node {rank}: {t}");
         let said = "and every other node have finished: nothing to resume";
         assert!(t.contains(said), "{t}");
+        assert!(
+            !t.contains("training on"),
+            "node {rank} has nothing to train: {t}"
+        );
         let summary = std::fs::read(node(rank).join("summary.json")).unwrap();
         assert_eq!(summary, summaries[rank], "node {rank}");
     }

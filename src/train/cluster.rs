@@ -350,11 +350,12 @@ impl Cluster {
         match resume {
             // Every node sees the same sums: all of them refuse, and meet once more as they leave.
             // Starting again from the first step would lose a checkpoint or a finished run.
-            Some(r) if agreed.newest.is_none() && !agreed.finished => {
-                match agreed.held_anywhere || agreed.finished_anywhere {
-                    true => Err(no_checkpoint_in_common(r, agreed.held_anywhere)),
-                    false => Ok((membership, agreed)),
-                }
+            Some(r)
+                if agreed.newest.is_none()
+                    && !agreed.finished
+                    && (agreed.held_anywhere || agreed.finished_anywhere) =>
+            {
+                Err(no_checkpoint_in_common(r, agreed.held_anywhere))
             }
             _ => Ok((membership, agreed)),
         }

@@ -216,8 +216,12 @@ fn init_run_dir(
     )
 }
 
-/// The summary of a finished `run`, resumed (`who`: "has", or what the nodes found).
-fn nothing_to_resume(run: &Path, who: &str) -> Result<FitSummary> {
+/// The summary of a finished `run`, resumed (`every_node`: every node of the run has finished).
+fn nothing_to_resume(run: &Path, every_node: bool) -> Result<FitSummary> {
+    let who = match every_node {
+        true => "and every other node have",
+        false => "has",
+    };
     ui::say(format!(
         "{} {who} finished: nothing to resume (its model is in {})",
         run.display(),
@@ -266,7 +270,7 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
     let finished = options.resume && run.join(SUMMARY).exists() && run.join(BUNDLE_DIR).is_dir();
     match &options.cluster {
         _ if !finished => {}
-        None => return nothing_to_resume(run, "has"),
+        None => return nothing_to_resume(run, false),
         Some(_) => ui::say(format!(
             "{} has finished: joining the other nodes, to train its last periods again with any that has not",
             run.display()
@@ -302,6 +306,29 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
         warm.as_ref().map(WarmPlan::steps),
     );
     let devices = worker_devices::<B>(&workers, &device);
+    // Burn's "epochs" are the plan's periods: each ends with validation and a checkpoint. A
+    // resumed run starts after its latest complete one; resumed nodes, after the newest that
+    // every node holds, so they join before anything that depends on it is made.
+    let held = (options.resume).then(|| Resume {
+        held: complete_checkpoints(run),
+        periods: plan.periods(),
+        finished,
+    });
+    let (cluster, resume_period) = match &options.cluster {
+        Some(c) => {
+            let (joined, agreed) = c.start::<B::InnerBackend>(
+                &config.train,
+                &devices,
+                (&plan_id, held.as_ref()),
+                run,
+            )?;
+            if agreed.finished {
+                return nothing_to_resume(run, true);
+            }
+            (Some(joined), agreed.newest)
+        }
+        None => (None, held.as_ref().and_then(|h| h.held.last().copied())),
+    };
     let params = trainee.model.param_counts();
     let checkpoints = match config.train.checkpoint_every {
         0 => "checkpoint each epoch".to_string(),
@@ -323,29 +350,6 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
         config.train.epochs,
         steps_per_epoch
     ));
-    // Burn's "epochs" are the plan's periods: each ends with validation and a checkpoint. A
-    // resumed run starts after its latest complete one; resumed nodes, after the newest that
-    // every node holds, so they join before anything that depends on it is made.
-    let held = (options.resume).then(|| Resume {
-        held: complete_checkpoints(run),
-        periods: plan.periods(),
-        finished,
-    });
-    let (cluster, resume_period) = match &options.cluster {
-        Some(c) => {
-            let (joined, agreed) = c.start::<B::InnerBackend>(
-                &config.train,
-                &devices,
-                (&plan_id, held.as_ref()),
-                run,
-            )?;
-            if agreed.finished {
-                return nothing_to_resume(run, "and every other node have");
-            }
-            (Some(joined), agreed.newest)
-        }
-        None => (None, held.as_ref().and_then(|h| h.held.last().copied())),
-    };
     // A failure from here to the warm-up is this node's alone: it leaves the other nodes at
     // once (they stop at their next collective call) instead of meeting them out of step.
     let leave = |e: ClueError| {
