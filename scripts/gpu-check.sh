@@ -2,22 +2,39 @@
 # One prepared GPU check of clue on CUDA, side by side with the PyTorch reference.
 #
 # Usage: scripts/gpu-check.sh [STAGE_DIR]   (results go to $OUT, default ./gpu-out)
-# STAGE_DIR holds: clue (or clue.gz, a release build), optionally clue-fused (a build with
-# Burn's fusion and autotune), tiny.toml, prepared/ (clue prepare output of
-# a small clue synth log), torch_clue_ref.py. Every step has its own time limit, and the script
-# stops starting new steps after $BUDGET seconds, so one call never overruns its lease.
+# STAGE_DIR (scripts/gpu-stage.sh makes it) holds: clue or clue.gz (a release build),
+# optionally clue-fused or clue-fused.gz (a build with Burn's fusion and autotune), tiny.toml,
+# prepared/ (clue prepare output of a small clue synth log), cpu-model/ (a tiny model trained on
+# the CPU), torch_clue_ref.py. Every step has its own time limit, and the script stops starting
+# new steps after $BUDGET seconds, so one call never overruns its lease.
+# BACKEND=flex (or wgpu) rehearses the whole check on this machine, PyTorch on the CPU: every
+# command is the device's, so a flag or a path that is wrong fails here and not on the device
+# (BACKEND=flex MAX_STEP=30 EPOCHS=1 OUT=/tmp/rehearsal scripts/gpu-check.sh stage).
 set -u
 STAGE=${1:-stage}
 OUT=${OUT:-gpu-out}
 BUDGET=${BUDGET:-420}
+BACKEND=${BACKEND:-cuda}
+MAX_STEP=${MAX_STEP:-600}  # caps every step's limit (a quick rehearsal: MAX_STEP=30)
+EPOCHS=${EPOCHS:-4}        # of the tiny fits in f32 and bf16 (a quick rehearsal: EPOCHS=1)
+TORCH_DEVICE=cpu; [ "$BACKEND" = cuda ] && TORCH_DEVICE=cuda
 mkdir -p "$OUT"
 START=$(date +%s)
-[ -f "$STAGE/clue.gz" ] && [ ! -f "$STAGE/clue" ] && gunzip -c "$STAGE/clue.gz" > /tmp/clue && chmod +x /tmp/clue
-CLUE=$STAGE/clue; [ -x "$CLUE" ] || CLUE=/tmp/clue
+# The binaries travel gzipped (the carry limit): unpacked to BIN. The runs go to fresh
+# directories (a rehearsal again on the same machine); both are removed at the end.
+BIN=$(mktemp -d); RUNS=$(mktemp -d)
+trap 'rm -rf "$BIN" "$RUNS"' EXIT
+for name in clue clue-fused; do
+  if [ -x "$STAGE/$name" ]; then cp "$STAGE/$name" "$BIN/$name"
+  elif [ -f "$STAGE/$name.gz" ]; then gunzip -c "$STAGE/$name.gz" > "$BIN/$name" && chmod +x "$BIN/$name"
+  fi
+done
+CLUE=$BIN/clue
+[ -x "$CLUE" ] || { echo "no clue or clue.gz in $STAGE: run scripts/gpu-stage.sh first" >&2; exit 1; }
 REF=$STAGE/torch_clue_ref.py
 
 step() { # step NAME LIMIT_S COMMAND...
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit=$(( $2 < MAX_STEP ? $2 : MAX_STEP )); shift 2
   local now=$(( $(date +%s) - START ))
   if [ $(( now + 10 )) -gt "$BUDGET" ]; then echo "== $name: skipped (budget, ${now}s used)"; return; fi
   echo "== $name (limit ${limit}s, at ${now}s)"
@@ -41,70 +58,82 @@ export CLUE_KERNEL_CACHE=${CLUE_KERNEL_CACHE:-/tmp/clue-kernels}
 LOG=$OUT/cubecl-first.log
 ( while sleep 5; do echo "$(( $(date +%s) - START )) s: $(grep -c __global__ "$LOG" 2>/dev/null) kernels compiled, $(grep -ci autotun "$LOG" 2>/dev/null) autotune lines"; done ) > "$OUT/compile-rate.txt" 2>/dev/null &
 RATE=$!
-CUBECL_DEBUG_LOG=$LOG step bench-tiny-first 150 "$CLUE" -v bench --backend cuda --preset tiny --steps 3 --warmup 1
+CUBECL_DEBUG_LOG=$LOG step bench-tiny-first 150 "$CLUE" -v bench --backend "$BACKEND" --preset tiny --steps 3 --warmup 1
 kill $RATE 2>/dev/null; tail -n 4 "$OUT/compile-rate.txt"
 gzip -f "$LOG" 2>/dev/null
 # 1b. The fused build (Burn's fusion + autotune; README "The GPU build"), if the stage holds one
 # (STAGE/clue-fused: cargo build --release --features fusion,autotune): its first step with its
 # own cold cache, then small's steady state next to the default build's below.
-if [ -x "$STAGE/clue-fused" ]; then
-  CLUE_KERNEL_CACHE=/tmp/clue-kernels-fused step bench-tiny-fused-first 120 "$STAGE/clue-fused" -v bench --backend cuda --preset tiny --steps 3 --warmup 1
-  CLUE_KERNEL_CACHE=/tmp/clue-kernels-fused step bench-small-fused 150 "$STAGE/clue-fused" -v bench --backend cuda --preset small --steps 10 --warmup 3
+if [ -x "$BIN/clue-fused" ]; then
+  CLUE_KERNEL_CACHE=/tmp/clue-kernels-fused step bench-tiny-fused-first 120 "$BIN/clue-fused" -v bench --backend "$BACKEND" --preset tiny --steps 3 --warmup 1
+  CLUE_KERNEL_CACHE=/tmp/clue-kernels-fused step bench-small-fused 150 "$BIN/clue-fused" -v bench --backend "$BACKEND" --preset small --steps 10 --warmup 3
 fi
 # 2. The same run again: with the kernel cache warm it should start at once.
-step bench-tiny-cached 90 "$CLUE" -v bench --backend cuda --preset tiny --steps 5 --warmup 2
+step bench-tiny-cached 90 "$CLUE" -v bench --backend "$BACKEND" --preset tiny --steps 5 --warmup 2
 echo "   kernel cache: $(du -sh "$CLUE_KERNEL_CACHE" 2>/dev/null | cut -f1) (CubeCL's PTX: $(du -sh "$CLUE_KERNEL_CACHE/cuda" 2>/dev/null | cut -f1); the driver's cache: $(du -sh "$CLUE_KERNEL_CACHE/cuda-driver" 2>/dev/null | cut -f1))"
 
 # 3. Learning on cuda: a few hundred steps of tiny (f32).
-step fit-f32 150 "$CLUE" fit --backend cuda --config "$STAGE/tiny.toml" --data "$STAGE/prepared" --out /tmp/gpu-runs/run-f32 --no-tui --set train.epochs=4
+step fit-f32 150 "$CLUE" fit --backend "$BACKEND" --config "$STAGE/tiny.toml" --data "$STAGE/prepared" --out $RUNS/run-f32 --no-tui --set train.epochs=$EPOCHS
 grep -E "^GPU (warm-up|kernels after)" "$OUT/fit-f32.log" | sed 's/^/   /'
-cp /tmp/gpu-runs/run-f32/summary.json "$OUT/fit-f32-summary.json" 2>/dev/null && python3 -c "import json,sys; s=json.load(open(sys.argv[1])); print('   summary:', {k: s.get(k) for k in ['final_train_loss','final_valid_loss','valid_retrieval_top1','chance_top1','steps','wall_s']})" "$OUT/fit-f32-summary.json"
+summary() { # summary NAME: the run's summary.json to $OUT, its figures printed
+  cp "$RUNS/$1/summary.json" "$OUT/$1-summary.json" 2>/dev/null && python3 -c "import json,sys; s=json.load(open(sys.argv[1])); print('   summary:', {k: s.get(k) for k in ['train_loss_final','valid_loss_final','valid_retrieval_top1','chance_top1','steps','wall_seconds']})" "$OUT/$1-summary.json"
+}
+summary run-f32
 
 # 4. Same weights on two backends: a bundle trained on the CPU, scored on cuda and on ndarray.
-MODEL=${MODEL:-$STAGE/cpu-run}; DATA=${DATA:-$STAGE/cpu-data}
-step score-cuda 60 "$CLUE" score --backend cuda --model "$MODEL" --data "$DATA" --split valid --json
+MODEL=${MODEL:-$STAGE/cpu-model}; DATA=${DATA:-$STAGE/prepared}
+step score-gpu 60 "$CLUE" score --backend "$BACKEND" --model "$MODEL" --data "$DATA" --split valid --json
 step score-ndarray 40 "$CLUE" score --backend ndarray --model "$MODEL" --data "$DATA" --split valid --json
-python3 - "$OUT" <<'PY' 2>&1 | tee "$OUT/equivalence.txt"
+python3 - "$OUT" "$BACKEND" <<'PY' 2>&1 | tee "$OUT/equivalence.txt"
 import json, sys
 out = sys.argv[1]
 def load(name):
     text = open(f"{out}/{name}.log").read()
     return json.loads(text[text.index("{"):])
 try:
-    a, b = load("score-cuda"), load("score-ndarray")
+    a, b = load("score-gpu"), load("score-ndarray")
     ea = [x for s in a["embeddings_head"] for u in s for x in u]
     eb = [x for s in b["embeddings_head"] for u in s for x in u]
     diff = max(abs(x - y) for x, y in zip(ea, eb))
     scale = max(abs(x) for x in eb)
-    print(f"embeddings cuda vs ndarray: max |diff| = {diff:.3e} (max |value| {scale:.3f}); loss {a['score']['loss']:.6f} vs {b['score']['loss']:.6f}; top1 {a['score']['top1_ab']:.4f} vs {b['score']['top1_ab']:.4f}")
+    print(f"embeddings {sys.argv[2]} vs ndarray: max |diff| = {diff:.3e} (max |value| {scale:.3f}); loss {a['score']['loss']:.6f} vs {b['score']['loss']:.6f}; top1 {a['score']['top1_ab']:.4f} vs {b['score']['top1_ab']:.4f}")
 except Exception as e:
     print("equivalence check failed:", e)
 PY
 
 # 5. Throughput, clue and PyTorch on the same card.
-SMALL="--vocab 16384 --dim 256 --layers 4 --heads 4 --L 32 --S 64 --batch 32 --device cuda --steps 10 --warmup 3"
-BASE="--vocab 50257 --dim 720 --layers 8 --heads 6 --L 32 --S 64 --batch 8 --device cuda --steps 10 --warmup 3"
-step bench-small-f32 120 "$CLUE" -v bench --backend cuda --preset small --steps 10 --warmup 3
+SMALL="--vocab 16384 --dim 256 --layers 4 --heads 4 --L 32 --S 64 --batch 32 --device $TORCH_DEVICE --steps 10 --warmup 3"
+BASE="--vocab 50257 --dim 720 --layers 8 --heads 6 --L 32 --S 64 --batch 8 --device $TORCH_DEVICE --steps 10 --warmup 3"
+step bench-small-f32 120 "$CLUE" -v bench --backend "$BACKEND" --preset small --steps 10 --warmup 3
 step torch-small-f32 60 python3 "$REF" $SMALL
 # GradCache: batch 256 of small in chunks of 32 (the memory of batch 32; the whole batch's negatives).
 # Data-parallel: 2 workers (burn-collective all-reduces) on the one card, against 1 worker above.
-step bench-small-workers 120 "$CLUE" -v bench --backend cuda --preset small --workers 2 --steps 3 --warmup 1
-step bench-small-gradcache 150 "$CLUE" -v bench --backend cuda --preset small --batch 256 --grad-cache 32 --steps 3 --warmup 1
-step bench-base-f32 120 "$CLUE" -v bench --backend cuda --preset base --steps 10 --warmup 3
+step bench-small-workers 120 "$CLUE" -v bench --backend "$BACKEND" --preset small --workers 2 --steps 3 --warmup 1
+step bench-small-gradcache 150 "$CLUE" -v bench --backend "$BACKEND" --preset small --batch 256 --grad-cache 32 --steps 3 --warmup 1
+step bench-base-f32 120 "$CLUE" -v bench --backend "$BACKEND" --preset base --steps 10 --warmup 3
 step torch-base-f32 60 python3 "$REF" $BASE
-step bench-small-bf16 120 "$CLUE" -v bench --backend cuda --precision bf16 --preset small --steps 10 --warmup 3
+step bench-small-bf16 120 "$CLUE" -v bench --backend "$BACKEND" --precision bf16 --preset small --steps 10 --warmup 3
 step torch-small-bf16 60 python3 "$REF" $SMALL --dtype bf16
 # Data-parallel in bf16: the workers' shared flags are read back from bf16 tensors.
-step bench-small-workers-bf16 90 "$CLUE" -v bench --backend cuda --precision bf16 --preset small --workers 2 --steps 3 --warmup 1
-step fit-bf16 150 "$CLUE" fit --backend cuda --precision bf16 --config "$STAGE/tiny.toml" --data "$STAGE/prepared" --out /tmp/gpu-runs/run-bf16 --no-tui --set train.epochs=4
-step bench-base-bf16 120 "$CLUE" -v bench --backend cuda --precision bf16 --preset base --steps 10 --warmup 3
+step bench-small-workers-bf16 90 "$CLUE" -v bench --backend "$BACKEND" --precision bf16 --preset small --workers 2 --steps 3 --warmup 1
+step fit-bf16 150 "$CLUE" fit --backend "$BACKEND" --precision bf16 --config "$STAGE/tiny.toml" --data "$STAGE/prepared" --out $RUNS/run-bf16 --no-tui --set train.epochs=$EPOCHS
+summary run-bf16
+python3 - "$OUT" <<'PY' 2>&1 | tee "$OUT/bf16-vs-f32.txt"
+import json, sys
+try:
+    f, b = (json.load(open(f"{sys.argv[1]}/run-{p}-summary.json")) for p in ("f32", "bf16"))
+    print(f"bf16 vs f32, the same epochs: valid loss {b['valid_loss_final']:.4f} vs {f['valid_loss_final']:.4f} ({b['valid_loss_final'] / f['valid_loss_final'] - 1:+.2%}); top-1 {b['valid_retrieval_top1']:.3f} vs {f['valid_retrieval_top1']:.3f}")
+except Exception as e:
+    print("bf16 vs f32: no comparison:", e)
+PY
+step bench-base-bf16 120 "$CLUE" -v bench --backend "$BACKEND" --precision bf16 --preset base --steps 10 --warmup 3
 step torch-base-bf16 60 python3 "$REF" $BASE --dtype bf16
 # Multi-node on the loopback address: two processes on the one card, rank 1 in the background
 # (under its own time limit, and only when the budget lets rank 0's step run).
 if [ $(( $(date +%s) - START + 170 )) -le "$BUDGET" ]; then
-  timeout 160 "$CLUE" fit --backend cuda --config "$STAGE/tiny.toml" --data "$STAGE/prepared" --out /tmp/gpu-runs/node1 --no-tui --set train.epochs=1 --nodes 2 --node-rank 1 --coordinator 127.0.0.1:29500 --join-timeout 60 > "$OUT/fit-node1.log" 2>&1 &
+  timeout $(( 160 < MAX_STEP + 10 ? 160 : MAX_STEP + 10 )) "$CLUE" fit --backend "$BACKEND" --config "$STAGE/tiny.toml" --data "$STAGE/prepared" --out $RUNS/node1 --no-tui --set train.epochs=1 --nodes 2 --node-rank 1 --coordinator 127.0.0.1:29500 --join-timeout 60 > "$OUT/fit-node1.log" 2>&1 &
   NODE1=$!
-  step fit-node0 150 "$CLUE" fit --backend cuda --config "$STAGE/tiny.toml" --data "$STAGE/prepared" --out /tmp/gpu-runs/node0 --no-tui --set train.epochs=1 --nodes 2 --node-rank 0 --coordinator 127.0.0.1:29500 --join-timeout 60
+  step fit-node0 150 "$CLUE" fit --backend "$BACKEND" --config "$STAGE/tiny.toml" --data "$STAGE/prepared" --out $RUNS/node0 --no-tui --set train.epochs=1 --nodes 2 --node-rank 0 --coordinator 127.0.0.1:29500 --join-timeout 60
   wait $NODE1; tail -n 3 "$OUT/fit-node1.log"
   # Both nodes warm up in step after the join.
   grep -E "^GPU (warm-up|kernels after)" "$OUT/fit-node0.log" "$OUT/fit-node1.log" | sed 's/^/   /'
