@@ -54,33 +54,43 @@ SAMPLER=$!
 # Compiled kernels are kept between the steps (and runs) of this check.
 export CLUE_KERNEL_CACHE=${CLUE_KERNEL_CACHE:-/tmp/clue-kernels}
 
-# 1. Where does the time of a first CUDA run go? Kernel compilation/autotune log, sampled every 5 s.
-LOG=$OUT/cubecl-first.log
-( while sleep 5; do echo "$(( $(date +%s) - START )) s: $(grep -c __global__ "$LOG" 2>/dev/null) kernels compiled, $(grep -ci autotun "$LOG" 2>/dev/null) autotune lines"; done ) > "$OUT/compile-rate.txt" 2>/dev/null &
-RATE=$!
-CUBECL_DEBUG_LOG=$LOG step bench-tiny-first 150 "$CLUE" -v bench --backend "$BACKEND" --preset tiny --steps 3 --warmup 1
-kill $RATE 2>/dev/null; tail -n 4 "$OUT/compile-rate.txt"
-gzip -f "$LOG" 2>/dev/null
-# 1b. The fused build (Burn's fusion + autotune; README "The GPU build"), if the stage holds one
-# (STAGE/clue-fused: cargo build --release --features fusion,autotune): its first step with its
-# own cold cache, then small's steady state next to the default build's below.
-if [ -x "$BIN/clue-fused" ]; then
-  CLUE_KERNEL_CACHE=/tmp/clue-kernels-fused step bench-tiny-fused-first 120 "$BIN/clue-fused" -v bench --backend "$BACKEND" --preset tiny --steps 3 --warmup 1
-  CLUE_KERNEL_CACHE=/tmp/clue-kernels-fused step bench-small-fused 150 "$BIN/clue-fused" -v bench --backend "$BACKEND" --preset small --steps 10 --warmup 3
-fi
-# 2. The same run again: with the kernel cache warm it should start at once.
-step bench-tiny-cached 90 "$CLUE" -v bench --backend "$BACKEND" --preset tiny --steps 5 --warmup 2
-echo "   kernel cache: $(du -sh "$CLUE_KERNEL_CACHE" 2>/dev/null | cut -f1) (CubeCL's PTX: $(du -sh "$CLUE_KERNEL_CACHE/cuda" 2>/dev/null | cut -f1); the driver's cache: $(du -sh "$CLUE_KERNEL_CACHE/cuda-driver" 2>/dev/null | cut -f1))"
-
-# 3. Learning on cuda: a few hundred steps of tiny (f32).
-step fit-f32 150 "$CLUE" fit --backend "$BACKEND" --config "$STAGE/tiny.toml" --data "$STAGE/prepared" --out $RUNS/run-f32 --no-tui --set train.epochs=$EPOCHS
-grep -E "^GPU (warm-up|kernels after)" "$OUT/fit-f32.log" | sed 's/^/   /'
+SMALL="--vocab 16384 --dim 256 --layers 4 --heads 4 --L 32 --S 64 --batch 32 --device $TORCH_DEVICE --steps 10 --warmup 3"
+BASE="--vocab 50257 --dim 720 --layers 8 --heads 6 --L 32 --S 64 --batch 8 --device $TORCH_DEVICE --steps 10 --warmup 3"
+cache() { echo "   kernel cache: $(du -sh "$CLUE_KERNEL_CACHE" 2>/dev/null | cut -f1) (CubeCL's PTX: $(du -sh "$CLUE_KERNEL_CACHE/cuda" 2>/dev/null | cut -f1); the driver's cache: $(du -sh "$CLUE_KERNEL_CACHE/cuda-driver" 2>/dev/null | cut -f1))"; }
 summary() { # summary NAME: the run's summary.json to $OUT, its figures printed
   cp "$RUNS/$1/summary.json" "$OUT/$1-summary.json" 2>/dev/null && python3 -c "import json,sys; s=json.load(open(sys.argv[1])); print('   summary:', {k: s.get(k) for k in ['train_loss_final','valid_loss_final','valid_retrieval_top1','chance_top1','steps','wall_seconds']})" "$OUT/$1-summary.json"
 }
+# The steps in the order of what #12 still lacks, in case the budget ends the check early.
+# 1. small's first step with cold caches (target < 30 s; without the kernel count, whose loggers
+#    cost time), then a second process on the warm caches: its first step (target < 5 s), the
+#    kernels it still compiles (-v), and its steady state beside PyTorch's on the same card.
+CLUE_KERNEL_COUNT=off step bench-small-first 240 "$CLUE" -v bench --backend "$BACKEND" --preset small --steps 2 --warmup 0
+cache
+step bench-small-f32 120 "$CLUE" -v bench --backend "$BACKEND" --preset small --steps 10 --warmup 3
+cache
+step torch-small-f32 60 python3 "$REF" $SMALL
+# 2. bf16, and base in f32 and bf16, each beside PyTorch.
+step bench-small-bf16 120 "$CLUE" -v bench --backend "$BACKEND" --precision bf16 --preset small --steps 10 --warmup 3
+step torch-small-bf16 60 python3 "$REF" $SMALL --dtype bf16
+step bench-base-f32 120 "$CLUE" -v bench --backend "$BACKEND" --preset base --steps 10 --warmup 3
+step torch-base-f32 60 python3 "$REF" $BASE
+step bench-base-bf16 120 "$CLUE" -v bench --backend "$BACKEND" --precision bf16 --preset base --steps 10 --warmup 3
+step torch-base-bf16 60 python3 "$REF" $BASE --dtype bf16
+# 3. Learning: tiny in f32 and in bf16 (the GPU warm-up's kernels, and the bf16 loss against f32's).
+step fit-f32 150 "$CLUE" fit --backend "$BACKEND" --config "$STAGE/tiny.toml" --data "$STAGE/prepared" --out $RUNS/run-f32 --no-tui --set train.epochs=$EPOCHS
+grep -E "^GPU (warm-up|kernels after)" "$OUT/fit-f32.log" | sed 's/^/   /'
 summary run-f32
-
-# 4. Same weights on two backends: a bundle trained on the CPU, scored on cuda and on ndarray.
+step fit-bf16 150 "$CLUE" fit --backend "$BACKEND" --precision bf16 --config "$STAGE/tiny.toml" --data "$STAGE/prepared" --out $RUNS/run-bf16 --no-tui --set train.epochs=$EPOCHS
+summary run-bf16
+python3 - "$OUT" <<'PY' 2>&1 | tee "$OUT/bf16-vs-f32.txt"
+import json, sys
+try:
+    f, b = (json.load(open(f"{sys.argv[1]}/run-{p}-summary.json")) for p in ("f32", "bf16"))
+    print(f"bf16 vs f32, the same epochs: valid loss {b['valid_loss_final']:.4f} vs {f['valid_loss_final']:.4f} ({b['valid_loss_final'] / f['valid_loss_final'] - 1:+.2%}); top-1 {b['valid_retrieval_top1']:.3f} vs {f['valid_retrieval_top1']:.3f}")
+except Exception as e:
+    print("bf16 vs f32: no comparison:", e)
+PY
+# 4. Same weights on two backends: a model trained on the CPU, scored here and on ndarray.
 MODEL=${MODEL:-$STAGE/cpu-model}; DATA=${DATA:-$STAGE/prepared}
 step score-gpu 60 "$CLUE" score --backend "$BACKEND" --model "$MODEL" --data "$DATA" --split valid --json
 step score-ndarray 40 "$CLUE" score --backend ndarray --model "$MODEL" --data "$DATA" --split valid --json
@@ -100,35 +110,13 @@ try:
 except Exception as e:
     print("equivalence check failed:", e)
 PY
-
-# 5. Throughput, clue and PyTorch on the same card.
-SMALL="--vocab 16384 --dim 256 --layers 4 --heads 4 --L 32 --S 64 --batch 32 --device $TORCH_DEVICE --steps 10 --warmup 3"
-BASE="--vocab 50257 --dim 720 --layers 8 --heads 6 --L 32 --S 64 --batch 8 --device $TORCH_DEVICE --steps 10 --warmup 3"
-step bench-small-f32 120 "$CLUE" -v bench --backend "$BACKEND" --preset small --steps 10 --warmup 3
-step torch-small-f32 60 python3 "$REF" $SMALL
-# GradCache: batch 256 of small in chunks of 32 (the memory of batch 32; the whole batch's negatives).
-# Data-parallel: 2 workers (burn-collective all-reduces) on the one card, against 1 worker above.
+# 5. Data-parallel: 2 workers (burn-collective all-reduces) on the one card, against 1 worker
+# above, in f32 and bf16 (the workers' shared flags are read back from bf16 tensors). GradCache:
+# batch 256 of small in chunks of 32 (the memory of batch 32; the whole batch's negatives).
 step bench-small-workers 120 "$CLUE" -v bench --backend "$BACKEND" --preset small --workers 2 --steps 3 --warmup 1
-step bench-small-gradcache 150 "$CLUE" -v bench --backend "$BACKEND" --preset small --batch 256 --grad-cache 32 --steps 3 --warmup 1
-step bench-base-f32 120 "$CLUE" -v bench --backend "$BACKEND" --preset base --steps 10 --warmup 3
-step torch-base-f32 60 python3 "$REF" $BASE
-step bench-small-bf16 120 "$CLUE" -v bench --backend "$BACKEND" --precision bf16 --preset small --steps 10 --warmup 3
-step torch-small-bf16 60 python3 "$REF" $SMALL --dtype bf16
-# Data-parallel in bf16: the workers' shared flags are read back from bf16 tensors.
 step bench-small-workers-bf16 90 "$CLUE" -v bench --backend "$BACKEND" --precision bf16 --preset small --workers 2 --steps 3 --warmup 1
-step fit-bf16 150 "$CLUE" fit --backend "$BACKEND" --precision bf16 --config "$STAGE/tiny.toml" --data "$STAGE/prepared" --out $RUNS/run-bf16 --no-tui --set train.epochs=$EPOCHS
-summary run-bf16
-python3 - "$OUT" <<'PY' 2>&1 | tee "$OUT/bf16-vs-f32.txt"
-import json, sys
-try:
-    f, b = (json.load(open(f"{sys.argv[1]}/run-{p}-summary.json")) for p in ("f32", "bf16"))
-    print(f"bf16 vs f32, the same epochs: valid loss {b['valid_loss_final']:.4f} vs {f['valid_loss_final']:.4f} ({b['valid_loss_final'] / f['valid_loss_final'] - 1:+.2%}); top-1 {b['valid_retrieval_top1']:.3f} vs {f['valid_retrieval_top1']:.3f}")
-except Exception as e:
-    print("bf16 vs f32: no comparison:", e)
-PY
-step bench-base-bf16 120 "$CLUE" -v bench --backend "$BACKEND" --precision bf16 --preset base --steps 10 --warmup 3
-step torch-base-bf16 60 python3 "$REF" $BASE --dtype bf16
-# Multi-node on the loopback address: two processes on the one card, rank 1 in the background
+step bench-small-gradcache 150 "$CLUE" -v bench --backend "$BACKEND" --preset small --batch 256 --grad-cache 32 --steps 3 --warmup 1
+# 6. Multi-node on the loopback address: two processes on the one card, rank 1 in the background
 # (under its own time limit, and only when the budget lets rank 0's step run).
 if [ $(( $(date +%s) - START + 170 )) -le "$BUDGET" ]; then
   timeout $(( 160 < MAX_STEP + 10 ? 160 : MAX_STEP + 10 )) "$CLUE" fit --backend "$BACKEND" --config "$STAGE/tiny.toml" --data "$STAGE/prepared" --out $RUNS/node1 --no-tui --set train.epochs=1 --nodes 2 --node-rank 1 --coordinator 127.0.0.1:29500 --join-timeout 60 > "$OUT/fit-node1.log" 2>&1 &
@@ -139,6 +127,12 @@ if [ $(( $(date +%s) - START + 170 )) -le "$BUDGET" ]; then
   grep -E "^GPU (warm-up|kernels after)" "$OUT/fit-node0.log" "$OUT/fit-node1.log" | sed 's/^/   /'
 else
   echo "== fit-node0/1: skipped (budget)"
+fi
+# 7. The fused build (Burn's fusion + autotune; README "The GPU build"), if the stage holds one:
+# small's first step with its own cold caches, then its steady state beside the default build's.
+if [ -x "$BIN/clue-fused" ]; then
+  CLUE_KERNEL_CACHE=/tmp/clue-kernels-fused step bench-small-fused-first 150 "$BIN/clue-fused" -v bench --backend "$BACKEND" --preset small --steps 2 --warmup 0
+  CLUE_KERNEL_CACHE=/tmp/clue-kernels-fused step bench-small-fused 120 "$BIN/clue-fused" -v bench --backend "$BACKEND" --preset small --steps 10 --warmup 3
 fi
 kill $SAMPLER 2>/dev/null
 nvidia-smi > "$OUT/nvidia-smi-after.txt" 2>&1
