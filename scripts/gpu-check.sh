@@ -22,8 +22,8 @@ mkdir -p "$OUT"
 START=$(date +%s)
 # The binaries travel gzipped (the carry limit): unpacked to BIN. The runs go to fresh
 # directories (a rehearsal again on the same machine); both are removed at the end.
-BIN=$(mktemp -d); RUNS=$(mktemp -d)
-trap 'rm -rf "$BIN" "$RUNS"' EXIT
+BIN=$(mktemp -d); RUNS=$(mktemp -d); SAMPLER=
+trap 'kill $SAMPLER 2>/dev/null; rm -rf "$BIN" "$RUNS"' EXIT
 for name in clue clue-fused; do
   if [ -x "$STAGE/$name" ]; then cp "$STAGE/$name" "$BIN/$name"
   elif [ -f "$STAGE/$name.gz" ]; then gunzip -c "$STAGE/$name.gz" > "$BIN/$name" && chmod +x "$BIN/$name"
