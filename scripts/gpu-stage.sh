@@ -13,15 +13,24 @@
 # Rehearse the check on the CPU before spending device time:
 #   BACKEND=flex MAX_STEP=30 EPOCHS=1 OUT=/tmp/rehearsal bash scripts/gpu-check.sh stage
 set -euo pipefail
-cd "$(dirname "$0")/.."
-STAGE=${1:-stage}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+STAGE=$(realpath -m "${1:-$ROOT/stage}")
+cd "$ROOT"
 CLUE=${CLUE:-target/release/clue}
 FUSED=${FUSED:-target/fused/release/clue}
-REF=${REF:-../shared/bench/torch_clue_ref.py}
 LIMIT_MIB=64
+if [ -z "${REF:-}" ]; then
+  for REF in ../shared/bench/torch_clue_ref.py shared/bench/torch_clue_ref.py; do
+    [ -f "$REF" ] && break
+  done
+fi
 
 [ -x "$CLUE" ] || { echo "no $CLUE: run cargo build --release --locked first" >&2; exit 1; }
 [ -f "$REF" ] || { echo "no PyTorch reference at $REF: set REF=path/to/torch_clue_ref.py" >&2; exit 1; }
+# The stage is made anew: a folder that is there must be an earlier stage (or empty).
+if [ -d "$STAGE" ] && [ -n "$(ls -A "$STAGE")" ] && [ ! -f "$STAGE/clue.gz" ]; then
+  echo "$STAGE is there and is not a stage (no clue.gz): give another folder" >&2; exit 1
+fi
 rm -rf "$STAGE"
 mkdir -p "$STAGE"
 WORK=$(mktemp -d)
