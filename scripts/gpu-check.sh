@@ -17,7 +17,7 @@ STAGE=${1:-stage}
 OUT=${OUT:-gpu-out}
 BUDGET=${BUDGET:-420}
 BACKEND=${BACKEND:-cuda}
-MAX_STEP=${MAX_STEP:-600}  # caps every step's limit (a quick rehearsal: MAX_STEP=30)
+MAX_STEP=${MAX_STEP:-600}  # caps every step's limit (a quick rehearsal: MAX_STEP=25)
 EPOCHS=${EPOCHS:-4}        # of the tiny fits in f32 and bf16 (a quick rehearsal: EPOCHS=1)
 TORCH_DEVICE=cpu; [ "$BACKEND" = cuda ] && TORCH_DEVICE=cuda
 mkdir -p "$OUT"

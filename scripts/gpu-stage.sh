@@ -11,7 +11,7 @@
 #   CARGO_TARGET_DIR=target/fused cargo build --release --locked --features fusion,autotune
 # (the second is optional: without it the check skips the fused build's steps).
 # Rehearse the check on the CPU before spending device time:
-#   BACKEND=flex MAX_STEP=30 EPOCHS=1 OUT=/tmp/rehearsal bash scripts/gpu-check.sh stage
+#   BACKEND=flex MAX_STEP=25 EPOCHS=1 OUT=/tmp/rehearsal bash scripts/gpu-check.sh stage
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 STAGE=$(realpath -m "${1:-$ROOT/stage}")
