@@ -185,6 +185,12 @@ pub fn clear_progress(run: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The command that resumes the run in `run` from its last complete checkpoint (what the hints
+/// of a stopped run tell the user to type).
+pub fn resume_command(run: &Path) -> String {
+    format!("clue fit --resume {}", run.display())
+}
+
 /// Before a resumed run: say where it resumes when that is not its own latest checkpoint
 /// (`held`: a node's, where nodes resume together), and clear its progress when it starts again
 /// from its first step (it holds no complete checkpoint; nor does any other node).

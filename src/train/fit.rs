@@ -21,7 +21,7 @@ use crate::model::init::Init;
 use crate::model::{ClueModel, ParamCounts};
 use crate::train::checkpoint::{
     AtomicRecorder, ResumedLogs, SaveEveryPeriod, clear_progress, complete_checkpoints,
-    last_checkpoint, resume_from,
+    last_checkpoint, resume_command, resume_from,
 };
 use crate::train::cluster::{Cluster, Resume, abandon_membership, plan_id};
 use crate::train::config::RunConfig;
@@ -531,8 +531,8 @@ fn stopped_early(guard: &StepGuard, run: &Path, plan: &EpochPlan) -> Result<()> 
     };
     let last = match last_kept(guard, run, plan) {
         Some(step) => format!(
-            "the last complete checkpoint (after step {step}) is kept: fix the cause and run `clue fit --resume {}`",
-            run.display()
+            "the last complete checkpoint (after step {step}) is kept: fix the cause and run `{}`",
+            resume_command(run)
         ),
         None => "no checkpoint was completed: fix the cause and start the run again".to_string(),
     };

@@ -32,6 +32,7 @@ use crate::data::batcher::{FixedShape, UserBatch, UserBatcher, UserDataset};
 use crate::data::store::PreparedDataset;
 use crate::error::ClueError;
 use crate::gpu::{KernelWork, kernel_work, settled_work};
+use crate::train::checkpoint::resume_command;
 use crate::train::config::RunConfig;
 use crate::train::loader::EpochPlan;
 use crate::train::step::{StepGuard, StepSettings, Trainee};
@@ -380,7 +381,7 @@ impl WarmPlan {
 /// (`resumed`: a run resumed with `--resume`).
 pub fn warm_up_stopped(why: &str, run: &Path, resumed: bool) -> ClueError {
     let again = match resumed {
-        true => format!("run `clue fit --resume {}` again", run.display()),
+        true => format!("run `{}` again", resume_command(run)),
         false => "start the run again".into(),
     };
     ClueError::bad_file(
