@@ -28,6 +28,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{ClueError, Result};
+use crate::train::loader::EpochPlan;
 use crate::train::metrics::HISTORY_FILE;
 use crate::train::step::StepGuard;
 use crate::ui;
@@ -183,6 +184,15 @@ pub fn clear_progress(run: &Path) -> Result<()> {
     }
     let _ = std::fs::remove_file(run.join(HISTORY_FILE));
     Ok(())
+}
+
+/// The step after which the newest complete checkpoint that the run reached was written (a node
+/// that resumed with the others from an older checkpoint than its own latest still holds the
+/// newer one, which this run may not have reached).
+pub fn last_kept(guard: &StepGuard, run: &Path, plan: &EpochPlan) -> Option<usize> {
+    (complete_checkpoints(run).into_iter())
+        .map(|k| plan.steps_before(k))
+        .rfind(|&step| step <= guard.steps())
 }
 
 /// The command that resumes the run in `run` from its last complete checkpoint (what the hints

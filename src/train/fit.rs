@@ -21,7 +21,7 @@ use crate::model::init::Init;
 use crate::model::{ClueModel, ParamCounts};
 use crate::train::checkpoint::{
     AtomicRecorder, ResumedLogs, SaveEveryPeriod, clear_progress, complete_checkpoints,
-    last_checkpoint, resume_command, resume_from,
+    last_checkpoint, last_kept, resume_command, resume_from,
 };
 use crate::train::cluster::{Cluster, Resume, abandon_membership, plan_id};
 use crate::train::config::RunConfig;
@@ -497,15 +497,6 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
     Ok(summary)
 }
 
-/// The step after which the newest complete checkpoint that the run reached was written (a node
-/// that resumed with the others from an older checkpoint than its own latest still holds the
-/// newer one, which this run may not have reached).
-fn last_kept(guard: &StepGuard, run: &Path, plan: &EpochPlan) -> Option<usize> {
-    (complete_checkpoints(run).into_iter())
-        .map(|k| plan.steps_before(k))
-        .rfind(|&step| step <= guard.steps())
-}
-
 /// The error of a run that a non-finite loss stopped, if one did.
 fn stopped_on_non_finite_loss(guard: &StepGuard, run: &Path, plan: &EpochPlan) -> Result<()> {
     let Some(step) = guard.bad_step() else {
@@ -516,7 +507,10 @@ fn stopped_on_non_finite_loss(guard: &StepGuard, run: &Path, plan: &EpochPlan) -
         .unwrap_or_else(|| "none yet".into());
     Err(ClueError::config(
         format!("training stopped: {DIVERGED} at step {step} (last good checkpoint: {last})"),
-        "lower train.lr or raise train.grad_clip_norm; `clue fit --resume` continues from the last checkpoint",
+        format!(
+            "start it again with a lower train.lr or a higher train.grad_clip_norm (`{}` continues from the last good checkpoint with the same settings)",
+            resume_command(run)
+        ),
     ))
 }
 
