@@ -77,6 +77,43 @@ pub fn settled_work() -> Option<KernelWork> {
     Some(last)
 }
 
+/// The kernels this process has compiled so far, by kind ([`by_kind`]); empty where nothing
+/// counts them.
+fn compiled_by_kind() -> Vec<(String, usize)> {
+    let log = LOGS.get().and_then(|l| l.compiled.as_deref());
+    log.and_then(|p| std::fs::read_to_string(p).ok())
+        .map_or_else(Vec::new, |s| by_kind(&s))
+}
+
+/// The `[Compiling kernel] NAME` lines of CubeCL's compilation log counted by the kernel's type,
+/// the last segment of NAME's path without its generic arguments (`KernelBinop`,
+/// `MatmulEntry`, …): the most frequent first, then by name.
+fn by_kind(log: &str) -> Vec<(String, usize)> {
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for line in log.lines() {
+        let Some(name) = line.strip_prefix("[Compiling kernel]") else {
+            continue;
+        };
+        let path = name.split('<').next().unwrap_or_default();
+        let kind = path.rsplit("::").map(str::trim).find(|s| !s.is_empty());
+        *counts
+            .entry(kind.unwrap_or("unnamed").to_string())
+            .or_default() += 1;
+    }
+    let mut kinds: Vec<_> = counts.into_iter().collect();
+    kinds.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    kinds
+}
+
+/// `-v`: the kernels compiled so far by kind, on one line (nothing where nothing counts them).
+pub fn show_kinds() {
+    let kinds = compiled_by_kind();
+    if !kinds.is_empty() {
+        let list: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
+        crate::ui::detail(format!("kernels compiled, by kind: {}", list.join(", ")));
+    }
+}
+
 /// Lines of `path` that start with `prefix` (0 when it cannot be read: nothing logged yet).
 fn count_lines(path: &Path, prefix: &str) -> usize {
     std::fs::read_to_string(path)
@@ -237,6 +274,29 @@ fn remove_dead_logs(logs: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compiled_kernels_are_counted_by_their_type() {
+        let log = "[Compiling kernel] burn_cubecl::kernel::binary::kernel_binop::KernelBinop\n\
+            [Compiling kernel] burn_cubecl::kernel::binary::kernel_binop::KernelBinop\n\
+            [Compiling kernel] cubek_matmul::components::matmul_entry::MatmulEntry\n\
+            [Compiling kernel] FullKernel<f32>\n\
+            [Compiling kernel] burn_cubecl::ops::tensor::\n\
+            [Compiling kernel]\n\
+            Fastest result: not a compilation\n";
+        let kinds = by_kind(log);
+        let expected = [
+            ("KernelBinop", 2),
+            ("FullKernel", 1),
+            ("MatmulEntry", 1),
+            ("tensor", 1),
+            ("unnamed", 1),
+        ];
+        let expected: Vec<(String, usize)> =
+            expected.iter().map(|(k, n)| (k.to_string(), *n)).collect();
+        assert_eq!(kinds, expected);
+        assert!(by_kind("").is_empty());
+    }
 
     #[test]
     fn the_driver_cache_goes_next_to_the_kernels_unless_the_environment_says_otherwise() {

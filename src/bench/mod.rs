@@ -337,6 +337,7 @@ pub fn bench<B: AutodiffBackend>(
             infer.push(took);
         }
     }
+    crate::gpu::show_kinds();
     let (train_s, infer_s) = (median(&times), median(&infer));
     let train_gflops_per_s = flops_train / train_s / 1e9;
     BenchReport {

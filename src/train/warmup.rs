@@ -268,6 +268,7 @@ where
         "GPU warm-up: {work} {:.1} s",
         start.elapsed().as_secs_f64()
     ));
+    crate::gpu::show_kinds();
     Ok(())
 }
 
