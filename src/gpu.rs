@@ -105,8 +105,12 @@ fn by_kind(log: &str) -> Vec<(String, usize)> {
     kinds
 }
 
-/// `-v`: the kernels compiled so far by kind, on one line (nothing where nothing counts them).
+/// `-v`: the kernels compiled so far by kind, on one line, once CubeCL's logger has caught up
+/// (nothing where nothing counts them).
 pub fn show_kinds() {
+    if crate::ui::verbosity() < 2 || settled_work().is_none() {
+        return;
+    }
     let kinds = compiled_by_kind();
     if !kinds.is_empty() {
         let list: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
