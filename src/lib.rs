@@ -9,6 +9,8 @@ pub mod backend;
 pub mod bench;
 pub mod bundle;
 pub mod cpu;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub mod cube;
 pub mod data;
 pub mod embed;
 pub mod error;

@@ -14,7 +14,7 @@
 use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::record::{AdaptorRecord, AdaptorRecordV1};
-use burn::optim::{AdamW, GradientsParams, Optimizer};
+use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::TrainStep;
@@ -22,6 +22,7 @@ use serde::Serialize;
 
 use crate::cpu::{FpFlags, clear_fp_flags, fp_flags};
 use crate::data::batcher::UserBatch;
+use crate::train::adamw::ClueAdamW;
 use crate::train::step::Trainee;
 
 /// How many of a set of stored values are denormal.
@@ -100,7 +101,9 @@ fn values<B: AutodiffBackend>(trainee: &Trainee<B>, grads: Option<&GradientsPara
 }
 
 /// The two moments of every parameter's AdamW state.
-fn moments<B: AutodiffBackend>(optim: &OptimizerAdaptor<AdamW, Trainee<B>, B>) -> (Share, Share) {
+fn moments<B: AutodiffBackend>(
+    optim: &OptimizerAdaptor<ClueAdamW, Trainee<B>, B>,
+) -> (Share, Share) {
     let (mut m1, mut m2) = (Share::default(), Share::default());
     macro_rules! add {
         ($s:expr) => {{
@@ -123,7 +126,7 @@ fn moments<B: AutodiffBackend>(optim: &OptimizerAdaptor<AdamW, Trainee<B>, B>) -
 /// users), with the CPU's flags read around each phase; then the stored values counted.
 pub fn census<B: AutodiffBackend>(
     trainee: Trainee<B>,
-    optim: &mut OptimizerAdaptor<AdamW, Trainee<B>, B>,
+    optim: &mut OptimizerAdaptor<ClueAdamW, Trainee<B>, B>,
     lr: f64,
     train: UserBatch<B>,
     infer: UserBatch<B::InnerBackend>,

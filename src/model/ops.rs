@@ -1,6 +1,7 @@
 //! The operations of the encoder layers, each with its fast path (Burn's Flex CPU backend:
-//! [`crate::model::flex`]) tried first and Burn's generic code right beside it, in the style of
-//! `candle_nn::ops`. The path is chosen by [`BackendKind::of`] and nowhere else.
+//! [`crate::model::flex`]; GELU on wgpu and CUDA: `crate::cube`) tried first and Burn's generic
+//! code right beside it, in the style of `candle_nn::ops`. The path is chosen by
+//! [`BackendKind::of`] and nowhere else.
 
 use std::cell::OnceCell;
 use std::sync::Arc;
@@ -37,6 +38,20 @@ fn fast<B: Backend>() -> bool {
 /// `B` has none or `f` gives it back.
 fn fast_path<B: Backend, T, U>(x: T, f: impl FnOnce(T) -> Result<U, T>) -> Result<U, T> {
     match fast::<B>() {
+        true => f(x),
+        false => Err(x),
+    }
+}
+
+/// `f(x)`, clue's own GPU kernel ([`crate::cube`]), where `B` is a GPU backend and `f` takes
+/// its tensors; `Err(x)` for the generic path otherwise.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn gpu_path<B: Backend, T, U>(x: T, f: impl FnOnce(T) -> Result<U, T>) -> Result<U, T> {
+    #[cfg(test)]
+    if GENERIC.get() {
+        return Err(x);
+    }
+    match BackendKind::of::<B>() == BackendKind::Accelerator {
         true => f(x),
         false => Err(x),
     }
@@ -105,6 +120,11 @@ pub fn pooled<B: Backend>(
 /// `x·Φ(x)` with Φ the standard normal CDF (PyTorch's `gelu`, `approximate="none"`).
 pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     let x = match fast_path::<B, _, _>(x, |x| flex::gelu(x)) {
+        Ok(y) => return y,
+        Err(x) => x,
+    };
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    let x = match gpu_path::<B, _, _>(x, |x| crate::cube::gelu(x)) {
         Ok(y) => return y,
         Err(x) => x,
     };

@@ -3,13 +3,13 @@
 
 use std::path::Path;
 
-use burn::optim::AdamWConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::data::augment::Views;
 use crate::data::options::Objective;
 use crate::error::{ClueError, Result};
 use crate::model::ModelConfig;
+use crate::train::adamw::ClueAdamW;
 
 /// Optimisation settings (paper §2.2 defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -51,8 +51,6 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
-    /// AdamW with this config's moments, epsilon and weight decay (the learning rate comes
-    /// from the schedule at each step).
     /// The seed of the SimCLR views; `None` under the cross-service objective.
     pub fn views_seed(&self) -> Option<u64> {
         (self.objective == Objective::Simclr).then_some(self.seed)
@@ -71,12 +69,11 @@ impl TrainConfig {
         }
     }
 
-    pub fn optimizer(&self) -> AdamWConfig {
-        AdamWConfig::new()
-            .with_beta_1(self.beta1 as f32)
-            .with_beta_2(self.beta2 as f32)
-            .with_epsilon(self.epsilon as f32)
-            .with_weight_decay(self.weight_decay as f32)
+    /// AdamW with this config's moments, epsilon and weight decay (the learning rate comes
+    /// from the schedule at each step).
+    pub fn optimizer(&self) -> ClueAdamW {
+        let (b1, b2, eps) = (self.beta1 as f32, self.beta2 as f32, self.epsilon as f32);
+        ClueAdamW::new(b1, b2, eps, self.weight_decay as f32)
     }
 }
 

@@ -1,6 +1,7 @@
 //! Pretraining: contrastive loss, schedule, global clipping, data order, checkpoints, metrics,
 //! renderer and `fit`.
 
+pub mod adamw;
 pub mod checkpoint;
 pub mod clip;
 pub mod cluster;

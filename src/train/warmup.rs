@@ -182,8 +182,8 @@ impl Drop for Done<'_> {
 }
 
 /// Run, on clones of the model and optimizer: a training step with its AdamW update per
-/// training shape (the first shape twice: AdamW's first update takes another path than the
-/// later ones), then a validation step per validation shape, showing the kernels compiled as
+/// training shape (the first shape twice: Burn's AdamW, which bf16 and the fused build keep,
+/// takes another path at its first update than at later ones), then a validation step per validation shape, showing the kernels compiled as
 /// they come. Each step reads its outputs to the host, as in training. A training step that
 /// fails (a data-parallel worker, or another node, stopped) ends the warm-up with its message.
 pub fn warm_up<B, O>(

@@ -85,7 +85,7 @@ fn to_flex<B: Backend, const D: usize>(
 }
 
 /// The tensor of backend `B` whose primitive `any` holds.
-fn from_any<B: Backend, const D: usize>(any: Box<dyn Any>) -> Tensor<B, D> {
+pub(crate) fn from_any<B: Backend, const D: usize>(any: Box<dyn Any>) -> Tensor<B, D> {
     let primitive = *any
         .downcast::<B::FloatTensorPrimitive>()
         .expect("a primitive of the backend's own type");

@@ -1,0 +1,107 @@
+//! clue's own GPU kernels, in CubeCL, for wgpu and CUDA in the default build (f32 tensors,
+//! without Burn's fusion), as [`crate::model::flex`] holds clue's own kernels for the CPU.
+//! Each replaces a run of Burn's element-wise operations by one kernel: fewer kernels to compile
+//! before a GPU run's first step (CubeCL compiles one per operation, layout and work-group
+//! size), and fewer launches in every step.
+//!
+//! - **AdamW** ([`adamw`]): the whole update of a parameter (weight and both moments) in one
+//!   kernel, for [`crate::train::adamw::ClueAdamW`].
+//! - **GELU** ([`gelu()`]): the exact GELU in one kernel, and its backward step in another.
+//!
+//! Each recognises the tensors of the two runtimes by their primitive's type (plain, and for
+//! GELU under `Autodiff`, where it records its own backward step), so the model stays generic
+//! over `B: Backend`; other backends, float types and Burn's fusion get their input back.
+
+use std::any::{Any, TypeId};
+
+use burn::prelude::*;
+use burn::tensor::DType;
+use burn::tensor::backend::BackendTypes;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime};
+use cubecl::prelude::{ComputeClient, CubeCount, CubeDim};
+
+pub(crate) mod adamw;
+mod gelu;
+
+pub use gelu::gelu;
+
+use crate::model::flex::from_any;
+
+/// The wgpu backend's tensors (`burn::backend::Wgpu` without fusion).
+#[cfg(feature = "wgpu")]
+type Wgpu = CubeBackend<cubecl::wgpu::WgpuRuntime, f32, i32, u32>;
+/// The CUDA backend's f32 tensors (`burn::backend::Cuda` without fusion).
+#[cfg(feature = "cuda")]
+type Cuda = CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
+
+/// A computation on the tensors of one CubeCL backend, run by [`dispatch`].
+trait OnCube {
+    type Output;
+    fn on<R: CubeRuntime, BT: BoolElement>(self) -> Self::Output;
+}
+
+/// `task` run on wgpu or CUDA where `B` is one of them (checked by the type of `B`'s float
+/// tensors, so Burn's fusion does not count); `Err(task)` anywhere else. `B` may be the
+/// backend itself or, with `tracked`, the backend under `Autodiff`.
+fn dispatch<B: Backend, T: OnCube>(task: T, tracked: bool) -> Result<T::Output, T> {
+    let is = |plain: TypeId, autodiff: TypeId| {
+        let id = TypeId::of::<B::FloatTensorPrimitive>();
+        id == plain || (tracked && id == autodiff)
+    };
+    #[cfg(feature = "wgpu")]
+    if is(primitive::<Wgpu>(), autodiff_primitive::<Wgpu>()) {
+        return Ok(task.on::<cubecl::wgpu::WgpuRuntime, u32>());
+    }
+    #[cfg(feature = "cuda")]
+    if is(primitive::<Cuda>(), autodiff_primitive::<Cuda>()) {
+        return Ok(task.on::<cubecl::cuda::CudaRuntime, u8>());
+    }
+    Err(task)
+}
+
+fn primitive<C: Backend>() -> TypeId {
+    TypeId::of::<C::FloatTensorPrimitive>()
+}
+
+fn autodiff_primitive<C: Backend>() -> TypeId {
+    TypeId::of::<<burn::backend::Autodiff<C> as BackendTypes>::FloatTensorPrimitive>()
+}
+
+/// Whether every tensor is f32.
+fn all_f32(dtypes: &[DType]) -> bool {
+    dtypes.iter().all(|d| *d == DType::F32)
+}
+
+/// `x`'s primitive as `T` (the caller has checked the type through [`dispatch`]).
+fn downcast<T: 'static, B: Backend, const D: usize>(x: Tensor<B, D>) -> T {
+    let any: Box<dyn Any> = Box::new(x.into_primitive().tensor());
+    *any.downcast::<T>()
+        .expect("a primitive of the dispatched type")
+}
+
+/// The tensor of `B` whose primitive is `x`.
+fn upcast<T: 'static, B: Backend, const D: usize>(x: T) -> Tensor<B, D> {
+    from_any(Box::new(x))
+}
+
+/// A tensor size that gets the device's largest element-wise cube.
+const LARGE: usize = 1 << 20;
+
+/// The launch of an element-wise kernel over `n` elements: one cube size for every `n`, the
+/// device's own for large tensors (CubeCL compiles a kernel per cube size, and would pick
+/// smaller ones for biases and the logit scale).
+fn elementwise<R: CubeRuntime>(client: &ComputeClient<R>, n: usize) -> (CubeCount, CubeDim) {
+    let dim = CubeDim::new(client, LARGE);
+    (cubecl::calculate_cube_count_elemwise(client, n, dim), dim)
+}
+
+/// A new contiguous f32 tensor of `like`'s shape, on its device.
+fn empty_like<R: CubeRuntime>(like: &CubeTensor<R>) -> CubeTensor<R> {
+    burn_cubecl::ops::numeric::empty_device_dtype(
+        like.client.clone(),
+        like.device.clone(),
+        like.meta.shape().clone(),
+        DType::F32,
+    )
+}
