@@ -22,8 +22,9 @@ pub struct ClueAdamW {
     hyper: Hyper,
 }
 
-/// AdamW's constants.
+/// AdamW's constants (read by the GPU kernel only).
 #[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
 pub(crate) struct Hyper {
     pub beta_1: f32,
     pub beta_2: f32,
