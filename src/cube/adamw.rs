@@ -10,7 +10,15 @@ use burn_cubecl::{BoolElement, CubeRuntime};
 use cubecl::prelude::*;
 
 use super::{OnCube, all_f32, dispatch, downcast, elementwise, empty_like, upcast};
-use crate::train::adamw::Hyper;
+
+/// AdamW's constants.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Hyper {
+    pub beta_1: f32,
+    pub beta_2: f32,
+    pub epsilon: f32,
+    pub weight_decay: f32,
+}
 
 /// The new weight, `w·decay − lr·m̂ / (√v̂ + ε)`, and the new moments
 /// `m = β₁·m + (1 − β₁)·g`, `v = β₂·v + (1 − β₂)·g²` (`m̂`, `v̂`: each over its bias

@@ -134,8 +134,10 @@ fn tracked<R: CubeRuntime, BT: BoolElement>(
     }
 }
 
-#[cfg(all(test, feature = "wgpu"))]
+#[cfg(test)]
 mod tests {
+    #![cfg(feature = "wgpu")]
+
     use burn::backend::{Flex, Wgpu};
     use burn::tensor::TensorData;
     use burn::tensor::activation;

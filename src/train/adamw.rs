@@ -18,18 +18,9 @@ use burn::tensor::backend::AutodiffBackend;
 #[derive(Clone)]
 pub struct ClueAdamW {
     burn: AdamW,
-    #[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
-    hyper: Hyper,
-}
-
-/// AdamW's constants (read by the GPU kernel only).
-#[derive(Clone, Copy, Debug)]
-#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
-pub(crate) struct Hyper {
-    pub beta_1: f32,
-    pub beta_2: f32,
-    pub epsilon: f32,
-    pub weight_decay: f32,
+    /// The constants again, for the GPU kernel.
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    hyper: crate::cube::adamw::Hyper,
 }
 
 impl ClueAdamW {
@@ -41,13 +32,16 @@ impl ClueAdamW {
             .with_epsilon(epsilon)
             .with_weight_decay(weight_decay)
             .build();
-        let hyper = Hyper {
-            beta_1,
-            beta_2,
-            epsilon,
-            weight_decay,
-        };
-        Self { burn, hyper }
+        Self {
+            burn,
+            #[cfg(any(feature = "wgpu", feature = "cuda"))]
+            hyper: crate::cube::adamw::Hyper {
+                beta_1,
+                beta_2,
+                epsilon,
+                weight_decay,
+            },
+        }
     }
 
     /// The optimizer of a module's parameters (the learning rate is given at each step).
