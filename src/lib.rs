@@ -18,6 +18,8 @@ pub mod eval;
 pub mod gpu;
 pub mod model;
 pub mod scaling;
+#[cfg(test)]
+mod testing;
 pub mod train;
 pub mod ui;
 

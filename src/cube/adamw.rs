@@ -101,7 +101,7 @@ struct Step<B: Backend, const D: usize> {
 impl<B: Backend, const D: usize> OnCube for Step<B, D> {
     type Output = (Tensor<B, D>, AdamWState<B, D>);
 
-    fn on<R: CubeRuntime, BT: BoolElement>(self) -> Self::Output {
+    fn on<R: CubeRuntime, BT: BoolElement>(self, _: bool) -> Self::Output {
         let Self {
             hyper,
             lr,

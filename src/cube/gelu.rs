@@ -3,19 +3,17 @@
 //! the derivative of the tanh approximation, not of the exact GELU its forward pass computes;
 //! this one is exact, as PyTorch's and clue's Flex kernel are.
 
-use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
+use burn::backend::autodiff::ops::{Backward, Ops, unary};
 use burn::tensor::Tensor;
-use burn::tensor::backend::{Backend, BackendTypes};
+use burn::tensor::backend::Backend;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime};
 use cubecl::prelude::*;
 
-use super::{OnCube, all_f32, dispatch, downcast, elementwise, empty_like, upcast};
+use super::{OnCube, all_f32, dispatch, downcast, elementwise, empty_like, record, upcast};
 
 /// 1/√2 and 1/√(2π).
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
@@ -55,15 +53,14 @@ struct Gelu<B: Backend, const D: usize>(Tensor<B, D>);
 impl<B: Backend, const D: usize> OnCube for Gelu<B, D> {
     type Output = Tensor<B, D>;
 
-    fn on<R: CubeRuntime, BT: BoolElement>(self) -> Tensor<B, D> {
-        type Tracked<R, BT> =
-            <Autodiff<CubeBackend<R, f32, i32, BT>> as BackendTypes>::FloatTensorPrimitive;
-        let plain = std::any::TypeId::of::<B::FloatTensorPrimitive>()
-            == std::any::TypeId::of::<CubeTensor<R>>();
-        if plain {
-            upcast(run_forward(downcast::<CubeTensor<R>, B, D>(self.0)))
-        } else {
-            upcast(tracked::<R, BT>(downcast::<Tracked<R, BT>, B, D>(self.0)))
+    fn on<R: CubeRuntime, BT: BoolElement>(self, tracked: bool) -> Tensor<B, D> {
+        match tracked {
+            false => upcast(run_forward(downcast::<CubeTensor<R>, B, D>(self.0))),
+            true => upcast(record::<R, BT, _, 1>(
+                GeluStep,
+                [downcast(self.0)],
+                |[x]| (run_forward(x.clone()), x),
+            )),
         }
     }
 }
@@ -119,30 +116,16 @@ impl<R: CubeRuntime, BT: BoolElement> Backward<CubeBackend<R, f32, i32, BT>, 1> 
     }
 }
 
-fn tracked<R: CubeRuntime, BT: BoolElement>(
-    x: <Autodiff<CubeBackend<R, f32, i32, BT>> as BackendTypes>::FloatTensorPrimitive,
-) -> <Autodiff<CubeBackend<R, f32, i32, BT>> as BackendTypes>::FloatTensorPrimitive {
-    let prepared = <GeluStep as Backward<CubeBackend<R, f32, i32, BT>, 1>>::prepare::<
-        NoCheckpointing,
-    >(GeluStep, [x.node.clone()]);
-    match prepared.compute_bound().stateful() {
-        OpsKind::Tracked(prep) => {
-            let out = run_forward(x.primitive.clone());
-            prep.finish(x.primitive, out)
-        }
-        OpsKind::UnTracked(prep) => prep.finish(run_forward(x.primitive)),
-    }
-}
-
 #[cfg(all(test, feature = "wgpu"))]
 mod tests {
-    use burn::backend::{Flex, Wgpu};
+    use burn::backend::{Autodiff, Flex, Wgpu};
     use burn::tensor::TensorData;
     use burn::tensor::activation;
     use burn::tensor::backend::AutodiffBackend;
 
     use super::*;
     use crate::model::flex;
+    use crate::testing::max_diff;
 
     /// Inputs from −7.5 to 7.5, and the weights of a loss `Σ wᵢ·gelu(xᵢ)`.
     fn inputs() -> (Vec<f32>, Vec<f32>) {
@@ -172,13 +155,6 @@ mod tests {
             y.into_data().to_vec().unwrap(),
             g.into_data().to_vec().unwrap(),
         )
-    }
-
-    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-        a.iter()
-            .zip(b)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max)
     }
 
     /// On wgpu the kernels run (plain and under autodiff), their GELU is Burn's, and GELU and

@@ -7,13 +7,21 @@
 //! - **AdamW** ([`adamw`]): the whole update of a parameter (weight and both moments) in one
 //!   kernel, for [`crate::train::adamw::ClueAdamW`].
 //! - **GELU** ([`gelu()`]): the exact GELU in one kernel, and its backward step in another.
+//! - **The attention's weights** ([`masked_softmax`]): the scores scaled, the padding keys
+//!   masked and the softmax over each row in one kernel, and its backward step in another.
+//! - **Layer norm** ([`layer_norm`]): in one kernel, and its backward step in another (with
+//!   Burn's column sums for γ and β).
 //!
 //! Each recognises the tensors of the two runtimes by their primitive's type (plain, and for
-//! GELU under `Autodiff`, where it records its own backward step), so the model stays generic
-//! over `B: Backend`; other backends, float types and Burn's fusion get their input back.
+//! the model's operations under `Autodiff`, where they record their own backward steps), so
+//! the model stays generic over `B: Backend`; other backends, float types and Burn's fusion get
+//! their input back.
 
 use std::any::{Any, TypeId};
 
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::ops::{Backward, OpsKind};
 use burn::prelude::*;
 use burn::tensor::DType;
 use burn::tensor::backend::BackendTypes;
@@ -23,8 +31,12 @@ use cubecl::prelude::{ComputeClient, CubeCount, CubeDim};
 
 pub(crate) mod adamw;
 mod gelu;
+mod norm;
+mod softmax;
 
 pub use gelu::gelu;
+pub use norm::layer_norm;
+pub use softmax::masked_softmax;
 
 use crate::model::flex::from_any;
 
@@ -35,37 +47,68 @@ type Wgpu = CubeBackend<cubecl::wgpu::WgpuRuntime, f32, i32, u32>;
 #[cfg(feature = "cuda")]
 type Cuda = CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
 
-/// A computation on the tensors of one CubeCL backend, run by [`dispatch`].
+/// A computation on the tensors of one CubeCL backend, run by [`dispatch`]: `tracked` says
+/// whether they are the backend's own (`false`) or under `Autodiff` (`true`).
 trait OnCube {
     type Output;
-    fn on<R: CubeRuntime, BT: BoolElement>(self) -> Self::Output;
+    fn on<R: CubeRuntime, BT: BoolElement>(self, tracked: bool) -> Self::Output;
 }
 
 /// `task` run on wgpu or CUDA where `B` is one of them (checked by the type of `B`'s float
 /// tensors, so Burn's fusion does not count); `Err(task)` anywhere else. `B` may be the
-/// backend itself or, with `tracked`, the backend under `Autodiff`.
-fn dispatch<B: Backend, T: OnCube>(task: T, tracked: bool) -> Result<T::Output, T> {
-    let is = |plain: TypeId, autodiff: TypeId| {
-        let id = TypeId::of::<B::FloatTensorPrimitive>();
-        id == plain || (tracked && id == autodiff)
+/// backend itself or, with `autodiff_too`, the backend under `Autodiff`.
+fn dispatch<B: Backend, T: OnCube>(task: T, autodiff_too: bool) -> Result<T::Output, T> {
+    let id = TypeId::of::<B::FloatTensorPrimitive>();
+    // Some(tracked) where `B` is the backend `C`, plain or (if allowed) under autodiff.
+    let of = |plain: TypeId, autodiff: TypeId| match id {
+        _ if id == plain => Some(false),
+        _ if autodiff_too && id == autodiff => Some(true),
+        _ => None,
     };
     #[cfg(feature = "wgpu")]
-    if is(primitive::<Wgpu>(), autodiff_primitive::<Wgpu>()) {
-        return Ok(task.on::<cubecl::wgpu::WgpuRuntime, u32>());
+    if let Some(tracked) = of(primitive::<Wgpu>(), primitive::<Autodiff<Wgpu>>()) {
+        return Ok(task.on::<cubecl::wgpu::WgpuRuntime, u32>(tracked));
     }
     #[cfg(feature = "cuda")]
-    if is(primitive::<Cuda>(), autodiff_primitive::<Cuda>()) {
-        return Ok(task.on::<cubecl::cuda::CudaRuntime, u8>());
+    if let Some(tracked) = of(primitive::<Cuda>(), primitive::<Autodiff<Cuda>>()) {
+        return Ok(task.on::<cubecl::cuda::CudaRuntime, u8>(tracked));
     }
     Err(task)
 }
 
-fn primitive<C: Backend>() -> TypeId {
+fn primitive<C: BackendTypes>() -> TypeId {
     TypeId::of::<C::FloatTensorPrimitive>()
 }
 
-fn autodiff_primitive<C: Backend>() -> TypeId {
-    TypeId::of::<<burn::backend::Autodiff<C> as BackendTypes>::FloatTensorPrimitive>()
+/// A CubeCL backend's f32 tensors under `Autodiff`.
+type Tracked<R, BT> =
+    <Autodiff<CubeBackend<R, f32, i32, BT>> as BackendTypes>::FloatTensorPrimitive;
+
+/// `forward(inputs)` under `Autodiff`, recorded with `step` as its backward step: `forward`
+/// gives the output and the state `step` keeps (dropped where no input is tracked).
+fn record<R, BT, S, const N: usize>(
+    step: S,
+    inputs: [Tracked<R, BT>; N],
+    forward: impl FnOnce([CubeTensor<R>; N]) -> (CubeTensor<R>, S::State),
+) -> Tracked<R, BT>
+where
+    R: CubeRuntime,
+    BT: BoolElement,
+    S: Backward<CubeBackend<R, f32, i32, BT>, N>,
+{
+    let nodes = inputs.each_ref().map(|x| x.node.clone());
+    let inputs = inputs.map(|x| x.primitive);
+    match step
+        .prepare::<NoCheckpointing>(nodes)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let (out, state) = forward(inputs);
+            prep.finish(state, out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(forward(inputs).0),
+    }
 }
 
 /// Whether every tensor is f32.

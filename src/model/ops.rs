@@ -1,6 +1,5 @@
 //! The operations of the encoder layers, each with its fast path (Burn's Flex CPU backend:
-//! [`crate::model::flex`]; GELU on wgpu and CUDA: `crate::cube`) tried first and Burn's generic
-//! code right beside it, in the style of `candle_nn::ops`. The path is chosen by
+//! [`crate::model::flex`]; on wgpu and CUDA: `crate::cube`) tried first and Burn's generic code right beside it, in the style of `candle_nn::ops`. The path is chosen by
 //! [`BackendKind::of`] and nowhere else.
 
 use std::cell::OnceCell;
@@ -25,33 +24,24 @@ thread_local! {
     pub(crate) static GENERIC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Whether `B`'s fast paths apply.
-fn fast<B: Backend>() -> bool {
+/// Whether `B` is of `kind`, the kind whose fast paths apply (never under the tests' `GENERIC`
+/// switch).
+fn is<B: Backend>(kind: BackendKind) -> bool {
     #[cfg(test)]
     if GENERIC.get() {
         return false;
     }
-    BackendKind::of::<B>() == BackendKind::Flex
+    BackendKind::of::<B>() == kind
 }
 
-/// `f(x)`, the fast path, where `B` has one; `Err(x)`, `x` back for the generic path, where
-/// `B` has none or `f` gives it back.
-fn fast_path<B: Backend, T, U>(x: T, f: impl FnOnce(T) -> Result<U, T>) -> Result<U, T> {
-    match fast::<B>() {
-        true => f(x),
-        false => Err(x),
-    }
-}
-
-/// `f(x)`, clue's own GPU kernel ([`crate::cube`]), where `B` is a GPU backend and `f` takes
-/// its tensors; `Err(x)` for the generic path otherwise.
-#[cfg(any(feature = "wgpu", feature = "cuda"))]
-fn gpu_path<B: Backend, T, U>(x: T, f: impl FnOnce(T) -> Result<U, T>) -> Result<U, T> {
-    #[cfg(test)]
-    if GENERIC.get() {
-        return Err(x);
-    }
-    match BackendKind::of::<B>() == BackendKind::Accelerator {
+/// `f(x)`, the fast path, where `B` is of `kind` (the one `f` is written for); `Err(x)`, `x`
+/// back for the generic path, where it is not or `f` gives it back.
+fn fast_path<B: Backend, T, U>(
+    kind: BackendKind,
+    x: T,
+    f: impl FnOnce(T) -> Result<U, T>,
+) -> Result<U, T> {
+    match is::<B>(kind) {
         true => f(x),
         false => Err(x),
     }
@@ -59,7 +49,7 @@ fn gpu_path<B: Backend, T, U>(x: T, f: impl FnOnce(T) -> Result<U, T>) -> Result
 
 /// `x·W + b` of a linear layer, `x`: `[rows, d_in]` → `[rows, d_out]`.
 pub fn linear<B: Backend>(layer: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
-    let x = match fast_path::<B, _, _>(x, |x| flex::linear(layer, x)) {
+    let x = match fast_path::<B, _, _>(BackendKind::Flex, x, |x| flex::linear(layer, x)) {
         Ok(y) => return y,
         Err(x) => x,
     };
@@ -73,7 +63,7 @@ pub fn fused_layer<B: Backend>(
     x: Tensor<B, 3>,
     padding: &Padding<B>,
 ) -> Result<Tensor<B, 3>, Tensor<B, 3>> {
-    fast_path::<B, _, _>(x, |x| {
+    fast_path::<B, _, _>(BackendKind::Flex, x, |x| {
         flex::layer(parts, x, &padding.pad, MASKED_SCORE as f32)
     })
 }
@@ -83,7 +73,17 @@ pub fn layer_norm<B: Backend, const D: usize>(
     norm: &LayerNorm<B>,
     x: Tensor<B, D>,
 ) -> Tensor<B, D> {
-    let x = match fast_path::<B, _, _>(x, |x| flex::layer_norm(norm, x)) {
+    let x = match fast_path::<B, _, _>(BackendKind::Flex, x, |x| flex::layer_norm(norm, x)) {
+        Ok(y) => return y,
+        Err(x) => x,
+    };
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    let x = match fast_path::<B, _, _>(BackendKind::Accelerator, x, |x| match &norm.beta {
+        Some(beta) => {
+            crate::cube::layer_norm(x, norm.gamma.val(), beta.val(), flex::LAYER_NORM_EPSILON)
+        }
+        None => Err(x),
+    }) {
         Ok(y) => return y,
         Err(x) => x,
     };
@@ -99,11 +99,11 @@ pub fn pooled<B: Backend>(
     x: Tensor<B, 3>,
     pad: Tensor<B, 2, Bool>,
 ) -> Tensor<B, 2> {
-    let x = match fast_path::<B, _, _>(x, |x| flex::pooled(norm, x, &pad)) {
+    let x = match fast_path::<B, _, _>(BackendKind::Flex, x, |x| flex::pooled(norm, x, &pad)) {
         Ok(y) => return y,
         Err(x) => x,
     };
-    let x = norm.forward(x);
+    let x = layer_norm(norm, x);
     let [n, len, d] = x.dims();
     let pad3 = pad.unsqueeze_dim::<3>(2);
     let count = x
@@ -119,12 +119,12 @@ pub fn pooled<B: Backend>(
 
 /// `x·Φ(x)` with Φ the standard normal CDF (PyTorch's `gelu`, `approximate="none"`).
 pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    let x = match fast_path::<B, _, _>(x, |x| flex::gelu(x)) {
+    let x = match fast_path::<B, _, _>(BackendKind::Flex, x, |x| flex::gelu(x)) {
         Ok(y) => return y,
         Err(x) => x,
     };
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
-    let x = match gpu_path::<B, _, _>(x, |x| crate::cube::gelu(x)) {
+    let x = match fast_path::<B, _, _>(BackendKind::Accelerator, x, |x| crate::cube::gelu(x)) {
         Ok(y) => return y,
         Err(x) => x,
     };
@@ -142,7 +142,7 @@ pub fn sparse_times<B: Backend>(a: &Arc<SparseMatrix>, x: Tensor<B, 2>) -> Tenso
         x.dims()[0],
         a.shape()[1]
     );
-    let x = match fast_path::<B, _, _>(x, |x| flex::sparse_times(a, x)) {
+    let x = match fast_path::<B, _, _>(BackendKind::Flex, x, |x| flex::sparse_times(a, x)) {
         Ok(y) => return y,
         Err(x) => x,
     };
@@ -208,7 +208,7 @@ pub fn attention<B: Backend>(
     heads: usize,
     p: f64,
 ) -> Tensor<B, 3> {
-    if fast::<B>()
+    if is::<B>(BackendKind::Flex)
         && let Some(context) =
             flex::attention(&q, &k, &v, &padding.pad, heads, MASKED_SCORE as f32, p)
     {
@@ -219,10 +219,27 @@ pub fn attention<B: Backend>(
     // [n, len, d] → [n, h, len, dh] and back.
     let split = |t: Tensor<B, 3>| t.reshape([n, len, heads, dh]).swap_dims(1, 2);
     let (q, k, v) = (split(q), split(k), split(v));
-    let scores = q
-        .matmul(k.swap_dims(2, 3))
-        .mul_scalar(1.0 / (dh as f64).sqrt());
-    let weights = activation::softmax(scores.mask_fill(padding.mask(heads), MASKED_SCORE), 3);
+    let scores = q.matmul(k.swap_dims(2, 3));
+    let weights = attention_weights(scores, padding, heads, 1.0 / (dh as f64).sqrt());
     let context = dropout(weights, p).matmul(v); // [n, h, len, dh]
     context.swap_dims(1, 2).reshape([n, len, d])
+}
+
+/// The attention's weights from its scores `[n, heads, len, len]`: `softmax(scores · scale)`
+/// over the keys, with the keys that are padding at [`MASKED_SCORE`] before it.
+fn attention_weights<B: Backend>(
+    scores: Tensor<B, 4>,
+    padding: &Padding<B>,
+    heads: usize,
+    scale: f64,
+) -> Tensor<B, 4> {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    let scores = match fast_path::<B, _, _>(BackendKind::Accelerator, scores, |s| {
+        crate::cube::masked_softmax(s, &padding.pad, scale as f32, MASKED_SCORE as f32)
+    }) {
+        Ok(weights) => return weights,
+        Err(scores) => scores,
+    };
+    let scores = scores.mul_scalar(scale);
+    activation::softmax(scores.mask_fill(padding.mask(heads), MASKED_SCORE), 3)
 }

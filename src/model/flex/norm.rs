@@ -271,6 +271,7 @@ pub(crate) mod tests {
     use crate::model::ops::{GENERIC, layer_norm, pooled};
 
     use super::*;
+    use crate::testing::max_diff;
 
     /// A layer norm over `d` features with γ and β that differ from feature to feature.
     pub(crate) fn varied_norm<B: Backend>(d: usize, device: &B::Device) -> LayerNorm<B> {
@@ -331,18 +332,6 @@ pub(crate) mod tests {
                 assert!(diff < 2e-6, "{build:?}, d {d}: max |Δ| = {diff}");
             }
         }
-    }
-
-    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-        assert_eq!(a.len(), b.len());
-        a.iter()
-            .zip(b)
-            .map(|(a, b)| (a - b).abs())
-            // A NaN counts as an infinite difference (`f32::max` would drop it).
-            .fold(
-                0.0,
-                |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
-            )
     }
 
     /// Both fast paths against a direct computation in f64 and against the generic path (Flex's
