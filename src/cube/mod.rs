@@ -11,6 +11,8 @@
 //!   masked and the softmax over each row in one kernel, and its backward step in another.
 //! - **Layer norm** ([`layer_norm`]): in one kernel, and its backward step in another (with
 //!   Burn's column sums for γ and β).
+//! - **The contrastive loss's rows** ([`l2_normalize`], [`diagonal_nll`]): the L2
+//!   normalisation and the cross-entropy with diagonal targets, one kernel each way.
 //!
 //! Each recognises the tensors of the two runtimes by their primitive's type (plain, and for
 //! the model's operations under `Autodiff`, where they record their own backward steps), so
@@ -31,10 +33,12 @@ use cubecl::prelude::{ComputeClient, CubeCount, CubeDim};
 
 pub(crate) mod adamw;
 mod gelu;
+mod loss;
 mod norm;
 mod softmax;
 
 pub use gelu::gelu;
+pub use loss::{diagonal_nll, l2_normalize};
 pub use norm::layer_norm;
 pub use softmax::masked_softmax;
 
@@ -139,12 +143,22 @@ fn elementwise<R: CubeRuntime>(client: &ComputeClient<R>, n: usize) -> (CubeCoun
     (cubecl::calculate_cube_count_elemwise(client, n, dim), dim)
 }
 
+/// The launch of a kernel with one unit per row of `x` (rows of `width` values).
+fn per_row<R: CubeRuntime>(x: &CubeTensor<R>, width: usize) -> (CubeCount, CubeDim) {
+    elementwise(&x.client, x.meta.shape().num_elements() / width.max(1))
+}
+
 /// A new contiguous f32 tensor of `like`'s shape, on its device.
 fn empty_like<R: CubeRuntime>(like: &CubeTensor<R>) -> CubeTensor<R> {
+    empty(like, like.meta.shape().clone())
+}
+
+/// A new contiguous f32 tensor of `shape`, on `like`'s device.
+fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape) -> CubeTensor<R> {
     burn_cubecl::ops::numeric::empty_device_dtype(
         like.client.clone(),
         like.device.clone(),
-        like.meta.shape().clone(),
+        shape,
         DType::F32,
     )
 }

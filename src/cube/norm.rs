@@ -13,9 +13,7 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime};
 use cubecl::prelude::*;
 
-use super::{
-    OnCube, Tracked, all_f32, dispatch, downcast, elementwise, empty_like, record, upcast,
-};
+use super::{OnCube, Tracked, all_f32, dispatch, downcast, empty_like, per_row, record, upcast};
 
 /// The mean of the `d` values of `x` from `at`.
 #[cube]
@@ -165,7 +163,7 @@ fn run_forward<R: CubeRuntime>(
     );
     let out = empty_like(&x);
     let d = gamma.meta.shape().num_elements();
-    let (count, dim) = elementwise(&x.client, x.meta.shape().num_elements() / d.max(1));
+    let (count, dim) = per_row(&x, d);
     // SAFETY: contiguous f32 buffers: x and out of the same rows of `d`, γ and β of `d`; the
     // kernel reads and writes only within a row below the number of rows.
     unsafe {
@@ -193,7 +191,7 @@ fn run_backward<R: CubeRuntime>(
 ) -> [CubeTensor<R>; 2] {
     let out = [empty_like(&x), empty_like(&x)];
     let d = gamma.meta.shape().num_elements();
-    let (count, dim) = elementwise(&x.client, x.meta.shape().num_elements() / d.max(1));
+    let (count, dim) = per_row(&x, d);
     // SAFETY: as in `run_forward` (x and γ are the forward pass's contiguous ones; the
     // gradient is made contiguous by the caller).
     unsafe {

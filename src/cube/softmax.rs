@@ -13,9 +13,7 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime};
 use cubecl::prelude::*;
 
-use super::{
-    OnCube, Tracked, all_f32, dispatch, downcast, elementwise, empty_like, record, upcast,
-};
+use super::{OnCube, Tracked, all_f32, dispatch, downcast, empty_like, per_row, record, upcast};
 
 /// The score of key `j` in the row starting at `at` (its sequence's keys start at `keys` in
 /// `pad`, 1 = padding): scaled, or `masked` for a key that is padding.
@@ -179,10 +177,9 @@ fn run_forward<R: CubeRuntime>(
 ) -> CubeTensor<R> {
     let (scores, pad) = (into_contiguous(scores), into_contiguous(pad));
     let out = empty_like(&scores);
-    let n = scores.meta.shape().num_elements() / rows.len.max(1);
-    let (count, dim) = elementwise(&scores.client, n);
-    // SAFETY: contiguous f32 buffers: scores and out of `n` rows of `len`, pad of `len` per
-    // sequence of `queries` rows; the kernel reads and writes only within a row below `n`.
+    let (count, dim) = per_row(&scores, rows.len);
+    // SAFETY: contiguous f32 buffers: scores and out of rows of `len`, pad of `len` per
+    // sequence of `queries` rows; the kernel reads and writes only within its own row.
     unsafe {
         softmax_forward::launch_unchecked::<R>(
             &scores.client.clone(),
@@ -208,8 +205,7 @@ fn run_backward<R: CubeRuntime>(
 ) -> CubeTensor<R> {
     let grad = into_contiguous(grad);
     let out = empty_like(&weights);
-    let n = weights.meta.shape().num_elements() / rows.len.max(1);
-    let (count, dim) = elementwise(&weights.client, n);
+    let (count, dim) = per_row(&weights, rows.len);
     // SAFETY: as in `run_forward` (the weights and pad are the forward pass's contiguous ones).
     unsafe {
         softmax_backward::launch_unchecked::<R>(

@@ -1,5 +1,6 @@
 //! The operations of the encoder layers, each with its fast path (Burn's Flex CPU backend:
-//! [`crate::model::flex`]; on wgpu and CUDA: `crate::cube`) tried first and Burn's generic code right beside it, in the style of `candle_nn::ops`. The path is chosen by
+//! [`crate::model::flex`]; wgpu and CUDA: `crate::cube`) tried first and Burn's generic code
+//! right beside it, in the style of `candle_nn::ops`. The path is chosen by
 //! [`BackendKind::of`] and nowhere else.
 
 use std::cell::OnceCell;

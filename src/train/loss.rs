@@ -3,16 +3,34 @@
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 
+/// The floor of a row's squared norm before its square root.
+const MIN_SQUARED_NORM: f64 = 1e-16;
+
 /// Rows scaled to unit L2 norm: `[n, d]` → `[n, d]`.
 pub fn l2_normalize<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    let x = match crate::cube::l2_normalize(x, MIN_SQUARED_NORM as f32) {
+        Ok(z) => return z,
+        Err(x) => x,
+    };
     // Clamped before the square root: at a zero row, sqrt's gradient is infinite and a clamp
     // after it would multiply that by zero (NaN).
-    let norm = x.clone().square().sum_dim(1).clamp_min(1e-16).sqrt();
+    let norm = x
+        .clone()
+        .square()
+        .sum_dim(1)
+        .clamp_min(MIN_SQUARED_NORM)
+        .sqrt();
     x / norm
 }
 
 /// Cross-entropy of `logits` `[n, m]` with the diagonal as targets (row i's positive is column i).
 pub fn diagonal_cross_entropy<B: Backend>(logits: Tensor<B, 2>) -> Tensor<B, 1> {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    let logits = match crate::cube::diagonal_nll(logits) {
+        Ok(nll) => return nll.mean(),
+        Err(logits) => logits,
+    };
     let [n, _] = logits.dims();
     let targets = Tensor::<B, 1, Int>::arange(0..n as i64, &logits.device()).reshape([n, 1]);
     log_softmax(logits, 1).gather(1, targets).mean().neg()
