@@ -1,7 +1,7 @@
 //! The contrastive loss's two row operations, each in one kernel forward and one backward:
 //! the L2 normalisation of the projected embeddings (Burn: 5 operations forward, about 12
 //! backward) and the cross-entropy of logits whose targets are the diagonal (Burn's
-//! `log_softmax`, `gather` and `neg`: 8 forward, about 14 backward).
+//! `log_softmax`, `gather` and `neg`: 8 forward, about 10 backward).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::grads::Gradients;

@@ -11,6 +11,8 @@
 //!   masked and the softmax over each row in one kernel, and its backward step in another.
 //! - **Layer norm** ([`layer_norm`]): in one kernel, and its backward step in another (with
 //!   Burn's column sums for γ and β).
+//! - **The pooled mean** ([`masked_mean`]): each sequence's mean over its positions that are
+//!   not padding, one kernel each way.
 //! - **The contrastive loss's rows** ([`l2_normalize`], [`diagonal_nll`]): the L2
 //!   normalisation and the cross-entropy with diagonal targets, one kernel each way.
 //!
@@ -35,11 +37,13 @@ pub(crate) mod adamw;
 mod gelu;
 mod loss;
 mod norm;
+mod pool;
 mod softmax;
 
 pub use gelu::gelu;
 pub use loss::{diagonal_nll, l2_normalize};
 pub use norm::layer_norm;
+pub use pool::masked_mean;
 pub use softmax::masked_softmax;
 
 use crate::model::flex::from_any;
@@ -63,11 +67,15 @@ trait OnCube {
 /// backend itself or, with `autodiff_too`, the backend under `Autodiff`.
 fn dispatch<B: Backend, T: OnCube>(task: T, autodiff_too: bool) -> Result<T::Output, T> {
     let id = TypeId::of::<B::FloatTensorPrimitive>();
-    // Some(tracked) where `B` is the backend `C`, plain or (if allowed) under autodiff.
-    let of = |plain: TypeId, autodiff: TypeId| match id {
-        _ if id == plain => Some(false),
-        _ if autodiff_too && id == autodiff => Some(true),
-        _ => None,
+    // Some(tracked) where `B` is the backend of these primitives, plain or under autodiff.
+    let of = |plain: TypeId, autodiff: TypeId| {
+        if id == plain {
+            Some(false)
+        } else if autodiff_too && id == autodiff {
+            Some(true)
+        } else {
+            None
+        }
     };
     #[cfg(feature = "wgpu")]
     if let Some(tracked) = of(primitive::<Wgpu>(), primitive::<Autodiff<Wgpu>>()) {
@@ -113,6 +121,12 @@ where
         }
         OpsKind::UnTracked(prep) => prep.finish(forward(inputs).0),
     }
+}
+
+/// `pad` as f32 values, 1 where true (whatever the device's default float type, which the
+/// kernels do not read).
+fn f32_mask<B: Backend>(pad: &Tensor<B, 2, Bool>) -> Tensor<B, 2> {
+    pad.clone().cast(burn::tensor::FloatDType::F32)
 }
 
 /// Whether every tensor is f32.

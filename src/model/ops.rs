@@ -105,6 +105,13 @@ pub fn pooled<B: Backend>(
         Err(x) => x,
     };
     let x = layer_norm(norm, x);
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    let x = match fast_path::<B, _, _>(BackendKind::Accelerator, x, |x| {
+        crate::cube::masked_mean(x, &pad)
+    }) {
+        Ok(mean) => return mean,
+        Err(x) => x,
+    };
     let [n, len, d] = x.dims();
     let pad3 = pad.unsqueeze_dim::<3>(2);
     let count = x
