@@ -80,7 +80,8 @@ impl BackendKind {
     }
 
     /// Draw dropout masks on the host with clue's seeded generator (cheap on a CPU, and the
-    /// masks are a function of (seed, step, call site): a resumed run replays them).
+    /// masks are a function of (seed, step, call site): a resumed run replays them). An
+    /// accelerator draws them in clue's kernel from the same keys where it applies.
     pub fn host_masks(self) -> bool {
         self != Self::Accelerator
     }

@@ -7,6 +7,7 @@
 //! - **AdamW** ([`adamw`]): the whole update of a parameter (weight and both moments) in one
 //!   kernel, for [`crate::train::adamw::ClueAdamW`].
 //! - **GELU** ([`gelu()`]): the exact GELU in one kernel, and its backward step in another.
+//! - **Dropout** ([`dropout()`]): one kernel, forward and backward, its mask drawn from a key.
 //! - **The attention's weights** ([`masked_softmax`]): the scores scaled, the padding keys
 //!   masked and the softmax over each row in one kernel, and its backward step in another.
 //! - **Layer norm** ([`layer_norm`]): in one kernel, and its backward step in another (with
@@ -34,12 +35,14 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime};
 use cubecl::prelude::{ComputeClient, CubeCount, CubeDim};
 
 pub(crate) mod adamw;
+mod dropout;
 mod gelu;
 mod loss;
 mod norm;
 mod pool;
 mod softmax;
 
+pub use dropout::dropout;
 pub use gelu::gelu;
 pub use loss::{diagonal_nll, l2_normalize};
 pub use norm::layer_norm;

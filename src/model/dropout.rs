@@ -6,9 +6,11 @@
 //! fixed order) draws from its own stream. Nothing has to be checkpointed: a run resumed at step
 //! k draws the masks an uninterrupted run drew at step k. The masks are boolean (autodiff keeps
 //! one byte per element for the backward pass, not four) and filled in parallel, and Burn's
-//! generic sampler (element by element: ~14 % of a CPU step) is not involved. GPU backends use
-//! the backend's own seeded generator, whose state is not checkpointed, except inside
-//! [`with_chunk_masks`] (GradCache), where every backend draws host masks.
+//! generic sampler (element by element: ~14 % of a CPU step) is not involved. On wgpu and CUDA
+//! (f32, the default build) clue's kernel (`crate::cube::dropout`) draws each call's mask on the
+//! device from the same (seed, step, call) key, so resumed runs replay it there too. Elsewhere on
+//! a GPU (bf16, Burn's fusion) dropout takes the backend's own seeded generator, whose state is
+//! not checkpointed, except inside [`with_chunk_masks`] (GradCache), where it draws host masks.
 
 use std::cell::Cell;
 
@@ -25,7 +27,7 @@ struct Stream {
     key: u64,
     /// Dropout calls drawn so far in this step.
     call: u64,
-    /// Inside [`with_chunk_masks`]: dropout acts without autodiff too, with host masks on
+    /// Inside [`with_chunk_masks`]: dropout acts without autodiff too, with keyed masks on
     /// every backend.
     replay: bool,
 }
@@ -54,9 +56,9 @@ fn step_key(seed: u64, step: u64) -> u64 {
 /// Runs `f` (a forward pass over a chunk of training step `step`) with the dropout masks of
 /// `key` (the place of the chunk's first user in the batch), for GradCache's two passes over a
 /// chunk: the first on the backend without autodiff, the second with it. Inside `f` dropout acts
-/// without autodiff too and draws its masks on the host on every backend, so both passes drop the
-/// same units. Key 0 draws the masks of [`start_step`]: on a CPU backend a single chunk replays
-/// the plain step exactly.
+/// without autodiff too and draws keyed masks on every backend (on the host, or in clue's GPU
+/// kernel), so both passes drop the same units. Key 0 draws the masks of [`start_step`]: a single
+/// chunk replays the plain step exactly (on a GPU too, where the plain step takes clue's kernel).
 pub fn with_chunk_masks<R>(seed: u64, step: u64, key: u64, f: impl FnOnce() -> R) -> R {
     /// Leaves replay mode however `f` ends (validation on this thread must not drop units).
     struct Reset;
@@ -106,26 +108,40 @@ pub fn dropout<B: Backend, const D: usize>(x: Tensor<B, D>, p: f64) -> Tensor<B,
     if !active::<B>(p, &device) {
         return x;
     }
-    let replay = replaying();
+    let host = BackendKind::of::<B>().host_masks();
+    let key = next_key();
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    let x = match host {
+        true => x,
+        false => match crate::cube::dropout(x, p, key) {
+            Ok(y) => return y,
+            Err(x) => x,
+        },
+    };
     let keep = 1.0 - p;
-    if !(BackendKind::of::<B>().host_masks() || replay) {
+    if !(host || replaying()) {
         return x.clone() * x.random_like(Distribution::Bernoulli(keep)) * (1.0 / keep);
     }
     let shape = x.shape();
     let n = shape.num_elements();
-    let mask = draw_drop_mask(n, p);
+    let mask = drop_mask(n, p, key);
     let drop = Tensor::<B, 1, Bool>::from_data(TensorData::new(mask, [n]), &device).reshape(shape);
     x.mask_fill(drop, 0.0).mul_scalar(1.0 / keep)
 }
 
 /// The mask of the next dropout call of this step: `n` flags, true = dropped.
 pub(crate) fn draw_drop_mask(n: usize, p: f64) -> Vec<bool> {
+    drop_mask(n, p, next_key())
+}
+
+/// The key of the next dropout call of this step (a function of seed, step and call).
+fn next_key() -> u64 {
     let s = STREAM.get();
     STREAM.set(Stream {
         call: s.call + 1,
         ..s
     });
-    drop_mask(n, p, s.key ^ splitmix64(s.call))
+    s.key ^ splitmix64(s.call)
 }
 
 /// `n` flags, each true (drop) with probability `p` (in steps of 2⁻¹⁶), from a counter-based
@@ -211,5 +227,32 @@ mod tests {
             y.iter().all(|&v| v == 0.0 || v == 2.0),
             "the rest scaled by 1/(1-p)"
         );
+    }
+
+    /// On wgpu clue's kernel draws the masks: a function of (seed, step, call), and a GradCache
+    /// pass over a single chunk (without autodiff) draws the plain step's.
+    #[cfg(feature = "wgpu")]
+    #[test]
+    #[ignore = "needs a Vulkan device: .ci/run runs it on Mesa's lavapipe"]
+    fn gpu_masks_replay_by_seed_step_and_call_on_wgpu() {
+        use burn::backend::Wgpu;
+        fn drop_ones<B: Backend>() -> Vec<f32> {
+            let x = Tensor::<B, 2>::ones([64, 64], &Default::default());
+            dropout(x, 0.5).into_data().to_vec().unwrap()
+        }
+        let draws = |seed, step| {
+            start_step(seed, step);
+            [drop_ones::<Autodiff<Wgpu>>(), drop_ones::<Autodiff<Wgpu>>()]
+        };
+        let a = draws(1, 5);
+        draws(1, 6);
+        assert_eq!(draws(1, 5), a, "replayed after other draws");
+        let zeros = a[0].iter().filter(|v| **v == 0.0).count();
+        assert!((1800..2300).contains(&zeros), "{zeros} of 4096 dropped");
+        assert_ne!(a[0], a[1], "two calls of one step differ");
+        assert_ne!(draws(1, 6)[0], a[0], "another step");
+        assert_ne!(draws(2, 5)[0], a[0], "another seed");
+        let chunk = with_chunk_masks(1, 5, 0, drop_ones::<Wgpu>);
+        assert_eq!(chunk, a[0], "a single chunk replays the plain step");
     }
 }
