@@ -6,6 +6,9 @@
 //!
 //! - **AdamW** ([`adamw`]): the whole update of a parameter (weight and both moments) in one
 //!   kernel, for [`crate::train::adamw::ClueAdamW`].
+//! - **Gradient clipping** ([`sum_of_squares`], [`norm_and_clip_factor`], [`scale`]): the
+//!   global norm's sums of squares, the clipping factor and the products by it, for
+//!   `crate::train::clip`.
 //! - **GELU** ([`gelu()`]): the exact GELU in one kernel, and its backward step in another.
 //! - **Dropout** ([`dropout()`]): one kernel, forward and backward, its mask drawn from a key.
 //! - **The attention's weights** ([`masked_softmax`]): the scores scaled, the padding keys
@@ -35,6 +38,7 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime};
 use cubecl::prelude::{ComputeClient, CubeCount, CubeDim};
 
 pub(crate) mod adamw;
+mod clip;
 mod dropout;
 mod gelu;
 mod loss;
@@ -42,6 +46,7 @@ mod norm;
 mod pool;
 mod softmax;
 
+pub use clip::{norm_and_clip_factor, scale, sum_of_squares};
 pub use dropout::dropout;
 pub use gelu::gelu;
 pub use loss::{diagonal_nll, l2_normalize};
