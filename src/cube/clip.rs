@@ -1,8 +1,9 @@
 //! The arithmetic of global gradient-norm clipping (`train::clip`) in kernels of clue's own: a
-//! gradient's sum of squares (one kernel, launched twice: partial sums, then their sum), the
-//! norm and the clipping factor from the total (one kernel), and a gradient times the factor
-//! (one kernel, whatever the gradient's rank). Burn's operations take a square, a reduction and
-//! a broadcast product per gradient rank, and five operations on the total.
+//! gradient's sum of squares (one kernel, launched ⌈log₁₀₂₄ n⌉ times for n values: partial sums,
+//! then sums of those), the norm and the clipping factor from the total (one kernel), and a
+//! gradient times the factor (one kernel, in place, whatever the gradient's rank). Burn's
+//! operations take a square, a reduction and a broadcast product per gradient rank, and five
+//! operations on the total.
 
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
@@ -54,12 +55,12 @@ fn norm_and_factor(
     }
 }
 
-/// `x[i] · factor[0]`.
+/// `x[i] ·= factor[0]`.
 #[cube(launch_unchecked)]
-fn scale_by(x: &Array<f32>, factor: &Array<f32>, out: &mut Array<f32>) {
+fn scale_by(x: &mut Array<f32>, factor: &Array<f32>) {
     let i = ABSOLUTE_POS;
     if i < x.len() {
-        out[i] = x[i] * factor[0];
+        x[i] *= factor[0];
     }
 }
 
@@ -79,13 +80,18 @@ impl<B: Backend, const D: usize> OnCube for SumOfSquares<B, D> {
     type Output = Tensor<B, 1>;
 
     fn on<R: CubeRuntime, BT: BoolElement>(self, _: bool) -> Tensor<B, 1> {
-        let x = into_contiguous(downcast::<CubeTensor<R>, B, D>(self.0));
-        let units = x.meta.shape().num_elements().div_ceil(PER_UNIT);
-        let partials = strided(x, units, true);
-        upcast(match units {
-            1 => partials,
-            _ => strided(partials, 1, false),
-        })
+        // Sums of up to PER_UNIT values each, of the squares first, then of the sums, until
+        // one value is left (⌈log₁₀₂₄ n⌉ passes: two up to a million values).
+        let mut sums = into_contiguous(downcast::<CubeTensor<R>, B, D>(self.0));
+        let mut square = true;
+        loop {
+            let units = sums.meta.shape().num_elements().div_ceil(PER_UNIT);
+            sums = strided(sums, units, square);
+            square = false;
+            if units == 1 {
+                return upcast(sums);
+            }
+        }
     }
 }
 
@@ -166,23 +172,28 @@ impl<B: Backend, const D: usize> OnCube for Scale<'_, B, D> {
     type Output = Tensor<B, D>;
 
     fn on<R: CubeRuntime, BT: BoolElement>(self, _: bool) -> Tensor<B, D> {
+        // In place, as Burn's product would be: a copy only where another tensor shares `x`'s
+        // buffer (a gradient taken out of the optimizer's map is its buffer's only holder).
         let x = into_contiguous(downcast::<CubeTensor<R>, B, D>(self.0));
+        let x = match x.can_mut() {
+            true => x,
+            false => x.copy(),
+        };
         let factor = downcast::<CubeTensor<R>, B, 1>(self.1.clone());
-        let out = empty_like(&x);
         let (count, dim) = elementwise(&x.client, x.meta.shape().num_elements());
-        // SAFETY: contiguous f32 buffers, `out` as long as `x`, `factor` of one value; the
-        // kernel touches index `i` only below `x`'s length.
+        // SAFETY: `x` contiguous f32 in a buffer that nothing else holds (it may be longer than
+        // `x`, as a `[1]` reduction's is), `factor` one value; the kernel touches index `i` only
+        // below `x`'s length.
         unsafe {
             scale_by::launch_unchecked::<R>(
                 &x.client.clone(),
                 count,
                 dim,
-                x.into_array_arg(),
+                x.clone().into_array_arg(),
                 factor.into_array_arg(),
-                out.clone().into_array_arg(),
             );
         }
-        upcast(out)
+        upcast(x)
     }
 }
 
@@ -197,13 +208,14 @@ mod tests {
         x.into_scalar()
     }
 
-    /// On wgpu: sums of squares of one unit's worth and of several (both passes) against
-    /// Burn's, the norm and factor of a few totals, and a product by the factor.
+    /// On wgpu: sums of squares of one unit's worth, of several (two passes) and of over a
+    /// million values (three passes) against Burn's, the norm and factor of a few totals, and a
+    /// product by the factor.
     #[test]
     #[ignore = "needs a Vulkan device: .ci/run runs it on Mesa's lavapipe"]
     fn clipping_arithmetic_matches_burns_on_wgpu() {
         let dev = Default::default();
-        for n in [3, PER_UNIT, 5 * PER_UNIT + 17] {
+        for n in [3, PER_UNIT, 5 * PER_UNIT + 17, PER_UNIT * PER_UNIT + 5] {
             let v = (0..n).map(|i| (i as f32 * 0.37).sin()).collect::<Vec<_>>();
             let g = Tensor::<Wgpu, 2>::from_data(TensorData::new(v, [1, n]), &dev);
             let ours = value(sum_of_squares(g.clone()).expect("wgpu's f32 tensors"));
@@ -223,7 +235,8 @@ mod tests {
         {
             let total = Tensor::<Wgpu, 1>::from_floats([total], &dev);
             let (norm, factor) = norm_and_clip_factor(total, 1.0).expect("wgpu's");
-            assert_eq!([value(norm), value(factor)], [want_norm, want_factor]);
+            let (norm, factor) = (value(norm), value(factor));
+            assert!((norm - want_norm).abs() <= 1e-7 && (factor - want_factor).abs() <= 1e-7);
         }
 
         let x = Tensor::<Wgpu, 2>::from_floats([[1.0, -2.0], [3.0, 0.5]], &dev);
@@ -234,6 +247,15 @@ mod tests {
             y,
             [0.25, 0.75, -0.5, 0.125],
             "a transposed view, made contiguous"
+        );
+        let held = Tensor::<Wgpu, 1>::from_floats([1.0, 2.0], &dev);
+        let y = scale(held.clone(), &factor).expect("wgpu's");
+        assert_eq!(y.into_data().to_vec::<f32>().unwrap(), [0.25, 0.5]);
+        let held = held.into_data().to_vec::<f32>().unwrap();
+        assert_eq!(
+            held,
+            [1.0, 2.0],
+            "a buffer another tensor holds is not written"
         );
     }
 }

@@ -170,7 +170,13 @@ mod tests {
     #[test]
     #[ignore = "needs a Vulkan device: .ci/run runs it on Mesa's lavapipe"]
     fn clipping_takes_clues_kernels_on_wgpu() {
-        type A = Autodiff<burn::backend::Wgpu>;
+        use burn::backend::Wgpu;
+        type A = Autodiff<Wgpu>;
+        let g = Tensor::<Wgpu, 2>::ones([2, 3], &Default::default());
+        assert!(
+            crate::cube::sum_of_squares(g).is_ok(),
+            "the gradients' kernels apply"
+        );
         scales_the_global_norm_not_each_tensor::<A>();
         leaves_small_gradients_alone::<A>();
     }
