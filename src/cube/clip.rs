@@ -18,6 +18,9 @@ use super::{OnCube, all_f32, dispatch, downcast, elementwise, empty, empty_like,
 /// neighbouring units are neighbours).
 const PER_UNIT: usize = 1024;
 
+/// Rows each unit sums in the first pass of [`column_sums`].
+const ROWS_PER_UNIT: usize = 64;
+
 /// Unit `u` of `units`: the sum of `x[i]` (squared where `square` is 1) over `i = u + k·units`,
 /// `k < per_unit`.
 #[cube(launch_unchecked)]
@@ -80,18 +83,36 @@ impl<B: Backend, const D: usize> OnCube for SumOfSquares<B, D> {
     type Output = Tensor<B, 1>;
 
     fn on<R: CubeRuntime, BT: BoolElement>(self, _: bool) -> Tensor<B, 1> {
-        // Sums of up to PER_UNIT values each, of the squares first, then of the sums, until
-        // one value is left (⌈log₁₀₂₄ n⌉ passes: two up to a million values).
-        let mut sums = into_contiguous(downcast::<CubeTensor<R>, B, D>(self.0));
-        let mut square = true;
-        loop {
-            let units = sums.meta.shape().num_elements().div_ceil(PER_UNIT);
-            sums = strided(sums, units, square);
-            square = false;
-            if units == 1 {
-                return upcast(sums);
-            }
+        upcast(total(downcast::<CubeTensor<R>, B, D>(self.0), true))
+    }
+}
+
+/// `Σ x` (`Σ x²` with `square`) of a non-empty `x`, as `[1]`: sums of up to [`PER_UNIT`]
+/// values each, then of those sums, until one value is left (⌈log₁₀₂₄ n⌉ passes: two up to a
+/// million values).
+pub(super) fn total<R: CubeRuntime>(x: CubeTensor<R>, square: bool) -> CubeTensor<R> {
+    let mut sums = into_contiguous(x);
+    let mut square = square;
+    loop {
+        let units = sums.meta.shape().num_elements().div_ceil(PER_UNIT);
+        sums = strided(sums, units, square);
+        square = false;
+        if units == 1 {
+            return sums;
         }
+    }
+}
+
+/// The sums of the `columns` columns of `x` (read as rows of `columns` values, whatever its
+/// shape): `[columns]`. Partial sums over blocks of [`ROWS_PER_UNIT`] rows first (one unit per
+/// column and block), then their sums: one unit per column alone would sum every row in turn.
+pub(super) fn column_sums<R: CubeRuntime>(x: CubeTensor<R>, columns: usize) -> CubeTensor<R> {
+    let x = into_contiguous(x);
+    let blocks = (x.meta.shape().num_elements() / columns.max(1)).div_ceil(ROWS_PER_UNIT);
+    match blocks > 1 {
+        // Unit u sums rows u / columns + k·blocks of column u % columns.
+        true => strided(strided(x, columns * blocks, false), columns, false),
+        false => strided(x, columns, false),
     }
 }
 
@@ -200,9 +221,10 @@ impl<B: Backend, const D: usize> OnCube for Scale<'_, B, D> {
 #[cfg(all(test, feature = "wgpu"))]
 mod tests {
     use burn::backend::Wgpu;
-    use burn::tensor::TensorData;
+    use burn::tensor::{TensorData, TensorPrimitive};
 
     use super::*;
+    use crate::testing::max_diff;
 
     fn value(x: Tensor<Wgpu, 1>) -> f32 {
         x.into_scalar()
@@ -257,5 +279,31 @@ mod tests {
             [1.0, 2.0],
             "a buffer another tensor holds is not written"
         );
+    }
+
+    /// On wgpu: the column sums of a few rows (one pass) and of many (partial sums over blocks
+    /// of rows, then their sums) are Burn's, a transposed view's included.
+    #[test]
+    #[ignore = "needs a Vulkan device: .ci/run runs it on Mesa's lavapipe"]
+    fn column_sums_match_burns_on_wgpu() {
+        let dev = Default::default();
+        for (rows, columns) in [(3, 5), (ROWS_PER_UNIT * 15 + 9, 7), (2, 1)] {
+            let v = (0..rows * columns).map(|i| (i as f32 * 0.61).sin());
+            let x =
+                Tensor::<Wgpu, 2>::from_data(TensorData::new(v.collect(), [rows, columns]), &dev);
+            let burns = x.clone().sum_dim(0).into_data().to_vec::<f32>().unwrap();
+            let ours = column_sums(x.into_primitive().tensor(), columns);
+            let ours = Tensor::<Wgpu, 1>::from_primitive(TensorPrimitive::Float(ours));
+            assert_eq!(ours.dims(), [columns]);
+            let ours = ours.into_data().to_vec::<f32>().unwrap();
+            assert!(
+                max_diff(&ours, &burns) <= 1e-4,
+                "{rows}×{columns}: {ours:?} vs {burns:?}"
+            );
+        }
+        let x = Tensor::<Wgpu, 2>::from_floats([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], &dev);
+        let sums = column_sums(x.transpose().into_primitive().tensor(), 2);
+        let sums = Tensor::<Wgpu, 1>::from_primitive(TensorPrimitive::Float(sums));
+        assert_eq!(sums.into_data().to_vec::<f32>().unwrap(), [6.0, 15.0]);
     }
 }

@@ -14,11 +14,13 @@
 //! - **The attention's weights** ([`masked_softmax`]): the scores scaled, the padding keys
 //!   masked and the softmax over each row in one kernel, and its backward step in another.
 //! - **Layer norm** ([`layer_norm`]): in one kernel, and its backward step in another (with
-//!   Burn's column sums for γ and β).
+//!   the clipping's column sums for γ and β).
 //! - **The pooled mean** ([`masked_mean`]): each sequence's mean over its positions that are
 //!   not padding, one kernel each way.
-//! - **The contrastive loss's rows** ([`l2_normalize`], [`diagonal_nll`]): the L2
-//!   normalisation and the cross-entropy with diagonal targets, one kernel each way.
+//! - **The contrastive loss** ([`l2_normalize`], [`infonce`]): the L2 normalisation, one
+//!   kernel each way; and a service pair's symmetric InfoNCE from its similarities and the log
+//!   of the logit scale (the clamp, the scale, both cross-entropies, the scale's gradient), one
+//!   kernel each way with the clipping's sums.
 //!
 //! Each recognises the tensors of the two runtimes by their primitive's type (plain, and for
 //! the model's operations under `Autodiff`, where they record their own backward steps), so
@@ -41,16 +43,18 @@ pub(crate) mod adamw;
 mod clip;
 mod dropout;
 mod gelu;
-mod loss;
+mod infonce;
 mod norm;
+mod normalize;
 mod pool;
 mod softmax;
 
 pub use clip::{norm_and_clip_factor, scale, sum_of_squares};
 pub use dropout::dropout;
 pub use gelu::gelu;
-pub use loss::{diagonal_nll, l2_normalize};
+pub use infonce::infonce;
 pub use norm::layer_norm;
+pub use normalize::l2_normalize;
 pub use pool::masked_mean;
 pub use softmax::masked_softmax;
 

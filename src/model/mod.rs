@@ -24,6 +24,12 @@ pub const LOGIT_SCALE_INIT: f64 = 14.27;
 /// The logit scale never exceeds this.
 pub const LOGIT_SCALE_MAX: f64 = 100.0;
 
+/// The logit scale s = exp(t) of its log `t`, never above [`LOGIT_SCALE_MAX`] (on the host;
+/// the loss computes it on the device).
+pub fn logit_scale_of(t: f64) -> f64 {
+    t.min(LOGIT_SCALE_MAX.ln()).exp()
+}
+
 /// Projection head used by the loss only: f(z) = W2·ReLU(W1·z).
 #[derive(Module, Debug)]
 pub struct ProjectionHead<B: Backend> {
@@ -77,12 +83,9 @@ impl<B: Backend> ClueModel<B> {
         }
     }
 
-    /// The logit scale s = exp(t), never above [`LOGIT_SCALE_MAX`]: `[1]`.
-    pub fn logit_scale(&self) -> Tensor<B, 1> {
-        self.log_logit_scale
-            .val()
-            .clamp_max(LOGIT_SCALE_MAX.ln())
-            .exp()
+    /// The logit scale, read to the host (see [`logit_scale_of`]).
+    pub fn logit_scale(&self) -> f64 {
+        logit_scale_of(self.log_logit_scale.val().into_scalar().elem())
     }
 
     /// Projected embeddings f(z) of a batch: `[services·batch, embedding_dim]`.

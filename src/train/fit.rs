@@ -469,7 +469,7 @@ pub fn fit<B: AutodiffBackend>(device: B::Device, options: &FitOptions) -> Resul
         ));
     }
     let history = history.history();
-    let logit_scale = model.logit_scale().into_scalar().elem();
+    let logit_scale = model.logit_scale();
     let mut summary = summarise(&config, history, valid, logit_scale, params, steps, options);
     summary.wall_seconds = start.elapsed().as_secs_f64();
     let bundle = BundleInfo {

@@ -41,7 +41,11 @@ pub fn grad_cache_step<B: AutodiffBackend>(
     // 1. Embeddings without graphs.
     let projected = Tensor::<B, 2>::from_inner(key.embed_frozen(model, &chunks, 0)).require_grad();
     // 2. The whole batch's loss and its gradient with respect to the embeddings.
-    let out = ClueOutput::of(projected.clone(), batch.services, model.logit_scale());
+    let out = ClueOutput::of(
+        projected.clone(),
+        batch.services,
+        model.log_logit_scale.val(),
+    );
     if !is_finite(&out.loss) {
         return (out, None);
     }

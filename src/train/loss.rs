@@ -3,6 +3,8 @@
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 
+use crate::model::LOGIT_SCALE_MAX;
+
 /// The floor of a row's squared norm before its square root.
 const MIN_SQUARED_NORM: f64 = 1e-16;
 
@@ -26,11 +28,6 @@ pub fn l2_normalize<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
 
 /// Cross-entropy of `logits` `[n, m]` with the diagonal as targets (row i's positive is column i).
 pub fn diagonal_cross_entropy<B: Backend>(logits: Tensor<B, 2>) -> Tensor<B, 1> {
-    #[cfg(any(feature = "wgpu", feature = "cuda"))]
-    let logits = match crate::cube::diagonal_nll(logits) {
-        Ok(nll) => return nll.mean(),
-        Err(logits) => logits,
-    };
     let [n, _] = logits.dims();
     let targets = Tensor::<B, 1, Int>::arange(0..n as i64, &logits.device()).reshape([n, 1]);
     log_softmax(logits, 1).gather(1, targets).mean().neg()
@@ -42,23 +39,25 @@ pub fn is_finite<B: Backend>(loss: &Tensor<B, 1>) -> bool {
     value.is_finite()
 }
 
-/// The loss of one batch and the logits of its first service pair.
+/// The loss of one batch and the similarities of its first service pair.
 pub struct ContrastiveOutput<B: Backend> {
     /// `[1]`: mean over service pairs of (CE(logits) + CE(logitsᵀ)) / 2.
     pub loss: Tensor<B, 1>,
-    /// `[batch, batch]`: s·cos(f(z_A,i), f(z_B,j)) for the first two services.
-    pub logits: Tensor<B, 2>,
+    /// `[batch, batch]`: cos(f(z_A,i), f(z_B,j)) for the first two services (the logits over
+    /// the logit scale: they rank the same).
+    pub similarities: Tensor<B, 2>,
 }
 
 /// Symmetric InfoNCE for `projected` `[services·batch, d]` (row `s·batch + i` = user i, service s)
-/// with logit scale `scale` `[1]`. More than two services: the mean over every service pair.
+/// with the log `log_scale` `[1]` of the logit scale (the scale is [`logit_scale`]'s). More
+/// than two services: the mean over every service pair.
 ///
 /// The negatives of a row are the other rows of `projected`; a data-parallel run can pass the
 /// rows gathered from every device here and keep the gradient of its own rows only.
 pub fn contrastive_loss<B: Backend>(
     projected: Tensor<B, 2>,
     services: usize,
-    scale: Tensor<B, 1>,
+    log_scale: Tensor<B, 1>,
 ) -> ContrastiveOutput<B> {
     let [rows, d] = projected.dims();
     let batch = rows / services;
@@ -66,27 +65,47 @@ pub fn contrastive_loss<B: Backend>(
     let per_service: Vec<Tensor<B, 2>> = (0..services)
         .map(|s| z.clone().slice([s * batch..(s + 1) * batch, 0..d]))
         .collect();
-    let scale = scale.unsqueeze::<2>();
     let mut losses = Vec::new();
     let mut first = None;
     for a in 0..services {
         for b in a + 1..services {
-            let logits = per_service[a]
+            let sim = per_service[a]
                 .clone()
-                .matmul(per_service[b].clone().transpose())
-                * scale.clone();
-            let l = (diagonal_cross_entropy(logits.clone())
-                + diagonal_cross_entropy(logits.clone().transpose()))
-                / 2.0;
-            losses.push(l);
-            first.get_or_insert(logits);
+                .matmul(per_service[b].clone().transpose());
+            losses.push(symmetric_cross_entropy(sim.clone(), log_scale.clone()));
+            first.get_or_insert(sim);
         }
     }
-    let pairs = losses.len() as f64;
+    let pairs = losses.len();
+    let loss = match pairs {
+        1 => losses.remove(0),
+        _ => Tensor::cat(losses, 0).sum() / pairs as f64,
+    };
     ContrastiveOutput {
-        loss: Tensor::cat(losses, 0).sum() / pairs,
-        logits: first.expect("at least two services"),
+        loss,
+        similarities: first.expect("at least two services"),
     }
+}
+
+/// The logit scale `exp(min(t, ln LOGIT_SCALE_MAX))` of its log `t`: `[1]`.
+pub fn logit_scale<B: Backend>(log_scale: Tensor<B, 1>) -> Tensor<B, 1> {
+    log_scale.clamp_max(LOGIT_SCALE_MAX.ln()).exp()
+}
+
+/// `(CE(s·sim) + CE(s·simᵀ)) / 2` for one service pair's similarities `sim` `[n, n]`, with `s`
+/// the [`logit_scale`] of `log_scale`: on wgpu and CUDA one kernel each way (with the scale's
+/// clamp and gradient), elsewhere Burn's operations.
+pub fn symmetric_cross_entropy<B: Backend>(
+    sim: Tensor<B, 2>,
+    log_scale: Tensor<B, 1>,
+) -> Tensor<B, 1> {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    let (sim, log_scale) = match crate::cube::infonce(sim, log_scale, LOGIT_SCALE_MAX.ln() as f32) {
+        Ok(loss) => return loss,
+        Err(inputs) => inputs,
+    };
+    let logits = sim * logit_scale(log_scale).unsqueeze::<2>();
+    (diagonal_cross_entropy(logits.clone()) + diagonal_cross_entropy(logits.transpose())) / 2.0
 }
 
 #[cfg(test)]
@@ -130,9 +149,12 @@ mod tests {
         )
     }
 
+    fn log_scale(s: f64) -> Tensor<B, 1> {
+        Tensor::from_floats([s.ln() as f32], &Default::default())
+    }
+
     fn loss(services: &[Vec<Vec<f64>>], s: f64) -> f64 {
-        let scale = Tensor::<B, 1>::from_floats([s as f32], &Default::default());
-        contrastive_loss(tensor(services), services.len(), scale)
+        contrastive_loss(tensor(services), services.len(), log_scale(s))
             .loss
             .into_scalar() as f64
     }
@@ -184,10 +206,9 @@ mod tests {
         let expected = (ab + ba) / 2.0;
         let got = loss(&[a.clone(), b.clone()], s);
         assert!((got - expected).abs() < 1e-5, "{got} vs {expected}");
-        // The logits of the first pair are s·cos, row = service A's user.
-        let scale = Tensor::<B, 1>::from_floats([s as f32], &Default::default());
-        let logits: Vec<f32> = contrastive_loss(tensor(&[a.clone(), b.clone()]), 2, scale)
-            .logits
+        // The similarities of the first pair are the cosines, row = service A's user.
+        let sims: Vec<f32> = contrastive_loss(tensor(&[a.clone(), b.clone()]), 2, log_scale(s))
+            .similarities
             .to_data()
             .to_vec()
             .unwrap();
@@ -196,7 +217,11 @@ mod tests {
             let n = |v: &Vec<f64>| v.iter().map(|x| x * x).sum::<f64>().sqrt();
             dot / (n(&a[0]) * n(&b[1]))
         };
-        assert!((logits[1] as f64 - s * cos01).abs() < 1e-5);
+        assert!((sims[1] as f64 - cos01).abs() < 1e-6);
+        // Above the clamp the scale is 100.
+        let clamped = (ce(&a, &b, 100.0) + ce(&b, &a, 100.0)) / 2.0;
+        let got = loss(&[a.clone(), b.clone()], 250.0);
+        assert!((got - clamped).abs() < 1e-4, "{got} vs {clamped}");
     }
 
     /// Three services: the mean over the pairs (A,B), (A,C), (B,C) of each pair's symmetric

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::bundle::read_json;
 use crate::data::store::write_atomic;
 use crate::error::Result;
+use crate::model::logit_scale_of;
 use crate::train::loss::contrastive_loss;
 
 /// What one batch produced, read back from the device.
@@ -54,13 +55,15 @@ pub fn retrieval_accuracy(logits: &[f32], n: usize, k: usize, transpose: bool) -
 }
 
 impl BatchStats {
-    pub fn from_host(loss: f32, logits: &[f32], n: usize, scale: f32) -> Self {
+    /// From the loss, the first pair's `n × n` similarities (or logits: they rank the same)
+    /// and the log of the logit scale.
+    pub fn from_host(loss: f32, scores: &[f32], n: usize, log_scale: f32) -> Self {
         Self {
             loss: loss as f64,
-            top1_ab: retrieval_accuracy(logits, n, 1, false),
-            top1_ba: retrieval_accuracy(logits, n, 1, true),
-            top10_ab: (n > 10).then(|| retrieval_accuracy(logits, n, 10, false)),
-            logit_scale: scale as f64,
+            top1_ab: retrieval_accuracy(scores, n, 1, false),
+            top1_ba: retrieval_accuracy(scores, n, 1, true),
+            top10_ab: (n > 10).then(|| retrieval_accuracy(scores, n, 10, false)),
+            logit_scale: logit_scale_of(log_scale as f64),
             users: n,
         }
     }
@@ -73,22 +76,23 @@ pub type StepParts<B> = (ClueOutput<B>, Option<burn::optim::GradientsParams>);
 pub struct ClueOutput<B: Backend> {
     /// `[1]`
     pub loss: Tensor<B, 1>,
-    /// `[batch, batch]` logits of the first service pair.
-    pub logits: Tensor<B, 2>,
-    /// `[1]`
-    pub logit_scale: Tensor<B, 1>,
+    /// `[batch, batch]` similarities of the first service pair.
+    pub similarities: Tensor<B, 2>,
+    /// `[1]`: the log of the logit scale.
+    pub log_logit_scale: Tensor<B, 1>,
     /// The statistics, once read to the host by [`ClueOutput::settle`].
     pub host: Option<BatchStats>,
 }
 
 impl<B: Backend> ClueOutput<B> {
-    /// The loss of a batch's projected embeddings `[services·batch, d]` at logit scale `scale`.
-    pub fn of(projected: Tensor<B, 2>, services: usize, scale: Tensor<B, 1>) -> Self {
-        let out = contrastive_loss(projected, services, scale.clone());
+    /// The loss of a batch's projected embeddings `[services·batch, d]` with the log of the
+    /// logit scale `log_scale`.
+    pub fn of(projected: Tensor<B, 2>, services: usize, log_scale: Tensor<B, 1>) -> Self {
+        let out = contrastive_loss(projected, services, log_scale.clone());
         Self {
             loss: out.loss,
-            logits: out.logits,
-            logit_scale: scale,
+            similarities: out.similarities,
+            log_logit_scale: log_scale,
             host: None,
         }
     }
@@ -105,11 +109,11 @@ impl<B: Backend> ClueOutput<B> {
     }
 
     fn stats(&self) -> BatchStats {
-        let n = self.logits.dims()[0];
+        let n = self.similarities.dims()[0];
         let data = Transaction::default()
             .register(self.loss.clone())
-            .register(self.logits.clone())
-            .register(self.logit_scale.clone())
+            .register(self.similarities.clone())
+            .register(self.log_logit_scale.clone())
             .execute();
         let f = |d: &TensorData| {
             d.clone()

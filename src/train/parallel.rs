@@ -368,8 +368,8 @@ impl Shared {
                 if part.first.is_none() {
                     // A stand-in: the same parameters get a gradient, of zero.
                     let z = z.expect("a stand-in is not cut");
-                    let out = ClueOutput::of(all, services, model.logit_scale());
-                    let nothing = z.sum() * 0.0 + model.logit_scale() * 0.0;
+                    let out = ClueOutput::of(all, services, model.log_logit_scale.val());
+                    let nothing = z.sum() * 0.0 + model.log_logit_scale.val() * 0.0;
                     let grads = GradientsParams::from_grads(nothing.backward(), model);
                     return (out, Some(Flat::of(model, grads)));
                 }
@@ -384,7 +384,7 @@ impl Shared {
                     // GradCache: the gathered embeddings are a leaf; their gradient is cached.
                     None => all = all.require_grad(),
                 }
-                let out = ClueOutput::of(all.clone(), services, model.logit_scale());
+                let out = ClueOutput::of(all.clone(), services, model.log_logit_scale.val());
                 if !is_finite(&out.loss) {
                     return (out, None);
                 }

@@ -117,7 +117,7 @@ pub struct Trainee<B: Backend> {
 impl<B: Backend> Trainee<B> {
     fn output(&self, batch: &UserBatch<B>) -> ClueOutput<B> {
         let projected = self.model.forward(batch);
-        ClueOutput::of(projected, batch.services, self.model.logit_scale())
+        ClueOutput::of(projected, batch.services, self.model.log_logit_scale.val())
     }
 }
 
@@ -133,8 +133,8 @@ impl<B: AutodiffBackend> Trainee<B> {
         let n = batch.len();
         let item = ClueOutput {
             loss: Tensor::from_floats([f32::NAN], &device),
-            logits: Tensor::zeros([n, n], &device),
-            logit_scale: self.model.logit_scale(),
+            similarities: Tensor::zeros([n, n], &device),
+            log_logit_scale: self.model.log_logit_scale.val(),
             host: None,
         };
         TrainOutput {
