@@ -12,7 +12,7 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeRuntime};
 use cubecl::prelude::*;
 
-use super::{OnCube, all_f32, dispatch, downcast, elementwise, empty, empty_like, upcast};
+use super::{OnCube, all_f32, dispatch, downcast, elementwise, empty, empty_like, owned, upcast};
 
 /// Elements each unit sums in the first pass (strided across units, so the reads of
 /// neighbouring units are neighbours).
@@ -193,13 +193,9 @@ impl<B: Backend, const D: usize> OnCube for Scale<'_, B, D> {
     type Output = Tensor<B, D>;
 
     fn on<R: CubeRuntime, BT: BoolElement>(self, _: bool) -> Tensor<B, D> {
-        // In place, as Burn's product would be: a copy only where another tensor shares `x`'s
-        // buffer (a gradient taken out of the optimizer's map is its buffer's only holder).
-        let x = into_contiguous(downcast::<CubeTensor<R>, B, D>(self.0));
-        let x = match x.can_mut() {
-            true => x,
-            false => x.copy(),
-        };
+        // In place, as Burn's product would be (a gradient taken out of the optimizer's map is
+        // its buffer's only holder).
+        let x = owned(downcast::<CubeTensor<R>, B, D>(self.0));
         let factor = downcast::<CubeTensor<R>, B, 1>(self.1.clone());
         let (count, dim) = elementwise(&x.client, x.meta.shape().num_elements());
         // SAFETY: `x` contiguous f32 in a buffer that nothing else holds (it may be longer than

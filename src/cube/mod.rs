@@ -9,7 +9,11 @@
 //! - **Gradient clipping** ([`sum_of_squares`], [`norm_and_clip_factor`], [`scale`]): the
 //!   global norm's sums of squares, the clipping factor and the products by it, for
 //!   `crate::train::clip`.
+//! - **Linear layers** ([`linear()`]): the bias added in place to Burn's product, and its
+//!   gradient by the clipping's column sums.
 //! - **GELU** ([`gelu()`]): the exact GELU in one kernel, and its backward step in another.
+//! - **ReLU and a clamp from above** ([`relu()`], [`clamp_max`]): one kernel, forward and
+//!   backward, for the projection head and the logit scale's clamp after each step.
 //! - **Dropout** ([`dropout()`]): one kernel, forward and backward, its mask drawn from a key.
 //! - **The attention's weights** ([`masked_softmax`]): the scores scaled, the padding keys
 //!   masked and the softmax over each row in one kernel, and its backward step in another.
@@ -44,19 +48,23 @@ mod clip;
 mod dropout;
 mod gelu;
 mod infonce;
+mod linear;
 mod norm;
 mod normalize;
 mod pool;
 mod softmax;
+mod threshold;
 
 pub use clip::{norm_and_clip_factor, scale, sum_of_squares};
 pub use dropout::dropout;
 pub use gelu::gelu;
 pub use infonce::infonce;
+pub use linear::linear;
 pub use norm::layer_norm;
 pub use normalize::l2_normalize;
 pub use pool::masked_mean;
 pub use softmax::masked_softmax;
+pub use threshold::{clamp_max, relu};
 
 use crate::model::flex::from_any;
 
@@ -172,6 +180,18 @@ fn elementwise<R: CubeRuntime>(client: &ComputeClient<R>, n: usize) -> (CubeCoun
 /// The launch of a kernel with one unit per row of `x` (rows of `width` values).
 fn per_row<R: CubeRuntime>(x: &CubeTensor<R>, width: usize) -> (CubeCount, CubeDim) {
     elementwise(&x.client, x.meta.shape().num_elements() / width.max(1))
+}
+
+/// `x` contiguous in a buffer nothing else holds, for a kernel to write in place: `x` itself
+/// where it is (as a fresh result or a gradient taken out of the optimizer's map is), a copy
+/// where another tensor shares its buffer. The buffer may be longer than `x` (a `[1]`
+/// reduction's is).
+fn owned<R: CubeRuntime>(x: CubeTensor<R>) -> CubeTensor<R> {
+    let x = burn_cubecl::kernel::into_contiguous(x);
+    match x.can_mut() {
+        true => x,
+        false => x.copy(),
+    }
 }
 
 /// A new contiguous f32 tensor of `like`'s shape, on its device.

@@ -49,7 +49,8 @@ impl<B: Backend> ProjectionHead<B> {
 
     /// `[n, dim]` → `[n, dim]`.
     pub fn forward(&self, z: Tensor<B, 2>) -> Tensor<B, 2> {
-        self.w2.forward(self.activation.forward(self.w1.forward(z)))
+        self.w2
+            .forward(ops::relu(&self.activation, self.w1.forward(z)))
     }
 }
 

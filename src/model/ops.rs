@@ -6,7 +6,7 @@
 use std::cell::OnceCell;
 use std::sync::Arc;
 
-use burn::nn::{LayerNorm, Linear};
+use burn::nn::{LayerNorm, Linear, Relu};
 use burn::prelude::*;
 use burn::tensor::{IndexingUpdateOp, activation};
 
@@ -54,7 +54,37 @@ pub fn linear<B: Backend>(layer: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
         Ok(y) => return y,
         Err(x) => x,
     };
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    let x = match fast_path::<B, _, _>(BackendKind::Accelerator, x, |x| match &layer.bias {
+        Some(bias) => crate::cube::linear(x, layer.weight.val(), bias.val()),
+        None => Err(x),
+    }) {
+        Ok(y) => return y,
+        Err(x) => x,
+    };
     layer.forward(x)
+}
+
+/// `max(x, 0)`, by `relu` (Burn's module) where there is no fast path.
+pub fn relu<B: Backend, const D: usize>(relu: &Relu, x: Tensor<B, D>) -> Tensor<B, D> {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    let x = match fast_path::<B, _, _>(BackendKind::Accelerator, x, crate::cube::relu) {
+        Ok(y) => return y,
+        Err(x) => x,
+    };
+    relu.forward(x)
+}
+
+/// `min(x, max)`, its gradient passed where `x ≤ max`.
+pub fn clamp_max<B: Backend, const D: usize>(x: Tensor<B, D>, max: f64) -> Tensor<B, D> {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    let x = match fast_path::<B, _, _>(BackendKind::Accelerator, x, |x| {
+        crate::cube::clamp_max(x, max as f32)
+    }) {
+        Ok(y) => return y,
+        Err(x) => x,
+    };
+    x.clamp_max(max)
 }
 
 /// An encoder layer without dropout (inference) in one piece, `x`: `[n, len, d]`; `Err(x)`

@@ -13,6 +13,7 @@ use burn::train::{InferenceStep, Interrupter, TrainOutput, TrainStep};
 use crate::backend::BackendKind;
 use crate::data::batcher::UserBatch;
 use crate::model::dropout::start_step;
+use crate::model::ops::clamp_max;
 use crate::model::{ClueModel, LOGIT_SCALE_MAX};
 use crate::train::clip::clip_global_norm;
 use crate::train::cluster::Place;
@@ -207,7 +208,7 @@ impl<B: AutodiffBackend> TrainStep for Trainee<B> {
 pub fn clamp_param<B: Backend>(p: Param<Tensor<B, 1>>, max: f64) -> Param<Tensor<B, 1>> {
     p.map(|t| {
         let rg = t.is_require_grad();
-        t.clamp_max(max).detach().set_require_grad(rg)
+        clamp_max(t, max).detach().set_require_grad(rg)
     })
 }
 
