@@ -18,6 +18,17 @@ use cubecl::prelude::*;
 use super::clip::total;
 use super::{OnCube, Tracked, all_f32, dispatch, downcast, elementwise, empty, record, upcast};
 
+/// `t`, or `t_max` where `t` is above it: a NaN stays NaN, as in Burn's clamp (a GPU's `min`
+/// may give the other operand), so that a diverged scale makes the loss NaN.
+#[cube]
+fn clamped(t: f32, t_max: f32) -> f32 {
+    let mut c = t;
+    if t > t_max {
+        c = t_max;
+    }
+    c
+}
+
 /// Unit `k < 2n` of `[n, n]` `sim`: row `k` (`k < n`) or column `k − n` of the logits
 /// `s·sim`: their log-sum-exp into `lse[k]`, and their cross-entropy against the diagonal over
 /// `2n` into `parts[k]` (the loss is the sum of `parts`).
@@ -32,7 +43,7 @@ fn infonce_forward(
 ) {
     let k = ABSOLUTE_POS;
     if k < 2 * n {
-        let s = Exp::exp(min(log_scale[0], t_max));
+        let s = Exp::exp(clamped(log_scale[0], t_max));
         // Row i: sim[i·n + q]; column j: sim[q·n + j].
         let mut at = k * n;
         let mut step = 1;
@@ -58,7 +69,7 @@ fn infonce_forward(
 
 /// Unit `i < n`: row `i` of the loss's gradient with respect to `sim` (the gradient `g` of
 /// the loss times `s·(p_row + p_col − 2δ) / 2n`), and the row's share of the gradient with
-/// respect to `t` (`Σ_j sim·∂loss/∂logit · s`, or 0 where the clamp holds) into `t_parts[i]`.
+/// respect to `t` (`Σ_j sim·∂loss/∂logit · s`, or 0 where `t > t_max`) into `t_parts[i]`.
 #[cube(launch_unchecked)]
 fn infonce_backward(
     sim: &Array<f32>,
@@ -73,7 +84,7 @@ fn infonce_backward(
     let i = ABSOLUTE_POS;
     if i < n {
         let t = log_scale[0];
-        let s = Exp::exp(min(t, t_max));
+        let s = Exp::exp(clamped(t, t_max));
         let c = grad[0] / f32::cast_from(2 * n);
         let mut along_t = 0.0;
         for j in 0..n {
@@ -87,9 +98,9 @@ fn infonce_backward(
             grad_sim[at] = s * d;
             along_t += sim[at] * d;
         }
-        let mut along = 0.0;
-        if t <= t_max {
-            along = s * along_t;
+        let mut along = s * along_t;
+        if t > t_max {
+            along = 0.0;
         }
         t_parts[i] = along;
     }
@@ -256,7 +267,8 @@ mod tests {
         let want = ((-2f32).exp().ln_1p() + (-1f32).exp().ln_1p()) / 2.0;
         assert!((loss - want).abs() <= 1e-6, "{loss} vs {want}");
 
-        for (n, t) in [(5, 14.27f32.ln()), (37, 1.0), (6, 5.0)] {
+        // ln 100 itself: where the clamp after each step leaves a saturated scale.
+        for (n, t) in [(5, 14.27f32.ln()), (37, 1.0), (6, 5.0), (4, 100f32.ln())] {
             let [l, g_sim, g_t] = loss_and_gradients::<Autodiff<Wgpu>>(n, t, true);
             let [burns_l, burns_sim, burns_t] = loss_and_gradients::<Autodiff<Wgpu>>(n, t, false);
             assert!(
@@ -278,5 +290,9 @@ mod tests {
             let clamped = t > 100f32.ln();
             assert_eq!(g_t[0] == 0.0, clamped, "n {n}: t's gradient {g_t:?}");
         }
+        let sim = Tensor::<Wgpu, 2>::from_floats([[1.0, 0.0], [0.5, 1.0]], &dev);
+        let t = Tensor::<Wgpu, 1>::from_floats([f32::NAN], &dev);
+        let loss: f32 = infonce(sim, t, 100f32.ln()).expect("wgpu's").into_scalar();
+        assert!(loss.is_nan(), "a NaN scale gives a NaN loss: {loss}");
     }
 }

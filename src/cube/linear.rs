@@ -32,6 +32,13 @@ pub fn linear<B: Backend>(
     weight: Tensor<B, 2>,
     bias: Tensor<B, 1>,
 ) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
+    assert_eq!(
+        bias.dims()[0],
+        weight.dims()[1],
+        "linear: a bias of {} for {} outputs",
+        bias.dims()[0],
+        weight.dims()[1]
+    );
     if !all_f32(&[x.dtype(), weight.dtype(), bias.dtype()]) {
         return Err(x);
     }

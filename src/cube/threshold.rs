@@ -15,8 +15,9 @@ use cubecl::prelude::*;
 
 use super::{OnCube, all_f32, dispatch, downcast, elementwise, empty_like, record, upcast};
 
-/// `out[i] = value[i]` where `reference[i] > threshold` (where it is not, with `above` 0),
-/// `fill` elsewhere.
+/// `out[i] = value[i]` where `reference[i]` is not at or below `threshold` (with `above` 0:
+/// where it is not above it), `fill` elsewhere. So a NaN is kept either way, as Burn's ReLU and
+/// clamp keep it (and pass its gradient), and a diverged run's NaN still reaches the loss.
 #[cube(launch_unchecked)]
 fn keep_or_fill(
     reference: &Array<f32>,
@@ -28,13 +29,14 @@ fn keep_or_fill(
 ) {
     let i = ABSOLUTE_POS;
     if i < out.len() {
-        let mut keep = reference[i] > threshold;
-        if above == 0u32 {
-            keep = !keep;
+        let r = reference[i];
+        let mut replaced = r > threshold;
+        if above == 1u32 {
+            replaced = r <= threshold;
         }
-        let mut v = fill;
-        if keep {
-            v = value[i];
+        let mut v = value[i];
+        if replaced {
+            v = fill;
         }
         out[i] = v;
     }
@@ -181,7 +183,7 @@ mod tests {
     }
 
     /// On wgpu: the ReLU and the clamp and their gradients are Burn's at every kind of value
-    /// (negative, both zeros, the threshold itself, above it), plain and under autodiff.
+    /// (negative, both zeros, the threshold itself, above it, NaN), plain and under autodiff.
     #[test]
     #[ignore = "needs a Vulkan device: .ci/run runs it on Mesa's lavapipe"]
     fn relu_and_clamp_match_burns_on_wgpu() {
@@ -203,8 +205,8 @@ mod tests {
         for relu_not_clamp in [true, false] {
             let [y, g] = output_and_gradient(relu_not_clamp, true);
             let [burns_y, burns_g] = output_and_gradient(relu_not_clamp, false);
-            // The NaN aside (Burn's ReLU keeps it, this one gives 0; both clamps keep it).
             assert_eq!(y[..7], burns_y[..7], "relu {relu_not_clamp}");
+            assert!(y[7].is_nan() && burns_y[7].is_nan(), "a NaN is kept");
             assert_eq!(g, burns_g, "relu {relu_not_clamp}: gradient");
             assert!(g.contains(&0.0) && g.iter().any(|&g| g > 0.0));
         }

@@ -27,7 +27,9 @@ pub const LOGIT_SCALE_MAX: f64 = 100.0;
 /// The logit scale s = exp(t) of its log `t`, never above [`LOGIT_SCALE_MAX`] (on the host;
 /// the loss computes it on the device).
 pub fn logit_scale_of(t: f64) -> f64 {
-    t.min(LOGIT_SCALE_MAX.ln()).exp()
+    // Not `f64::min`, which would turn a NaN into the maximum.
+    let max = LOGIT_SCALE_MAX.ln();
+    if t > max { max.exp() } else { t.exp() }
 }
 
 /// Projection head used by the loss only: f(z) = W2·ReLU(W1·z).

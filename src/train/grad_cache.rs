@@ -27,8 +27,8 @@ use crate::train::loss::is_finite;
 use crate::train::metrics::{ClueOutput, StepParts};
 
 /// Training step `step` of `model` (a run seeded with `seed`) on `batch` in chunks of `chunk`
-/// users: the loss and logits of the whole batch and its parameter gradients (`None` when the
-/// loss is not finite).
+/// users: the loss and similarities of the whole batch and its parameter gradients (`None`
+/// when the loss is not finite).
 pub fn grad_cache_step<B: AutodiffBackend>(
     model: &ClueModel<B>,
     seed: u64,

@@ -36,12 +36,12 @@ pub struct BatchStats {
 
 /// Fraction of rows whose own column (the diagonal) ranks within the top `k`. Ties count
 /// against the positive, so a constant score never looks good.
-pub fn retrieval_accuracy(logits: &[f32], n: usize, k: usize, transpose: bool) -> f64 {
+pub fn retrieval_accuracy(scores: &[f32], n: usize, k: usize, transpose: bool) -> f64 {
     let at = |i: usize, j: usize| {
         if transpose {
-            logits[j * n + i]
+            scores[j * n + i]
         } else {
-            logits[i * n + j]
+            scores[i * n + j]
         }
     };
     let hits = (0..n)
