@@ -90,9 +90,8 @@ impl<B: Backend, const D: usize> OnCube for SumOfSquares<B, D> {
 /// `Σ x` (`Σ x²` with `square`) of a non-empty `x`, as `[1]`: sums of up to [`PER_UNIT`]
 /// values each, then of those sums, until one value is left (⌈log₁₀₂₄ n⌉ passes: two up to a
 /// million values).
-pub(super) fn total<R: CubeRuntime>(x: CubeTensor<R>, square: bool) -> CubeTensor<R> {
+pub(super) fn total<R: CubeRuntime>(x: CubeTensor<R>, mut square: bool) -> CubeTensor<R> {
     let mut sums = into_contiguous(x);
-    let mut square = square;
     loop {
         let units = sums.meta.shape().num_elements().div_ceil(PER_UNIT);
         sums = strided(sums, units, square);

@@ -133,7 +133,7 @@ impl<B: Backend> OnCube for InfoNce<B> {
         let InfoNce(sim, log_scale, t_max) = self;
         if !tracked {
             let (sim, t) = (downcast(sim), downcast(log_scale));
-            return upcast(run_forward::<R>(sim, t, t_max).0);
+            return upcast(run_forward::<R>(into_contiguous(sim), into_contiguous(t), t_max).0);
         }
         let inputs: [Tracked<R, BT>; 2] = [downcast(sim), downcast(log_scale)];
         upcast(record::<R, BT, _, 2>(
@@ -148,13 +148,13 @@ impl<B: Backend> OnCube for InfoNce<B> {
     }
 }
 
-/// The loss (`[1]`) and the `2n` log-sum-exps its backward step reads.
+/// The loss (`[1]`) and the `2n` log-sum-exps its backward step reads, from contiguous `sim`
+/// and `log_scale`.
 fn run_forward<R: CubeRuntime>(
     sim: CubeTensor<R>,
     log_scale: CubeTensor<R>,
     t_max: f32,
 ) -> (CubeTensor<R>, CubeTensor<R>) {
-    let (sim, log_scale) = (into_contiguous(sim), into_contiguous(log_scale));
     let n = sim.meta.shape().dims::<2>()[0];
     let (parts, lse) = (empty(&sim, [2 * n].into()), empty(&sim, [2 * n].into()));
     let (count, dim) = elementwise(&sim.client, 2 * n);
