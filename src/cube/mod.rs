@@ -143,11 +143,26 @@ where
     }
 }
 
-/// `pad` as f32 values, 1 where true (whatever the device's default float type, which the
-/// kernels do not read).
-fn f32_mask<B: Backend>(pad: &Tensor<B, 2, Bool>) -> Tensor<B, 2> {
-    pad.clone().cast(burn::tensor::FloatDType::F32)
+/// `pad`'s primitive on a CubeCL backend, plain or under `Autodiff` (which keeps the inner
+/// backend's bool tensors): its values as the backend stores booleans (u32 on wgpu, u8 on CUDA),
+/// read by the kernels through [`is_set`] without a cast to floats (a kernel of its own).
+fn bool_primitive<R: CubeRuntime, B: Backend>(pad: &Tensor<B, 2, Bool>) -> CubeTensor<R> {
+    let any: Box<dyn Any> = Box::new(pad.clone().into_primitive());
+    *any.downcast::<CubeTensor<R>>()
+        .expect("the bool primitive of the dispatched backend")
 }
+
+mod flags {
+    use cubecl::prelude::*;
+
+    /// Whether the stored boolean `flags[i]` is true: its lowest bit, as Burn's cast of a
+    /// bool tensor reads it.
+    #[cube]
+    pub fn is_set<P: Int>(flags: &Array<P>, i: usize) -> bool {
+        (flags[i] & P::from_int(1)) != P::from_int(0)
+    }
+}
+use flags::is_set;
 
 /// Whether every tensor is f32.
 fn all_f32(dtypes: &[DType]) -> bool {

@@ -13,15 +13,15 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime};
 use cubecl::prelude::*;
 
 use super::{
-    OnCube, Tracked, all_f32, dispatch, downcast, elementwise, empty, f32_mask, record, upcast,
+    OnCube, all_f32, bool_primitive, dispatch, downcast, elementwise, empty, is_set, record, upcast,
 };
 
 /// The number of positions of sequence `b` that are not padding (at least 1).
 #[cube]
-fn kept(pad: &Array<f32>, b: usize, len: usize) -> f32 {
+fn kept<P: Int>(pad: &Array<P>, b: usize, len: usize) -> f32 {
     let mut count = 0.0;
     for t in 0..len {
-        if pad[b * len + t] < 0.5 {
+        if !is_set(pad, b * len + t) {
             count += 1.0;
         }
     }
@@ -31,13 +31,20 @@ fn kept(pad: &Array<f32>, b: usize, len: usize) -> f32 {
 /// One feature `j` of one sequence `b` per unit: the sum of `x[b, t, j]` over the positions
 /// `t` that are not padding, over their number.
 #[cube(launch_unchecked)]
-fn pool_forward(x: &Array<f32>, pad: &Array<f32>, out: &mut Array<f32>, len: usize, d: usize) {
+fn pool_forward<P: Int>(
+    x: &Array<f32>,
+    pad: &Array<P>,
+    out: &mut Array<f32>,
+    len: usize,
+    d: usize,
+    #[define(P)] _flags: StorageType,
+) {
     let unit = ABSOLUTE_POS;
     if unit < out.len() {
         let (b, j) = (unit / d, unit % d);
         let mut sum = 0.0;
         for t in 0..len {
-            if pad[b * len + t] < 0.5 {
+            if !is_set(pad, b * len + t) {
                 sum += x[(b * len + t) * d + j];
             }
         }
@@ -48,14 +55,21 @@ fn pool_forward(x: &Array<f32>, pad: &Array<f32>, out: &mut Array<f32>, len: usi
 /// One feature `j` of one sequence `b` per unit: the output's gradient over the number of
 /// kept positions at each of them, and 0 at padding.
 #[cube(launch_unchecked)]
-fn pool_backward(grad: &Array<f32>, pad: &Array<f32>, out: &mut Array<f32>, len: usize, d: usize) {
+fn pool_backward<P: Int>(
+    grad: &Array<f32>,
+    pad: &Array<P>,
+    out: &mut Array<f32>,
+    len: usize,
+    d: usize,
+    #[define(P)] _flags: StorageType,
+) {
     let unit = ABSOLUTE_POS;
     if unit < grad.len() {
         let (b, j) = (unit / d, unit % d);
         let share = grad[unit] / kept(pad, b, len);
         for t in 0..len {
             let mut g = 0.0;
-            if pad[b * len + t] < 0.5 {
+            if !is_set(pad, b * len + t) {
                 g = share;
             }
             out[(b * len + t) * d + j] = g;
@@ -92,18 +106,15 @@ impl<B: Backend> OnCube for Pool<'_, B> {
 
     fn on<R: CubeRuntime, BT: BoolElement>(self, tracked: bool) -> Tensor<B, 2> {
         let [n, len, d] = self.x.dims();
-        let pad = f32_mask(self.pad);
+        let pad = into_contiguous(bool_primitive::<R, B>(self.pad));
         let shape = [n, len, d];
         match tracked {
-            false => upcast(run_forward::<R>(downcast(self.x), downcast(pad), shape)),
-            true => {
-                let pad = downcast::<Tracked<R, BT>, B, 2>(pad).primitive;
-                upcast(record::<R, BT, _, 1>(
-                    PoolStep(shape),
-                    [downcast(self.x)],
-                    |[x]| (run_forward(x, pad.clone(), shape), pad),
-                ))
-            }
+            false => upcast(run_forward::<R>(downcast(self.x), pad, shape)),
+            true => upcast(record::<R, BT, _, 1>(
+                PoolStep(shape),
+                [downcast(self.x)],
+                |[x]| (run_forward(x, pad.clone(), shape), pad),
+            )),
         }
     }
 }
@@ -113,21 +124,23 @@ fn run_forward<R: CubeRuntime>(
     pad: CubeTensor<R>,
     [n, len, d]: [usize; 3],
 ) -> CubeTensor<R> {
-    let (x, pad) = (into_contiguous(x), into_contiguous(pad));
+    let x = into_contiguous(x);
     let out = empty(&x, [n, d].into());
     let (count, dim) = elementwise(&x.client, n * d);
-    // SAFETY: contiguous f32 buffers: x of `n` sequences of `len × d`, pad of `n × len`, out
-    // of `n × d`; each unit reads one feature of one sequence and writes its own value.
+    // SAFETY: contiguous buffers: x (f32) of `n` sequences of `len × d`, pad (the backend's
+    // booleans) of `n × len`, out (f32) of `n × d`; each unit reads one feature of one sequence
+    // and writes its own value.
     unsafe {
         pool_forward::launch_unchecked::<R>(
             &x.client.clone(),
             count,
             dim,
             x.into_array_arg(),
-            pad.into_array_arg(),
+            pad.clone().into_array_arg(),
             out.clone().into_array_arg(),
             len,
             d,
+            pad.dtype.into(),
         );
     }
     out
@@ -154,10 +167,11 @@ impl<R: CubeRuntime, BT: BoolElement> Backward<CubeBackend<R, f32, i32, BT>, 1> 
                     count,
                     dim,
                     grad.into_array_arg(),
-                    pad.into_array_arg(),
+                    pad.clone().into_array_arg(),
                     out.clone().into_array_arg(),
                     len,
                     d,
+                    pad.dtype.into(),
                 );
             }
             out
@@ -168,8 +182,8 @@ impl<R: CubeRuntime, BT: BoolElement> Backward<CubeBackend<R, f32, i32, BT>, 1> 
 #[cfg(all(test, feature = "wgpu"))]
 mod tests {
     use burn::backend::{Autodiff, Wgpu};
-    use burn::tensor::TensorData;
     use burn::tensor::backend::AutodiffBackend;
+    use burn::tensor::{Int, TensorData};
 
     use super::*;
     use crate::testing::max_diff;
@@ -214,11 +228,20 @@ mod tests {
             &dev,
         );
         let pad = Tensor::<Wgpu, 2, Bool>::from_data([[false, false], [false, true]], &dev);
-        let mean = masked_mean(x, &pad).expect("wgpu's f32 tensors");
-        assert_eq!(
-            mean.into_data().to_vec::<f32>().unwrap(),
-            [2.0, 4.0, 5.0, 7.0]
-        );
+        // The kernels read the backend's own booleans: written from the host, made by a
+        // comparison on the GPU (as the model's padding is, `tokens.equal_elem(0)`), negated.
+        let ids = Tensor::<Wgpu, 2, Int>::from_data([[3, 1], [4, 0]], &dev);
+        for pad in [
+            pad,
+            ids.clone().equal_elem(0),
+            ids.not_equal_elem(0).bool_not(),
+        ] {
+            let mean = masked_mean(x.clone(), &pad).expect("wgpu's f32 tensors");
+            assert_eq!(
+                mean.into_data().to_vec::<f32>().unwrap(),
+                [2.0, 4.0, 5.0, 7.0]
+            );
+        }
 
         let [ours_y, ours_g] = mean_and_gradient::<Autodiff<Wgpu>>(true);
         let [burns_y, burns_g] = mean_and_gradient::<Autodiff<Wgpu>>(false);

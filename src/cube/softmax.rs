@@ -14,15 +14,16 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime};
 use cubecl::prelude::*;
 
 use super::{
-    OnCube, Tracked, all_f32, dispatch, downcast, empty_like, f32_mask, per_row, record, upcast,
+    OnCube, all_f32, bool_primitive, dispatch, downcast, empty_like, is_set, per_row, record,
+    upcast,
 };
 
 /// The score of key `j` in the row starting at `at` (its sequence's keys start at `keys` in
-/// `pad`, 1 = padding): scaled, or `masked` for a key that is padding.
+/// `pad`, true = padding): scaled, or `masked` for a key that is padding.
 #[cube]
-fn score(
+fn score<P: Int>(
     scores: &Array<f32>,
-    pad: &Array<f32>,
+    pad: &Array<P>,
     at: usize,
     keys: usize,
     j: usize,
@@ -30,7 +31,7 @@ fn score(
     masked: f32,
 ) -> f32 {
     let mut s = scores[at + j] * scale;
-    if pad[keys + j] > 0.5 {
+    if is_set(pad, keys + j) {
         s = masked;
     }
     s
@@ -39,14 +40,16 @@ fn score(
 /// One row per unit: `exp(s − max s) / Σ exp(s − max s)` over the row's scores `s` (scaled and
 /// masked by [`score`]), in Burn's order of operations.
 #[cube(launch_unchecked)]
-fn softmax_forward(
+#[allow(clippy::too_many_arguments)]
+fn softmax_forward<P: Int>(
     scores: &Array<f32>,
-    pad: &Array<f32>,
+    pad: &Array<P>,
     out: &mut Array<f32>,
     len: usize,
     queries: usize,
     scale: f32,
     masked: f32,
+    #[define(P)] _flags: StorageType,
 ) {
     let row = ABSOLUTE_POS;
     if row * len < scores.len() {
@@ -72,14 +75,15 @@ fn softmax_forward(
 /// `scale · y · (g − Σ g·y)`, and 0 for the keys that are padding (the masking's gradient).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn softmax_backward(
+fn softmax_backward<P: Int>(
     weights: &Array<f32>,
     grad: &Array<f32>,
-    pad: &Array<f32>,
+    pad: &Array<P>,
     out: &mut Array<f32>,
     len: usize,
     queries: usize,
     scale: f32,
+    #[define(P)] _flags: StorageType,
 ) {
     let row = ABSOLUTE_POS;
     if row * len < weights.len() {
@@ -91,7 +95,7 @@ fn softmax_backward(
         }
         for j in 0..len {
             let mut g = 0.0;
-            if pad[keys + j] < 0.5 {
+            if !is_set(pad, keys + j) {
                 g = scale * weights[at + j] * (grad[at + j] - dot);
             }
             out[at + j] = g;
@@ -152,26 +156,18 @@ impl<B: Backend> OnCube for Softmax<'_, B> {
             queries: heads * len,
             scale: self.scale,
         };
-        let pad = f32_mask(self.pad);
+        let pad = into_contiguous(bool_primitive::<R, B>(self.pad));
         let masked = self.masked;
         match tracked {
-            false => upcast(run_forward::<R>(
-                downcast(self.scores),
-                downcast(pad),
-                rows,
-                masked,
+            false => upcast(run_forward::<R>(downcast(self.scores), pad, rows, masked)),
+            true => upcast(record::<R, BT, _, 1>(
+                SoftmaxStep(rows),
+                [downcast(self.scores)],
+                |[scores]| {
+                    let weights = run_forward(scores, pad.clone(), rows, masked);
+                    (weights.clone(), (weights, pad))
+                },
             )),
-            true => {
-                let pad = downcast::<Tracked<R, BT>, B, 2>(pad).primitive;
-                upcast(record::<R, BT, _, 1>(
-                    SoftmaxStep(rows),
-                    [downcast(self.scores)],
-                    |[scores]| {
-                        let weights = run_forward(scores, pad.clone(), rows, masked);
-                        (weights.clone(), (weights, pad))
-                    },
-                ))
-            }
         }
     }
 }
@@ -182,23 +178,25 @@ fn run_forward<R: CubeRuntime>(
     rows: Rows,
     masked: f32,
 ) -> CubeTensor<R> {
-    let (scores, pad) = (into_contiguous(scores), into_contiguous(pad));
+    let scores = into_contiguous(scores);
     let out = empty_like(&scores);
     let (count, dim) = per_row(&scores, rows.len);
-    // SAFETY: contiguous f32 buffers: scores and out of rows of `len`, pad of `len` per
-    // sequence of `queries` rows; the kernel reads and writes only within its own row.
+    // SAFETY: contiguous buffers: scores and out (f32) of rows of `len`, pad (the backend's
+    // booleans) of `len` per sequence of `queries` rows; the kernel reads and writes only
+    // within its own row.
     unsafe {
         softmax_forward::launch_unchecked::<R>(
             &scores.client.clone(),
             count,
             dim,
             scores.into_array_arg(),
-            pad.into_array_arg(),
+            pad.clone().into_array_arg(),
             out.clone().into_array_arg(),
             rows.len,
             rows.queries,
             rows.scale,
             masked,
+            pad.dtype.into(),
         );
     }
     out
@@ -221,11 +219,12 @@ fn run_backward<R: CubeRuntime>(
             dim,
             weights.into_array_arg(),
             grad.into_array_arg(),
-            pad.into_array_arg(),
+            pad.clone().into_array_arg(),
             out.clone().into_array_arg(),
             rows.len,
             rows.queries,
             rows.scale,
+            pad.dtype.into(),
         );
     }
     out

@@ -9,6 +9,7 @@ use burn::prelude::*;
 
 use crate::backend::BackendKind;
 use crate::data::augment::Views;
+use crate::data::groups::{GROUP_OVERHEAD, length_groups};
 use crate::data::store::{PreparedDataset, Split};
 
 /// One item of a user's sequence: its index in the item table and its tokens (prefix first).
@@ -121,6 +122,8 @@ pub struct UserBatch<B: Backend> {
     pub item_pad: Tensor<B, 2, Bool>,
     /// `[services·batch·items]`: 0 for a padding slot, else 1 + the slot's item row.
     pub slot_item: Tensor<B, 1, Int>,
+    /// `[services·batch·items]`: the item row each slot reads (see [`slot_rows`]).
+    pub slot_row: Tensor<B, 1, Int>,
     /// Number of services stacked.
     pub services: usize,
     /// Dataset row of each user.
@@ -170,40 +173,14 @@ pub fn slot_tokens<B: Backend>(
         .reshape([rows, slots, len])
 }
 
-/// Positions a group of items costs beyond its padded tokens (the per-operation overhead of one
-/// more pass through the Item Transformer), for [`length_groups`].
-pub const GROUP_OVERHEAD: usize = 256;
-
-/// Cuts items sorted by length (`lengths`, ascending) into consecutive groups, each padded to
-/// its longest, so that padded positions plus `overhead` per group are smallest. Returns each
-/// group's end (exclusive); empty for no items.
-pub fn length_groups(lengths: &[usize], overhead: usize) -> Vec<usize> {
-    debug_assert!(lengths.is_sorted());
-    // Candidate ends: where a run of equal lengths ends.
-    let ends: Vec<usize> = (1..=lengths.len())
-        .filter(|&e| e == lengths.len() || lengths[e] != lengths[e - 1])
-        .collect();
-    // best[j]: cost of items up to ends[j - 1]; from[j]: the previous cut.
-    let mut best = vec![0usize; ends.len() + 1];
-    let mut from = vec![0usize; ends.len() + 1];
-    for j in 1..=ends.len() {
-        let (end, width) = (ends[j - 1], lengths[ends[j - 1] - 1].max(1));
-        (best[j], from[j]) = (0..j)
-            .map(|i| {
-                let start = if i == 0 { 0 } else { ends[i - 1] };
-                (best[i] + (end - start) * width + overhead, i)
-            })
-            .min()
-            .expect("j ≥ 1");
-    }
-    let mut cuts = Vec::new();
-    let mut j = ends.len();
-    while j > 0 {
-        cuts.push(ends[j - 1]);
-        j = from[j];
-    }
-    cuts.reverse();
-    cuts
+/// The item row each slot reads, from a slot table of 0 for padding, else 1 + the row: a
+/// padding slot reads row 0, whose vector its padding masks (in the attention's keys and the
+/// pooled mean), so [`ClueEncoder::encode_users`] gathers the item vectors as they are, without
+/// a zero row put in front of them (a copy of the table in every step).
+///
+/// [`ClueEncoder::encode_users`]: crate::model::ClueEncoder::encode_users
+pub fn slot_rows(slot_item: &[i64]) -> Vec<i64> {
+    slot_item.iter().map(|&v| (v - 1).max(0)).collect()
 }
 
 /// Fixed tensor shapes for accelerators (a new shape can cost compilations): slots and tokens
@@ -338,6 +315,10 @@ impl<B: Backend> Batcher<B, UserSample, UserBatch<B>> for UserBatcher {
         UserBatch {
             item_groups,
             item_pad: Tensor::from_data(TensorData::new(item_pad, [rows, slots]), device),
+            slot_row: Tensor::from_data(
+                TensorData::new(slot_rows(&slot_item), [rows * slots]),
+                device,
+            ),
             slot_item: Tensor::from_data(TensorData::new(slot_item, [rows * slots]), device),
             services,
             users: samples.iter().map(|s| s.user).collect(),
@@ -396,6 +377,8 @@ pub struct ItemSlots<B: Backend> {
     pub item_pad: Tensor<B, 2, Bool>,
     /// `[rows·slots]`: 0 for a padding slot, else 1 + the slot's position in `items`.
     pub slot_item: Tensor<B, 1, Int>,
+    /// `[rows·slots]`: the position in `items` each slot reads (see [`slot_rows`]).
+    pub slot_row: Tensor<B, 1, Int>,
 }
 
 impl UserBatcher {
@@ -426,6 +409,10 @@ impl UserBatcher {
         ItemSlots {
             items: distinct,
             item_pad: Tensor::from_data(TensorData::new(pad, [rows, slots]), device),
+            slot_row: Tensor::from_data(
+                TensorData::new(slot_rows(&slot_item), [rows * slots]),
+                device,
+            ),
             slot_item: Tensor::from_data(TensorData::new(slot_item, [rows * slots]), device),
         }
     }
@@ -528,17 +515,6 @@ mod tests {
         assert_eq!(again, tokens, "same content, more padding");
     }
 
-    /// Padded positions + overhead of cutting sorted `lengths` at `cuts`.
-    fn cost(lengths: &[usize], cuts: &[usize], overhead: usize) -> usize {
-        let mut start = 0;
-        let mut total = 0;
-        for &end in cuts {
-            total += (end - start) * lengths[end - 1].max(1) + overhead;
-            start = end;
-        }
-        total
-    }
-
     /// Inference batches over the item cache: each distinct item once in first-seen order, slots
     /// numbered 1 + its position, padding 0; with a fixed shape, slots padded to the maximum and
     /// the item list to a multiple (repeats of the first, which no slot points at).
@@ -565,52 +541,6 @@ mod tests {
             fs.iter().all(|&s| s <= 4),
             "no slot points at a padding row"
         );
-    }
-
-    #[test]
-    fn length_groups_are_the_cheapest_cuts() {
-        assert!(length_groups(&[], 10).is_empty());
-        assert_eq!(
-            length_groups(&[2, 2, 3, 4], 0),
-            [2, 3, 4],
-            "free groups: one per length"
-        );
-        assert_eq!(length_groups(&[2, 2, 3, 4], 1000), [4], "dear groups: one");
-        let two_kinds: Vec<usize> = [vec![3; 100], vec![16; 100]].concat();
-        assert_eq!(length_groups(&two_kinds, 256), [100, 200]);
-        // Against every set of cuts at length changes, on random inputs.
-        let mut state = 7u64;
-        for _ in 0..200 {
-            let mut next = || {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (state >> 33) as usize
-            };
-            let n = 1 + next() % 12;
-            let mut lengths: Vec<usize> = (0..n).map(|_| next() % 9).collect();
-            lengths.sort();
-            let overhead = next() % 20;
-            let got = length_groups(&lengths, overhead);
-            assert_eq!(*got.last().unwrap(), n);
-            let ends: Vec<usize> = (1..n).filter(|&e| lengths[e] != lengths[e - 1]).collect();
-            let best = (0..1u32 << ends.len())
-                .map(|mask| {
-                    let mut cuts: Vec<usize> = (0..ends.len())
-                        .filter(|&b| mask >> b & 1 == 1)
-                        .map(|b| ends[b])
-                        .collect();
-                    cuts.push(n);
-                    cost(&lengths, &cuts, overhead)
-                })
-                .min()
-                .unwrap();
-            assert_eq!(
-                cost(&lengths, &got, overhead),
-                best,
-                "{lengths:?} +{overhead}"
-            );
-        }
     }
 
     #[test]

@@ -4,7 +4,7 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
 use crate::backend::BackendKind;
-use crate::data::batcher::{ITEM_MULTIPLE, UserBatch};
+use crate::data::batcher::{ITEM_MULTIPLE, UserBatch, slot_rows};
 
 /// The multiple a batch's distinct items are padded to on backend `B` (1: not padded), as
 /// [`crate::data::batcher::UserBatcher::of`] pads them; a split keeps it.
@@ -124,10 +124,12 @@ impl<B: Backend> UserBatch<B> {
             })
             .collect();
         let pad: Vec<bool> = slot.iter().map(|&v| v == 0).collect();
+        let n = rows.len();
         UserBatch {
             item_groups,
-            item_pad: Tensor::from_data(TensorData::new(pad, [rows.len(), slots]), &device),
-            slot_item: Tensor::from_data(TensorData::new(slot, [rows.len() * slots]), &device),
+            item_pad: Tensor::from_data(TensorData::new(pad, [n, slots]), &device),
+            slot_row: Tensor::from_data(TensorData::new(slot_rows(&slot), [n * slots]), &device),
+            slot_item: Tensor::from_data(TensorData::new(slot, [n * slots]), &device),
             services: self.services,
             users,
         }
@@ -141,6 +143,7 @@ impl<B: AutodiffBackend> UserBatch<B> {
             item_groups: self.item_groups.iter().map(|g| g.clone().inner()).collect(),
             item_pad: self.item_pad.clone().inner(),
             slot_item: self.slot_item.clone().inner(),
+            slot_row: self.slot_row.clone().inner(),
             services: self.services,
             users: self.users.clone(),
         }

@@ -5,6 +5,7 @@ pub mod augment;
 pub mod batcher;
 pub mod chunk;
 pub mod convert;
+pub mod groups;
 pub mod history;
 pub mod log;
 pub mod options;

@@ -153,11 +153,11 @@ pub fn user_vectors<B: Backend>(
                         &e.device,
                     )
                     .reshape([b.items.len(), e.d_model]);
-                    e.encoder.encode_users(vectors, b.slot_item, b.item_pad)
+                    e.encoder.encode_users(vectors, b.slot_row, b.item_pad)
                 }
                 (false, None) => {
                     let vectors = e.encoder.encode_items(tokens());
-                    e.encoder.encode_users(vectors, b.slot_item, b.item_pad)
+                    e.encoder.encode_users(vectors, b.slot_row, b.item_pad)
                 }
             })
         });

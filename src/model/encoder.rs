@@ -43,9 +43,10 @@ impl<B: Backend> ServiceTransformer<B> {
     /// `items`: `[users, slots, d]`, `pad`: `[users, slots]` → `[users, d]`.
     pub fn forward(&self, items: Tensor<B, 3>, pad: Tensor<B, 2, Bool>) -> Tensor<B, 2> {
         let [users, slots, _] = items.dims();
-        let slot = Tensor::<B, 1, Int>::arange(0..slots as i64, &items.device())
-            .unsqueeze::<2>()
-            .expand([users, slots]);
+        // Written out on the host: an expanded `arange` would take a copy kernel on a GPU (the
+        // embedding's lookup reads its indices contiguous).
+        let slot: Vec<i64> = (0..users * slots).map(|i| (i % slots) as i64).collect();
+        let slot = Tensor::from_data(TensorData::new(slot, [users, slots]), &items.device());
         self.forward_at(items, slot, pad)
     }
 
@@ -193,19 +194,22 @@ impl<B: Backend> ClueEncoder<B> {
 
     /// User embeddings from already-encoded item vectors.
     ///
-    /// `item_vectors`: `[distinct items, d_model]`; `slot_item`: `[rows·slots]` (0 = padding,
-    /// else 1 + row of `item_vectors`); `pad`: `[rows, slots]` → `[rows, embedding_dim]`.
+    /// `item_vectors`: `[distinct items, d_model]`; `slot_row`: `[rows·slots]`, the row of
+    /// `item_vectors` each slot reads ([`slot_rows`](crate::data::batcher::slot_rows): a padding
+    /// slot reads row 0, which `pad` masks); `pad`: `[rows, slots]` → `[rows, embedding_dim]`.
     pub fn encode_users(
         &self,
         item_vectors: Tensor<B, 2>,
-        slot_item: Tensor<B, 1, Int>,
+        slot_row: Tensor<B, 1, Int>,
         pad: Tensor<B, 2, Bool>,
     ) -> Tensor<B, 2> {
         let [rows, slots] = pad.dims();
-        let d = item_vectors.dims()[1];
-        let zero = item_vectors.clone().slice([0..1, 0..d]).zeros_like();
-        let table = Tensor::cat(vec![zero, item_vectors], 0);
-        let items = table.select(0, slot_item).reshape([rows, slots, d]);
+        let [items, d] = item_vectors.dims();
+        let items = match items {
+            // Every slot is padding: nothing to read.
+            0 => Tensor::zeros([rows, slots, d], &item_vectors.device()),
+            _ => item_vectors.select(0, slot_row).reshape([rows, slots, d]),
+        };
         self.reduce(self.service.forward(items, pad))
     }
 
@@ -217,6 +221,51 @@ impl<B: Backend> ClueEncoder<B> {
             return self.encode_flat(batch.tokens());
         }
         let vectors = self.encode_item_groups(&batch.item_groups);
-        self.encode_users(vectors, batch.slot_item.clone(), batch.item_pad.clone())
+        self.encode_users(vectors, batch.slot_row.clone(), batch.item_pad.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::NdArray;
+    use burn::tensor::TensorData;
+
+    use super::*;
+    use crate::data::batcher::slot_rows;
+    use crate::model::init::Init;
+    use crate::testing::max_diff;
+
+    /// A padding slot reads item row 0 ([`slot_rows`]), which its padding masks: the users'
+    /// embeddings are those of a zero vector at each padding slot (a zero row put in front of
+    /// the table, as before), for a row with padding at its end, one with padding first and one
+    /// of padding only.
+    #[test]
+    fn padding_slots_read_row_0_and_change_nothing() {
+        let dev = Default::default();
+        let c = ModelConfig {
+            max_items: 4,
+            ..ModelConfig::default()
+        };
+        let encoder = ClueEncoder::<NdArray>::new(&c, &mut Init::new(3, &dev));
+        let d = c.d_model;
+        let vectors = (0..3 * d)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.2)
+            .collect();
+        let vectors = Tensor::<NdArray, 2>::from_data(TensorData::new(vectors, [3, d]), &dev);
+        let slot_item = vec![2i64, 3, 0, 0, 0, 1, 2, 3, 0, 0, 0, 0];
+        let pad: Vec<bool> = slot_item.iter().map(|&v| v == 0).collect();
+        let pad = Tensor::<NdArray, 2, Bool>::from_data(TensorData::new(pad, [3, 4]), &dev);
+        let index =
+            |v: Vec<i64>| Tensor::<NdArray, 1, Int>::from_data(TensorData::new(v, [12]), &dev);
+        let ours = encoder.encode_users(vectors.clone(), index(slot_rows(&slot_item)), pad.clone());
+        let table = Tensor::cat(vec![Tensor::zeros([1, d], &dev), vectors], 0);
+        let items = table.select(0, index(slot_item)).reshape([3, 4, d]);
+        let zero_rows = encoder.reduce(encoder.service.forward(items, pad));
+        let [ours, zero_rows] = [ours, zero_rows].map(|z| z.into_data().to_vec::<f32>().unwrap());
+        assert!(
+            max_diff(&ours, &zero_rows) <= 1e-6,
+            "{}",
+            max_diff(&ours, &zero_rows)
+        );
     }
 }

@@ -552,6 +552,7 @@ impl<B: Backend> UserBatch<B> {
                 .collect(),
             item_pad: self.item_pad.to_device(device),
             slot_item: self.slot_item.to_device(device),
+            slot_row: self.slot_row.to_device(device),
             services: self.services,
             users: self.users,
         }
