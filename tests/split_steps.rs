@@ -15,7 +15,7 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::TrainStep;
-use clue::data::batcher::{FixedShape, UserBatch, UserBatcher, UserDataset, UserSample};
+use clue::data::batcher::{FixedShape, UserBatch, UserBatcher, UserDataset, UserSample, slot_rows};
 use clue::data::store::{PreparedDataset, Split};
 use clue::model::dropout::with_chunk_masks;
 use clue::model::init::Init;
@@ -95,6 +95,9 @@ fn a_split_batch_embeds_like_batches_of_its_chunks() {
             if multiple == 1 {
                 assert_eq!(distinct(chunk), distinct(&direct), "each item once");
             }
+            let ints = |t: &Tensor<NdArray, 1, Int>| t.to_data().convert::<i64>().to_vec::<i64>();
+            let slot_item = ints(&chunk.slot_item).unwrap();
+            assert_eq!(ints(&chunk.slot_row).unwrap(), slot_rows(&slot_item));
             let a = values(model.forward(chunk));
             let b = values(model.forward(&direct));
             let diff = max_abs_diff(&a, &b);

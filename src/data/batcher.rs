@@ -108,8 +108,8 @@ impl Dataset<UserSample> for UserDataset {
 /// A padded batch of users, all services stacked: row `s·batch + i` is user `i` in service `s`.
 ///
 /// The distinct items of the batch are packed once each, so the Item Transformer never runs on a
-/// padding slot nor twice on an item that several users share; `slot_item` puts them back in
-/// place. Items come in groups of similar length, each padded only to its own longest item (a
+/// padding slot nor twice on an item that several users share; `slot_row` puts them back in
+/// place (`slot_item` numbers them with 0 for padding, for the flat model's token view). Items come in groups of similar length, each padded only to its own longest item (a
 /// batch of 3..16-token items padded to 16 spends ~40 % of the Item Transformer on padding).
 /// [`UserBatch::tokens`] gives the plain `[rows, items, tokens]` view.
 #[derive(Debug, Clone)]
@@ -176,7 +176,8 @@ pub fn slot_tokens<B: Backend>(
 /// The item row each slot reads, from a slot table of 0 for padding, else 1 + the row: a
 /// padding slot reads row 0, whose vector its padding masks (in the attention's keys and the
 /// pooled mean), so [`ClueEncoder::encode_users`] gathers the item vectors as they are, without
-/// a zero row put in front of them (a copy of the table in every step).
+/// a zero row put in front of them (a copy of the table in every step). Row 0 must be finite:
+/// a padding key's weight is 0, and 0 times a NaN or infinity is NaN (a diverged model's).
 ///
 /// [`ClueEncoder::encode_users`]: crate::model::ClueEncoder::encode_users
 pub fn slot_rows(slot_item: &[i64]) -> Vec<i64> {
@@ -526,6 +527,8 @@ mod tests {
         assert_eq!(b.items, vec![7, 3, 9, 5]);
         let slots: Vec<i64> = b.slot_item.to_data().to_vec().unwrap();
         assert_eq!(slots, vec![1, 2, 0, 2, 0, 0, 3, 1, 4]);
+        let rows: Vec<i64> = b.slot_row.to_data().to_vec().unwrap();
+        assert_eq!(rows, vec![0, 1, 0, 1, 0, 0, 2, 0, 3], "padding reads row 0");
         let pad: Vec<bool> = b.item_pad.to_data().to_vec().unwrap();
         assert_eq!(pad, slots.iter().map(|&s| s == 0).collect::<Vec<_>>());
         let fixed = UserBatcher::fixed(FixedShape {

@@ -227,7 +227,7 @@ impl<B: Backend> ClueEncoder<B> {
 
 #[cfg(test)]
 mod tests {
-    use burn::backend::NdArray;
+    use burn::backend::{Autodiff, NdArray};
     use burn::tensor::TensorData;
 
     use super::*;
@@ -235,37 +235,68 @@ mod tests {
     use crate::model::init::Init;
     use crate::testing::max_diff;
 
+    type A = Autodiff<NdArray>;
+
     /// A padding slot reads item row 0 ([`slot_rows`]), which its padding masks: the users'
-    /// embeddings are those of a zero vector at each padding slot (a zero row put in front of
-    /// the table, as before), for a row with padding at its end, one with padding first and one
-    /// of padding only.
+    /// embeddings, and the item vectors' gradients, are those of a zero vector at each padding
+    /// slot (a zero row put in front of the table, as before), for a row with padding at its
+    /// end, one with padding first and one of padding only.
     #[test]
     fn padding_slots_read_row_0_and_change_nothing() {
         let dev = Default::default();
+        // No dropout: two forward passes under autodiff would draw different masks.
         let c = ModelConfig {
             max_items: 4,
+            dropout: 0.0,
             ..ModelConfig::default()
         };
-        let encoder = ClueEncoder::<NdArray>::new(&c, &mut Init::new(3, &dev));
+        let encoder = ClueEncoder::<A>::new(&c, &mut Init::new(3, &dev));
         let d = c.d_model;
-        let vectors = (0..3 * d)
-            .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.2)
-            .collect();
-        let vectors = Tensor::<NdArray, 2>::from_data(TensorData::new(vectors, [3, d]), &dev);
         let slot_item = vec![2i64, 3, 0, 0, 0, 1, 2, 3, 0, 0, 0, 0];
         let pad: Vec<bool> = slot_item.iter().map(|&v| v == 0).collect();
-        let pad = Tensor::<NdArray, 2, Bool>::from_data(TensorData::new(pad, [3, 4]), &dev);
-        let index =
-            |v: Vec<i64>| Tensor::<NdArray, 1, Int>::from_data(TensorData::new(v, [12]), &dev);
-        let ours = encoder.encode_users(vectors.clone(), index(slot_rows(&slot_item)), pad.clone());
-        let table = Tensor::cat(vec![Tensor::zeros([1, d], &dev), vectors], 0);
-        let items = table.select(0, index(slot_item)).reshape([3, 4, d]);
-        let zero_rows = encoder.reduce(encoder.service.forward(items, pad));
-        let [ours, zero_rows] = [ours, zero_rows].map(|z| z.into_data().to_vec::<f32>().unwrap());
+        let pad = Tensor::<A, 2, Bool>::from_data(TensorData::new(pad, [3, 4]), &dev);
+        let index = |v: Vec<i64>| Tensor::<A, 1, Int>::from_data(TensorData::new(v, [12]), &dev);
+        let weights = (0..3 * c.embedding_dim())
+            .map(|i| (i as f32 * 0.3).sin())
+            .collect();
+        let weights = TensorData::new(weights, [3, c.embedding_dim()]);
+        // The embeddings and the item vectors' gradient of a weighted sum of them.
+        let run = |zero_row: bool| {
+            let vectors = (0..3 * d)
+                .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.2)
+                .collect();
+            let vectors =
+                Tensor::<A, 2>::from_data(TensorData::new(vectors, [3, d]), &dev).require_grad();
+            let z = match zero_row {
+                false => {
+                    encoder.encode_users(vectors.clone(), index(slot_rows(&slot_item)), pad.clone())
+                }
+                true => {
+                    let table = Tensor::cat(vec![Tensor::zeros([1, d], &dev), vectors.clone()], 0);
+                    let items = table.select(0, index(slot_item.clone())).reshape([3, 4, d]);
+                    encoder.reduce(encoder.service.forward(items, pad.clone()))
+                }
+            };
+            let grads = (z.clone() * Tensor::from_data(weights.clone(), &dev))
+                .sum()
+                .backward();
+            let grad = vectors.grad(&grads).expect("tracked");
+            [z.into_data(), grad.into_data()].map(|t| t.to_vec::<f32>().unwrap())
+        };
+        let ([ours, our_grad], [zeros, zero_grad]) = (run(false), run(true));
         assert!(
-            max_diff(&ours, &zero_rows) <= 1e-6,
+            max_diff(&ours, &zeros) <= 1e-6,
             "{}",
-            max_diff(&ours, &zero_rows)
+            max_diff(&ours, &zeros)
+        );
+        assert!(
+            max_diff(&our_grad, &zero_grad) <= 1e-6,
+            "{}",
+            max_diff(&our_grad, &zero_grad)
+        );
+        assert!(
+            our_grad[..d].iter().any(|g| *g != 0.0),
+            "row 0 is an item too"
         );
     }
 }
