@@ -109,8 +109,9 @@ impl Dataset<UserSample> for UserDataset {
 ///
 /// The distinct items of the batch are packed once each, so the Item Transformer never runs on a
 /// padding slot nor twice on an item that several users share; `slot_row` puts them back in
-/// place (`slot_item` numbers them with 0 for padding, for the flat model's token view). Items come in groups of similar length, each padded only to its own longest item (a
-/// batch of 3..16-token items padded to 16 spends ~40 % of the Item Transformer on padding).
+/// place (`slot_item` numbers them with 0 for padding, for the flat model's token view). Items
+/// come in groups of similar length, each padded only to its own longest item (a batch of
+/// 3..16-token items padded to 16 spends ~40 % of the Item Transformer on padding).
 /// [`UserBatch::tokens`] gives the plain `[rows, items, tokens]` view.
 #[derive(Debug, Clone)]
 pub struct UserBatch<B: Backend> {
